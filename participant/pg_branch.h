@@ -1,0 +1,97 @@
+// The SQL of a branch's life at the participant: begin, statements, prepare (with the marker
+// row and the read-only check), commit/rollback prepared answered from durable evidence, and
+// the in-doubt scan of pg_prepared_xacts.
+//
+// Every function takes the PgConn to use; none keeps state between calls. They block; the
+// agent calls them from its worker pool, never from an HTTP thread.
+//
+// Durable evidence: prepare() inserts a row into tpc_marker keyed by the PostgreSQL gid inside
+// the branch, just before PREPARE TRANSACTION (commit_one_phase() before COMMIT). The row is
+// visible iff the branch committed, so when COMMIT/ROLLBACK PREPARED answers 42704 ("does not
+// exist") the marker tells committed from aborted. "does not exist" alone is never success.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "participant/pg_conn.h"
+
+namespace tpc::pg {
+
+// The PostgreSQL transaction name of a branch: "tpc:<agent>:<gid>". Both names are validated
+// against a strict character set ([A-Za-z0-9_-], agent up to 32, gid up to 64 characters)
+// by the caller; this only joins them.
+std::string pg_gid(std::string_view agent, std::string_view gid);
+// The inverse, for rows of pg_prepared_xacts: the global gid if `pg_gid` belongs to `agent`.
+std::optional<std::string> global_gid(std::string_view agent, std::string_view pg_gid);
+
+// Creates tpc_marker and tpc_agent_state if missing. Run once at start on any connection.
+//   tpc_marker(pg_gid text primary key, coordinator text, epoch bigint, seq bigint,
+//              created_at timestamptz default now())
+//   tpc_agent_state(pg_gid text primary key, state text not null, detail text,
+//                   updated_at timestamptz default now())
+Status ensure_schema(PgConn& c);
+// SHOW max_prepared_transactions.
+Result<int> max_prepared_transactions(PgConn& c);
+
+Status begin(PgConn& c);   // BEGIN
+Status rollback(PgConn& c);  // ROLLBACK (a no-op outside a block)
+
+enum class Vote : uint8_t { yes, no, read_only };
+
+struct PrepareResult {
+  Vote vote = Vote::no;
+  std::string reason;     // for no: the server's message
+  std::string sqlstate;   // for no from the server, e.g. "23503", "53200"
+};
+
+// Inside the open block of `c`: if no xid was assigned (read-only) COMMIT and vote read_only;
+// otherwise insert the marker and PREPARE TRANSACTION 'pg_gid', checking that the command tag
+// is "PREPARE TRANSACTION" (a failed block answers "ROLLBACK"). On no, the block is rolled
+// back. `coordinator`, `epoch`, `seq` are stored in the marker for later purging.
+// unavailable if the connection broke (the outcome is then unknown until the in-doubt scan).
+Result<PrepareResult> prepare(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
+                              int64_t epoch, int64_t seq);
+
+enum class Outcome : uint8_t { committed, aborted };
+
+// Inside the open block: insert the marker and COMMIT; committed if the tag is "COMMIT",
+// aborted otherwise (with the reason in the Status message via `reason`).
+Result<Outcome> commit_one_phase(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
+                                 int64_t epoch, int64_t seq, std::string* reason);
+
+// COMMIT PREPARED 'pg_gid' (outside any block). committed when it ran or when it answered
+// 42704 and the marker exists; aborted when 42704 and no marker (a heuristic rollback or never
+// prepared). unavailable/sql_error for anything else (retry later).
+Result<Outcome> commit_prepared(PgConn& c, std::string_view pg_gid);
+// ROLLBACK PREPARED 'pg_gid'. aborted when it ran, or 42704 and no marker; committed when
+// 42704 and the marker exists.
+Result<Outcome> rollback_prepared(PgConn& c, std::string_view pg_gid);
+// Whether the branch is prepared now, and if not whether it committed (marker) or not.
+enum class Evidence : uint8_t { prepared, committed, absent };
+Result<Evidence> evidence(PgConn& c, std::string_view pg_gid);
+
+struct PreparedXact {
+  std::string pg_gid;
+  int64_t prepared_age_ms = 0;  // now() - prepared, by the server's clock
+};
+// This agent's prepared transactions in the current database: gid LIKE 'tpc:<agent>:%'.
+Result<std::vector<PreparedXact>> list_prepared(PgConn& c, std::string_view agent);
+
+// Deletes markers of `coordinator` strictly below (epoch, seq); returns rows deleted. At most
+// `limit` rows per call so a purge never holds locks for long.
+Result<int64_t> purge_markers(PgConn& c, std::string_view coordinator, int64_t epoch, int64_t seq,
+                              int64_t limit);
+
+// tpc_agent_state: durable per-branch facts outside the branch (3PC pre-commit, operator
+// decisions). put is an upsert in its own autocommit transaction.
+Status put_state(PgConn& c, std::string_view pg_gid, std::string_view state,
+                 std::string_view detail);
+Result<std::optional<std::string>> get_state(PgConn& c, std::string_view pg_gid);
+Status delete_state(PgConn& c, std::string_view pg_gid);
+
+}  // namespace tpc::pg

@@ -1,0 +1,74 @@
+// PgConn: one blocking libpq connection, with statements run through PQexecParams (parameters
+// bound as text, never spliced into SQL) and results returned in PostgreSQL's text format.
+//
+// Not thread-safe: one thread uses a PgConn at a time (the agent's worker pool hands a
+// connection to one worker for one operation). Blocking calls are bounded by the connection's
+// statement_timeout and by TCP keepalives set at connect time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+
+struct pg_conn;  // libpq's PGconn
+
+namespace tpc::pg {
+
+using Value = std::optional<std::string>;  // nullopt is SQL NULL
+
+struct StatementResult {
+  std::vector<std::string> columns;
+  std::vector<std::vector<Value>> rows;
+  int64_t affected = 0;      // PQcmdTuples, 0 when empty
+  std::string command_tag;   // PQcmdStatus, e.g. "UPDATE 1", "PREPARE TRANSACTION"
+};
+
+// The outcome of running a statement. status is ok, or sql_error with sqlstate set, or
+// unavailable when the connection broke (sqlstate empty; the session is gone).
+struct ExecResult {
+  Status status;
+  std::string sqlstate;  // e.g. "23505"; "" unless the server reported an error
+  StatementResult result;
+};
+
+struct ConnectOptions {
+  std::string conninfo;          // libpq keyword/value string or URI
+  int64_t connect_timeout_ms = 5'000;
+  int64_t statement_timeout_ms = 0;  // 0 leaves the server's default
+  std::string application_name = "tpc-agent";
+};
+
+class PgConn {
+ public:
+  // unavailable with libpq's message (one line) when the server cannot be reached.
+  static Result<std::unique_ptr<PgConn>> connect(const ConnectOptions& opts);
+  ~PgConn();
+  PgConn(const PgConn&) = delete;
+  PgConn& operator=(const PgConn&) = delete;
+
+  // One statement with text parameters ($1, $2, ...).
+  ExecResult exec(std::string_view sql, const std::vector<Value>& params = {});
+  // A statement string without parameters via PQexec; it may hold several statements
+  // separated by ';', and the result is the last one's (errors stop at the first failure).
+  ExecResult exec_simple(std::string_view sql);
+
+  // PQescapeLiteral: 'text' with quotes, safe to splice. unavailable if libpq fails.
+  Result<std::string> quote_literal(std::string_view text);
+
+  // CONNECTION_OK and not inside a failed or unknown transaction state.
+  bool usable() const;
+  // True while a transaction block is open (PQtransactionStatus is INTRANS or INERROR).
+  bool in_transaction() const;
+  int server_version() const;
+
+ private:
+  explicit PgConn(pg_conn* c) : conn_(c) {}
+  pg_conn* conn_;
+};
+
+}  // namespace tpc::pg
