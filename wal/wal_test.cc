@@ -1,1 +1,786 @@
-// (being written)
+// Tests of the decision log: the record codec and CRC-32C, MemoryLog's crash model, and the
+// LevelDB log (durability across reopen, corruption, group commit, limits, open errors).
+#include <doctest/doctest.h>
+#include <leveldb/db.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <mutex>
+#include <thread>
+
+#include "wal/decision_log.h"
+#include "wal/record.h"
+
+namespace tpc::wal {
+namespace {
+
+namespace fs = std::filesystem;
+
+// ---- helpers -------------------------------------------------------------------------------
+
+TxnRecord full_record(std::string gid, Decision d = Decision::commit) {
+  TxnRecord r;
+  r.gid = std::move(gid);
+  r.protocol = 3;
+  r.decision = d;
+  r.ended = true;
+  r.heuristic_mixed = true;
+  r.decided_wall_ms = 1'700'000'000'123;
+  r.ended_wall_ms = 1'700'000'004'567;
+  r.branches = {
+      {"a1", "http://127.0.0.1:7401", BranchOutcome::committed},
+      {"a2", "http://127.0.0.1:7402", BranchOutcome::read_only},
+      {"a3", "http://[::1]:7403/agent", BranchOutcome::forced},
+  };
+  return r;
+}
+
+TxnRecord small_record(std::string gid) {
+  TxnRecord r;
+  r.gid = std::move(gid);
+  r.decided_wall_ms = 42;
+  r.branches = {{"a1", "http://a1", BranchOutcome::pending}};
+  return r;
+}
+
+// A fresh directory under the temp dir, removed with everything in it at scope exit.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "tpc-wal-test-XXXXXX").string();
+    TPC_ASSERT(mkdtemp(tmpl.data()) != nullptr);
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string str() const { return path_.string(); }
+  std::string sub(const char* name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+};
+
+std::unique_ptr<DecisionLog> open_log(const std::string& dir, size_t batch_records_max = 4096,
+                                      size_t queue_max = 1'000'000) {
+  LevelDbOptions o;
+  o.dir = dir;
+  o.batch_records_max = batch_records_max;
+  o.queue_max = queue_max;
+  auto r = open_leveldb_log(o);
+  REQUIRE_MESSAGE(r.ok(), r.status().to_string());
+  return std::move(r).value();
+}
+
+// Writes and waits for the callback.
+Status write_wait(DecisionLog& log, std::vector<LogWrite> writes, bool sync = true) {
+  std::promise<Status> p;
+  auto f = p.get_future();
+  log.write(std::move(writes), sync, [&p](Status s) { p.set_value(std::move(s)); });
+  return f.get();
+}
+
+Status put_wait(DecisionLog& log, TxnRecord r, bool sync = true) {
+  std::vector<LogWrite> w;
+  w.push_back(LogWrite::put(std::move(r)));
+  return write_wait(log, std::move(w), sync);
+}
+
+std::vector<TxnRecord> read_all(DecisionLog& log) {
+  std::vector<TxnRecord> out;
+  Status s = log.for_each([&](TxnRecord&& r) { out.push_back(std::move(r)); });
+  REQUIRE_MESSAGE(s.ok(), s.to_string());
+  return out;
+}
+
+std::vector<std::string> gids_of(const std::vector<TxnRecord>& records) {
+  std::vector<std::string> g;
+  for (const auto& r : records) g.push_back(r.gid);
+  return g;
+}
+
+// Holds the writer thread inside a callback until released, so that writes pile up in the
+// queue deterministically.
+class Gate {
+ public:
+  void enter_and_wait() {
+    std::unique_lock lock(mu_);
+    entered_ = true;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return open_; });
+  }
+  void wait_entered() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return entered_; });
+  }
+  void release() {
+    std::lock_guard lock(mu_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false;
+  bool open_ = false;
+};
+
+// Queues a first synced write whose callback blocks the writer thread on the gate.
+void block_writer(DecisionLog& log, Gate& gate) {
+  std::vector<LogWrite> w;
+  w.push_back(LogWrite::put(small_record("blocker")));
+  log.write(std::move(w), true, [&gate](Status s) {
+    CHECK(s.ok());
+    gate.enter_and_wait();
+  });
+  gate.wait_entered();
+}
+
+// The payload of an encoded value with a recomputed checksum: lets a test reach the decoder
+// behind the checksum.
+std::string reseal(std::string value, const std::string& payload) {
+  value.resize(1);
+  const uint32_t crc = crc32c(payload);
+  for (int i = 0; i < 4; ++i) value.push_back(static_cast<char>((crc >> (8 * i)) & 0xff));
+  value += payload;
+  return value;
+}
+
+uint32_t crc32c_bitwise(std::string_view data) {
+  uint32_t crc = ~0u;
+  for (unsigned char c : data) {
+    crc ^= c;
+    for (int k = 0; k < 8; ++k) crc = (crc & 1) ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+  }
+  return ~crc;
+}
+
+// ---- CRC-32C -------------------------------------------------------------------------------
+
+TEST_CASE("crc32c gives the standard check values") {
+  CHECK(crc32c("123456789") == 0xE3069283u);
+  CHECK(crc32c("") == 0u);
+  // RFC 3720 (iSCSI), B.4.
+  CHECK(crc32c(std::string(32, '\0')) == 0x8A9136AAu);
+  CHECK(crc32c(std::string(32, '\xff')) == 0x62A8AB43u);
+  std::string inc, dec;
+  for (int i = 0; i < 32; ++i) {
+    inc.push_back(static_cast<char>(i));
+    dec.push_back(static_cast<char>(31 - i));
+  }
+  CHECK(crc32c(inc) == 0x46DD794Eu);
+  CHECK(crc32c(dec) == 0x113FDB5Cu);
+}
+
+TEST_CASE("crc32c slice-by-8 agrees with the bitwise definition at every length and offset") {
+  std::string data;
+  uint32_t x = 12345;
+  for (int i = 0; i < 300; ++i) {
+    x = x * 1103515245u + 12345u;
+    data.push_back(static_cast<char>(x >> 16));
+  }
+  for (size_t off = 0; off < 9; ++off) {
+    for (size_t len = 0; off + len <= data.size(); len += 7) {
+      const std::string_view s = std::string_view(data).substr(off, len);
+      REQUIRE(crc32c(s) == crc32c_bitwise(s));
+    }
+  }
+}
+
+// ---- record codec --------------------------------------------------------------------------
+
+TEST_CASE("a record with every field set survives encode and decode, for every decision") {
+  const Decision decisions[] = {Decision::commit, Decision::precommit, Decision::one_phase,
+                                Decision::aborted, Decision::committed_read_only};
+  for (Decision d : decisions) {
+    TxnRecord r = full_record("c1-7-123456", d);
+    auto back = decode_record(encode_record(r));
+    REQUIRE_MESSAGE(back.ok(), back.status().to_string());
+    CHECK(*back == r);
+  }
+}
+
+TEST_CASE("every branch outcome, extreme integers and empty strings round-trip") {
+  TxnRecord r;
+  r.gid = "g";
+  r.protocol = 2;
+  r.decision = Decision::one_phase;
+  r.decided_wall_ms = INT64_MIN;
+  r.ended_wall_ms = INT64_MAX;
+  const BranchOutcome outcomes[] = {BranchOutcome::pending, BranchOutcome::committed,
+                                    BranchOutcome::aborted, BranchOutcome::read_only,
+                                    BranchOutcome::forced};
+  for (BranchOutcome o : outcomes) r.branches.push_back({"", "", o});
+  r.branches.push_back({std::string(300, 'p'), std::string(70'000, 'u'), BranchOutcome::pending});
+  auto back = decode_record(encode_record(r));
+  REQUIRE_MESSAGE(back.ok(), back.status().to_string());
+  CHECK(*back == r);
+
+  TxnRecord empty;
+  empty.gid = "e";
+  empty.decided_wall_ms = -1;
+  auto back2 = decode_record(encode_record(empty));
+  REQUIRE(back2.ok());
+  CHECK(*back2 == empty);
+}
+
+TEST_CASE("a flipped bit anywhere in an encoded record is detected") {
+  const std::string value = encode_record(full_record("c1-7-9"));
+  for (size_t byte = 0; byte < value.size(); ++byte) {
+    for (int bit = 0; bit < 8; ++bit) {
+      std::string bad = value;
+      bad[byte] = static_cast<char>(bad[byte] ^ (1 << bit));
+      auto r = decode_record(bad);
+      REQUIRE_MESSAGE(!r.ok(), "byte ", byte, " bit ", bit);
+      REQUIRE(r.status().code() == Code::corruption);
+    }
+  }
+}
+
+TEST_CASE("a bad checksum is reported as a checksum mismatch") {
+  std::string value = encode_record(full_record("c1-7-9"));
+  value.back() = static_cast<char>(value.back() ^ 0x10);
+  auto r = decode_record(value);
+  REQUIRE(!r.ok());
+  CHECK(r.status().code() == Code::corruption);
+  CHECK(r.status().message().find("checksum mismatch") != std::string::npos);
+}
+
+TEST_CASE("an unknown record version is refused") {
+  for (int version : {0, 2, 255}) {
+    std::string value = encode_record(full_record("c1-7-9"));
+    value[0] = static_cast<char>(version);
+    auto r = decode_record(value);
+    REQUIRE(!r.ok());
+    CHECK(r.status().code() == Code::corruption);
+    CHECK(r.status().message().find("unknown version " + std::to_string(version)) !=
+          std::string::npos);
+  }
+}
+
+TEST_CASE("a record truncated at any length is refused") {
+  const std::string value = encode_record(full_record("c1-7-9"));
+  for (size_t len = 0; len < value.size(); ++len) {
+    auto r = decode_record(std::string_view(value).substr(0, len));
+    REQUIRE_MESSAGE(!r.ok(), "length ", len);
+    REQUIRE(r.status().code() == Code::corruption);
+  }
+}
+
+TEST_CASE("a payload cut short behind a matching checksum is refused as truncated") {
+  const std::string value = encode_record(full_record("c1-7-9"));
+  const std::string payload = value.substr(5);
+  for (size_t len = 0; len < payload.size(); ++len) {
+    auto r = decode_record(reseal(value, payload.substr(0, len)));
+    REQUIRE_MESSAGE(!r.ok(), "payload length ", len);
+    REQUIRE(r.status().code() == Code::corruption);
+  }
+  auto r = decode_record(reseal(value, payload.substr(0, payload.size() - 1)));
+  CHECK(r.status().message().find("truncated") != std::string::npos);
+}
+
+TEST_CASE("trailing bytes behind a matching checksum are refused") {
+  const std::string value = encode_record(full_record("c1-7-9"));
+  auto r = decode_record(reseal(value, value.substr(5) + "x"));
+  REQUIRE(!r.ok());
+  CHECK(r.status().code() == Code::corruption);
+  CHECK(r.status().message().find("trailing") != std::string::npos);
+}
+
+TEST_CASE("out-of-range enum values and flags behind a matching checksum are refused") {
+  // Payload layout: [gid len = 6]["c1-7-9"][protocol][decision][flags]...
+  const std::string value = encode_record(full_record("c1-7-9"));
+  const std::string payload = value.substr(5);
+  const size_t protocol_at = 1 + 6, decision_at = protocol_at + 1, flags_at = decision_at + 1;
+  REQUIRE(payload[protocol_at] == 3);
+  REQUIRE(payload[decision_at] == static_cast<char>(Decision::commit));
+
+  auto with = [&](size_t at, int v) {
+    std::string p = payload;
+    p[at] = static_cast<char>(v);
+    return decode_record(reseal(value, p));
+  };
+  for (int v : {0, 6, 255}) {
+    auto r = with(decision_at, v);
+    REQUIRE(!r.ok());
+    CHECK(r.status().code() == Code::corruption);
+    CHECK(r.status().message().find("decision") != std::string::npos);
+  }
+  for (int v : {0, 1, 4}) {
+    auto r = with(protocol_at, v);
+    REQUIRE(!r.ok());
+    CHECK(r.status().message().find("protocol") != std::string::npos);
+  }
+  {
+    auto r = with(flags_at, 4);
+    REQUIRE(!r.ok());
+    CHECK(r.status().message().find("flags") != std::string::npos);
+  }
+  // The last byte is the third branch's outcome.
+  for (int v : {5, 200}) {
+    auto r = with(payload.size() - 1, v);
+    REQUIRE(!r.ok());
+    CHECK(r.status().code() == Code::corruption);
+    CHECK(r.status().message().find("outcome") != std::string::npos);
+  }
+}
+
+TEST_CASE("a branch count larger than the bytes left is refused without allocating") {
+  TxnRecord r;
+  r.gid = "g";
+  const std::string value = encode_record(r);
+  std::string payload = value.substr(5);
+  payload.pop_back();                 // the count 0
+  payload += "\xff\xff\xff\xff\x0f";  // 2^32 - 1 branches
+  auto d = decode_record(reseal(value, payload));
+  REQUIRE(!d.ok());
+  CHECK(d.status().message().find("branch count") != std::string::npos);
+}
+
+TEST_CASE("decisions and outcomes have stable names") {
+  CHECK(decision_name(Decision::commit) == "commit");
+  CHECK(decision_name(Decision::precommit) == "precommit");
+  CHECK(decision_name(Decision::one_phase) == "one_phase");
+  CHECK(decision_name(Decision::aborted) == "aborted");
+  CHECK(decision_name(Decision::committed_read_only) == "committed_read_only");
+  CHECK(outcome_name(BranchOutcome::pending) == "pending");
+  CHECK(outcome_name(BranchOutcome::committed) == "committed");
+  CHECK(outcome_name(BranchOutcome::aborted) == "aborted");
+  CHECK(outcome_name(BranchOutcome::read_only) == "read_only");
+  CHECK(outcome_name(BranchOutcome::forced) == "forced");
+}
+
+// ---- MemoryLog -----------------------------------------------------------------------------
+
+TEST_CASE("memory log: a crash drops unsynced writes and keeps all up to the last synced one") {
+  MemoryLog log;
+  CHECK(put_wait(log, small_record("a"), false).ok());  // unsynced, made durable by "b"
+  CHECK(put_wait(log, small_record("b"), true).ok());
+  CHECK(put_wait(log, small_record("c"), false).ok());         // unsynced, lost
+  CHECK(write_wait(log, {LogWrite::erase("a")}, false).ok());  // unsynced, lost
+  CHECK(gids_of(read_all(log)) == std::vector<std::string>{"b", "c"});
+
+  log.crash();
+  CHECK(gids_of(read_all(log)) == std::vector<std::string>{"a", "b"});
+  CHECK(!log.get("c")->has_value());
+
+  // Still usable after the crash; put_meta is synced and so makes earlier writes durable.
+  CHECK(put_wait(log, small_record("d"), false).ok());
+  CHECK(log.put_meta("epoch", "7").ok());
+  log.crash();
+  CHECK(gids_of(read_all(log)) == std::vector<std::string>{"a", "b", "d"});
+  CHECK(log.get_meta("epoch")->value() == "7");
+  CHECK(!log.get_meta("other")->has_value());
+}
+
+TEST_CASE("memory log: an overwrite keeps the newest record, erase removes, order is by key") {
+  MemoryLog log;
+  TxnRecord first = full_record("g2");
+  TxnRecord second = full_record("g2", Decision::precommit);
+  second.branches[0].outcome = BranchOutcome::aborted;
+  CHECK(put_wait(log, first).ok());
+  CHECK(put_wait(log, small_record("g3")).ok());
+  CHECK(put_wait(log, small_record("g1")).ok());
+  CHECK(put_wait(log, second).ok());
+  CHECK(*log.get("g2").value() == second);
+  CHECK(gids_of(read_all(log)) == std::vector<std::string>{"g1", "g2", "g3"});
+  CHECK(write_wait(log, {LogWrite::erase("g2")}).ok());
+  CHECK(!log.get("g2")->has_value());
+
+  const LogStats st = log.stats();
+  CHECK(st.batches == 5);
+  CHECK(st.synced_batches == 5);
+  CHECK(st.records_written == 5);
+  CHECK(st.queue_depth == 0);
+}
+
+TEST_CASE("memory log: corrupt bytes from put_raw are reported naming the gid") {
+  MemoryLog log;
+  CHECK(put_wait(log, small_record("g1")).ok());
+  CHECK(put_wait(log, small_record("g3")).ok());
+  std::string bytes = encode_record(small_record("g2"));
+  bytes[bytes.size() / 2] ^= 1;
+  log.put_raw("g2", bytes);
+
+  auto g = log.get("g2");
+  REQUIRE(!g.ok());
+  CHECK(g.status().code() == Code::corruption);
+  CHECK(g.status().message().find("gid g2") != std::string::npos);
+
+  std::vector<std::string> seen;
+  Status s = log.for_each([&](TxnRecord&& r) { seen.push_back(r.gid); });
+  CHECK(s.code() == Code::corruption);
+  CHECK(s.message().find("gid g2") != std::string::npos);
+  CHECK(seen == std::vector<std::string>{"g1"});  // nothing after the corrupt record
+
+  // A valid record stored under another gid is corruption too.
+  log.put_raw("g2", encode_record(small_record("other")));
+  CHECK(log.get("g2").status().code() == Code::corruption);
+
+  log.crash();  // what is on disk survives
+  CHECK(log.get("g2").status().code() == Code::corruption);
+}
+
+// ---- LevelDB log ---------------------------------------------------------------------------
+
+TEST_CASE("leveldb log: records and meta survive close and reopen") {
+  TempDir dir;
+  const TxnRecord r1 = full_record("c1-1-1");
+  const TxnRecord r2 = full_record("c1-1-2", Decision::precommit);
+  {
+    auto log = open_log(dir.str());
+    CHECK(put_wait(*log, r1).ok());
+    CHECK(put_wait(*log, r2, false).ok());
+    CHECK(log->put_meta("epoch", "3").ok());
+    CHECK(log->put_meta("forgotten_before", std::string("\0\1\2", 3)).ok());
+  }
+  auto log = open_log(dir.str());
+  auto all = read_all(*log);
+  REQUIRE(all.size() == 2);
+  CHECK(all[0] == r1);
+  CHECK(all[1] == r2);
+  CHECK(*log->get("c1-1-2").value() == r2);
+  CHECK(!log->get("c1-1-3")->has_value());
+  CHECK(log->get_meta("epoch")->value() == "3");
+  CHECK(log->get_meta("forgotten_before")->value() == std::string("\0\1\2", 3));
+  CHECK(!log->get_meta("absent")->has_value());
+}
+
+TEST_CASE("leveldb log: an overwrite keeps the newest record and erase removes it") {
+  TempDir dir;
+  auto log = open_log(dir.str());
+  TxnRecord older = full_record("g");
+  TxnRecord newer = older;
+  newer.ended = true;
+  newer.branches[0].outcome = BranchOutcome::aborted;
+  CHECK(put_wait(*log, older).ok());
+  CHECK(put_wait(*log, newer).ok());
+  CHECK(*log->get("g").value() == newer);
+  CHECK(put_wait(*log, small_record("h")).ok());
+
+  // A put and an erase in one write apply in order.
+  std::vector<LogWrite> w;
+  w.push_back(LogWrite::put(small_record("i")));
+  w.push_back(LogWrite::erase("g"));
+  CHECK(write_wait(*log, std::move(w)).ok());
+  CHECK(!log->get("g")->has_value());
+  log.reset();
+  log = open_log(dir.str());
+  CHECK(gids_of(read_all(*log)) == std::vector<std::string>{"h", "i"});
+}
+
+TEST_CASE("leveldb log: for_each visits records in key order and skips meta") {
+  TempDir dir;
+  auto log = open_log(dir.str());
+  CHECK(log->put_meta("zzz", "v").ok());
+  for (const char* g : {"c1-2-10", "c1-2-9", "c1-10-1", "c1-2-1", "a"}) {
+    CHECK(put_wait(*log, small_record(g), false).ok());
+  }
+  log->flush();
+  CHECK(gids_of(read_all(*log)) ==
+        std::vector<std::string>{"a", "c1-10-1", "c1-2-1", "c1-2-10", "c1-2-9"});
+}
+
+TEST_CASE("leveldb log: a corrupt value under t/<gid> is reported by for_each and get") {
+  TempDir dir;
+  {
+    auto log = open_log(dir.str());
+    CHECK(put_wait(*log, small_record("g1")).ok());
+    CHECK(put_wait(*log, small_record("g2")).ok());
+    CHECK(put_wait(*log, small_record("g3")).ok());
+  }
+  {
+    leveldb::DB* raw = nullptr;
+    leveldb::Options o;
+    REQUIRE(leveldb::DB::Open(o, dir.str(), &raw).ok());
+    std::unique_ptr<leveldb::DB> db(raw);
+    std::string bytes = encode_record(small_record("g2"));
+    bytes[7] ^= 0x40;
+    REQUIRE(db->Put(leveldb::WriteOptions(), "t/g2", bytes).ok());
+    REQUIRE(db->Put(leveldb::WriteOptions(), "t/g4", "junk").ok());
+  }
+  auto log = open_log(dir.str());
+  std::vector<std::string> seen;
+  Status s = log->for_each([&](TxnRecord&& r) { seen.push_back(r.gid); });
+  CHECK(s.code() == Code::corruption);
+  CHECK(s.message().find("gid g2") != std::string::npos);
+  CHECK(s.message().find("checksum") != std::string::npos);
+  CHECK(seen == std::vector<std::string>{"g1"});
+
+  auto g2 = log->get("g2");
+  REQUIRE(!g2.ok());
+  CHECK(g2.status().code() == Code::corruption);
+  CHECK(g2.status().message().find("gid g2") != std::string::npos);
+  auto g4 = log->get("g4");
+  REQUIRE(!g4.ok());
+  CHECK(g4.status().message().find("gid g4") != std::string::npos);
+  CHECK(*log->get("g3").value() == small_record("g3"));
+}
+
+TEST_CASE("leveldb log: group commit batches 8 threads x 500 synced writes, in order") {
+  constexpr int kThreads = 8;
+  constexpr int kPerThread = 500;
+  TempDir dir;
+  {
+    auto log = open_log(dir.str());
+    Gate gate;
+    block_writer(*log, gate);  // everything below queues up behind the blocked writer
+
+    std::mutex mu;
+    std::vector<std::vector<int>> order(kThreads);
+    std::vector<Status> failures;
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < kPerThread; ++i) {
+          std::vector<LogWrite> w;
+          w.push_back(
+              LogWrite::put(small_record("t" + std::to_string(t) + "-" + std::to_string(i))));
+          log->write(std::move(w), true, [&, t, i](Status s) {
+            std::lock_guard lock(mu);
+            if (!s.ok()) failures.push_back(s);
+            order[t].push_back(i);
+          });
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    CHECK(log->stats().queue_depth == kThreads * kPerThread);
+    gate.release();
+    log->flush();
+
+    CHECK(failures.empty());
+    for (int t = 0; t < kThreads; ++t) {
+      REQUIRE(order[t].size() == kPerThread);
+      for (int i = 0; i < kPerThread; ++i) REQUIRE(order[t][i] == i);
+    }
+    const LogStats st = log->stats();
+    CHECK(st.records_synced == kThreads * kPerThread + 1);
+    CHECK(st.records_written == kThreads * kPerThread + 1);
+    CHECK(st.synced_batches == 2);  // the blocker, then everything queued behind it
+    CHECK(st.synced_batches < st.records_synced);
+    CHECK(st.queue_depth == 0);
+  }
+  auto log = open_log(dir.str());
+  auto all = read_all(*log);
+  CHECK(all.size() == kThreads * kPerThread + 1);
+  for (int t = 0; t < kThreads; ++t) {
+    for (int i = 0; i < kPerThread; ++i) {
+      const std::string gid = "t" + std::to_string(t) + "-" + std::to_string(i);
+      auto r = log->get(gid);
+      REQUIRE(r.ok());
+      REQUIRE(r->has_value());
+      REQUIRE(**r == small_record(gid));
+    }
+  }
+}
+
+TEST_CASE("leveldb log: a group-commit batch carries at most batch_records_max records") {
+  TempDir dir;
+  auto log = open_log(dir.str(), /*batch_records_max=*/100);
+  Gate gate;
+  block_writer(*log, gate);
+  for (int i = 0; i < 1000; ++i) {
+    std::vector<LogWrite> w;
+    w.push_back(LogWrite::put(small_record("g" + std::to_string(i))));
+    log->write(std::move(w), i % 2 == 0, nullptr);
+  }
+  // A write of 150 records is larger than the limit and still goes out whole, on its own.
+  std::vector<LogWrite> big;
+  for (int i = 0; i < 150; ++i)
+    big.push_back(LogWrite::put(small_record("big" + std::to_string(i))));
+  log->write(std::move(big), true, nullptr);
+  gate.release();
+  log->flush();
+  const LogStats st = log->stats();
+  CHECK(st.batches == 1 + 10 + 1);
+  CHECK(st.synced_batches == 1 + 10 + 1);  // each batch of 100 holds a synced write
+  CHECK(st.records_written == 1 + 1000 + 150);
+  CHECK(read_all(*log).size() == 1 + 1000 + 150);
+}
+
+TEST_CASE("leveldb log: unsynced batches are written but not counted as synced") {
+  TempDir dir;
+  auto log = open_log(dir.str());
+  CHECK(put_wait(*log, small_record("a"), false).ok());
+  CHECK(put_wait(*log, small_record("b"), true).ok());
+  const LogStats st = log->stats();
+  CHECK(st.batches == 2);
+  CHECK(st.synced_batches == 1);
+  CHECK(st.records_synced == 1);
+  CHECK(st.records_written == 2);
+}
+
+TEST_CASE("leveldb log: past queue_max a write fails at once with unavailable") {
+  TempDir dir;
+  auto log = open_log(dir.str(), 4096, /*queue_max=*/10);
+  Gate gate;
+  block_writer(*log, gate);
+  std::atomic<int> ok_count{0};
+  for (int i = 0; i < 10; ++i) {
+    std::vector<LogWrite> w;
+    w.push_back(LogWrite::put(small_record("q" + std::to_string(i))));
+    log->write(std::move(w), true, [&](Status s) {
+      if (s.ok()) ok_count++;
+    });
+  }
+  CHECK(log->stats().queue_depth == 10);
+
+  bool called = false;
+  Status refused;
+  std::vector<LogWrite> w;
+  w.push_back(LogWrite::put(small_record("q10")));
+  log->write(std::move(w), true, [&](Status s) {
+    called = true;
+    refused = s;
+  });
+  CHECK(called);  // inline, while the writer is still blocked
+  CHECK(refused.code() == Code::unavailable);
+  CHECK(refused.message().find("queue_max") != std::string::npos);
+
+  gate.release();
+  log->flush();
+  CHECK(ok_count == 10);
+  CHECK(!log->get("q10")->has_value());
+  // The queue has room again.
+  CHECK(put_wait(*log, small_record("q11")).ok());
+}
+
+TEST_CASE("leveldb log: closing drains queued writes before the writer stops") {
+  TempDir dir;
+  std::atomic<int> done{0};
+  {
+    auto log = open_log(dir.str());
+    Gate gate;
+    block_writer(*log, gate);
+    for (int i = 0; i < 50; ++i) {
+      std::vector<LogWrite> w;
+      w.push_back(LogWrite::put(small_record("d" + std::to_string(i))));
+      log->write(std::move(w), false, [&](Status s) {
+        CHECK(s.ok());
+        done++;
+      });
+    }
+    gate.release();
+  }  // no flush: the destructor drains
+  CHECK(done == 50);
+  auto log = open_log(dir.str());
+  CHECK(read_all(*log).size() == 51);
+}
+
+TEST_CASE("leveldb log: opening on an impossible path is an io_error") {
+  TempDir dir;
+  const std::string file = dir.sub("regular-file");
+  std::ofstream(file) << "x";
+  LevelDbOptions o;
+  o.dir = file + "/log";
+  auto r = open_leveldb_log(o);
+  REQUIRE(!r.ok());
+  CHECK(r.status().code() == Code::io_error);
+  CHECK(r.status().message().rfind("cannot open the decision log in " + o.dir, 0) == 0);
+  CHECK(r.status().message().find('\n') == std::string::npos);
+
+  o.dir = file;  // the path is a regular file itself
+  auto r2 = open_leveldb_log(o);
+  REQUIRE(!r2.ok());
+  CHECK(r2.status().code() == Code::io_error);
+}
+
+TEST_CASE("leveldb log: a second open of the same directory fails and names the lock") {
+  TempDir dir;
+  auto first = open_log(dir.str());
+  LevelDbOptions o;
+  o.dir = dir.str();
+  auto second = open_leveldb_log(o);
+  REQUIRE(!second.ok());
+  CHECK(second.status().code() == Code::io_error);
+  CHECK(second.status().message().find("LOCK") != std::string::npos);
+  CHECK(second.status().message().find("another process may be using it") != std::string::npos);
+}
+
+TEST_CASE("leveldb log: a directory locked by another process fails to open with io_error") {
+  TempDir dir;
+  int ready[2], stop[2];
+  REQUIRE(pipe(ready) == 0);
+  REQUIRE(pipe(stop) == 0);
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    LevelDbOptions o;
+    o.dir = dir.str();
+    auto log = open_leveldb_log(o);
+    const char c = log.ok() ? 'y' : 'n';
+    if (write(ready[1], &c, 1) != 1) _exit(2);
+    char x;
+    if (read(stop[0], &x, 1) < 0) _exit(3);
+    _exit(0);
+  }
+  char c = 0;
+  REQUIRE(read(ready[0], &c, 1) == 1);
+  REQUIRE(c == 'y');
+  LevelDbOptions o;
+  o.dir = dir.str();
+  auto r = open_leveldb_log(o);
+  CHECK(!r.ok());
+  CHECK(r.status().code() == Code::io_error);
+  CHECK(r.status().message().find("another process may be using it") != std::string::npos);
+  REQUIRE(write(stop[1], "x", 1) == 1);
+  int status = 0;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  CHECK(WIFEXITED(status));
+  for (int fd : {ready[0], ready[1], stop[0], stop[1]}) close(fd);
+  // Free again once the other process is gone.
+  auto again = open_leveldb_log(o);
+  CHECK(again.ok());
+}
+
+TEST_CASE("leveldb log: a write error reaches every callback of its batch as io_error") {
+  TempDir dir;
+  auto log = open_log(dir.str());
+  Gate gate;
+  block_writer(*log, gate);
+
+  std::mutex mu;
+  std::vector<Status> results;
+  auto record = [&](Status s) {
+    std::lock_guard lock(mu);
+    results.push_back(std::move(s));
+  };
+  TxnRecord huge = small_record("huge");
+  huge.branches[0].url.assign(8 << 20, 'u');
+  log->write({LogWrite::put(small_record("x1"))}, true, record);
+  log->write({LogWrite::put(huge)}, true, record);
+  log->write({LogWrite::put(small_record("x2"))}, false, record);
+
+  // Files of this process may not grow past 4 MiB while the batch is written: the log file
+  // append fails with EFBIG (SIGXFSZ ignored).
+  rlimit old{};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  rlimit small = old;
+  small.rlim_cur = 4 << 20;
+  auto old_handler = signal(SIGXFSZ, SIG_IGN);
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &small) == 0);
+  gate.release();
+  log->flush();
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &old) == 0);
+  signal(SIGXFSZ, old_handler);
+
+  REQUIRE(results.size() == 3);
+  for (const Status& s : results) {
+    CHECK(s.code() == Code::io_error);
+    CHECK(s.message().find("decision log") != std::string::npos);
+  }
+  CHECK(!log->get("x1")->has_value());
+}
+
+}  // namespace
+}  // namespace tpc::wal
