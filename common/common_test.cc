@@ -166,7 +166,7 @@ TEST_CASE("log lines are one line of key=value text, or JSON") {
   quiet.info("hidden");
   auto lines = sink.lines();
   REQUIRE(lines.size() == 2);
-  CHECK(lines[0] == "INFO preparing->aborting gid=c1-3-42 reason=\"vote no\" n=2");
+  CHECK(lines[0] == "INFO gid=c1-3-42 preparing->aborting reason=\"vote no\" n=2");
   auto j = parse_json(lines[1]);
   REQUIRE(j.ok());
   CHECK((*j)["level"] == "WARN");

@@ -111,9 +111,17 @@ void Logger::emit(LogLevel level, std::string_view msg, const LogField* f, size_
       line.push_back(' ');
     }
     line += level_name(level);
+    // A leading gid field comes before the message ("gid=c1-3-42 preparing->aborting ..."),
+    // so every line about one transaction starts the same way.
+    size_t first = 0;
+    if (n > 0 && f[0].key == "gid") {
+      line += " gid=";
+      line += f[0].value;
+      first = 1;
+    }
     line.push_back(' ');
     line += msg;
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = first; i < n; ++i) {
       line.push_back(' ');
       line += f[i].key;
       line.push_back('=');

@@ -1,0 +1,923 @@
+#include "coordinator/coordinator_machine.h"
+
+#include <algorithm>
+
+namespace tpc::coord {
+namespace {
+
+int proto_index(Protocol p) { return p == Protocol::two_phase ? 0 : 1; }
+
+bool branch_final(BranchState s) {
+  return s == BranchState::committed || s == BranchState::aborted || s == BranchState::read_only;
+}
+
+wal::BranchOutcome outcome_of(const BranchSlot& b) {
+  if (b.forced) return wal::BranchOutcome::forced;
+  switch (b.state) {
+    case BranchState::committed: return wal::BranchOutcome::committed;
+    case BranchState::aborted: return wal::BranchOutcome::aborted;
+    case BranchState::read_only: return wal::BranchOutcome::read_only;
+    default: return wal::BranchOutcome::pending;
+  }
+}
+
+BranchState state_of(wal::BranchOutcome o, bool commit_decision) {
+  switch (o) {
+    case wal::BranchOutcome::committed: return BranchState::committed;
+    case wal::BranchOutcome::aborted: return BranchState::aborted;
+    case wal::BranchOutcome::read_only: return BranchState::read_only;
+    case wal::BranchOutcome::forced:
+      return commit_decision ? BranchState::committed : BranchState::aborted;
+    case wal::BranchOutcome::pending: break;
+  }
+  return commit_decision ? BranchState::committing : BranchState::aborting;
+}
+
+}  // namespace
+
+CoordinatorMachine::CoordinatorMachine(MachineOptions opts, Logger& log)
+    : opts_(std::move(opts)), log_(log) {
+  TPC_ASSERT(valid_coordinator_id(opts_.coordinator_id));
+  TPC_ASSERT(opts_.retry_min_ms > 0 && opts_.retry_max_ms >= opts_.retry_min_ms);
+}
+
+// --- helpers -----------------------------------------------------------------------------
+
+Txn* CoordinatorMachine::find(std::string_view gid) {
+  auto it = live_.find(std::string(gid));
+  return it == live_.end() ? nullptr : &it->second;
+}
+
+const Txn* CoordinatorMachine::find(std::string_view gid) const {
+  auto it = live_.find(std::string(gid));
+  return it == live_.end() ? nullptr : &it->second;
+}
+
+bool CoordinatorMachine::issued(const GidParts& g) const {
+  if (g.coordinator != opts_.coordinator_id) return false;
+  if (g.epoch < epoch_) return g.epoch > 0;
+  return g.epoch == epoch_ && g.seq >= 1 && g.seq < next_seq_;
+}
+
+void CoordinatorMachine::set_state(Txn& t, TxnState to) {
+  if (t.state == to) return;
+  std::string transition = std::string(state_name(t.state)) + "->" + std::string(state_name(to));
+  LogLevel level = to == TxnState::heuristic_mixed ? LogLevel::error : LogLevel::info;
+  if (!t.reason.empty() && (to == TxnState::aborting || to == TxnState::aborted)) {
+    if (t.reason_branch.empty())
+      log_.log(level, transition, {{"gid", t.gid}, {"reason", t.reason}});
+    else
+      log_.log(level, transition,
+               {{"gid", t.gid}, {"reason", t.reason}, {"branch", t.reason_branch}});
+  } else {
+    log_.log(level, transition, {{"gid", t.gid}});
+  }
+  t.state = to;
+}
+
+void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch) {
+  timers_.push(Timer{at_ms, t.gid, kind, branch});
+}
+
+void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
+  BranchSlot& b = t.branches[i];
+  if (kind == MsgKind::commit || kind == MsgKind::precommit || kind == MsgKind::commit_one_phase)
+    TPC_ASSERT_MSG(t.decision == Decision::commit && t.decision_durable,
+                   "a commit is never sent before the decision is durable");
+  if (kind == MsgKind::abort) TPC_ASSERT(t.decision == Decision::abort);
+  switch (kind) {
+    case MsgKind::prepare: b.state = BranchState::preparing; break;
+    case MsgKind::precommit: b.state = BranchState::precommitting; break;
+    case MsgKind::commit:
+    case MsgKind::commit_one_phase: b.state = BranchState::committing; break;
+    case MsgKind::abort: b.state = BranchState::aborting; break;
+  }
+  b.in_flight = true;
+  ++b.attempts;
+  ++counters_.messages_sent;
+  if (b.attempts > 1) ++counters_.resends;
+  ready_.messages.push_back(Message{t.gid, b.participant, b.url, kind, b.attempts});
+}
+
+void CoordinatorMachine::send_to_all(Txn& t, BranchState from, MsgKind kind) {
+  for (size_t i = 0; i < t.branches.size(); ++i) {
+    if (t.branches[i].state != from) continue;
+    t.branches[i].attempts = 0;
+    send(t, i, kind);
+  }
+}
+
+void CoordinatorMachine::schedule_resend(Txn& t, size_t i, int64_t now_ms) {
+  BranchSlot& b = t.branches[i];
+  int shift = static_cast<int>(std::min<uint32_t>(b.attempts > 0 ? b.attempts - 1 : 0, 20));
+  int64_t delay = std::min(opts_.retry_max_ms, opts_.retry_min_ms << shift);
+  log_.warn("branch retry", {{"gid", t.gid},
+                             {"branch", b.participant},
+                             {"state", branch_state_name(b.state)},
+                             {"attempt", b.attempts},
+                             {"delay_ms", delay},
+                             {"error", b.last_error}});
+  schedule(t, now_ms + delay, TimerKind::resend, static_cast<uint32_t>(i));
+}
+
+wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const {
+  wal::TxnRecord r;
+  r.gid = t.gid;
+  r.protocol = t.protocol == Protocol::two_phase ? 2 : 3;
+  bool all_read_only = std::all_of(t.branches.begin(), t.branches.end(), [](const BranchSlot& b) {
+    return b.state == BranchState::read_only;
+  });
+  if (t.decision == Decision::abort)
+    r.decision = wal::Decision::aborted;
+  else if (t.one_phase)
+    r.decision = wal::Decision::one_phase;
+  else if (all_read_only)
+    r.decision = wal::Decision::committed_read_only;
+  else
+    r.decision = t.protocol == Protocol::two_phase ? wal::Decision::commit : wal::Decision::precommit;
+  r.ended = terminal(t.state);
+  r.heuristic_mixed = t.heuristic_mixed;
+  r.decided_wall_ms = t.decided_ms;
+  r.ended_wall_ms = r.ended ? now_ms : 0;
+  for (auto& b : t.branches) r.branches.push_back({b.participant, b.url, outcome_of(b)});
+  return r;
+}
+
+void CoordinatorMachine::persist(const Txn& t, bool sync, bool notify, int64_t now_ms) {
+  ready_.persist.push_back(Persist{record_of(t, now_ms), sync, notify});
+}
+
+TxnView CoordinatorMachine::view_of(const Txn& t) const {
+  TxnView v;
+  v.gid = t.gid;
+  v.protocol = t.protocol;
+  v.state = t.state;
+  v.reason = t.reason;
+  v.reason_branch = t.reason_branch;
+  v.one_phase = t.one_phase;
+  v.recovered = t.recovered;
+  v.created_ms = t.created_ms;
+  v.decided_ms = t.decided_ms;
+  for (auto& b : t.branches)
+    v.branches.push_back({b.participant, b.url, b.state, b.attempts, b.last_error, b.heuristic,
+                          b.forced});
+  return v;
+}
+
+ClientReply CoordinatorMachine::reply_for(const Txn& t, RequestKind kind, uint64_t waiter) const {
+  ClientReply r;
+  r.waiter = waiter;
+  r.kind = kind;
+  r.view = view_of(t);
+  if (kind == RequestKind::get) return r;
+  bool commit_asked = kind == RequestKind::commit;
+  if (t.state == TxnState::heuristic_mixed) {
+    r.http_status = 409;
+  } else if (t.decision == Decision::abort) {
+    if (!terminal(t.state)) r.view.state = TxnState::aborted;  // the outcome is settled
+    r.http_status = commit_asked ? 409 : 200;
+  } else if (t.decision == Decision::commit) {
+    if (t.state == TxnState::aborted) {  // a one-phase branch answered abort
+      r.http_status = commit_asked ? 409 : 200;
+    } else if (t.state == TxnState::committed) {
+      r.http_status = commit_asked ? 200 : 409;
+    } else {
+      // Decided, phase 2 still running: the outcome is commit.
+      r.http_status = commit_asked ? 202 : 409;
+    }
+  } else {
+    r.http_status = 409;
+    r.error = conflict("transaction " + t.gid + " is " + std::string(state_name(t.state)));
+  }
+  return r;
+}
+
+ClientReply CoordinatorMachine::reply_from_record(const wal::TxnRecord& rec, RequestKind kind) {
+  ClientReply r;
+  r.kind = kind;
+  r.view = view_from_record(rec);
+  if (kind == RequestKind::get) return r;
+  bool commit_asked = kind == RequestKind::commit;
+  switch (r.view.state) {
+    case TxnState::committed: r.http_status = commit_asked ? 200 : 409; break;
+    case TxnState::aborted: r.http_status = commit_asked ? 409 : 200; break;
+    case TxnState::committing: r.http_status = commit_asked ? 202 : 409; break;
+    default: r.http_status = 409; break;
+  }
+  return r;
+}
+
+TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
+  TxnView v;
+  v.gid = rec.gid;
+  v.protocol = rec.protocol == 3 ? Protocol::three_phase : Protocol::two_phase;
+  v.decided_ms = rec.decided_wall_ms;
+  v.one_phase = rec.decision == wal::Decision::one_phase;
+  bool commit = rec.decision != wal::Decision::aborted;
+  for (auto& b : rec.branches)
+    v.branches.push_back({b.participant, b.url, state_of(b.outcome, commit), 0, "",
+                          false, b.outcome == wal::BranchOutcome::forced});
+  if (rec.heuristic_mixed) {
+    v.state = TxnState::heuristic_mixed;
+  } else if (!rec.ended) {
+    v.state = commit ? TxnState::committing : TxnState::aborting;
+  } else if (rec.decision == wal::Decision::one_phase) {
+    bool committed = !rec.branches.empty() &&
+                     (rec.branches[0].outcome == wal::BranchOutcome::committed ||
+                      rec.branches[0].outcome == wal::BranchOutcome::forced);
+    v.state = committed ? TxnState::committed : TxnState::aborted;
+    if (!committed) v.reason = "branch_aborted";
+  } else {
+    v.state = commit ? TxnState::committed : TxnState::aborted;
+  }
+  return v;
+}
+
+ClientReply CoordinatorMachine::reply_without_record(std::string_view gid, RequestKind kind,
+                                                     bool forgotten) {
+  ClientReply r;
+  r.kind = kind;
+  r.view.gid = std::string(gid);
+  r.view.state = TxnState::aborted;
+  if (forgotten) {
+    r.view.forgotten = true;
+    r.error = Status(Code::not_found, "the outcome of " + std::string(gid) +
+                                          " is older than the retention window and was forgotten");
+    r.http_status = kind == RequestKind::get ? 200 : 409;
+    return r;
+  }
+  r.view.presumed = true;
+  r.view.reason = "presumed_abort";
+  r.http_status = kind == RequestKind::commit ? 409 : 200;
+  return r;
+}
+
+std::optional<ClientReply> CoordinatorMachine::reply_not_live(std::string_view gid,
+                                                              RequestKind kind,
+                                                              uint64_t waiter) const {
+  ClientReply r;
+  r.kind = kind;
+  r.waiter = waiter;
+  // A finished transaction still in memory answers from its view.
+  auto it = finished_index_.find(std::string(gid));
+  if (it != finished_index_.end()) {
+    r.view = finished_by_serial_.at(it->second);
+    switch (r.view.state) {
+      case TxnState::committed: r.http_status = kind == RequestKind::abort ? 409 : 200; break;
+      case TxnState::aborted: r.http_status = kind == RequestKind::commit ? 409 : 200; break;
+      default: r.http_status = kind == RequestKind::get ? 200 : 409; break;
+    }
+    return r;
+  }
+  Lookup l = lookup(gid);
+  switch (l.kind) {
+    case LookupKind::live: return std::nullopt;  // the caller handles live transactions
+    case LookupKind::in_log:
+      r.view.gid = std::string(gid);
+      r.needs_log = true;
+      r.view.forgotten = l.forgotten_if_absent;
+      return r;
+    case LookupKind::presumed_aborted:
+    case LookupKind::forgotten:
+      r = reply_without_record(gid, kind, l.kind == LookupKind::forgotten);
+      r.waiter = waiter;
+      return r;
+    case LookupKind::not_ours: break;
+  }
+  r.http_status = 404;
+  r.error = not_found("no transaction " + std::string(gid));
+  return r;
+}
+
+// --- start-up ------------------------------------------------------------------------------
+
+void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgotten_below,
+                                 std::vector<wal::TxnRecord> unfinished, int64_t now_ms) {
+  TPC_ASSERT(epoch > 0);
+  epoch_ = epoch;
+  next_seq_ = 1;
+  forgotten_below_ = std::move(forgotten_below);
+  for (auto& rec : unfinished) {
+    TPC_ASSERT(!rec.ended);
+    auto parts = parse_gid(rec.gid);
+    if (!parts || parts->coordinator != opts_.coordinator_id) {
+      log_.error("recovery skips a record of another coordinator", {{"gid", rec.gid}});
+      continue;
+    }
+    Txn t;
+    t.serial = next_serial_++;
+    t.gid = rec.gid;
+    t.parts = *parts;
+    t.protocol = rec.protocol == 3 ? Protocol::three_phase : Protocol::two_phase;
+    t.recovered = true;
+    t.created_ms = now_ms;
+    t.decided_ms = rec.decided_wall_ms;
+    t.heuristic_mixed = rec.heuristic_mixed;
+    bool commit = rec.decision != wal::Decision::aborted;
+    t.decision = commit ? Decision::commit : Decision::abort;
+    t.decision_durable = true;
+    t.one_phase = rec.decision == wal::Decision::one_phase;
+    t.state = commit ? TxnState::committing : TxnState::aborting;
+    for (auto& b : rec.branches) {
+      BranchSlot s;
+      s.participant = b.participant;
+      s.url = b.url;
+      s.state = state_of(b.outcome, commit);
+      s.forced = b.outcome == wal::BranchOutcome::forced;
+      t.branches.push_back(std::move(s));
+    }
+    std::string gid = t.gid;
+    auto [it, inserted] = live_.emplace(gid, std::move(t));
+    TPC_ASSERT(inserted);
+    Txn& tx = it->second;
+    unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
+    ++recovering_;
+    ++counters_.recovered;
+    log_.info("recovered", {{"gid", tx.gid},
+                            {"decision", wal::decision_name(rec.decision)},
+                            {"state", state_name(tx.state)}});
+    MsgKind kind = !commit ? MsgKind::abort
+                   : tx.one_phase ? MsgKind::commit_one_phase
+                                  : MsgKind::commit;
+    send_to_all(tx, commit ? BranchState::committing : BranchState::aborting, kind);
+    maybe_finish(tx, now_ms);
+  }
+}
+
+// --- client requests ---------------------------------------------------------------------
+
+Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64_t> timeout_ms,
+                                          int64_t now_ms) {
+  TPC_ASSERT(epoch_ > 0);
+  if (live_.size() >= opts_.open_txns_max)
+    return unavailable("too many open transactions (open_txns_max=" +
+                       std::to_string(opts_.open_txns_max) + ")");
+  int64_t timeout = timeout_ms.value_or(opts_.txn_timeout_default_ms);
+  if (timeout < 1 || timeout > opts_.txn_timeout_max_ms)
+    return invalid_argument("\"timeout_ms\" must be between 1 and " +
+                            std::to_string(opts_.txn_timeout_max_ms));
+  Txn t;
+  t.serial = next_serial_++;
+  t.parts = GidParts{opts_.coordinator_id, epoch_, next_seq_++};
+  t.gid = make_gid(opts_.coordinator_id, t.parts.epoch, t.parts.seq);
+  t.protocol = protocol;
+  t.created_ms = now_ms;
+  t.deadline_ms = now_ms + timeout;
+  std::string gid = t.gid;
+  Txn& tx = live_.emplace(gid, std::move(t)).first->second;
+  unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
+  schedule(tx, tx.deadline_ms, TimerKind::txn_timeout);
+  ++counters_.begun[proto_index(protocol)];
+  log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
+  return view_of(tx);
+}
+
+ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view participant,
+                                       std::string_view url, int64_t now_ms) {
+  (void)now_ms;
+  ClientReply r;
+  if (!valid_participant_name(participant)) {
+    r.http_status = 400;
+    r.error = invalid_argument("participant name must match [A-Za-z0-9_-]{1,32}");
+    return r;
+  }
+  Txn* t = find(gid);
+  if (!t) {
+    auto parts = parse_gid(gid);
+    if (parts && issued(*parts)) {
+      r.http_status = 409;
+      r.error = conflict("transaction " + std::string(gid) + " is not active");
+    } else {
+      r.http_status = 404;
+      r.error = not_found("no transaction " + std::string(gid));
+    }
+    return r;
+  }
+  if (t->state != TxnState::active) {
+    r.http_status = 409;
+    r.error = conflict("transaction " + t->gid + " is " + std::string(state_name(t->state)) +
+                       "; branches enlist only while it is active");
+    return r;
+  }
+  for (auto& b : t->branches) {
+    if (b.participant != participant) continue;
+    if (b.url != url) {
+      r.http_status = 409;
+      r.error = conflict("participant " + b.participant + " is enlisted with url " + b.url);
+      return r;
+    }
+    r.http_status = 200;
+    r.view = view_of(*t);
+    return r;
+  }
+  if (t->branches.size() >= opts_.branches_per_txn_max) {
+    r.http_status = 413;
+    r.error = Status(Code::too_large, "a transaction has at most " +
+                                          std::to_string(opts_.branches_per_txn_max) + " branches");
+    return r;
+  }
+  BranchSlot b;
+  b.participant = std::string(participant);
+  b.url = std::string(url);
+  t->branches.push_back(std::move(b));
+  log_.debug("enlist", {{"gid", t->gid}, {"branch", participant}, {"url", url}});
+  r.http_status = 201;
+  r.view = view_of(*t);
+  return r;
+}
+
+std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint64_t waiter,
+                                                      CommitOptions opts, int64_t now_ms) {
+  Txn* t = find(gid);
+  if (!t) return reply_not_live(gid, RequestKind::commit, waiter);
+  if (t->waiters.size() >= opts_.waiters_per_txn_max) {
+    ClientReply r;
+    r.waiter = waiter;
+    r.kind = RequestKind::commit;
+    r.http_status = 503;
+    r.error = unavailable("too many requests waiting on " + t->gid);
+    return r;
+  }
+  if (t->decision == Decision::abort) return reply_for(*t, RequestKind::commit, waiter);
+  if (t->decision == Decision::commit && t->decision_durable && opts.wait_decision_only)
+    return reply_for(*t, RequestKind::commit, waiter);
+  t->waiters.push_back(Waiter{waiter, RequestKind::commit, opts.wait_decision_only});
+  schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout);
+  if (t->state != TxnState::active) return std::nullopt;  // joins the commit in progress
+
+  if (t->branches.empty()) {
+    t->decision = Decision::commit;
+    t->decision_durable = true;  // nothing to drive; the record is bookkeeping
+    t->decided_ms = now_ms;
+    set_state(*t, TxnState::committed);
+    finish(t->gid, now_ms);
+  } else if (t->branches.size() == 1) {
+    start_one_phase(*t, now_ms);
+  } else {
+    start_prepare(*t, now_ms);
+  }
+  return std::nullopt;
+}
+
+std::optional<ClientReply> CoordinatorMachine::abort(std::string_view gid, uint64_t waiter,
+                                                     int64_t now_ms) {
+  Txn* t = find(gid);
+  if (!t) return reply_not_live(gid, RequestKind::abort, waiter);
+  if (t->decision == Decision::none) {
+    decide_abort(*t, "client", "", now_ms);
+    // decide_abort may have finished (and erased) the transaction.
+    if (Txn* still = find(gid)) return reply_for(*still, RequestKind::abort, waiter);
+    return reply_not_live(gid, RequestKind::abort, waiter);
+  }
+  return reply_for(*t, RequestKind::abort, waiter);
+}
+
+ClientReply CoordinatorMachine::resolve(std::string_view gid, bool commit, int64_t now_ms) {
+  RequestKind kind = RequestKind::resolve;
+  Txn* t = find(gid);
+  if (!t) {
+    auto r = reply_not_live(gid, kind, 0);
+    TPC_ASSERT(r.has_value());
+    if (r->needs_log || !r->error.ok()) return *r;
+    bool committed = r->view.state == TxnState::committed;
+    r->http_status = committed == commit ? 200 : 409;
+    return *r;
+  }
+  ClientReply r;
+  r.kind = kind;
+  if (t->decision == Decision::none) {
+    if (commit) {
+      r.http_status = 409;
+      r.error = conflict("transaction " + t->gid +
+                         " has no commit decision; the only safe resolution is abort");
+      return r;
+    }
+    decide_abort(*t, "operator", "", now_ms);
+  } else if ((t->decision == Decision::commit) != commit) {
+    r.http_status = 409;
+    r.error = conflict(std::string("the decision of ") + t->gid + " is " +
+                       (t->decision == Decision::commit ? "commit" : "abort") +
+                       " and never changes");
+    return r;
+  } else {
+    force_pending(*t, commit ? BranchState::committed : BranchState::aborted);
+  }
+  if (Txn* still = find(gid)) {
+    maybe_finish(*still, now_ms);
+  }
+  if (Txn* still = find(gid)) return reply_for(*still, RequestKind::get, 0);
+  auto done = reply_not_live(gid, RequestKind::get, 0);
+  TPC_ASSERT(done.has_value());
+  done->kind = kind;
+  return *done;
+}
+
+void CoordinatorMachine::force_pending(Txn& t, BranchState to) {
+  for (auto& b : t.branches) {
+    if (branch_final(b.state)) continue;
+    log_.warn("branch resolved by operator", {{"gid", t.gid},
+                                              {"branch", b.participant},
+                                              {"from", branch_state_name(b.state)},
+                                              {"to", branch_state_name(to)}});
+    b.state = to;
+    b.forced = true;
+    b.in_flight = false;
+    b.last_error = "resolved by operator";
+  }
+}
+
+Lookup CoordinatorMachine::lookup(std::string_view gid) const {
+  Lookup l;
+  if (const Txn* t = find(gid)) {
+    l.kind = LookupKind::live;
+    l.view = view_of(*t);
+    return l;
+  }
+  auto it = finished_index_.find(std::string(gid));
+  if (it != finished_index_.end()) {
+    l.kind = LookupKind::live;
+    l.view = finished_by_serial_.at(it->second);
+    return l;
+  }
+  auto parts = parse_gid(gid);
+  if (!parts || !issued(*parts)) {
+    l.kind = LookupKind::not_ours;
+    return l;
+  }
+  l.kind = LookupKind::in_log;
+  l.forgotten_if_absent = forgotten_below_ && *parts < *forgotten_below_;
+  return l;
+}
+
+std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit) const {
+  std::vector<std::pair<uint64_t, TxnView>> all;
+  for (auto& [gid, t] : live_)
+    if (!state || t.state == *state) all.emplace_back(t.serial, view_of(t));
+  for (auto it = finished_by_serial_.rbegin(); it != finished_by_serial_.rend(); ++it)
+    if (!state || it->second.state == *state) all.emplace_back(it->first, it->second);
+  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  std::vector<TxnView> out;
+  for (auto& [serial, v] : all) {
+    if (out.size() >= limit) break;
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) const {
+  (void)now_ms;
+  std::vector<std::pair<uint64_t, TxnView>> all;
+  for (auto& [gid, t] : live_)
+    if (t.decision != Decision::none) all.emplace_back(t.serial, view_of(t));
+  for (auto& [serial, v] : finished_by_serial_)
+    if (v.state == TxnState::heuristic_mixed) all.emplace_back(serial, v);
+  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first < b.first; });
+  std::vector<TxnView> out;
+  for (auto& [serial, v] : all) {
+    if (out.size() >= limit) break;
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+size_t CoordinatorMachine::prepared_unfinished() const {
+  size_t n = 0;
+  for (auto& [gid, t] : live_)
+    if (t.decision != Decision::none) ++n;
+  return n;
+}
+
+GidParts CoordinatorMachine::finished_below() const {
+  if (unfinished_order_.empty()) return GidParts{opts_.coordinator_id, epoch_, next_seq_};
+  auto [epoch, seq] = unfinished_order_.begin()->first;
+  return GidParts{opts_.coordinator_id, epoch, seq};
+}
+
+// --- protocol ------------------------------------------------------------------------------
+
+void CoordinatorMachine::start_prepare(Txn& t, int64_t now_ms) {
+  set_state(t, TxnState::preparing);
+  t.prepare_deadline_ms = now_ms + opts_.prepare_timeout_ms;
+  schedule(t, t.prepare_deadline_ms, TimerKind::prepare_timeout);
+  send_to_all(t, BranchState::active, MsgKind::prepare);
+}
+
+void CoordinatorMachine::start_one_phase(Txn& t, int64_t now_ms) {
+  TPC_ASSERT(t.branches.size() == 1 && t.decision == Decision::none);
+  t.one_phase = true;
+  t.decision = Decision::commit;
+  t.decided_ms = now_ms;
+  ++counters_.one_phase;
+  set_state(t, TxnState::committing);
+  persist(t, /*sync=*/true, /*notify=*/true, now_ms);
+}
+
+void CoordinatorMachine::decide_commit(Txn& t, int64_t now_ms) {
+  TPC_ASSERT(t.decision == Decision::none);
+  t.decision = Decision::commit;
+  t.decided_ms = now_ms;
+  persist(t, /*sync=*/true, /*notify=*/true, now_ms);
+}
+
+void CoordinatorMachine::decide_abort(Txn& t, std::string_view reason, std::string_view branch,
+                                      int64_t now_ms) {
+  TPC_ASSERT_MSG(t.decision == Decision::none, "a decision never changes");
+  t.decision = Decision::abort;
+  t.decided_ms = now_ms;
+  t.reason = std::string(reason);
+  t.reason_branch = std::string(branch);
+  set_state(t, TxnState::aborting);
+  for (size_t i = 0; i < t.branches.size(); ++i) {
+    BranchSlot& b = t.branches[i];
+    if (b.state == BranchState::active || b.state == BranchState::preparing ||
+        b.state == BranchState::prepared) {
+      b.attempts = 0;
+      send(t, i, MsgKind::abort);
+    }
+  }
+  answer_waiters(t, false);
+  maybe_finish(t, now_ms);
+}
+
+void CoordinatorMachine::after_votes(Txn& t, int64_t now_ms) {
+  for (auto& b : t.branches)
+    if (b.state == BranchState::preparing) return;  // still waiting
+  size_t writers = 0;
+  for (auto& b : t.branches) writers += b.state == BranchState::prepared;
+  if (writers == 0) {
+    t.decision = Decision::commit;
+    t.decision_durable = true;
+    t.decided_ms = now_ms;
+    set_state(t, TxnState::committed);
+    finish(t.gid, now_ms);
+    return;
+  }
+  decide_commit(t, now_ms);
+}
+
+void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms) {
+  Txn* t = find(gid);
+  if (!t || t->decision != Decision::commit || t->decision_durable) return;
+  t->decision_durable = true;
+  log_.debug("decision durable", {{"gid", t->gid}});
+  if (t->one_phase) {
+    send_to_all(*t, BranchState::active, MsgKind::commit_one_phase);
+  } else if (t->protocol == Protocol::three_phase) {
+    set_state(*t, TxnState::precommitted);
+    send_to_all(*t, BranchState::prepared, MsgKind::precommit);
+  } else {
+    set_state(*t, TxnState::committing);
+    send_to_all(*t, BranchState::prepared, MsgKind::commit);
+  }
+  answer_waiters(*t, true);
+  maybe_finish(*t, now_ms);
+}
+
+void CoordinatorMachine::on_reply(const BranchReply& reply, int64_t now_ms) {
+  Txn* t = find(reply.gid);
+  if (!t) return;
+  size_t i = 0;
+  while (i < t->branches.size() && t->branches[i].participant != reply.participant) ++i;
+  if (i == t->branches.size()) return;
+  BranchSlot& b = t->branches[i];
+
+  // Only the answer to the message the branch is waiting for counts; anything else is late.
+  BranchState expected = BranchState::active;
+  switch (reply.kind) {
+    case MsgKind::prepare: expected = BranchState::preparing; break;
+    case MsgKind::precommit: expected = BranchState::precommitting; break;
+    case MsgKind::commit:
+    case MsgKind::commit_one_phase: expected = BranchState::committing; break;
+    case MsgKind::abort: expected = BranchState::aborting; break;
+  }
+  if (b.state != expected || !b.in_flight) return;
+  b.in_flight = false;
+  if (!reply.reason.empty()) b.last_error = reply.reason;
+
+  switch (reply.kind) {
+    case MsgKind::prepare:
+      if (t->decision != Decision::none) return;
+      switch (reply.reply) {
+        case ReplyKind::vote_yes: b.state = BranchState::prepared; break;
+        case ReplyKind::vote_read_only:
+          b.state = BranchState::read_only;
+          ++counters_.read_only_branches;
+          break;
+        case ReplyKind::vote_no:
+          b.state = BranchState::aborted;
+          decide_abort(*t, "vote_no", b.participant, now_ms);
+          return;
+        default:
+          // No usable answer: the branch may or may not be prepared; abort is sent to it.
+          decide_abort(*t, "prepare_failed", b.participant, now_ms);
+          return;
+      }
+      after_votes(*t, now_ms);
+      return;
+
+    case MsgKind::precommit:
+      if (reply.reply == ReplyKind::precommitted) {
+        b.state = BranchState::precommitted;
+      } else if (reply.reply == ReplyKind::aborted || reply.reply == ReplyKind::committed) {
+        // The branch decided on its own (3PC timeout): commit is fine, abort is heuristic.
+        b.state = reply.reply == ReplyKind::committed ? BranchState::committed : BranchState::aborted;
+        b.heuristic = reply.reply == ReplyKind::aborted;
+        if (b.heuristic) t->heuristic_mixed = true;
+      } else {
+        schedule_resend(*t, i, now_ms);
+        return;
+      }
+      if (std::none_of(t->branches.begin(), t->branches.end(), [](const BranchSlot& s) {
+            return s.state == BranchState::precommitting;
+          })) {
+        set_state(*t, TxnState::committing);
+        send_to_all(*t, BranchState::precommitted, MsgKind::commit);
+      }
+      break;
+
+    case MsgKind::commit:
+    case MsgKind::commit_one_phase:
+      if (reply.reply == ReplyKind::committed) {
+        b.state = BranchState::committed;
+      } else if (reply.reply == ReplyKind::aborted) {
+        b.state = BranchState::aborted;
+        if (t->one_phase) {
+          t->reason = "branch_aborted";
+          t->reason_branch = b.participant;
+        } else {
+          b.heuristic = true;
+          t->heuristic_mixed = true;
+          log_.warn("branch aborted against a commit decision",
+                     {{"gid", t->gid}, {"branch", b.participant}, {"reason", reply.reason}});
+        }
+      } else {
+        schedule_resend(*t, i, now_ms);
+        return;
+      }
+      break;
+
+    case MsgKind::abort:
+      if (reply.reply == ReplyKind::aborted) {
+        b.state = BranchState::aborted;
+      } else if (reply.reply == ReplyKind::committed) {
+        b.state = BranchState::committed;
+        b.heuristic = true;
+        t->heuristic_mixed = true;
+        log_.warn("branch committed against an abort decision",
+                   {{"gid", t->gid}, {"branch", b.participant}});
+      } else {
+        schedule_resend(*t, i, now_ms);
+        return;
+      }
+      break;
+  }
+  maybe_finish(*t, now_ms);
+}
+
+void CoordinatorMachine::maybe_finish(Txn& t, int64_t now_ms) {
+  if (t.decision == Decision::none) return;
+  if (t.decision == Decision::commit && !t.decision_durable) return;
+  for (auto& b : t.branches)
+    if (!branch_final(b.state) || b.in_flight) return;
+  if (t.heuristic_mixed) {
+    log_mixed(t);
+    set_state(t, TxnState::heuristic_mixed);
+  } else if (t.decision == Decision::abort ||
+             (t.one_phase && t.branches[0].state == BranchState::aborted)) {
+    set_state(t, TxnState::aborted);
+  } else {
+    set_state(t, TxnState::committed);
+  }
+  finish(t.gid, now_ms);
+}
+
+void CoordinatorMachine::log_mixed(const Txn& t) {
+  std::vector<LogField> fields;
+  fields.emplace_back("gid", t.gid);
+  fields.emplace_back("decision", t.decision == Decision::commit ? "commit" : "abort");
+  std::string outcomes;
+  for (auto& b : t.branches) {
+    if (!outcomes.empty()) outcomes += ",";
+    outcomes += b.participant + ":" + std::string(branch_state_name(b.state));
+  }
+  fields.emplace_back("branches", outcomes);
+  log_.log(LogLevel::error, "heuristic outcome: branches disagree", fields);
+  ++counters_.heuristic_mixed;
+}
+
+void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
+  std::string gid = gid_in;  // the argument may live inside the transaction we erase
+  Txn* tp = find(gid);
+  TPC_ASSERT(tp != nullptr && terminal(tp->state));
+  Txn& t = *tp;
+  // Presumed abort: a plain abort leaves no record. Everything else is recorded as ended.
+  bool record = t.decision == Decision::commit || t.heuristic_mixed;
+  if (record) persist(t, /*sync=*/false, /*notify=*/false, now_ms);
+  int p = proto_index(t.protocol);
+  if (t.state == TxnState::committed) ++counters_.committed[p];
+  if (t.state == TxnState::aborted) ++counters_.aborted[p];
+  answer_waiters(t, false);
+  if (t.recovered) {
+    TPC_ASSERT(recovering_ > 0);
+    --recovering_;
+  }
+  auto key = std::make_pair(t.parts.epoch, t.parts.seq);
+  auto it = unfinished_order_.find(key);
+  if (it != unfinished_order_.end() && --it->second == 0) unfinished_order_.erase(it);
+  remember_finished(view_of(t), t.serial);
+  live_.erase(gid);
+}
+
+void CoordinatorMachine::remember_finished(TxnView view, uint64_t serial) {
+  finished_index_[view.gid] = serial;
+  finished_by_serial_.emplace(serial, std::move(view));
+  while (finished_by_serial_.size() > opts_.finished_kept_max) {
+    auto oldest = finished_by_serial_.begin();
+    finished_index_.erase(oldest->second.gid);
+    finished_by_serial_.erase(oldest);
+  }
+}
+
+void CoordinatorMachine::answer_waiters(Txn& t, bool only_decision_waiters) {
+  std::vector<Waiter> keep;
+  for (auto& w : t.waiters) {
+    if (only_decision_waiters && !w.decision_only) {
+      keep.push_back(w);
+      continue;
+    }
+    ready_.replies.push_back(reply_for(t, w.kind, w.id));
+  }
+  t.waiters = std::move(keep);
+}
+
+// --- time ----------------------------------------------------------------------------------
+
+void CoordinatorMachine::tick(int64_t now_ms) {
+  while (!timers_.empty() && timers_.top().at_ms <= now_ms) {
+    Timer timer = timers_.top();
+    timers_.pop();
+    on_timer(timer, now_ms);
+  }
+}
+
+void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
+  Txn* t = find(timer.gid);
+  if (!t) return;
+  switch (timer.kind) {
+    case TimerKind::txn_timeout:
+      if (t->state == TxnState::active && t->deadline_ms <= now_ms)
+        decide_abort(*t, "timeout", "", now_ms);
+      return;
+    case TimerKind::prepare_timeout:
+      if (t->state == TxnState::preparing && t->decision == Decision::none) {
+        std::string late;
+        for (auto& b : t->branches)
+          if (b.state == BranchState::preparing) {
+            late = b.participant;
+            break;
+          }
+        decide_abort(*t, "prepare_timeout", late, now_ms);
+      }
+      return;
+    case TimerKind::resend: {
+      if (timer.branch >= t->branches.size()) return;
+      BranchSlot& b = t->branches[timer.branch];
+      if (b.in_flight) return;
+      MsgKind kind;
+      switch (b.state) {
+        case BranchState::precommitting: kind = MsgKind::precommit; break;
+        case BranchState::committing:
+          kind = t->one_phase ? MsgKind::commit_one_phase : MsgKind::commit;
+          break;
+        case BranchState::aborting: kind = MsgKind::abort; break;
+        default: return;
+      }
+      send(*t, timer.branch, kind);
+      return;
+    }
+    case TimerKind::wait_timeout: {
+      // Commit requests still waiting get 202 "committing" once the decision is commit.
+      if (t->decision != Decision::commit || !t->decision_durable) {
+        if (t->decision == Decision::none) schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout);
+        return;
+      }
+      answer_waiters(*t, false);
+      return;
+    }
+  }
+}
+
+std::optional<int64_t> CoordinatorMachine::next_deadline_ms() const {
+  if (timers_.empty()) return std::nullopt;
+  return timers_.top().at_ms;
+}
+
+Ready CoordinatorMachine::take_ready() {
+  Ready r = std::move(ready_);
+  ready_ = Ready{};
+  return r;
+}
+
+bool CoordinatorMachine::has_ready() const { return !ready_.empty(); }
+
+}  // namespace tpc::coord

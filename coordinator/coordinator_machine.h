@@ -1,0 +1,200 @@
+// CoordinatorMachine: the coordinator's protocol as a pure state machine.
+//
+// Inputs are client requests (begin, enlist, commit, abort, resolve), branch replies (votes,
+// acknowledgements), log-write completions and timer ticks, each with the caller's now_ms.
+// Outputs accumulate in a Ready (records to persist, messages to send, replies to clients)
+// that the driver takes with take_ready() and carries out in order: persist, then send,
+// then reply. The machine includes no IO, threads or clocks, so it is unit-tested and
+// simulated deterministically.
+//
+// Protocol rules it enforces (DESIGN.md §4):
+//   - persist before send: a commit (2PC), pre-commit (3PC) or one-phase commit message for a
+//     transaction is emitted only after on_persisted() for its decision record;
+//   - presumed abort: aborts are never written; no record means aborted;
+//   - a decision never changes once persisted (TPC_ASSERT);
+//   - phase 2 never gives up: commit/abort is resent with capped exponential backoff until
+//     every branch acknowledges.
+//
+// Threads: not thread-safe; the driver serialises every call (one mutex).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <queue>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "coordinator/txn.h"
+#include "wal/record.h"
+
+namespace tpc::coord {
+
+struct MachineOptions {
+  std::string coordinator_id = "c1";
+  int64_t txn_timeout_default_ms = 60'000;   // an active transaction not committed by then aborts
+  int64_t txn_timeout_max_ms = 3'600'000;
+  int64_t prepare_timeout_ms = 5'000;        // votes not all in by then: abort
+  int64_t commit_wait_ms = 10'000;           // a commit request answered 202 "committing" after
+  int64_t retry_min_ms = 50;                 // phase-2 resend backoff: min, doubling...
+  int64_t retry_max_ms = 5'000;              // ...up to this cap, forever
+  size_t branches_per_txn_max = 64;
+  size_t open_txns_max = 100'000;            // active or unfinished; past it begin is refused
+  size_t finished_kept_max = 100'000;        // finished transactions kept in memory for GET
+  size_t waiters_per_txn_max = 64;           // concurrent commit/abort requests on one gid
+};
+
+// Counters read by the driver for /metrics (under the driver's lock).
+struct MachineCounters {
+  uint64_t begun[2] = {0, 0};       // by protocol: [0] 2pc, [1] 3pc
+  uint64_t committed[2] = {0, 0};
+  uint64_t aborted[2] = {0, 0};
+  uint64_t heuristic_mixed = 0;
+  uint64_t one_phase = 0;
+  uint64_t read_only_branches = 0;
+  uint64_t messages_sent = 0;
+  uint64_t resends = 0;
+  uint64_t recovered = 0;
+};
+
+// What a GET (or a repeated commit/abort) should say about a gid the machine has no live
+// transaction for.
+enum class LookupKind : uint8_t {
+  live,              // view is set
+  in_log,            // the driver must read the log: the record decides the answer, and
+                     // without one the gid is presumed aborted (or forgotten, see below)
+  presumed_aborted,  // ours, below what we issued, never recorded (or record absent)
+  forgotten,         // ours, older than the retention horizon: outcome no longer known
+  not_ours,          // not a gid this coordinator could have issued: 404
+};
+
+struct Lookup {
+  LookupKind kind = LookupKind::not_ours;
+  TxnView view;                     // for live
+  bool forgotten_if_absent = false;  // for in_log: below the retention horizon
+};
+
+class CoordinatorMachine {
+ public:
+  // `log` must outlive the machine.
+  CoordinatorMachine(MachineOptions opts, Logger& log);
+
+  // --- start-up -------------------------------------------------------------------------
+  // Sets the epoch (already synced by the driver) and the forgotten horizon, and takes every
+  // record that is not ended: decided transactions are driven to their outcome.
+  void recover(uint64_t epoch, std::optional<GidParts> forgotten_below,
+               std::vector<wal::TxnRecord> unfinished, int64_t now_ms);
+  // Recovered transactions not finished yet.
+  size_t recovering() const { return recovering_; }
+
+  // --- client requests ------------------------------------------------------------------
+  // 201 with the view, or an error (invalid_argument, unavailable when open_txns_max).
+  Result<TxnView> begin(Protocol protocol, std::optional<int64_t> timeout_ms, int64_t now_ms);
+  // An agent enlists a branch. 201 new, 200 already enlisted with the same url; 409 unless
+  // active; 404 not ours.
+  ClientReply enlist(std::string_view gid, std::string_view participant, std::string_view url,
+                     int64_t now_ms);
+  // Starts (or joins) the commit. The answer comes later as a ClientReply for `waiter` in
+  // Ready, or at once through the return value when the outcome is known already or the
+  // request is refused. in_log means the driver must answer from the log.
+  std::optional<ClientReply> commit(std::string_view gid, uint64_t waiter, CommitOptions opts,
+                                    int64_t now_ms);
+  std::optional<ClientReply> abort(std::string_view gid, uint64_t waiter, int64_t now_ms);
+  // Operator decision (tpcctl resolve): see DESIGN.md; recorded as heuristic.
+  ClientReply resolve(std::string_view gid, bool commit, int64_t now_ms);
+
+  Lookup lookup(std::string_view gid) const;
+  // Live and recently finished transactions, newest first, optionally of one state.
+  std::vector<TxnView> list(std::optional<TxnState> state, size_t limit) const;
+  // Decided but unfinished transactions and heuristic outcomes, oldest first.
+  std::vector<TxnView> in_doubt(int64_t now_ms, size_t limit) const;
+
+  // --- branch replies and log completions -------------------------------------------------
+  void on_reply(const BranchReply& reply, int64_t now_ms);
+  // The synced write of gid's decision record is durable.
+  void on_persisted(std::string_view gid, int64_t now_ms);
+
+  // --- time -------------------------------------------------------------------------------
+  void tick(int64_t now_ms);
+  // The earliest pending deadline, if any.
+  std::optional<int64_t> next_deadline_ms() const;
+
+  Ready take_ready();
+  bool has_ready() const;
+
+  uint64_t epoch() const { return epoch_; }
+  size_t open_txns() const { return live_.size(); }
+  size_t prepared_unfinished() const;
+  const MachineCounters& counters() const { return counters_; }
+  // (epoch, seq) strictly below which every gid of ours is finished; for agents' marker purge.
+  GidParts finished_below() const;
+
+  // The answer a repeated commit/abort/GET gets for a transaction known only from its record.
+  static ClientReply reply_from_record(const wal::TxnRecord& rec, RequestKind kind);
+  static TxnView view_from_record(const wal::TxnRecord& rec);
+  // The answer for a gid with no record: presumed aborted, or forgotten.
+  static ClientReply reply_without_record(std::string_view gid, RequestKind kind, bool forgotten);
+
+ private:
+  struct Timer {
+    int64_t at_ms;
+    std::string gid;
+    TimerKind kind;
+    uint32_t branch;  // for resend timers
+    bool operator>(const Timer& o) const { return at_ms > o.at_ms; }
+  };
+
+  Txn* find(std::string_view gid);
+  const Txn* find(std::string_view gid) const;
+  bool issued(const GidParts& g) const;
+
+  void set_state(Txn& t, TxnState to);
+  void start_prepare(Txn& t, int64_t now_ms);
+  void start_one_phase(Txn& t, int64_t now_ms);
+  void decide_commit(Txn& t, int64_t now_ms);
+  void decide_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
+  void after_votes(Txn& t, int64_t now_ms);
+  void send(Txn& t, size_t branch, MsgKind kind);
+  void send_to_all(Txn& t, BranchState from, MsgKind kind);
+  void force_pending(Txn& t, BranchState to);
+  void schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch = 0);
+  void schedule_resend(Txn& t, size_t branch, int64_t now_ms);
+  void maybe_finish(Txn& t, int64_t now_ms);
+  void finish(const std::string& gid, int64_t now_ms);
+  void answer_waiters(Txn& t, bool only_decision_waiters);
+  void persist(const Txn& t, bool sync, bool notify, int64_t now_ms);
+  wal::TxnRecord record_of(const Txn& t, int64_t now_ms) const;
+  TxnView view_of(const Txn& t) const;
+  ClientReply reply_for(const Txn& t, RequestKind kind, uint64_t waiter) const;
+  std::optional<ClientReply> reply_not_live(std::string_view gid, RequestKind kind,
+                                            uint64_t waiter) const;
+  void remember_finished(TxnView view, uint64_t serial);
+  void on_timer(const Timer& timer, int64_t now_ms);
+  void log_mixed(const Txn& t);
+
+  MachineOptions opts_;
+  Logger& log_;
+  uint64_t epoch_ = 0;
+  uint64_t next_seq_ = 1;
+  uint64_t next_serial_ = 1;
+  std::optional<GidParts> forgotten_below_;
+  size_t recovering_ = 0;
+
+  std::unordered_map<std::string, Txn> live_;
+  // Finished transactions, newest last, for GET and repeated requests.
+  std::map<uint64_t, TxnView> finished_by_serial_;
+  std::unordered_map<std::string, uint64_t> finished_index_;
+  std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
+  // Unfinished gids ordered by (epoch, seq), for finished_below().
+  std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
+
+  Ready ready_;
+  MachineCounters counters_;
+};
+
+}  // namespace tpc::coord

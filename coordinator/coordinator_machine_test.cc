@@ -1,0 +1,649 @@
+// Unit tests of the coordinator's state machine: every transition of the 2PC, one-phase and
+// 3PC paths, the refused ones, recovery, and the answers built from the log.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <memory>
+
+#include "coordinator/coordinator_machine.h"
+
+using namespace tpc;
+using namespace tpc::coord;
+
+namespace {
+
+struct Fixture {
+  MemorySink sink;
+  Logger log{&sink, LogFormat::text, LogLevel::debug};
+  MachineOptions opts;
+  std::unique_ptr<CoordinatorMachine> m;
+  int64_t now = 1'000'000;
+  uint64_t next_waiter = 1;
+
+  explicit Fixture(MachineOptions o = {}) : opts(std::move(o)) { restart(1); }
+
+  void restart(uint64_t epoch, std::vector<wal::TxnRecord> unfinished = {},
+               std::optional<GidParts> forgotten = std::nullopt) {
+    m = std::make_unique<CoordinatorMachine>(opts, log);
+    m->recover(epoch, forgotten, std::move(unfinished), now);
+  }
+
+  std::string begin(Protocol p = Protocol::two_phase) {
+    auto v = m->begin(p, std::nullopt, now);
+    REQUIRE(v.ok());
+    return v->gid;
+  }
+
+  std::string begin_with(std::vector<std::string> branches, Protocol p = Protocol::two_phase) {
+    std::string gid = begin(p);
+    for (auto& b : branches) {
+      auto r = m->enlist(gid, b, "http://127.0.0.1:1/" + b, now);
+      REQUIRE(r.http_status == 201);
+    }
+    return gid;
+  }
+
+  Ready ready() { return m->take_ready(); }
+
+  static std::vector<Message> of_kind(const Ready& r, MsgKind k) {
+    std::vector<Message> out;
+    for (auto& msg : r.messages)
+      if (msg.kind == k) out.push_back(msg);
+    return out;
+  }
+
+  void reply(const std::string& gid, const std::string& b, MsgKind k, ReplyKind r,
+             std::string reason = "") {
+    m->on_reply(BranchReply{gid, b, k, r, std::move(reason)}, now);
+  }
+
+  TxnState state(const std::string& gid) {
+    auto l = m->lookup(gid);
+    REQUIRE(l.kind == LookupKind::live);
+    return l.view.state;
+  }
+
+  // Commits gid and lets every branch vote yes; returns the Ready holding the decision.
+  Ready commit_to_decision(const std::string& gid, std::vector<std::string> branches,
+                           uint64_t waiter) {
+    REQUIRE_FALSE(m->commit(gid, waiter, {}, now).has_value());
+    Ready r = ready();
+    CHECK(of_kind(r, MsgKind::prepare).size() == branches.size());
+    for (auto& b : branches) reply(gid, b, MsgKind::prepare, ReplyKind::vote_yes);
+    return ready();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("gids carry the coordinator id and epoch and never repeat across restarts") {
+  Fixture f;
+  std::string a = f.begin(), b = f.begin();
+  CHECK(a == "c1-1-1");
+  CHECK(b == "c1-1-2");
+  f.restart(2);
+  CHECK(f.begin() == "c1-2-1");
+}
+
+TEST_CASE("begin is refused past open_txns_max and with a bad timeout") {
+  MachineOptions o;
+  o.open_txns_max = 2;
+  Fixture f(o);
+  f.begin();
+  f.begin();
+  auto r = f.m->begin(Protocol::two_phase, std::nullopt, f.now);
+  REQUIRE_FALSE(r.ok());
+  CHECK(r.status().code() == Code::unavailable);
+  Fixture g;
+  CHECK(g.m->begin(Protocol::two_phase, 0, g.now).status().code() == Code::invalid_argument);
+  CHECK(g.m->begin(Protocol::two_phase, g.opts.txn_timeout_max_ms + 1, g.now).status().code() ==
+        Code::invalid_argument);
+}
+
+TEST_CASE("enlist: new, repeated, conflicting, too many, unknown and not active") {
+  MachineOptions o;
+  o.branches_per_txn_max = 2;
+  Fixture f(o);
+  std::string gid = f.begin();
+  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now).http_status == 201);
+  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now).http_status == 200);
+  CHECK(f.m->enlist(gid, "a1", "http://h:2", f.now).http_status == 409);
+  CHECK(f.m->enlist(gid, "a2", "http://h:2", f.now).http_status == 201);
+  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 413);
+  CHECK(f.m->enlist(gid, "bad name", "http://h:3", f.now).http_status == 400);
+  CHECK(f.m->enlist("c9-1-1", "a1", "http://h:1", f.now).http_status == 404);
+  CHECK(f.m->enlist("c1-1-99", "a1", "http://h:1", f.now).http_status == 404);  // never issued
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  auto late = f.m->enlist(gid, "a3", "http://h:3", f.now);
+  CHECK(late.http_status == 409);
+  CHECK(late.error.message().find("preparing") != std::string::npos);
+}
+
+TEST_CASE("2PC: the commit decision is durable before any commit is sent") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  Ready r = f.commit_to_decision(gid, {"a1", "a2"}, 7);
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].sync);
+  CHECK(r.persist[0].notify);
+  CHECK(r.persist[0].record.decision == wal::Decision::commit);
+  CHECK(r.persist[0].record.branches.size() == 2);
+  CHECK_FALSE(r.persist[0].record.ended);
+  CHECK(Fixture::of_kind(r, MsgKind::commit).empty());
+  CHECK(r.replies.empty());
+  CHECK(f.state(gid) == TxnState::preparing);
+
+  f.m->on_persisted(gid, f.now);
+  r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::commit).size() == 2);
+  CHECK(f.state(gid) == TxnState::committing);
+
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.ready().replies.empty());
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].waiter == 7);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(r.replies[0].view.state == TxnState::committed);
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.ended);
+  CHECK_FALSE(r.persist[0].sync);
+  CHECK(r.persist[0].record.branches[0].outcome == wal::BranchOutcome::committed);
+  CHECK(f.state(gid) == TxnState::committed);
+  CHECK(f.m->open_txns() == 0);
+  CHECK(f.m->counters().committed[0] == 1);
+  CHECK_FALSE(f.sink.find("gid=" + gid + " committing->committed").empty());
+}
+
+TEST_CASE("a vote of no aborts every other branch and writes nothing (presumed abort)") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2", "a3"});
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  f.ready();
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::vote_yes);
+  f.reply(gid, "a2", MsgKind::prepare, ReplyKind::vote_no, "deferred constraint");
+  Ready r = f.ready();
+  CHECK(r.persist.empty());
+  auto aborts = Fixture::of_kind(r, MsgKind::abort);
+  REQUIRE(aborts.size() == 2);  // a1 (prepared) and a3 (prepare still in flight)
+  CHECK(aborts[0].participant == "a1");
+  CHECK(aborts[1].participant == "a3");
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].view.state == TxnState::aborted);
+  CHECK(r.replies[0].view.reason == "vote_no");
+  CHECK(r.replies[0].view.reason_branch == "a2");
+  CHECK_FALSE(f.sink.find("gid=" + gid + " preparing->aborting reason=vote_no branch=a2").empty());
+
+  // a3's late yes is ignored; the abort acknowledgements end it.
+  f.reply(gid, "a3", MsgKind::prepare, ReplyKind::vote_yes);
+  CHECK(f.ready().empty());
+  f.reply(gid, "a1", MsgKind::abort, ReplyKind::aborted);
+  f.reply(gid, "a3", MsgKind::abort, ReplyKind::aborted);
+  r = f.ready();
+  CHECK(r.persist.empty());
+  CHECK(f.state(gid) == TxnState::aborted);
+}
+
+TEST_CASE("a prepare that fails or times out aborts") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  f.ready();
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::failed, "connection refused");
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].view.reason == "prepare_failed");
+  CHECK(r.replies[0].view.reason_branch == "a1");
+  CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 2);
+
+  std::string gid2 = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(gid2, 2, {}, f.now).has_value());
+  f.ready();
+  f.reply(gid2, "a1", MsgKind::prepare, ReplyKind::vote_yes);
+  f.m->tick(f.now + f.opts.prepare_timeout_ms - 1);
+  CHECK(f.ready().replies.empty());
+  f.m->tick(f.now + f.opts.prepare_timeout_ms);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].view.reason == "prepare_timeout");
+  CHECK(r.replies[0].view.reason_branch == "a2");
+  CHECK(r.persist.empty());
+}
+
+TEST_CASE("read-only branches leave at prepare") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  f.ready();
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::vote_read_only);
+  f.reply(gid, "a2", MsgKind::prepare, ReplyKind::vote_yes);
+  Ready r = f.ready();
+  REQUIRE(r.persist.size() == 1);
+  f.m->on_persisted(gid, f.now);
+  r = f.ready();
+  auto commits = Fixture::of_kind(r, MsgKind::commit);
+  REQUIRE(commits.size() == 1);
+  CHECK(commits[0].participant == "a2");
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+
+  std::string ro = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(ro, 2, {}, f.now).has_value());
+  f.ready();
+  f.reply(ro, "a1", MsgKind::prepare, ReplyKind::vote_read_only);
+  f.reply(ro, "a2", MsgKind::prepare, ReplyKind::vote_read_only);
+  r = f.ready();
+  CHECK(r.messages.empty());
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  REQUIRE(r.persist.size() == 1);
+  CHECK_FALSE(r.persist[0].sync);
+  CHECK(r.persist[0].record.decision == wal::Decision::committed_read_only);
+}
+
+TEST_CASE("a single branch commits in one phase, after a synced one-phase record") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1"});
+  REQUIRE_FALSE(f.m->commit(gid, 3, {}, f.now).has_value());
+  Ready r = f.ready();
+  CHECK(r.messages.empty());
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].sync);
+  CHECK(r.persist[0].record.decision == wal::Decision::one_phase);
+  f.m->on_persisted(gid, f.now);
+  r = f.ready();
+  REQUIRE(r.messages.size() == 1);
+  CHECK(r.messages[0].kind == MsgKind::commit_one_phase);
+  f.reply(gid, "a1", MsgKind::commit_one_phase, ReplyKind::committed);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(f.m->counters().one_phase == 1);
+}
+
+TEST_CASE("a one-phase branch that aborts at commit makes the answer aborted, and recorded") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1"});
+  REQUIRE_FALSE(f.m->commit(gid, 3, {}, f.now).has_value());
+  f.ready();
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit_one_phase, ReplyKind::aborted, "23503");
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].view.state == TxnState::aborted);
+  CHECK(r.replies[0].view.reason == "branch_aborted");
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.ended);
+  // After a restart the record alone answers aborted, not committed.
+  auto from_log = CoordinatorMachine::reply_from_record(r.persist[0].record, RequestKind::commit);
+  CHECK(from_log.view.state == TxnState::aborted);
+  CHECK(from_log.http_status == 409);
+}
+
+TEST_CASE("phase 2 is resent with capped exponential backoff and never gives up") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  std::vector<int64_t> delays;
+  for (int i = 0; i < 20; ++i) {
+    f.reply(gid, "a2", MsgKind::commit, ReplyKind::failed, "unreachable");
+    CHECK(f.ready().messages.empty());
+    auto next = f.m->next_deadline_ms();
+    REQUIRE(next.has_value());
+    // Skip past timers that no longer apply (the commit wait, the transaction timeout).
+    int64_t before = f.now;
+    f.now = *next;
+    f.m->tick(f.now);
+    Ready r = f.ready();
+    while (Fixture::of_kind(r, MsgKind::commit).empty()) {
+      next = f.m->next_deadline_ms();
+      REQUIRE(next.has_value());
+      f.now = *next;
+      f.m->tick(f.now);
+      auto more = f.ready();
+      for (auto& m : more.messages) r.messages.push_back(m);
+    }
+    delays.push_back(f.now - before);
+    auto resent = Fixture::of_kind(r, MsgKind::commit);
+    REQUIRE(resent.size() == 1);
+    CHECK(resent[0].attempt == static_cast<uint32_t>(i + 2));
+  }
+  CHECK(delays[0] == 50);
+  CHECK(delays[1] == 100);
+  CHECK(delays[2] == 200);
+  CHECK(delays.back() == 5000);
+  CHECK(f.state(gid) == TxnState::committing);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.state(gid) == TxnState::committed);
+  CHECK(f.m->counters().resends == 20);
+}
+
+TEST_CASE("repeated commit and abort answer the outcome already reached") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  // A second commit while deciding joins the first.
+  CHECK_FALSE(f.m->commit(gid, 2, {}, f.now).has_value());
+  // An abort after the decision is refused.
+  auto ab = f.m->abort(gid, 3, f.now);
+  REQUIRE(ab.has_value());
+  CHECK(ab->http_status == 409);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
+  Ready r = f.ready();
+  CHECK(r.replies.size() == 2);
+  auto again = f.m->commit(gid, 4, {}, f.now);
+  REQUIRE(again.has_value());
+  CHECK(again->http_status == 200);
+  CHECK(again->view.state == TxnState::committed);
+  auto abort_after = f.m->abort(gid, 5, f.now);
+  REQUIRE(abort_after.has_value());
+  CHECK(abort_after->http_status == 409);
+  CHECK(abort_after->view.state == TxnState::committed);
+}
+
+TEST_CASE("abort of an active transaction answers at once and reaches its branches") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  auto r = f.m->abort(gid, 1, f.now);
+  REQUIRE(r.has_value());
+  CHECK(r->http_status == 200);
+  CHECK(r->view.state == TxnState::aborted);
+  Ready ready = f.ready();
+  CHECK(Fixture::of_kind(ready, MsgKind::abort).size() == 2);
+  CHECK(ready.persist.empty());
+  auto again = f.m->abort(gid, 2, f.now);
+  REQUIRE(again.has_value());
+  CHECK(again->http_status == 200);
+  auto c = f.m->commit(gid, 3, {}, f.now);
+  REQUIRE(c.has_value());
+  CHECK(c->http_status == 409);
+  CHECK(c->view.state == TxnState::aborted);
+  CHECK(c->view.reason == "client");
+
+  std::string none = f.begin();
+  auto r2 = f.m->abort(none, 4, f.now);
+  REQUIRE(r2.has_value());
+  CHECK(r2->http_status == 200);
+  CHECK(f.state(none) == TxnState::aborted);
+}
+
+TEST_CASE("abort while preparing answers the waiting commit with aborted") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  f.ready();
+  auto r = f.m->abort(gid, 2, f.now);
+  REQUIRE(r.has_value());
+  CHECK(r->http_status == 200);
+  Ready ready = f.ready();
+  REQUIRE(ready.replies.size() == 1);
+  CHECK(ready.replies[0].waiter == 1);
+  CHECK(ready.replies[0].http_status == 409);
+  CHECK(ready.replies[0].view.reason == "client");
+}
+
+TEST_CASE("an active transaction past its timeout aborts") {
+  Fixture f;
+  auto v = f.m->begin(Protocol::two_phase, 1000, f.now);
+  REQUIRE(v.ok());
+  REQUIRE(f.m->enlist(v->gid, "a1", "http://h:1", f.now).http_status == 201);
+  f.m->tick(f.now + 999);
+  CHECK(f.state(v->gid) == TxnState::active);
+  f.m->tick(f.now + 1000);
+  Ready r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 1);
+  CHECK(f.m->lookup(v->gid).view.reason == "timeout");
+}
+
+TEST_CASE("a commit not finished within commit_wait_ms is answered 202 committing") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 9);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.m->tick(f.now + f.opts.commit_wait_ms);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 202);
+  CHECK(r.replies[0].view.state == TxnState::committing);
+}
+
+TEST_CASE("wait for the decision only: answered once the decision is durable") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  CommitOptions o;
+  o.wait_decision_only = true;
+  REQUIRE_FALSE(f.m->commit(gid, 5, o, f.now).has_value());
+  f.ready();
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::vote_yes);
+  f.reply(gid, "a2", MsgKind::prepare, ReplyKind::vote_yes);
+  CHECK(f.ready().replies.empty());
+  f.m->on_persisted(gid, f.now);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 202);
+  CHECK(r.replies[0].view.state == TxnState::committing);
+}
+
+TEST_CASE("recovery drives a logged commit to the branches that have not acknowledged") {
+  Fixture f;
+  wal::TxnRecord rec;
+  rec.gid = "c1-1-5";
+  rec.decision = wal::Decision::commit;
+  rec.branches = {{"a1", "http://h:1", wal::BranchOutcome::committed},
+                  {"a2", "http://h:2", wal::BranchOutcome::pending}};
+  f.restart(2, {rec});
+  CHECK(f.m->recovering() == 1);
+  Ready r = f.ready();
+  REQUIRE(r.messages.size() == 1);
+  CHECK(r.messages[0].participant == "a2");
+  CHECK(r.messages[0].kind == MsgKind::commit);
+  CHECK(f.state("c1-1-5") == TxnState::committing);
+  f.reply("c1-1-5", "a2", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.m->recovering() == 0);
+  r = f.ready();
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.ended);
+  CHECK(f.begin() == "c1-2-1");
+}
+
+TEST_CASE("recovery resends a one-phase commit and a 3PC pre-commit is driven to commit") {
+  Fixture f;
+  wal::TxnRecord one;
+  one.gid = "c1-1-1";
+  one.decision = wal::Decision::one_phase;
+  one.branches = {{"a1", "http://h:1", wal::BranchOutcome::pending}};
+  wal::TxnRecord three;
+  three.gid = "c1-1-2";
+  three.protocol = 3;
+  three.decision = wal::Decision::precommit;
+  three.branches = {{"a1", "http://h:1", wal::BranchOutcome::pending},
+                    {"a2", "http://h:2", wal::BranchOutcome::pending}};
+  f.restart(2, {one, three});
+  Ready r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::commit_one_phase).size() == 1);
+  CHECK(Fixture::of_kind(r, MsgKind::commit).size() == 2);
+  CHECK(f.m->recovering() == 2);
+}
+
+TEST_CASE("3PC: prepare, a durable pre-commit decision, pre-commit to all, then commit") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"}, Protocol::three_phase);
+  Ready r = f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].sync);
+  CHECK(r.persist[0].record.decision == wal::Decision::precommit);
+  CHECK(r.persist[0].record.protocol == 3);
+  CHECK(r.messages.empty());
+  f.m->on_persisted(gid, f.now);
+  r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::precommit).size() == 2);
+  CHECK(Fixture::of_kind(r, MsgKind::commit).empty());
+  CHECK(f.state(gid) == TxnState::precommitted);
+  f.reply(gid, "a1", MsgKind::precommit, ReplyKind::precommitted);
+  f.reply(gid, "a2", MsgKind::precommit, ReplyKind::failed);
+  CHECK(f.ready().messages.empty());
+  f.m->tick(f.now + f.opts.retry_min_ms);
+  r = f.ready();
+  REQUIRE(Fixture::of_kind(r, MsgKind::precommit).size() == 1);
+  f.reply(gid, "a2", MsgKind::precommit, ReplyKind::precommitted);
+  r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::commit).size() == 2);
+  CHECK(f.state(gid) == TxnState::committing);
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.state(gid) == TxnState::committed);
+  CHECK(f.m->counters().committed[1] == 1);
+}
+
+TEST_CASE("a branch that aborted against a commit decision is reported as heuristic_mixed") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::aborted, "rolled back by hand");
+  Ready r = f.ready();
+  CHECK(f.state(gid) == TxnState::heuristic_mixed);
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.heuristic_mixed);
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  auto errors = f.sink.find("heuristic outcome", LogLevel::error);
+  REQUIRE(errors.size() == 1);
+  CHECK(errors[0].find("branches=a1:committed,a2:aborted") != std::string::npos);
+  CHECK(f.m->counters().heuristic_mixed == 1);
+  CHECK(f.m->in_doubt(f.now, 10).size() == 1);
+
+  // The same for an abort decision that met a committed branch: recorded despite presumed abort.
+  std::string g2 = f.begin_with({"a1", "a2"});
+  REQUIRE(f.m->abort(g2, 2, f.now).has_value());
+  f.ready();
+  f.reply(g2, "a1", MsgKind::abort, ReplyKind::committed);
+  f.reply(g2, "a2", MsgKind::abort, ReplyKind::aborted);
+  r = f.ready();
+  CHECK(f.state(g2) == TxnState::heuristic_mixed);
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.decision == wal::Decision::aborted);
+}
+
+TEST_CASE("late and duplicate replies change nothing") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::vote_no);  // after the decision: ignored
+  f.reply(gid, "zz", MsgKind::commit, ReplyKind::committed);  // unknown branch
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);  // commit not sent yet
+  CHECK(f.ready().empty());
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.state(gid) == TxnState::committing);
+  f.reply("c1-1-999", "a1", MsgKind::commit, ReplyKind::committed);
+  CHECK(f.ready().empty());
+}
+
+TEST_CASE("lookups: live, in the log, not ours, forgotten") {
+  Fixture f;
+  f.restart(3, {}, GidParts{"c1", 2, 10});
+  std::string gid = f.begin();
+  CHECK(f.m->lookup(gid).kind == LookupKind::live);
+  CHECK(f.m->lookup("c2-3-1").kind == LookupKind::not_ours);
+  CHECK(f.m->lookup("c1-4-1").kind == LookupKind::not_ours);   // future epoch
+  CHECK(f.m->lookup("c1-3-2").kind == LookupKind::not_ours);   // not issued yet
+  CHECK(f.m->lookup("garbage").kind == LookupKind::not_ours);
+  auto old = f.m->lookup("c1-2-5");
+  CHECK(old.kind == LookupKind::in_log);
+  CHECK(old.forgotten_if_absent);
+  auto newer = f.m->lookup("c1-2-11");
+  CHECK(newer.kind == LookupKind::in_log);
+  CHECK_FALSE(newer.forgotten_if_absent);
+
+  auto presumed = CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::get, false);
+  CHECK(presumed.view.state == TxnState::aborted);
+  CHECK(presumed.view.presumed);
+  CHECK(CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::commit, false).http_status == 409);
+  CHECK(CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::abort, false).http_status == 200);
+  auto forgotten = CoordinatorMachine::reply_without_record("c1-2-5", RequestKind::get, true);
+  CHECK(forgotten.view.forgotten);
+  CHECK_FALSE(forgotten.view.presumed);
+}
+
+TEST_CASE("answers from a record: committed, committing, heuristic") {
+  wal::TxnRecord rec;
+  rec.gid = "c1-1-1";
+  rec.decision = wal::Decision::commit;
+  rec.branches = {{"a1", "u", wal::BranchOutcome::committed}, {"a2", "u", wal::BranchOutcome::pending}};
+  auto r = CoordinatorMachine::reply_from_record(rec, RequestKind::commit);
+  CHECK(r.view.state == TxnState::committing);
+  CHECK(r.http_status == 202);
+  CHECK(CoordinatorMachine::reply_from_record(rec, RequestKind::abort).http_status == 409);
+  rec.ended = true;
+  rec.branches[1].outcome = wal::BranchOutcome::committed;
+  CHECK(CoordinatorMachine::reply_from_record(rec, RequestKind::commit).http_status == 200);
+  rec.heuristic_mixed = true;
+  CHECK(CoordinatorMachine::view_from_record(rec).state == TxnState::heuristic_mixed);
+}
+
+TEST_CASE("resolve: abort before a decision; never against the decision; forced finish") {
+  Fixture f;
+  std::string undecided = f.begin_with({"a1", "a2"});
+  CHECK(f.m->resolve(undecided, true, f.now).http_status == 409);
+  auto r = f.m->resolve(undecided, false, f.now);
+  CHECK(r.http_status == 200);
+  CHECK(f.m->lookup(undecided).view.reason == "operator");
+
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  auto refused = f.m->resolve(gid, false, f.now);
+  CHECK(refused.http_status == 409);
+  CHECK(refused.error.message().find("never changes") != std::string::npos);
+  auto forced = f.m->resolve(gid, true, f.now);
+  CHECK(forced.http_status == 200);
+  CHECK(f.state(gid) == TxnState::committed);
+  Ready ready = f.ready();
+  REQUIRE(ready.persist.size() == 1);
+  CHECK(ready.persist[0].record.branches[1].outcome == wal::BranchOutcome::forced);
+  CHECK_FALSE(f.sink.find("branch resolved by operator", LogLevel::warn).empty());
+}
+
+TEST_CASE("finished_below is the oldest unfinished gid") {
+  Fixture f;
+  std::string a = f.begin_with({"a1", "a2"});
+  std::string b = f.begin_with({"a1"});
+  CHECK(f.m->finished_below().seq == 1);
+  REQUIRE(f.m->abort(a, 1, f.now).has_value());
+  f.reply(a, "a1", MsgKind::abort, ReplyKind::aborted);
+  f.reply(a, "a2", MsgKind::abort, ReplyKind::aborted);
+  CHECK(f.m->finished_below().seq == 2);
+  REQUIRE(f.m->abort(b, 2, f.now).has_value());
+  f.reply(b, "a1", MsgKind::abort, ReplyKind::aborted);
+  CHECK(f.m->finished_below().seq == 3);
+}
+
+TEST_CASE("a transaction with no branches commits at once") {
+  Fixture f;
+  std::string gid = f.begin();
+  CHECK_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(r.replies[0].view.state == TxnState::committed);
+}

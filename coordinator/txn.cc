@@ -1,0 +1,66 @@
+#include "coordinator/txn.h"
+
+namespace tpc::coord {
+
+std::string_view protocol_name(Protocol p) { return p == Protocol::two_phase ? "2pc" : "3pc"; }
+
+std::optional<Protocol> parse_protocol(std::string_view s) {
+  if (s == "2pc") return Protocol::two_phase;
+  if (s == "3pc") return Protocol::three_phase;
+  return std::nullopt;
+}
+
+std::string_view state_name(TxnState s) {
+  switch (s) {
+    case TxnState::active: return "active";
+    case TxnState::preparing: return "preparing";
+    case TxnState::precommitted: return "precommitted";
+    case TxnState::committing: return "committing";
+    case TxnState::committed: return "committed";
+    case TxnState::aborting: return "aborting";
+    case TxnState::aborted: return "aborted";
+    case TxnState::heuristic_mixed: return "heuristic_mixed";
+  }
+  return "?";
+}
+
+std::optional<TxnState> parse_state(std::string_view s) {
+  for (TxnState t : {TxnState::active, TxnState::preparing, TxnState::precommitted,
+                     TxnState::committing, TxnState::committed, TxnState::aborting,
+                     TxnState::aborted, TxnState::heuristic_mixed})
+    if (state_name(t) == s) return t;
+  return std::nullopt;
+}
+
+std::string_view branch_state_name(BranchState s) {
+  switch (s) {
+    case BranchState::active: return "active";
+    case BranchState::preparing: return "preparing";
+    case BranchState::prepared: return "prepared";
+    case BranchState::read_only: return "read_only";
+    case BranchState::precommitting: return "precommitting";
+    case BranchState::precommitted: return "precommitted";
+    case BranchState::committing: return "committing";
+    case BranchState::committed: return "committed";
+    case BranchState::aborting: return "aborting";
+    case BranchState::aborted: return "aborted";
+  }
+  return "?";
+}
+
+std::string_view msg_name(MsgKind k) {
+  switch (k) {
+    case MsgKind::prepare: return "prepare";
+    case MsgKind::precommit: return "precommit";
+    case MsgKind::commit: return "commit";
+    case MsgKind::commit_one_phase: return "commit_one_phase";
+    case MsgKind::abort: return "abort";
+  }
+  return "?";
+}
+
+bool terminal(TxnState s) {
+  return s == TxnState::committed || s == TxnState::aborted || s == TxnState::heuristic_mixed;
+}
+
+}  // namespace tpc::coord
