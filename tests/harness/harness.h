@@ -35,6 +35,7 @@ class PgCluster {
     int max_prepared_transactions = 100;
     int max_connections = 200;
     std::string extra_conf;  // appended to postgresql.conf
+    uint16_t port = 0;       // 0: a free port; else tried first (a clash still moves it)
   };
   // initdb (about a second), then start on a free port (retried on a port clash).
   static Result<std::unique_ptr<PgCluster>> create(const Options& opts);
