@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -712,6 +713,7 @@ TEST_CASE("leveldb log: a directory locked by another process fails to open with
   int ready[2], stop[2];
   REQUIRE(pipe(ready) == 0);
   REQUIRE(pipe(stop) == 0);
+  std::fflush(nullptr);  // the child must not write our buffered output again
   const pid_t child = fork();
   REQUIRE(child >= 0);
   if (child == 0) {
