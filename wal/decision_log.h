@@ -63,8 +63,11 @@ class DecisionLog {
   // Queues writes, applied atomically and in order; done(status) once they are written (and
   // synced to disk when sync is true). A failed write leaves the log in an unknown state for
   // those records: the caller must treat it as fatal.
+  // A write refused at once (unavailable: the queue is past queue_max, or the log is closing)
+  // calls done inline, before write() returns: do not call write() while holding a lock that
+  // done takes. done may call write(), never flush().
   virtual void write(std::vector<LogWrite> writes, bool sync, WriteDone done) = 0;
-  // Blocks until every write queued before the call is done.
+  // Blocks until every write queued before the call is done. Not from a write callback.
   virtual void flush() = 0;
 
   virtual LogStats stats() const = 0;

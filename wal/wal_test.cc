@@ -696,6 +696,54 @@ TEST_CASE("leveldb log: opening on an impossible path is an io_error") {
   CHECK(r2.status().code() == Code::io_error);
 }
 
+TEST_CASE("leveldb log: opening in a directory without write permission is an io_error") {
+  TempDir dir;
+  const std::string ro = dir.sub("read-only");
+  fs::create_directory(ro);
+  fs::permissions(dir.str(), fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                 fs::perms::others_read | fs::perms::others_exec);
+  fs::permissions(ro, fs::perms::owner_read | fs::perms::owner_exec | fs::perms::group_read |
+                          fs::perms::group_exec | fs::perms::others_read | fs::perms::others_exec);
+  // root ignores permissions: the child drops to an unprivileged user first.
+  int out[2];
+  REQUIRE(pipe(out) == 0);
+  std::fflush(nullptr);
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0)) _exit(2);
+    std::string report;
+    for (const std::string& d : {ro, ro + "/log"}) {
+      LevelDbOptions o;
+      o.dir = d;
+      auto r = open_leveldb_log(o);
+      report += r.ok() ? "ok" : r.status().to_string();
+      report += '\n';
+    }
+    if (write(out[1], report.data(), report.size()) != static_cast<ssize_t>(report.size())) {
+      _exit(3);
+    }
+    _exit(0);
+  }
+  close(out[1]);
+  std::string report;
+  char buf[512];
+  for (ssize_t n; (n = read(out[0], buf, sizeof buf)) > 0;) report.append(buf, n);
+  close(out[0]);
+  int status = 0;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  REQUIRE(WEXITSTATUS(status) == 0);
+  const size_t nl = report.find('\n');
+  REQUIRE(nl != std::string::npos);
+  const std::string existing = report.substr(0, nl);
+  const std::string below = report.substr(nl + 1);
+  CHECK(existing.rfind("io_error: cannot open the decision log in " + ro + ": ", 0) == 0);
+  CHECK(existing.find("Permission denied") != std::string::npos);
+  CHECK(below.rfind("io_error: cannot open the decision log in " + ro + "/log: ", 0) == 0);
+  CHECK(below.find("Permission denied") != std::string::npos);
+}
+
 TEST_CASE("leveldb log: a second open of the same directory fails and names the lock") {
   TempDir dir;
   auto first = open_log(dir.str());
