@@ -56,6 +56,10 @@ class PgConn {
   // A statement string without parameters via PQexec; it may hold several statements
   // separated by ';', and the result is the last one's (errors stop at the first failure).
   ExecResult exec_simple(std::string_view sql);
+  // A statement string without parameters (PQsendQuery) in one round trip, with every
+  // statement's result in order; the server stops at the first error, so an error is the last
+  // element. Never empty. When the connection broke, the last element is unavailable.
+  std::vector<ExecResult> exec_multi(std::string_view sql);
 
   // PQescapeLiteral: 'text' with quotes, safe to splice. unavailable if libpq fails.
   Result<std::string> quote_literal(std::string_view text);
