@@ -1,0 +1,896 @@
+#include "participant/agent_machine.h"
+
+#include <algorithm>
+#include <set>
+
+namespace tpc::agent {
+namespace {
+
+bool final_state(BranchState s) {
+  return s == BranchState::committed || s == BranchState::aborted || s == BranchState::read_only;
+}
+
+bool session_state(BranchState s) {
+  return s == BranchState::enlisting || s == BranchState::active || s == BranchState::failed;
+}
+
+}  // namespace
+
+std::string_view branch_state_name(BranchState s) {
+  switch (s) {
+    case BranchState::unknown: return "unknown";
+    case BranchState::enlisting: return "enlisting";
+    case BranchState::active: return "active";
+    case BranchState::failed: return "failed";
+    case BranchState::prepared: return "prepared";
+    case BranchState::precommitted: return "precommitted";
+    case BranchState::committed: return "committed";
+    case BranchState::aborted: return "aborted";
+    case BranchState::read_only: return "read_only";
+  }
+  return "?";
+}
+
+std::string_view external_state_name(BranchState s) {
+  if (s == BranchState::enlisting || s == BranchState::failed) return "active";
+  return branch_state_name(s);
+}
+
+std::optional<BranchState> parse_external_state(std::string_view s) {
+  for (BranchState b : {BranchState::active, BranchState::prepared, BranchState::precommitted,
+                        BranchState::committed, BranchState::aborted, BranchState::read_only,
+                        BranchState::unknown})
+    if (branch_state_name(b) == s) return b;
+  return std::nullopt;
+}
+
+std::string_view op_name(OpKind k) {
+  switch (k) {
+    case OpKind::exec: return "exec";
+    case OpKind::prepare: return "prepare";
+    case OpKind::commit_one_phase: return "commit_one_phase";
+    case OpKind::rollback: return "rollback";
+    case OpKind::commit_prepared: return "commit_prepared";
+    case OpKind::rollback_prepared: return "rollback_prepared";
+    case OpKind::evidence: return "evidence";
+    case OpKind::put_state: return "put_state";
+  }
+  return "?";
+}
+
+AgentMachine::AgentMachine(AgentOptions opts, Logger& log) : opts_(std::move(opts)), log_(log) {
+  TPC_ASSERT(opts_.branches_max > 0 && opts_.ask_min_ms > 0);
+}
+
+AgentMachine::Branch* AgentMachine::find(std::string_view gid) {
+  auto it = branches_.find(std::string(gid));
+  return it == branches_.end() ? nullptr : &it->second;
+}
+
+const AgentMachine::Branch* AgentMachine::find(std::string_view gid) const {
+  auto it = branches_.find(std::string(gid));
+  return it == branches_.end() ? nullptr : &it->second;
+}
+
+AgentMachine::Branch& AgentMachine::create(std::string_view gid, BranchState state,
+                                           int64_t now_ms) {
+  Branch b;
+  b.gid = std::string(gid);
+  b.serial = next_serial_++;
+  b.state = BranchState::unknown;
+  b.created_ms = now_ms;
+  b.last_activity_ms = now_ms;
+  Branch& nb = branches_.emplace(b.gid, std::move(b)).first->second;
+  set_state(nb, state, now_ms);
+  return nb;
+}
+
+void AgentMachine::set_state(Branch& b, BranchState to, int64_t now_ms) {
+  BranchState from = b.state;
+  if (from != to && from != BranchState::unknown) {
+    LogLevel level = LogLevel::info;
+    if (to == BranchState::active || to == BranchState::enlisting) level = LogLevel::debug;
+    if (!b.reason.empty() && (to == BranchState::aborted || to == BranchState::failed))
+      log_.log(level, std::string(branch_state_name(from)) + "->" + std::string(branch_state_name(to)),
+               {{"gid", b.gid}, {"reason", b.reason}});
+    else
+      log_.log(level, std::string(branch_state_name(from)) + "->" + std::string(branch_state_name(to)),
+               {{"gid", b.gid}});
+  }
+  b.state = to;
+  bool had_session = b.session;
+  b.session = session_state(to);
+  if (b.session && !had_session) ++open_sessions_;
+  if (!b.session && had_session) --open_sessions_;
+  if ((to == BranchState::prepared || to == BranchState::precommitted) && from != to) {
+    b.prepared_ms = now_ms;
+    b.asks = 0;
+    b.next_ask_ms = 0;
+  }
+  if (final_state(to))
+    finished_[b.serial] = b.gid;
+  else
+    finished_.erase(b.serial);
+}
+
+void AgentMachine::reply(const Request& req, Reply r) {
+  if (req.id == 0) return;  // internal
+  r.request = req.id;
+  r.kind = req.kind;
+  ready_.replies.push_back(std::move(r));
+}
+
+void AgentMachine::reply_state(const Branch& b, const Request& req, int http_status,
+                               std::string_view why) {
+  Reply r;
+  r.http_status = http_status;
+  r.state = b.state;
+  r.reason = why.empty() ? b.reason : std::string(why);
+  r.sqlstate = b.sqlstate;
+  reply(req, std::move(r));
+}
+
+void AgentMachine::reply_error(const Request& req, Status s, const Branch* b) {
+  Reply r;
+  r.http_status = s.code() == Code::sql_error ? 422 : 0;
+  r.error = std::move(s);
+  if (b) {
+    r.state = b->state;
+    r.sqlstate = b->sqlstate;
+  }
+  reply(req, std::move(r));
+}
+
+void AgentMachine::reply_vote(const Branch& b, const Request& req) {
+  Reply r;
+  r.state = b.state;
+  switch (b.state) {
+    case BranchState::prepared:
+    case BranchState::precommitted:
+    case BranchState::committed: r.vote = pg::Vote::yes; break;
+    case BranchState::read_only: r.vote = pg::Vote::read_only; break;
+    default:
+      r.vote = pg::Vote::no;
+      r.reason = b.reason.empty() ? "branch is " + std::string(branch_state_name(b.state)) : b.reason;
+      r.sqlstate = b.sqlstate;
+      break;
+  }
+  reply(req, std::move(r));
+}
+
+void AgentMachine::start_op(Branch& b, Request req, PgOp op) {
+  TPC_ASSERT(!b.busy);
+  b.busy = true;
+  b.current = std::move(req);
+  b.has_current = true;
+  b.current_op = op.kind;
+  op.gid = b.gid;
+  ready_.ops.push_back(std::move(op));
+}
+
+// --- requests ------------------------------------------------------------------------------
+
+void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
+  Branch* b = find(gid);
+  if (!b) {
+    switch (req.kind) {
+      case RequestKind::exec: {
+        if (open_sessions_ >= opts_.branches_max) {
+          ++counters_.refused_overload;
+          reply_error(req, unavailable("too many open branches (branches_max=" +
+                                       std::to_string(opts_.branches_max) + ")"));
+          return;
+        }
+        Branch& nb = create(gid, BranchState::enlisting, now_ms);
+        nb.busy = true;  // until the coordinator answers the enlistment
+        nb.queue.push_back(std::move(req));
+        ready_.enlists.emplace_back(gid);
+        return;
+      }
+      case RequestKind::prepare: {
+        Branch& nb = create(gid, BranchState::aborted, now_ms);
+        nb.reason = "unknown branch";
+        ++counters_.votes_no;
+        reply_vote(nb, req);
+        evict_finished();
+        return;
+      }
+      case RequestKind::status: return;
+      default: {
+        // Commit, abort, pre-commit or resolve of a gid not in memory: ask PostgreSQL first.
+        Branch& nb = create(gid, BranchState::unknown, now_ms);
+        nb.queue.push_back(std::move(req));
+        pump(nb, now_ms);
+        return;
+      }
+    }
+  }
+  if (b->queue.size() >= opts_.queue_per_branch_max) {
+    reply_error(req, unavailable("too many requests waiting on branch " + b->gid));
+    return;
+  }
+  b->queue.push_back(std::move(req));
+  pump(*b, now_ms);
+}
+
+void AgentMachine::pump(Branch& b, int64_t now_ms) {
+  std::string gid = b.gid;
+  while (true) {
+    Branch* p = find(gid);
+    if (!p || p->busy || p->queue.empty()) break;
+    Request req = std::move(p->queue.front());
+    p->queue.pop_front();
+    dispatch(*p, std::move(req), now_ms);
+  }
+  if (Branch* p = find(gid); p && !p->busy && p->queue.empty()) {
+    if (p->state == BranchState::unknown) {
+      branches_.erase(gid);  // nothing learned; a later request looks again
+      return;
+    }
+    evict_finished();
+  }
+}
+
+void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
+  if (b.state == BranchState::unknown) {
+    PgOp op;
+    op.kind = OpKind::evidence;
+    start_op(b, std::move(req), std::move(op));
+    return;
+  }
+  BranchState s = b.state;
+  bool in_session = s == BranchState::active || s == BranchState::failed;
+  bool prepared = s == BranchState::prepared || s == BranchState::precommitted;
+  switch (req.kind) {
+    case RequestKind::status: {
+      if (prepared && req.id == 0) {  // verify a prepared branch PostgreSQL no longer lists
+        PgOp op;
+        op.kind = OpKind::evidence;
+        start_op(b, std::move(req), std::move(op));
+      }
+      return;
+    }
+    case RequestKind::exec: {
+      if (s == BranchState::active) {
+        b.last_activity_ms = now_ms;
+        PgOp op;
+        op.kind = OpKind::exec;
+        op.then_prepare = req.prepare;
+        op.statements = req.statements;
+        if (req.prepare) b.protocol = req.protocol;
+        start_op(b, std::move(req), std::move(op));
+      } else if (s == BranchState::failed) {
+        reply_error(req, conflict("branch " + b.gid + " failed earlier (sqlstate " + b.sqlstate +
+                                  "); it can only abort"), &b);
+      } else {
+        reply_error(req, conflict("branch " + b.gid + " is " +
+                                  std::string(external_state_name(s)) + "; statements run only while it is active"),
+                    &b);
+      }
+      return;
+    }
+    case RequestKind::prepare: {
+      if (s == BranchState::active) {
+        b.protocol = req.protocol;
+        PgOp op;
+        op.kind = OpKind::prepare;
+        start_op(b, std::move(req), std::move(op));
+      } else if (s == BranchState::failed) {
+        PgOp op;
+        op.kind = OpKind::rollback;
+        start_op(b, std::move(req), std::move(op));
+      } else {
+        reply_vote(b, req);
+      }
+      return;
+    }
+    case RequestKind::precommit: {
+      if (s == BranchState::prepared) {
+        b.protocol = 3;
+        PgOp op;
+        op.kind = OpKind::put_state;
+        op.state = "precommitted";
+        start_op(b, std::move(req), std::move(op));
+      } else if (s == BranchState::precommitted || s == BranchState::committed) {
+        reply_state(b, req, 200);
+      } else if (s == BranchState::aborted) {
+        reply_state(b, req, 409);
+      } else {
+        reply_error(req, conflict("branch " + b.gid + " is " +
+                                  std::string(external_state_name(s)) + "; only a prepared branch pre-commits"),
+                    &b);
+      }
+      return;
+    }
+    case RequestKind::commit: {
+      if (prepared) {
+        PgOp op;
+        op.kind = OpKind::commit_prepared;
+        start_op(b, std::move(req), std::move(op));
+      } else if (req.one_phase && s == BranchState::active) {
+        PgOp op;
+        op.kind = OpKind::commit_one_phase;
+        start_op(b, std::move(req), std::move(op));
+      } else if (req.one_phase && s == BranchState::failed) {
+        PgOp op;
+        op.kind = OpKind::rollback;
+        start_op(b, std::move(req), std::move(op));
+      } else if (s == BranchState::committed || s == BranchState::read_only) {
+        reply_state(b, req, 200);
+      } else if (s == BranchState::aborted) {
+        reply_state(b, req, 409);
+      } else {
+        reply_error(req, conflict("branch " + b.gid + " is active; it must be prepared first"), &b);
+      }
+      return;
+    }
+    case RequestKind::abort: {
+      PgOp op;
+      if (in_session) {
+        op.kind = OpKind::rollback;
+        start_op(b, std::move(req), std::move(op));
+      } else if (prepared) {
+        op.kind = OpKind::rollback_prepared;
+        start_op(b, std::move(req), std::move(op));
+      } else if (s == BranchState::committed) {
+        reply_state(b, req, 409);
+      } else {
+        reply_state(b, req, 200);
+      }
+      return;
+    }
+    case RequestKind::resolve: {
+      PgOp op;
+      if (prepared) {
+        b.heuristic = true;
+        log_.warn("branch resolved by operator",
+                  {{"gid", b.gid}, {"outcome", req.commit ? "commit" : "abort"}});
+        op.kind = req.commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
+        start_op(b, std::move(req), std::move(op));
+      } else if (in_session && !req.commit) {
+        op.kind = OpKind::rollback;
+        start_op(b, std::move(req), std::move(op));
+      } else {
+        bool done_commit = s == BranchState::committed || s == BranchState::read_only;
+        bool done_abort = s == BranchState::aborted;
+        bool match = req.commit ? done_commit : done_abort;
+        if (match)
+          reply_state(b, req, 200);
+        else
+          reply_error(req, conflict("branch " + b.gid + " is " +
+                                    std::string(external_state_name(s)) + "; cannot resolve it to " +
+                                    (req.commit ? "commit" : "abort")),
+                      &b);
+      }
+      return;
+    }
+  }
+}
+
+// --- completions ---------------------------------------------------------------------------
+
+void AgentMachine::on_enlisted(std::string_view gid, Status status, int64_t branch_timeout_ms,
+                               int64_t now_ms) {
+  Branch* b = find(gid);
+  if (!b || b->state != BranchState::enlisting) return;
+  b->busy = false;
+  if (status.ok()) {
+    set_state(*b, BranchState::active, now_ms);
+    b->idle_deadline_ms =
+        now_ms + (branch_timeout_ms > 0 ? branch_timeout_ms + 1'000 : opts_.idle_timeout_ms);
+    pump(*b, now_ms);
+    return;
+  }
+  if (status.code() == Code::conflict || status.code() == Code::not_found) {
+    b->reason = "the coordinator refused the branch: " + status.message();
+    set_state(*b, BranchState::aborted, now_ms);
+    while (!b->queue.empty()) {
+      Request req = std::move(b->queue.front());
+      b->queue.pop_front();
+      reply_error(req, conflict(b->reason), b);
+    }
+    evict_finished();
+    return;
+  }
+  // The coordinator could not be reached: forget the branch so a retry enlists again.
+  while (!b->queue.empty()) {
+    Request req = std::move(b->queue.front());
+    b->queue.pop_front();
+    reply_error(req, unavailable("cannot enlist with the coordinator: " + status.message()));
+  }
+  set_state(*b, BranchState::unknown, now_ms);
+  branches_.erase(std::string(gid));
+}
+
+void AgentMachine::on_op_done(std::string_view gid, OpKind kind, OpResult result, int64_t now_ms) {
+  Branch* b = find(gid);
+  if (!b || !b->busy) return;
+  TPC_ASSERT(b->current_op == kind);
+  b->busy = false;
+  finish_op(*b, kind, result, now_ms);
+  pump(*b, now_ms);
+}
+
+void AgentMachine::apply_vote(Branch& b, const OpResult& res, int64_t now_ms) {
+  if (res.status.ok() && res.prepare) {
+    const pg::PrepareResult& p = *res.prepare;
+    switch (p.vote) {
+      case pg::Vote::yes:
+        ++counters_.prepared;
+        set_state(b, BranchState::prepared, now_ms);
+        return;
+      case pg::Vote::read_only:
+        ++counters_.read_only;
+        set_state(b, BranchState::read_only, now_ms);
+        return;
+      case pg::Vote::no:
+        b.reason = p.reason;
+        b.sqlstate = p.sqlstate;
+        break;
+    }
+  } else {
+    // The connection broke: PREPARE may or may not have happened. Vote no; if it did, the
+    // in-doubt scan finds it prepared while we say aborted, and rolls it back.
+    b.reason = "lost the PostgreSQL session during prepare: " + res.status.message();
+  }
+  ++counters_.votes_no;
+  set_state(b, BranchState::aborted, now_ms);
+}
+
+void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms) {
+  TPC_ASSERT(b.has_current);
+  Request req = std::move(b.current);
+  b.has_current = false;
+  const Status& st = res.status;
+
+  switch (kind) {
+    case OpKind::evidence: {
+      // Learn the state from PostgreSQL, then handle the request again.
+      if (!st.ok() || !res.evidence) {
+        reply_error(req, unavailable("cannot read the branch's state from PostgreSQL: " + st.message()));
+        return;
+      }
+      BranchState before = b.state;
+      switch (*res.evidence) {
+        case pg::Evidence::prepared:
+          if (before != BranchState::prepared && before != BranchState::precommitted) {
+            b.recovered = true;
+            set_state(b, BranchState::prepared, now_ms);
+          }
+          break;
+        case pg::Evidence::committed: set_state(b, BranchState::committed, now_ms); break;
+        case pg::Evidence::absent:
+          if (before == BranchState::unknown) b.reason = "no prepared transaction and no marker";
+          set_state(b, BranchState::aborted, now_ms);
+          break;
+      }
+      if ((before == BranchState::prepared || before == BranchState::precommitted) &&
+          b.state != before && b.state != BranchState::prepared) {
+        b.heuristic = true;
+        log_.warn("prepared branch finished outside the agent",
+                  {{"gid", b.gid}, {"now", branch_state_name(b.state)}});
+      }
+      if (req.kind != RequestKind::status) b.queue.push_front(std::move(req));
+      return;
+    }
+
+    case OpKind::exec: {
+      if (st.ok()) {
+        b.last_activity_ms = now_ms;
+        Reply r;
+        r.results = res.results;
+        if (req.prepare) {
+          apply_vote(b, res, now_ms);
+          r.vote = b.state == BranchState::prepared    ? pg::Vote::yes
+                   : b.state == BranchState::read_only ? pg::Vote::read_only
+                                                       : pg::Vote::no;
+          if (*r.vote == pg::Vote::no) {
+            r.reason = b.reason;
+            r.sqlstate = b.sqlstate;
+          }
+        }
+        r.state = b.state;
+        reply(req, std::move(r));
+        return;
+      }
+      if (st.code() == Code::sql_error) {
+        b.reason = st.message();
+        b.sqlstate = res.sqlstate;
+        set_state(b, BranchState::failed, now_ms);
+        if (req.prepare) {
+          // exec+prepare: the branch votes no; roll it back before answering.
+          PgOp op;
+          op.kind = OpKind::rollback;
+          start_op(b, std::move(req), std::move(op));
+          return;
+        }
+        Reply r;
+        r.http_status = 422;
+        r.error = Status(Code::sql_error, st.message());
+        r.state = b.state;
+        r.sqlstate = res.sqlstate;
+        reply(req, std::move(r));
+        return;
+      }
+      b.reason = "lost the PostgreSQL session: " + st.message();
+      set_state(b, BranchState::aborted, now_ms);
+      reply_error(req, unavailable(b.reason), &b);
+      return;
+    }
+
+    case OpKind::prepare:
+      apply_vote(b, res, now_ms);
+      reply_vote(b, req);
+      return;
+
+    case OpKind::commit_one_phase:
+      if (st.ok() && res.outcome) {
+        ++counters_.one_phase;
+        if (*res.outcome == pg::Outcome::committed) {
+          ++counters_.committed;
+          set_state(b, BranchState::committed, now_ms);
+          reply_state(b, req, 200);
+        } else {
+          ++counters_.aborted;
+          b.reason = res.reason;
+          set_state(b, BranchState::aborted, now_ms);
+          reply_state(b, req, 409);
+        }
+        return;
+      }
+      // COMMIT may or may not have happened; the marker tells on the next request.
+      set_state(b, BranchState::unknown, now_ms);
+      reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
+      return;
+
+    case OpKind::rollback:
+      if (b.reason.empty()) b.reason = "rolled back";
+      ++counters_.aborted;
+      set_state(b, BranchState::aborted, now_ms);
+      switch (req.kind) {
+        case RequestKind::exec: {  // exec+prepare whose statements failed
+          Reply r;
+          r.http_status = 422;
+          r.error = Status(Code::sql_error, b.reason);
+          r.state = b.state;
+          r.sqlstate = b.sqlstate;
+          r.vote = pg::Vote::no;
+          reply(req, std::move(r));
+          return;
+        }
+        case RequestKind::prepare: ++counters_.votes_no; reply_vote(b, req); return;
+        case RequestKind::commit: reply_state(b, req, 409); return;
+        default: reply_state(b, req, 200); return;
+      }
+
+    case OpKind::commit_prepared:
+    case OpKind::rollback_prepared: {
+      if (!st.ok() || !res.outcome) {
+        reply_error(req, unavailable("PostgreSQL did not finish the prepared transaction: " + st.message()), &b);
+        return;
+      }
+      bool wanted_commit = kind == OpKind::commit_prepared;
+      bool committed = *res.outcome == pg::Outcome::committed;
+      if (committed) {
+        ++counters_.committed;
+        set_state(b, BranchState::committed, now_ms);
+      } else {
+        ++counters_.aborted;
+        set_state(b, BranchState::aborted, now_ms);
+      }
+      if (committed != wanted_commit) {
+        b.heuristic = true;
+        ++counters_.heuristic_mismatch;
+        log_.error(committed ? "asked to abort a branch that had committed"
+                             : "asked to commit a branch that had been rolled back",
+                   {{"gid", b.gid}});
+      } else if (req.kind == RequestKind::resolve) {
+        // Record the operator's decision durably before answering.
+        PgOp op;
+        op.kind = OpKind::put_state;
+        op.state = committed ? "heuristic_commit" : "heuristic_abort";
+        op.detail = "resolved by operator";
+        start_op(b, std::move(req), std::move(op));
+        return;
+      }
+      reply_state(b, req, committed == wanted_commit ? 200 : 409);
+      return;
+    }
+
+    case OpKind::put_state:
+      if (req.kind == RequestKind::precommit) {
+        if (st.ok()) {
+          set_state(b, BranchState::precommitted, now_ms);
+          reply_state(b, req, 200);
+        } else {
+          reply_error(req, unavailable("cannot record the pre-commit: " + st.message()), &b);
+        }
+        return;
+      }
+      if (st.ok())
+        reply_state(b, req, 200);
+      else
+        reply_error(req, unavailable("the branch was resolved but its record failed: " + st.message()), &b);
+      return;
+  }
+}
+
+// --- in-doubt resolution -------------------------------------------------------------------
+
+void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string_view answer,
+                              int64_t now_ms) {
+  Branch* bp = find(gid);
+  if (!bp) return;
+  Branch& b = *bp;
+  b.asking = false;
+  ++b.asks;
+  b.last_answer = std::string(answer);
+  int shift = static_cast<int>(std::min<uint32_t>(b.asks - 1, 16));
+  b.next_ask_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
+
+  if (final_state(b.state)) {
+    if (b.unilateral && (outcome == Outcome::commit || outcome == Outcome::abort))
+      check_against_coordinator(b, outcome == Outcome::commit);
+    return;
+  }
+  if (b.busy) return;
+  bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  if (!prepared) return;
+  Request internal;
+  switch (outcome) {
+    case Outcome::commit:
+    case Outcome::abort:
+      ++counters_.resolved_by_query;
+      log_.info("in-doubt branch resolved by the coordinator",
+                {{"gid", b.gid}, {"outcome", outcome == Outcome::commit ? "commit" : "abort"}});
+      internal.kind = outcome == Outcome::commit ? RequestKind::commit : RequestKind::abort;
+      b.queue.push_back(internal);
+      pump(b, now_ms);
+      return;
+    case Outcome::unreachable:
+      if (b.protocol == 3) {
+        int64_t age = now_ms - b.prepared_ms;
+        if (b.state == BranchState::prepared && age >= opts_.precommit_timeout_ms) {
+          decided_alone(b, false, now_ms);
+          return;
+        }
+        if (b.state == BranchState::precommitted && age >= opts_.commit_timeout_ms) {
+          decided_alone(b, true, now_ms);
+          return;
+        }
+      }
+      [[fallthrough]];
+    case Outcome::pending:
+    case Outcome::unknown:
+      log_.warn("in-doubt branch waits for the coordinator",
+                {{"gid", b.gid}, {"answer", answer}, {"asks", b.asks},
+                 {"age_ms", now_ms - b.prepared_ms}});
+      return;
+  }
+}
+
+void AgentMachine::decided_alone(Branch& b, bool commit, int64_t now_ms) {
+  b.unilateral = true;
+  if (commit)
+    ++counters_.unilateral_commits;
+  else
+    ++counters_.unilateral_aborts;
+  log_.warn("3PC timeout with the coordinator unreachable: deciding alone",
+            {{"gid", b.gid},
+             {"state", branch_state_name(b.state)},
+             {"outcome", commit ? "commit" : "abort"}});
+  Request internal;
+  internal.kind = commit ? RequestKind::commit : RequestKind::abort;
+  b.queue.push_back(internal);
+  b.next_ask_ms = now_ms + opts_.ask_min_ms;  // then confirm with the coordinator
+  pump(b, now_ms);
+}
+
+void AgentMachine::check_against_coordinator(Branch& b, bool coordinator_commits) {
+  bool ours = b.state == BranchState::committed;
+  b.unilateral = false;  // checked: stop asking
+  if (ours == coordinator_commits) {
+    log_.info("decision taken alone matches the coordinator", {{"gid", b.gid}});
+    return;
+  }
+  b.heuristic = true;
+  ++counters_.heuristic_mismatch;
+  log_.error("heuristic outcome: the branch decided alone against the coordinator",
+             {{"gid", b.gid},
+              {"branch", ours ? "committed" : "aborted"},
+              {"coordinator", coordinator_commits ? "commit" : "abort"}});
+}
+
+void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms) {
+  std::set<std::string> seen;
+  for (auto& e : prepared) {
+    seen.insert(e.gid);
+    Branch* b = find(e.gid);
+    bool precommitted = e.durable_state && *e.durable_state == "precommitted";
+    if (!b) {
+      Branch& nb = create(e.gid, precommitted ? BranchState::precommitted : BranchState::prepared,
+                          now_ms);
+      nb.recovered = true;
+      nb.protocol = precommitted ? 3 : 2;
+      nb.prepared_ms = now_ms - e.age_ms;
+      log_.info("found prepared branch", {{"gid", nb.gid},
+                                          {"state", branch_state_name(nb.state)},
+                                          {"age_ms", e.age_ms}});
+      continue;
+    }
+    if (b->busy || !b->queue.empty()) continue;
+    if (b->state == BranchState::committed || b->state == BranchState::aborted) {
+      // PostgreSQL still holds it prepared while we remember an outcome: finish it that way.
+      bool commit = b->state == BranchState::committed;
+      log_.warn("prepared transaction outlived its outcome; finishing it",
+                {{"gid", b->gid}, {"outcome", commit ? "commit" : "abort"}});
+      set_state(*b, BranchState::prepared, now_ms);
+      Request internal;
+      internal.kind = commit ? RequestKind::commit : RequestKind::abort;
+      b->queue.push_back(internal);
+      pump(*b, now_ms);
+    }
+  }
+  std::vector<std::string> verify;
+  for (auto& [gid, b] : branches_) {
+    if (b.busy || !b.queue.empty() || seen.count(gid)) continue;
+    if ((b.state == BranchState::prepared || b.state == BranchState::precommitted) &&
+        b.prepared_ms < started_ms)
+      verify.push_back(gid);
+  }
+  for (auto& gid : verify) {
+    Request internal;
+    internal.kind = RequestKind::status;
+    Branch* b = find(gid);
+    b->queue.push_back(internal);
+    pump(*b, now_ms);
+  }
+}
+
+void AgentMachine::tick(int64_t now_ms) {
+  std::vector<std::string> idle;
+  for (auto& [gid, b] : branches_) {
+    if (b.busy || !b.queue.empty()) continue;
+    switch (b.state) {
+      case BranchState::active:
+      case BranchState::failed:
+        if (b.idle_deadline_ms > 0 && now_ms >= b.idle_deadline_ms) idle.push_back(gid);
+        break;
+      case BranchState::prepared:
+      case BranchState::precommitted: {
+        if (b.asking || now_ms < b.next_ask_ms) break;
+        int64_t age = now_ms - b.prepared_ms;
+        int64_t after = b.protocol == 2                      ? opts_.in_doubt_after_ms
+                        : b.state == BranchState::prepared ? opts_.precommit_timeout_ms
+                                                            : opts_.commit_timeout_ms;
+        if (age >= after) {
+          b.asking = true;
+          ready_.asks.push_back(gid);
+        }
+        break;
+      }
+      case BranchState::committed:
+      case BranchState::aborted:
+        if (b.unilateral && !b.asking && now_ms >= b.next_ask_ms) {
+          b.asking = true;
+          ready_.asks.push_back(gid);
+        }
+        break;
+      default: break;
+    }
+  }
+  for (auto& gid : idle) {
+    Branch* b = find(gid);
+    ++counters_.idle_rollbacks;
+    b->reason = "idle past its transaction timeout";
+    log_.warn("rolling back an idle branch", {{"gid", gid}});
+    Request internal;
+    internal.kind = RequestKind::abort;
+    b->queue.push_back(internal);
+    pump(*b, now_ms);
+  }
+}
+
+void AgentMachine::evict_finished() {
+  while (finished_.size() > opts_.finished_kept_max) {
+    auto it = finished_.begin();
+    Branch* b = find(it->second);
+    if (b && (b->busy || !b->queue.empty() || b->unilateral)) break;
+    if (b) branches_.erase(it->second);
+    finished_.erase(it);
+  }
+}
+
+Ready AgentMachine::take_ready() {
+  Ready r = std::move(ready_);
+  ready_ = Ready{};
+  return r;
+}
+
+// --- views ---------------------------------------------------------------------------------
+
+int64_t AgentMachine::timeout_for(const Branch& b) const {
+  switch (b.state) {
+    case BranchState::active:
+    case BranchState::failed: return b.idle_deadline_ms > 0 ? b.idle_deadline_ms - b.created_ms : 0;
+    case BranchState::prepared:
+      return b.protocol == 3 ? opts_.precommit_timeout_ms : opts_.in_doubt_after_ms;
+    case BranchState::precommitted: return opts_.commit_timeout_ms;
+    default: return 0;
+  }
+}
+
+BranchView AgentMachine::view_of(const Branch& b, int64_t now_ms) const {
+  BranchView v;
+  v.gid = b.gid;
+  v.state = b.state;
+  v.protocol = b.protocol;
+  v.recovered = b.recovered;
+  v.unilateral = b.unilateral;
+  v.heuristic = b.heuristic;
+  v.busy = b.busy;
+  bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  v.age_ms = now_ms - (prepared ? b.prepared_ms : b.created_ms);
+  v.asks = b.asks;
+  v.last_answer = b.last_answer;
+  v.reason = b.reason;
+  v.sqlstate = b.sqlstate;
+  v.timeout_ms = timeout_for(b);
+  return v;
+}
+
+std::optional<BranchView> AgentMachine::view(std::string_view gid, int64_t now_ms) const {
+  const Branch* b = find(gid);
+  if (!b || b->state == BranchState::unknown) return std::nullopt;
+  return view_of(*b, now_ms);
+}
+
+std::vector<BranchView> AgentMachine::list(std::optional<BranchState> state, size_t limit,
+                                           int64_t now_ms) const {
+  std::vector<std::pair<uint64_t, BranchView>> all;
+  for (auto& [gid, b] : branches_) {
+    if (b.state == BranchState::unknown) continue;
+    BranchState ext = b.state == BranchState::enlisting || b.state == BranchState::failed
+                          ? BranchState::active
+                          : b.state;
+    if (state && ext != *state) continue;
+    all.emplace_back(b.serial, view_of(b, now_ms));
+  }
+  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  std::vector<BranchView> out;
+  for (auto& [s, v] : all) {
+    if (out.size() >= limit) break;
+    out.push_back(std::move(v));
+  }
+  return out;
+}
+
+std::vector<BranchView> AgentMachine::in_doubt(int64_t now_ms) const {
+  std::vector<BranchView> out;
+  for (auto& [gid, b] : branches_) {
+    bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+    if (prepared && now_ms - b.prepared_ms >= opts_.in_doubt_after_ms)
+      out.push_back(view_of(b, now_ms));
+    else if (b.heuristic || b.unilateral)
+      out.push_back(view_of(b, now_ms));
+  }
+  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a.age_ms > b.age_ms; });
+  return out;
+}
+
+size_t AgentMachine::prepared_count() const {
+  size_t n = 0;
+  for (auto& [gid, b] : branches_)
+    n += b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  return n;
+}
+
+int64_t AgentMachine::oldest_prepared_age_ms(int64_t now_ms) const {
+  int64_t oldest = 0;
+  for (auto& [gid, b] : branches_)
+    if (b.state == BranchState::prepared || b.state == BranchState::precommitted)
+      oldest = std::max(oldest, now_ms - b.prepared_ms);
+  return oldest;
+}
+
+}  // namespace tpc::agent

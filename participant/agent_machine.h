@@ -1,0 +1,272 @@
+// AgentMachine: the participant agent's protocol as a pure state machine, one Branch per gid.
+//
+// Inputs are requests (exec, prepare, precommit, commit, abort, resolve), completions of the
+// work it asked for (PostgreSQL operations, enlistments, outcome queries to the coordinator),
+// in-doubt scan results and timer ticks, each with the caller's now_ms. Outputs accumulate in
+// a Ready the driver takes and carries out: PgOps for the worker pool, enlistments and outcome
+// queries for the coordinator, replies for waiting HTTP requests.
+//
+// Rules it enforces (DESIGN.md §4, §5):
+//   - one operation in flight per branch; later requests queue behind it (bounded);
+//   - the branch enlists with the coordinator before its first statement;
+//   - an abort of a gid never seen succeeds and leaves a tombstone, so a late exec or prepare
+//     of that gid is refused;
+//   - unknown gids in commit/abort/precommit are answered from durable evidence (the marker
+//     row, pg_prepared_xacts), never from "does not exist";
+//   - a 2PC prepared branch never decides alone: it asks the coordinator, with backoff, until
+//     the coordinator or an operator settles it;
+//   - 3PC: prepared with no pre-commit in time, coordinator unreachable → abort alone;
+//     pre-committed with no commit in time, coordinator unreachable → commit alone. A decision
+//     taken alone is checked against the coordinator's when they meet again; a disagreement
+//     is reported (ERROR line, counter), never hidden.
+//
+// Threads: not thread-safe; the driver serialises every call.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "common/ids.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "participant/pg_branch.h"
+#include "participant/pg_conn.h"
+
+namespace tpc::agent {
+
+enum class BranchState : uint8_t {
+  unknown,       // a gid not in memory, being looked up in PostgreSQL
+  enlisting,     // the first exec waits for the coordinator to accept the branch
+  active,        // a session with an open transaction
+  failed,        // active, but a statement failed: it can only abort
+  prepared,
+  precommitted,  // 3PC
+  committed,
+  aborted,
+  read_only,     // ended at prepare
+};
+
+std::string_view branch_state_name(BranchState s);
+// The contract's name: enlisting and failed show as "active", unknown as "unknown".
+std::string_view external_state_name(BranchState s);
+std::optional<BranchState> parse_external_state(std::string_view s);
+
+enum class RequestKind : uint8_t { exec, prepare, precommit, commit, abort, resolve, status };
+
+struct Statement {
+  std::string sql;
+  std::vector<pg::Value> params;
+};
+
+struct Request {
+  uint64_t id = 0;  // 0: internal (from the in-doubt resolver); no reply is sent
+  RequestKind kind = RequestKind::exec;
+  std::vector<Statement> statements;  // exec
+  bool prepare = false;               // exec, then prepare in the same operation
+  bool one_phase = false;             // commit of an active branch in one phase
+  bool commit = true;                 // resolve: the operator's outcome
+  uint8_t protocol = 2;               // prepare: 2 or 3
+};
+
+enum class OpKind : uint8_t {
+  exec,               // statements in the branch's session (BEGIN first if it has none)
+  prepare,            // in the session: read-only check, marker, PREPARE TRANSACTION
+  commit_one_phase,   // in the session: marker, COMMIT
+  rollback,           // in the session: ROLLBACK; the session ends
+  commit_prepared,    // any connection
+  rollback_prepared,  // any connection
+  evidence,           // any connection: prepared, committed (marker) or absent
+  put_state,          // any connection: durable tpc_agent_state row (3PC, operator)
+};
+
+std::string_view op_name(OpKind k);
+
+struct PgOp {
+  std::string gid;
+  OpKind kind = OpKind::exec;
+  std::vector<Statement> statements;  // exec
+  bool then_prepare = false;          // exec: prepare right after, if the statements succeed
+  std::string state;                  // put_state: the state to store
+  std::string detail;                 // put_state: free text
+};
+
+// What the driver reports back for a PgOp.
+struct OpResult {
+  Status status;          // ok, sql_error (with sqlstate) or unavailable (connection lost)
+  std::string sqlstate;
+  std::shared_ptr<std::vector<pg::StatementResult>> results;  // exec
+  std::optional<pg::PrepareResult> prepare;                   // prepare, exec+prepare
+  std::optional<pg::Outcome> outcome;      // commit_one_phase, commit/rollback_prepared
+  std::optional<pg::Evidence> evidence;    // evidence
+  std::string reason;                      // commit_one_phase aborted: why
+};
+
+enum class Outcome : uint8_t {
+  commit,       // the coordinator's decision is commit (or pre-commit)
+  abort,        // aborted, or presumed aborted
+  pending,      // reachable, not decided yet
+  unreachable,  // no answer: down, partitioned, 5xx
+  unknown,      // answered, but cannot tell (forgotten, not its gid)
+};
+
+struct Reply {
+  uint64_t request = 0;
+  RequestKind kind = RequestKind::exec;
+  int http_status = 200;
+  Status error;                 // not ok: an error body (with sqlstate if set)
+  BranchState state = BranchState::unknown;
+  std::optional<pg::Vote> vote;  // prepare, exec+prepare
+  std::string reason;
+  std::string sqlstate;
+  std::shared_ptr<std::vector<pg::StatementResult>> results;
+};
+
+struct Ready {
+  std::vector<PgOp> ops;
+  std::vector<std::string> enlists;  // gids to enlist with their coordinator
+  std::vector<std::string> asks;     // gids whose outcome to ask the coordinator
+  std::vector<Reply> replies;
+  bool empty() const { return ops.empty() && enlists.empty() && asks.empty() && replies.empty(); }
+};
+
+struct AgentOptions {
+  std::string name = "a1";
+  size_t branches_max = 64;         // enlisting/active/failed branches (sessions); past it 503
+  size_t queue_per_branch_max = 16;  // requests waiting behind the one in flight
+  size_t finished_kept_max = 100'000;  // ended branches remembered (tombstones included)
+  int64_t idle_timeout_ms = 60'000;  // an unprepared branch idle this long is rolled back
+  int64_t in_doubt_after_ms = 2'000;  // a 2PC prepared branch older than this asks
+  int64_t ask_min_ms = 500;          // outcome queries back off from this...
+  int64_t ask_max_ms = 30'000;       // ...to this
+  int64_t precommit_timeout_ms = 10'000;  // 3PC: prepared, no pre-commit by then → ask
+  int64_t commit_timeout_ms = 10'000;     // 3PC: pre-committed, no commit by then → ask
+};
+
+struct BranchView {
+  std::string gid;
+  BranchState state = BranchState::unknown;
+  uint8_t protocol = 2;
+  bool recovered = false;   // found by the in-doubt scan
+  bool unilateral = false;  // 3PC: decided alone after a timeout
+  bool heuristic = false;   // decided by an operator, or against the coordinator
+  bool busy = false;
+  int64_t age_ms = 0;       // since prepared (prepared/precommitted), else since created
+  uint32_t asks = 0;
+  std::string last_answer;  // the coordinator's last answer to an outcome query
+  std::string reason;
+  std::string sqlstate;
+  int64_t timeout_ms = 0;   // the timeout that applies in this state (0: none)
+};
+
+struct AgentCounters {
+  uint64_t prepared = 0;
+  uint64_t committed = 0;
+  uint64_t aborted = 0;
+  uint64_t read_only = 0;
+  uint64_t one_phase = 0;
+  uint64_t votes_no = 0;
+  uint64_t idle_rollbacks = 0;
+  uint64_t resolved_by_query = 0;
+  uint64_t unilateral_commits = 0;
+  uint64_t unilateral_aborts = 0;
+  uint64_t heuristic_mismatch = 0;  // a decision taken alone or by hand met a different one
+  uint64_t refused_overload = 0;
+};
+
+class AgentMachine {
+ public:
+  AgentMachine(AgentOptions opts, Logger& log);
+
+  // A request from HTTP (id != 0) or internal (id == 0). Replies come through Ready.
+  void request(std::string_view gid, Request req, int64_t now_ms);
+  void on_enlisted(std::string_view gid, Status status, int64_t branch_timeout_ms, int64_t now_ms);
+  void on_op_done(std::string_view gid, OpKind kind, OpResult result, int64_t now_ms);
+  void on_outcome(std::string_view gid, Outcome outcome, std::string_view answer, int64_t now_ms);
+
+  struct ScanEntry {
+    std::string gid;
+    int64_t age_ms = 0;
+    std::optional<std::string> durable_state;  // tpc_agent_state (e.g. "precommitted")
+  };
+  // The agent's prepared transactions as PostgreSQL lists them; the scan started at
+  // started_ms (results can be stale by the time they arrive, which is harmless).
+  void on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms);
+
+  void tick(int64_t now_ms);
+  Ready take_ready();
+
+  std::optional<BranchView> view(std::string_view gid, int64_t now_ms) const;
+  std::vector<BranchView> list(std::optional<BranchState> state, size_t limit, int64_t now_ms) const;
+  // Prepared or pre-committed branches waiting longer than in_doubt_after_ms, oldest first.
+  std::vector<BranchView> in_doubt(int64_t now_ms) const;
+  size_t open_sessions() const { return open_sessions_; }
+  size_t prepared_count() const;
+  int64_t oldest_prepared_age_ms(int64_t now_ms) const;
+  const AgentCounters& counters() const { return counters_; }
+
+ private:
+  struct Branch {
+    std::string gid;
+    uint64_t serial = 0;
+    BranchState state = BranchState::unknown;
+    uint8_t protocol = 2;
+    bool busy = false;
+    bool session = false;  // counts against branches_max
+    bool recovered = false;
+    bool unilateral = false;
+    bool heuristic = false;
+    int64_t created_ms = 0;
+    int64_t last_activity_ms = 0;
+    int64_t idle_deadline_ms = 0;
+    int64_t prepared_ms = 0;       // when prepared (or pre-committed)
+    int64_t next_ask_ms = 0;
+    uint32_t asks = 0;
+    bool asking = false;
+    std::string last_answer;
+    std::string reason;
+    std::string sqlstate;
+    std::deque<Request> queue;
+    Request current;               // the request whose operation is in flight
+    OpKind current_op = OpKind::exec;
+    bool has_current = false;
+  };
+
+  Branch* find(std::string_view gid);
+  const Branch* find(std::string_view gid) const;
+  Branch& create(std::string_view gid, BranchState state, int64_t now_ms);
+  void set_state(Branch& b, BranchState to, int64_t now_ms);
+  void pump(Branch& b, int64_t now_ms);
+  // Handles the request at the head of the queue: replies, or starts an operation.
+  void dispatch(Branch& b, Request req, int64_t now_ms);
+  void start_op(Branch& b, Request req, PgOp op);
+  void reply(const Request& req, Reply r);
+  void reply_state(const Branch& b, const Request& req, int http_status, std::string_view why = {});
+  void reply_error(const Request& req, Status s, const Branch* b = nullptr);
+  void reply_vote(const Branch& b, const Request& req);
+  void finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms);
+  void apply_vote(Branch& b, const OpResult& res, int64_t now_ms);
+  void decided_alone(Branch& b, bool commit, int64_t now_ms);
+  void check_against_coordinator(Branch& b, bool coordinator_commits);
+  void retire(Branch& b);
+  int64_t timeout_for(const Branch& b) const;
+  BranchView view_of(const Branch& b, int64_t now_ms) const;
+  void evict_finished();
+
+  AgentOptions opts_;
+  Logger& log_;
+  std::unordered_map<std::string, Branch> branches_;
+  std::map<uint64_t, std::string> finished_;  // serial → gid of ended branches, oldest first
+  uint64_t next_serial_ = 1;
+  size_t open_sessions_ = 0;
+  Ready ready_;
+  AgentCounters counters_;
+};
+
+}  // namespace tpc::agent

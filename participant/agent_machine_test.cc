@@ -1,0 +1,647 @@
+// Unit tests of the agent's branch state machine: every transition, the refused ones, the
+// in-doubt resolver and the 3PC timeouts, with PostgreSQL and the coordinator played by the
+// test through OpResults and outcomes.
+#include <doctest/doctest.h>
+
+#include <memory>
+
+#include "participant/agent_machine.h"
+
+using namespace tpc;
+using namespace tpc::agent;
+
+namespace {
+
+struct Fixture {
+  MemorySink sink;
+  Logger log{&sink, LogFormat::text, LogLevel::debug};
+  AgentOptions opts;
+  std::unique_ptr<AgentMachine> m;
+  int64_t now = 5'000'000;
+  uint64_t next_id = 1;
+
+  explicit Fixture(AgentOptions o = {}) : opts(std::move(o)) {
+    m = std::make_unique<AgentMachine>(opts, log);
+  }
+
+  uint64_t send(const std::string& gid, Request r) {
+    r.id = next_id++;
+    m->request(gid, r, now);
+    return r.id;
+  }
+  uint64_t exec(const std::string& gid, bool prepare = false) {
+    Request r;
+    r.kind = RequestKind::exec;
+    r.statements = {{"UPDATE t SET v = v + 1", {}}};
+    r.prepare = prepare;
+    return send(gid, r);
+  }
+  uint64_t simple(const std::string& gid, RequestKind k, bool one_phase = false) {
+    Request r;
+    r.kind = k;
+    r.one_phase = one_phase;
+    return send(gid, r);
+  }
+  Ready ready() { return m->take_ready(); }
+
+  static OpResult ok() { return OpResult{}; }
+  static OpResult vote(pg::Vote v, std::string sqlstate = "") {
+    OpResult r;
+    r.prepare = pg::PrepareResult{v, v == pg::Vote::no ? "no" : "", sqlstate};
+    return r;
+  }
+  static OpResult outcome(pg::Outcome o) {
+    OpResult r;
+    r.outcome = o;
+    return r;
+  }
+  static OpResult evidence(pg::Evidence e) {
+    OpResult r;
+    r.evidence = e;
+    return r;
+  }
+  static OpResult failure(Code c, std::string sqlstate = "") {
+    OpResult r;
+    r.status = Status(c, "boom");
+    r.sqlstate = std::move(sqlstate);
+    return r;
+  }
+
+  // exec on a fresh gid, enlisted and run; returns the reply.
+  Reply open_branch(const std::string& gid) {
+    exec(gid);
+    Ready r = ready();
+    REQUIRE(r.enlists.size() == 1);
+    m->on_enlisted(gid, ok_status(), 0, now);
+    r = ready();
+    REQUIRE(r.ops.size() == 1);
+    CHECK(r.ops[0].kind == OpKind::exec);
+    m->on_op_done(gid, OpKind::exec, ok(), now);
+    r = ready();
+    REQUIRE(r.replies.size() == 1);
+    return r.replies[0];
+  }
+
+  void prepare(const std::string& gid) {
+    simple(gid, RequestKind::prepare);
+    Ready r = ready();
+    REQUIRE(r.ops.size() == 1);
+    REQUIRE(r.ops[0].kind == OpKind::prepare);
+    m->on_op_done(gid, OpKind::prepare, vote(pg::Vote::yes), now);
+    r = ready();
+    REQUIRE(r.replies.size() == 1);
+    REQUIRE(r.replies[0].vote == pg::Vote::yes);
+  }
+
+  BranchState state(const std::string& gid) {
+    auto v = m->view(gid, now);
+    REQUIRE(v.has_value());
+    return v->state;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the first exec enlists the branch before any statement runs") {
+  Fixture f;
+  f.exec("c1-1-1");
+  Ready r = f.ready();
+  CHECK(r.ops.empty());
+  REQUIRE(r.enlists == std::vector<std::string>{"c1-1-1"});
+  CHECK(f.state("c1-1-1") == BranchState::enlisting);
+  f.m->on_enlisted("c1-1-1", ok_status(), 0, f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::exec);
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(f.state("c1-1-1") == BranchState::active);
+  CHECK(f.m->open_sessions() == 1);
+}
+
+TEST_CASE("a refused enlistment aborts the branch; an unreachable coordinator forgets it") {
+  Fixture f;
+  f.exec("c1-1-1");
+  f.ready();
+  f.m->on_enlisted("c1-1-1", conflict("transaction is aborted"), 0, f.now);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::conflict);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+  CHECK(f.m->open_sessions() == 0);
+
+  f.exec("c1-1-2");
+  f.ready();
+  f.m->on_enlisted("c1-1-2", unavailable("connection refused"), 0, f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::unavailable);
+  CHECK_FALSE(f.m->view("c1-1-2", f.now).has_value());
+  // A retry enlists again.
+  f.exec("c1-1-2");
+  CHECK(f.ready().enlists.size() == 1);
+}
+
+TEST_CASE("past branches_max new branches get 503 and existing ones go on") {
+  AgentOptions o;
+  o.branches_max = 1;
+  Fixture f(o);
+  f.open_branch("c1-1-1");
+  f.exec("c1-1-2");
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::unavailable);
+  CHECK(f.m->counters().refused_overload == 1);
+  f.prepare("c1-1-1");  // the session ends at prepare, freeing the slot
+  f.exec("c1-1-2");
+  CHECK(f.ready().enlists.size() == 1);
+}
+
+TEST_CASE("an SQL error answers 422 with the sqlstate, and the branch then votes no") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.exec("c1-1-1");
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::failure(Code::sql_error, "23505"), f.now);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 422);
+  CHECK(r.replies[0].sqlstate == "23505");
+  // Further statements are refused without touching PostgreSQL.
+  f.exec("c1-1-1");
+  r = f.ready();
+  CHECK(r.ops.empty());
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::conflict);
+  // prepare rolls back and votes no.
+  f.simple("c1-1-1", RequestKind::prepare);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback);
+  f.m->on_op_done("c1-1-1", OpKind::rollback, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(r.replies[0].sqlstate == "23505");
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+}
+
+TEST_CASE("prepare: yes, read_only and no votes, and repeated prepares answer the same") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+  f.simple("c1-1-1", RequestKind::prepare);
+  Ready r = f.ready();
+  CHECK(r.ops.empty());
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::yes);
+
+  f.open_branch("c1-1-2");
+  f.simple("c1-1-2", RequestKind::prepare);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::prepare, Fixture::vote(pg::Vote::read_only), f.now);
+  r = f.ready();
+  CHECK(r.replies[0].vote == pg::Vote::read_only);
+  CHECK(f.state("c1-1-2") == BranchState::read_only);
+
+  f.open_branch("c1-1-3");
+  f.simple("c1-1-3", RequestKind::prepare);
+  f.ready();
+  f.m->on_op_done("c1-1-3", OpKind::prepare, Fixture::vote(pg::Vote::no, "23503"), f.now);
+  r = f.ready();
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(r.replies[0].sqlstate == "23503");
+  f.simple("c1-1-3", RequestKind::prepare);
+  r = f.ready();
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(f.m->open_sessions() == 0);
+}
+
+TEST_CASE("a lost session during prepare votes no") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.simple("c1-1-1", RequestKind::prepare);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::failure(Code::unavailable), f.now);
+  Ready r = f.ready();
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+}
+
+TEST_CASE("exec with prepare answers results and the vote in one request") {
+  Fixture f;
+  f.exec("c1-1-1", true);
+  f.ready();
+  f.m->on_enlisted("c1-1-1", ok_status(), 0, f.now);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].then_prepare);
+  OpResult res = Fixture::vote(pg::Vote::yes);
+  res.results = std::make_shared<std::vector<pg::StatementResult>>(1);
+  f.m->on_op_done("c1-1-1", OpKind::exec, res, f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::yes);
+  CHECK(r.replies[0].results->size() == 1);
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+
+  // A statement error: rolled back, answered 422 with vote no.
+  f.exec("c1-1-2", true);
+  f.ready();
+  f.m->on_enlisted("c1-1-2", ok_status(), 0, f.now);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::exec, Fixture::failure(Code::sql_error, "22012"), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback);
+  f.m->on_op_done("c1-1-2", OpKind::rollback, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 422);
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(r.replies[0].sqlstate == "22012");
+}
+
+TEST_CASE("commit of a prepared branch, repeated commits, and a refused abort after it") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  f.simple("c1-1-1", RequestKind::commit);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  // A duplicate commit queues behind the first.
+  f.simple("c1-1-1", RequestKind::commit);
+  CHECK(f.ready().empty());
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 2);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(r.replies[1].http_status == 200);
+  CHECK(r.replies[0].state == BranchState::committed);
+  f.simple("c1-1-1", RequestKind::abort);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].state == BranchState::committed);
+}
+
+TEST_CASE("commit of a branch that was rolled back outside is answered 409 aborted, loudly") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  f.simple("c1-1-1", RequestKind::commit);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].state == BranchState::aborted);
+  CHECK(f.m->counters().heuristic_mismatch == 1);
+  CHECK(f.sink.find("rolled back", LogLevel::error).size() == 1);
+}
+
+TEST_CASE("a failed commit_prepared is answered 503 and the branch stays prepared") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  f.simple("c1-1-1", RequestKind::commit);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::failure(Code::unavailable), f.now);
+  Ready r = f.ready();
+  CHECK(r.replies[0].error.code() == Code::unavailable);
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+}
+
+TEST_CASE("one-phase commit of an active branch") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.simple("c1-1-1", RequestKind::commit, true);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_one_phase);
+  f.m->on_op_done("c1-1-1", OpKind::commit_one_phase, Fixture::outcome(pg::Outcome::committed), f.now);
+  r = f.ready();
+  CHECK(r.replies[0].http_status == 200);
+
+  f.open_branch("c1-1-2");
+  f.simple("c1-1-2", RequestKind::commit, true);
+  f.ready();
+  OpResult aborted = Fixture::outcome(pg::Outcome::aborted);
+  aborted.reason = "deferred constraint";
+  f.m->on_op_done("c1-1-2", OpKind::commit_one_phase, aborted, f.now);
+  r = f.ready();
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].reason == "deferred constraint");
+
+  // A session lost mid-commit: unknown until the marker is read on the next request.
+  f.open_branch("c1-1-3");
+  f.simple("c1-1-3", RequestKind::commit, true);
+  f.ready();
+  f.m->on_op_done("c1-1-3", OpKind::commit_one_phase, Fixture::failure(Code::unavailable), f.now);
+  r = f.ready();
+  CHECK(r.replies[0].error.code() == Code::unavailable);
+  f.simple("c1-1-3", RequestKind::commit, true);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::evidence);
+  f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::committed), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+}
+
+TEST_CASE("abort of a gid never seen succeeds and blocks a late exec and prepare") {
+  Fixture f;
+  f.simple("c1-1-9", RequestKind::abort);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::evidence);
+  f.m->on_op_done("c1-1-9", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(r.replies[0].state == BranchState::aborted);
+  f.exec("c1-1-9");
+  r = f.ready();
+  CHECK(r.enlists.empty());
+  CHECK(r.ops.empty());
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::conflict);
+  f.simple("c1-1-9", RequestKind::prepare);
+  r = f.ready();
+  CHECK(r.replies[0].vote == pg::Vote::no);
+}
+
+TEST_CASE("prepare of a gid never seen votes no; commit of one answers from evidence") {
+  Fixture f;
+  f.simple("c1-1-1", RequestKind::prepare);
+  Ready r = f.ready();
+  CHECK(r.ops.empty());
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  f.simple("c1-1-2", RequestKind::commit);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::evidence, Fixture::evidence(pg::Evidence::prepared), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  f.simple("c1-1-3", RequestKind::commit);
+  f.ready();
+  f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  r = f.ready();
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].state == BranchState::aborted);
+}
+
+TEST_CASE("statements on a prepared branch and commit of an active 2PC branch are refused") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.simple("c1-1-1", RequestKind::commit);
+  Ready r = f.ready();
+  CHECK(r.ops.empty());
+  CHECK(r.replies[0].error.code() == Code::conflict);
+  f.prepare("c1-1-1");
+  f.exec("c1-1-1");
+  r = f.ready();
+  CHECK(r.ops.empty());
+  CHECK(r.replies[0].error.code() == Code::conflict);
+  f.simple("c1-1-1", RequestKind::precommit);  // a 2PC branch pre-commits only if asked: allowed
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::put_state);
+}
+
+TEST_CASE("an unprepared branch idle past its timeout is rolled back") {
+  Fixture f;
+  f.exec("c1-1-1");
+  f.ready();
+  f.m->on_enlisted("c1-1-1", ok_status(), 3'000, f.now);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::ok(), f.now);
+  f.ready();
+  f.m->tick(f.now + 3'999);
+  CHECK(f.ready().ops.empty());
+  f.m->tick(f.now + 4'000);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback);
+  f.m->on_op_done("c1-1-1", OpKind::rollback, Fixture::ok(), f.now + 4'000);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+  CHECK(f.m->counters().idle_rollbacks == 1);
+}
+
+TEST_CASE("2PC in-doubt: a prepared branch asks with backoff and never decides alone") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  f.m->tick(f.now + f.opts.in_doubt_after_ms - 1);
+  CHECK(f.ready().asks.empty());
+  f.now += f.opts.in_doubt_after_ms;
+  f.m->tick(f.now);
+  Ready r = f.ready();
+  REQUIRE(r.asks == std::vector<std::string>{"c1-1-1"});
+  // Asking again waits for the answer.
+  f.m->tick(f.now + 100'000);
+  CHECK(f.ready().asks.empty());
+  for (int i = 0; i < 5; ++i) {
+    f.m->on_outcome("c1-1-1", Outcome::unreachable, "connection refused", f.now);
+    CHECK(f.ready().ops.empty());
+    f.m->tick(f.now + (f.opts.ask_min_ms << i) - 1);
+    CHECK(f.ready().asks.empty());
+    f.now += f.opts.ask_min_ms << i;
+    f.m->tick(f.now);
+    CHECK(f.ready().asks.size() == 1);
+  }
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+  CHECK(f.m->in_doubt(f.now).size() == 1);
+  f.m->on_outcome("c1-1-1", Outcome::commit, "committing", f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  CHECK(f.state("c1-1-1") == BranchState::committed);
+  CHECK(f.m->counters().resolved_by_query == 1);
+}
+
+TEST_CASE("the in-doubt scan adopts prepared transactions and reconciles stale memory") {
+  Fixture f;
+  f.m->on_scan({{"c1-1-1", 7'000, std::nullopt}, {"c1-1-2", 10, std::string("precommitted")}},
+               f.now, f.now);
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+  CHECK(f.state("c1-1-2") == BranchState::precommitted);
+  auto v = f.m->view("c1-1-1", f.now);
+  CHECK(v->recovered);
+  CHECK(v->age_ms == 7'000);
+  f.m->tick(f.now);
+  Ready r = f.ready();
+  CHECK(r.asks == std::vector<std::string>{"c1-1-1"});  // old enough; the other is not
+
+  // Memory says aborted while PostgreSQL still lists it prepared: rolled back.
+  f.simple("c1-1-3", RequestKind::abort);
+  f.ready();
+  f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  f.ready();
+  f.m->on_scan({{"c1-1-1", 7'000, std::nullopt},
+                {"c1-1-2", 10, std::string("precommitted")},
+                {"c1-1-3", 0, std::nullopt}},
+               f.now, f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+
+  // Memory says prepared, PostgreSQL no longer lists it: verified from evidence.
+  Fixture g;
+  g.open_branch("c1-1-4");
+  g.prepare("c1-1-4");
+  g.m->on_scan({}, g.now + 1, g.now + 1);
+  r = g.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::evidence);
+  g.m->on_op_done("c1-1-4", OpKind::evidence, Fixture::evidence(pg::Evidence::committed), g.now);
+  CHECK(g.state("c1-1-4") == BranchState::committed);
+  CHECK(g.m->view("c1-1-4", g.now)->heuristic);
+}
+
+TEST_CASE("3PC: pre-commit is recorded durably before it is acknowledged") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  Request p;
+  p.kind = RequestKind::prepare;
+  p.protocol = 3;
+  f.send("c1-1-1", p);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
+  f.ready();
+  f.simple("c1-1-1", RequestKind::precommit);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::put_state);
+  CHECK(r.ops[0].state == "precommitted");
+  CHECK(r.replies.empty());
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].state == BranchState::precommitted);
+  f.simple("c1-1-1", RequestKind::precommit);
+  CHECK(f.ready().replies[0].http_status == 200);
+}
+
+TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed commits alone") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  Request p;
+  p.kind = RequestKind::prepare;
+  p.protocol = 3;
+  f.send("c1-1-1", p);
+  f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
+  f.ready();
+  f.now += f.opts.precommit_timeout_ms;
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  // A reachable but undecided coordinator: wait.
+  f.m->on_outcome("c1-1-1", Outcome::pending, "preparing", f.now);
+  CHECK(f.ready().ops.empty());
+  f.now += f.opts.ask_min_ms;
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  f.m->on_outcome("c1-1-1", Outcome::unreachable, "connection refused", f.now);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+  CHECK(f.m->counters().unilateral_aborts == 1);
+
+  // Later the coordinator answers commit: the disagreement is reported once, as ERROR.
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  f.m->on_outcome("c1-1-1", Outcome::commit, "committing", f.now);
+  CHECK(f.m->counters().heuristic_mismatch == 1);
+  CHECK(f.sink.find("heuristic outcome", LogLevel::error).size() == 1);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  CHECK(f.ready().asks.empty());  // checked: no more asking
+
+  Fixture g;
+  g.m->on_scan({{"c1-1-2", 0, std::string("precommitted")}}, g.now, g.now);
+  g.now += g.opts.commit_timeout_ms;
+  g.m->tick(g.now);
+  REQUIRE(g.ready().asks.size() == 1);
+  g.m->on_outcome("c1-1-2", Outcome::unreachable, "timeout", g.now);
+  r = g.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  CHECK(g.m->counters().unilateral_commits == 1);
+}
+
+TEST_CASE("a 2PC prepared branch with an unreachable coordinator waits, whatever its age") {
+  Fixture f;
+  f.m->on_scan({{"c1-1-1", 3'600'000, std::nullopt}}, f.now, f.now);
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  f.m->on_outcome("c1-1-1", Outcome::unreachable, "connection refused", f.now);
+  CHECK(f.ready().ops.empty());
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+}
+
+TEST_CASE("operator resolve: commits or rolls back a prepared branch and records it") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  Request r;
+  r.kind = RequestKind::resolve;
+  r.commit = false;
+  f.send("c1-1-1", r);
+  Ready ready = f.ready();
+  REQUIRE(ready.ops.size() == 1);
+  CHECK(ready.ops[0].kind == OpKind::rollback_prepared);
+  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
+  ready = f.ready();
+  REQUIRE(ready.ops.size() == 1);
+  CHECK(ready.ops[0].kind == OpKind::put_state);
+  CHECK(ready.ops[0].state == "heuristic_abort");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  ready = f.ready();
+  REQUIRE(ready.replies.size() == 1);
+  CHECK(ready.replies[0].http_status == 200);
+  CHECK(f.m->view("c1-1-1", f.now)->heuristic);
+  // Resolving it the other way now is refused.
+  r.commit = true;
+  f.send("c1-1-1", r);
+  ready = f.ready();
+  CHECK(ready.replies[0].error.code() == Code::conflict);
+}
+
+TEST_CASE("requests queue behind the operation in flight, up to a limit") {
+  AgentOptions o;
+  o.queue_per_branch_max = 2;
+  Fixture f(o);
+  f.open_branch("c1-1-1");
+  f.exec("c1-1-1");
+  f.exec("c1-1-1");
+  f.exec("c1-1-1");
+  f.exec("c1-1-1");
+  Ready r = f.ready();
+  CHECK(r.ops.size() == 1);
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].error.code() == Code::unavailable);
+}
+
+TEST_CASE("finished branches are remembered up to a limit") {
+  AgentOptions o;
+  o.finished_kept_max = 2;
+  Fixture f(o);
+  for (int i = 1; i <= 4; ++i) {
+    std::string gid = "c1-1-" + std::to_string(i);
+    f.simple(gid, RequestKind::prepare);  // votes no: an ended tombstone
+    f.ready();
+  }
+  CHECK_FALSE(f.m->view("c1-1-1", f.now).has_value());
+  CHECK_FALSE(f.m->view("c1-1-2", f.now).has_value());
+  CHECK(f.m->view("c1-1-4", f.now).has_value());
+}
