@@ -49,7 +49,8 @@ struct PrepareResult {
   std::string sqlstate;   // for no from the server, e.g. "23503", "53200"
 };
 
-// Inside the open block of `c`: if no xid was assigned (read-only) COMMIT and vote read_only;
+// Inside the open block of `c`: if no xid was assigned (read-only) end the block (ROLLBACK,
+// which for a block without writes is the same as COMMIT) and vote read_only;
 // otherwise insert the marker and PREPARE TRANSACTION 'pg_gid', checking that the command tag
 // is "PREPARE TRANSACTION" (a failed block answers "ROLLBACK"). On no, the block is rolled
 // back. `coordinator`, `epoch`, `seq` are stored in the marker for later purging.
@@ -79,7 +80,8 @@ struct PreparedXact {
   std::string pg_gid;
   int64_t prepared_age_ms = 0;  // now() - prepared, by the server's clock
 };
-// This agent's prepared transactions in the current database: gid LIKE 'tpc:<agent>:%'.
+// This agent's prepared transactions in the current database: gid starts with 'tpc:<agent>:'
+// (compared with left(), not LIKE, where '_' in an agent name would be a wildcard).
 Result<std::vector<PreparedXact>> list_prepared(PgConn& c, std::string_view agent);
 
 // Deletes markers of `coordinator` strictly below (epoch, seq); returns rows deleted. At most

@@ -173,6 +173,12 @@ TEST_CASE("a SQL error is sql_error with its sqlstate and leaves a failed block"
 
   ExecResult wrong_params = c.exec("SELECT $1::int", {"not a number"});
   CHECK(wrong_params.sqlstate == "22P02");
+  // Refused by libpq before sending: bad input, not a lost server.
+  std::vector<Value> too_many(70'000, Value("1"));
+  CHECK(c.exec("SELECT $1", too_many).status.code() == Code::invalid_argument);
+  // Several statements cannot hide in one parameterised statement.
+  CHECK(c.exec("SELECT 1; SELECT 2").sqlstate == "42601");
+  CHECK(c.usable());
   CHECK(db.prepared_here() == 0);
 }
 

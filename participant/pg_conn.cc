@@ -117,8 +117,10 @@ ExecResult end_copy(PGconn* conn, ExecStatusType kind) {
 // Turns one PGresult into an ExecResult; for a COPY, ends it first.
 ExecResult collect(PGconn* conn, PGresult* res) {
   if (res == nullptr) {
+    // libpq refused before sending (e.g. more than 65535 parameters), or the session is gone.
     ExecResult r;
-    r.status = unavailable(conn_message(conn));
+    r.status = PQstatus(conn) == CONNECTION_OK ? invalid_argument(conn_message(conn))
+                                               : unavailable(conn_message(conn));
     return r;
   }
   ExecStatusType s = PQresultStatus(res);
