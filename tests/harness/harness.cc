@@ -143,7 +143,7 @@ std::vector<char*> c_array(std::vector<std::string>& strings) {
   return out;
 }
 
-// Who a child runs as; uid/gid -1 keeps ours.
+// Who a child runs as: with drop, switch to uid/gid (we are root); else stay who we are.
 struct RunAs {
   bool drop = false;
   uid_t uid = 0;
