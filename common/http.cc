@@ -1,6 +1,7 @@
 #include "common/http.h"
 
 #include <atomic>
+#include <cctype>
 #include <charconv>
 
 namespace tpc {
@@ -78,7 +79,8 @@ struct Responder::State {
     if (!done.exchange(true) && fn) {
       HttpResponse r;
       r.status = 500;
-      r.body = R"({"error":{"code":"internal","message":"the request was dropped without an answer"}})";
+      r.body =
+          R"({"error":{"code":"internal","message":"the request was dropped without an answer"}})";
       fn(std::move(r));
     }
   }
@@ -94,7 +96,8 @@ void Responder::operator()(HttpResponse response) const {
 }
 
 std::string Url::to_string() const {
-  return "http://" + host + ":" + std::to_string(port) + base_path;
+  std::string h = host.find(':') == std::string::npos ? host : "[" + host + "]";
+  return "http://" + h + ":" + std::to_string(port) + base_path;
 }
 
 Result<Url> parse_url(std::string_view text) {
@@ -107,12 +110,28 @@ Result<Url> parse_url(std::string_view text) {
   std::string_view path = slash == std::string_view::npos ? std::string_view() : t.substr(slash);
   while (!path.empty() && path.back() == '/') path.remove_suffix(1);
   Url u;
-  size_t colon = hostport.rfind(':');
-  if (colon == std::string_view::npos) {
-    u.host = std::string(hostport);
+  // An IPv6 literal is bracketed: http://[::1]:7400; Url::host keeps it without brackets.
+  bool ipv6 = !hostport.empty() && hostport.front() == '[';
+  std::string_view port_part;
+  bool has_port = false;
+  if (ipv6) {
+    size_t close = hostport.find(']');
+    if (close == std::string_view::npos)
+      return invalid_argument("URL \"" + std::string(text) + "\" has a bad host");
+    u.host = std::string(hostport.substr(1, close - 1));
+    std::string_view rest = hostport.substr(close + 1);
+    if (!rest.empty() && rest.front() != ':')
+      return invalid_argument("URL \"" + std::string(text) + "\" has a bad host");
+    has_port = !rest.empty();
+    if (has_port) port_part = rest.substr(1);
   } else {
+    size_t colon = hostport.rfind(':');
     u.host = std::string(hostport.substr(0, colon));
-    std::string_view p = hostport.substr(colon + 1);
+    has_port = colon != std::string_view::npos;
+    if (has_port) port_part = hostport.substr(colon + 1);
+  }
+  if (has_port) {
+    std::string_view p = port_part;
     unsigned port = 0;
     auto [ptr, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
     if (p.empty() || ec != std::errc() || ptr != p.data() + p.size() || port == 0 || port > 65535)
@@ -121,7 +140,8 @@ Result<Url> parse_url(std::string_view text) {
   }
   if (u.host.empty()) return invalid_argument("URL \"" + std::string(text) + "\" has no host");
   for (char c : u.host)
-    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_'))
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_' ||
+          (ipv6 && c == ':')))
       return invalid_argument("URL \"" + std::string(text) + "\" has a bad host");
   for (char c : path)
     if (c == '?' || c == '#' || c == ' ')

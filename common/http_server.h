@@ -19,11 +19,11 @@ namespace tpc {
 
 struct HttpServerOptions {
   std::string host = "127.0.0.1";
-  uint16_t port = 0;                      // 0 picks a free port; see HttpServer::port()
-  size_t body_max_bytes = 1 << 20;        // larger bodies are answered 413
+  uint16_t port = 0;                // 0 picks a free port; see HttpServer::port()
+  size_t body_max_bytes = 1 << 20;  // larger bodies are answered 413
   size_t header_max_bytes = 16 << 10;
-  int64_t read_timeout_ms = 30'000;       // for one whole request once its first byte arrived
-  int64_t idle_timeout_ms = 60'000;       // keep-alive connection with no request
+  int64_t read_timeout_ms = 30'000;  // for one whole request once its first byte arrived
+  int64_t idle_timeout_ms = 60'000;  // keep-alive connection with no request
   size_t connections_max = 1024;
 };
 
@@ -40,6 +40,13 @@ class HttpServer {
   void stop();
   // Blocks until no request is in flight or timeout_ms passed. True if idle.
   bool wait_idle(int64_t timeout_ms);
+
+  // Connections accepted since start, those answered 503 included; for tests and metrics.
+  uint64_t connections_accepted() const;
+  // Connections open now, not counting those being refused with 503.
+  size_t connections_open() const;
+  // Requests read whose answer has not been written yet.
+  size_t requests_in_flight() const;
 
  private:
   struct Impl;
