@@ -58,6 +58,18 @@ void Metrics::gauge(const std::string& name, const std::string& help, std::funct
   entries_.push_back(std::move(e));
 }
 
+void Metrics::counter_fn(const std::string& name, const std::string& help,
+                         std::function<double()> read, Labels labels) {
+  auto e = std::make_unique<Entry>();
+  e->name = name;
+  e->help = help;
+  e->type = "counter";
+  e->labels = std::move(labels);
+  e->gauge = std::move(read);
+  std::lock_guard lock(mu_);
+  entries_.push_back(std::move(e));
+}
+
 namespace {
 
 std::string label_text(const Labels& labels, const std::string& extra_k = "",
@@ -99,8 +111,16 @@ std::string number(double v) {
 std::string Metrics::render() const {
   std::lock_guard lock(mu_);
   std::string out;
+  // Samples of one family must be contiguous: order by first registration of each name.
+  std::vector<const Entry*> ordered;
   std::set<std::string> described;
   for (auto& e : entries_) {
+    if (!described.insert(e->name).second) continue;
+    for (auto& same : entries_)
+      if (same->name == e->name) ordered.push_back(same.get());
+  }
+  described.clear();
+  for (const Entry* e : ordered) {
     if (described.insert(e->name).second) {
       out += "# HELP " + e->name + " " + e->help + "\n";
       out += "# TYPE " + e->name + " " + e->type + "\n";

@@ -48,6 +48,10 @@ class Metrics {
                        Labels labels = {});
   void gauge(const std::string& name, const std::string& help, std::function<double()> read,
              Labels labels = {});
+  // A counter whose value is read through a callback at render time (for counters kept
+  // elsewhere, e.g. inside a state machine under its driver's lock).
+  void counter_fn(const std::string& name, const std::string& help, std::function<double()> read,
+                  Labels labels = {});
   std::string render() const;
 
  private:

@@ -96,7 +96,7 @@ void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
   ++b.attempts;
   ++counters_.messages_sent;
   if (b.attempts > 1) ++counters_.resends;
-  ready_.messages.push_back(Message{t.gid, b.participant, b.url, kind, b.attempts});
+  ready_.messages.push_back(Message{t.gid, b.participant, b.url, kind, b.attempts, t.protocol});
 }
 
 void CoordinatorMachine::send_to_all(Txn& t, BranchState from, MsgKind kind) {
@@ -158,6 +158,7 @@ TxnView CoordinatorMachine::view_of(const Txn& t) const {
   v.recovered = t.recovered;
   v.created_ms = t.created_ms;
   v.decided_ms = t.decided_ms;
+  v.deadline_ms = t.state == TxnState::active ? t.deadline_ms : 0;
   for (auto& b : t.branches)
     v.branches.push_back({b.participant, b.url, b.state, b.attempts, b.last_error, b.heuristic,
                           b.forced});
@@ -524,6 +525,10 @@ void CoordinatorMachine::force_pending(Txn& t, BranchState to) {
     b.in_flight = false;
     b.last_error = "resolved by operator";
   }
+}
+
+void CoordinatorMachine::set_forgotten_below(GidParts below) {
+  if (!forgotten_below_ || *forgotten_below_ < below) forgotten_below_ = std::move(below);
 }
 
 Lookup CoordinatorMachine::lookup(std::string_view gid) const {

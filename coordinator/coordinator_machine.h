@@ -109,6 +109,8 @@ class CoordinatorMachine {
   ClientReply resolve(std::string_view gid, bool commit, int64_t now_ms);
 
   Lookup lookup(std::string_view gid) const;
+  // Compaction erased records below this gid; a gid below it without a record is forgotten.
+  void set_forgotten_below(GidParts below);
   // Live and recently finished transactions, newest first, optionally of one state.
   std::vector<TxnView> list(std::optional<TxnState> state, size_t limit) const;
   // Decided but unfinished transactions and heuristic outcomes, oldest first.

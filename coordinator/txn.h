@@ -65,6 +65,7 @@ struct Message {
   std::string url;
   MsgKind kind = MsgKind::prepare;
   uint32_t attempt = 0;  // 1 for the first send
+  Protocol protocol = Protocol::two_phase;
 };
 
 enum class ReplyKind : uint8_t {
@@ -112,6 +113,7 @@ struct TxnView {
   bool recovered = false;
   int64_t created_ms = 0;     // 0 when unknown (after a restart)
   int64_t decided_ms = 0;
+  int64_t deadline_ms = 0;    // while active: when it times out
   std::vector<BranchView> branches;
 };
 

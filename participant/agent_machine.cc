@@ -306,6 +306,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
       if (prepared) {
         PgOp op;
         op.kind = OpKind::commit_prepared;
+        op.clear_state = s == BranchState::precommitted;
         start_op(b, std::move(req), std::move(op));
       } else if (req.one_phase && s == BranchState::active) {
         PgOp op;
@@ -331,6 +332,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         start_op(b, std::move(req), std::move(op));
       } else if (prepared) {
         op.kind = OpKind::rollback_prepared;
+        op.clear_state = s == BranchState::precommitted;
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::committed) {
         reply_state(b, req, 409);
@@ -346,6 +348,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         log_.warn("branch resolved by operator",
                   {{"gid", b.gid}, {"outcome", req.commit ? "commit" : "abort"}});
         op.kind = req.commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
+        op.clear_state = s == BranchState::precommitted;
         start_op(b, std::move(req), std::move(op));
       } else if (in_session && !req.commit) {
         op.kind = OpKind::rollback;

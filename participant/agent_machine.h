@@ -95,6 +95,7 @@ struct PgOp {
   bool then_prepare = false;          // exec: prepare right after, if the statements succeed
   std::string state;                  // put_state: the state to store
   std::string detail;                 // put_state: free text
+  bool clear_state = false;           // commit/rollback_prepared: delete the pre-commit record
 };
 
 // What the driver reports back for a PgOp.

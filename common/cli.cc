@@ -1,0 +1,79 @@
+#include "common/cli.h"
+
+#include <unistd.h>
+
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+
+#include "common/failpoint.h"
+
+namespace tpc {
+
+int fail(std::string_view program, std::string_view message, int code) {
+  std::string line(program);
+  line += ": ";
+  for (char c : message) line += c == '\n' ? ' ' : c;
+  line += '\n';
+  std::fwrite(line.data(), 1, line.size(), stderr);
+  std::fflush(stderr);
+  return code;
+}
+
+Result<std::pair<std::string, uint16_t>> parse_listen(std::string_view text) {
+  size_t colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 == text.size())
+    return invalid_argument("--listen wants HOST:PORT, got \"" + std::string(text) + "\"");
+  std::string host(text.substr(0, colon));
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  std::string_view p = text.substr(colon + 1);
+  unsigned port = 0;
+  auto [ptr, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
+  if (ec != std::errc() || ptr != p.data() + p.size() || port > 65535)
+    return invalid_argument("--listen has a bad port in \"" + std::string(text) + "\"");
+  return std::make_pair(host, static_cast<uint16_t>(port));
+}
+
+void add_logging_options(std::vector<OptionSpec>* specs) {
+  specs->push_back({"log-format", "text or json", "text"});
+  specs->push_back({"log-level", "debug, info, warn or error", "info"});
+}
+
+Result<std::unique_ptr<Logging>> make_logging(const Config& cfg) {
+  auto l = std::make_unique<Logging>();
+  std::string format = cfg.get("log-format");
+  std::string level = cfg.get("log-level");
+  LogFormat f;
+  if (format == "text")
+    f = LogFormat::text;
+  else if (format == "json")
+    f = LogFormat::json;
+  else
+    return invalid_argument("--log-format must be text or json, got \"" + format + "\"");
+  LogLevel lv;
+  if (level == "debug")
+    lv = LogLevel::debug;
+  else if (level == "info")
+    lv = LogLevel::info;
+  else if (level == "warn")
+    lv = LogLevel::warn;
+  else if (level == "error")
+    lv = LogLevel::error;
+  else
+    return invalid_argument("--log-level must be debug, info, warn or error, got \"" + level + "\"");
+  l->logger = std::make_unique<Logger>(&l->sink, f, lv);
+  return l;
+}
+
+Status configure_failpoints_from_env(Logger* log) {
+  const char* spec = std::getenv("FAILPOINTS");
+  if (!spec || !*spec) return ok_status();
+  uint64_t seed = static_cast<uint64_t>(::getpid());
+  if (const char* s = std::getenv("FAILPOINTS_SEED")) seed = std::strtoull(s, nullptr, 10);
+  Status st = failpoint::configure(spec, log, seed);
+  if (!st.ok()) return st;
+  log->warn("failpoints configured", {{"spec", spec}, {"seed", seed}});
+  return ok_status();
+}
+
+}  // namespace tpc

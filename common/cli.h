@@ -1,0 +1,35 @@
+// Helpers shared by the binaries' main(): the one-line error exit, --listen parsing, the logger
+// from --log-format/--log-level, and FAILPOINTS from the environment.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "common/config.h"
+#include "common/log.h"
+#include "common/status.h"
+
+namespace tpc {
+
+// Prints "<program>: <message>" as one line on stderr; returns `code` for main to return.
+int fail(std::string_view program, std::string_view message, int code = 1);
+
+// "HOST:PORT" (IPv4, a name, or "[v6]:PORT").
+Result<std::pair<std::string, uint16_t>> parse_listen(std::string_view text);
+
+// The option specs every service shares: log-format, log-level.
+void add_logging_options(std::vector<OptionSpec>* specs);
+
+struct Logging {
+  StderrSink sink;
+  std::unique_ptr<Logger> logger;
+};
+Result<std::unique_ptr<Logging>> make_logging(const Config& cfg);
+
+// Configures failpoints from FAILPOINTS (and FAILPOINTS_SEED) in the environment.
+Status configure_failpoints_from_env(Logger* log);
+
+}  // namespace tpc

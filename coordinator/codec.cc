@@ -1,0 +1,189 @@
+#include "coordinator/codec.h"
+
+namespace tpc::coord {
+
+Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  BeginRequest out;
+  std::string protocol;
+  int64_t timeout = 0;
+  r.string("protocol", &protocol, false, 16);
+  if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
+    out.timeout_ms = timeout;
+  if (!r.ok()) return r.status();
+  if (!protocol.empty()) {
+    auto p = parse_protocol(protocol);
+    if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
+    out.protocol = *p;
+  }
+  return out;
+}
+
+Result<EnlistRequest> decode_enlist(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  EnlistRequest out;
+  r.string("participant", &out.participant, true, 64);
+  r.string("url", &out.url, true, 512);
+  if (!r.ok()) return r.status();
+  if (!valid_participant_name(out.participant))
+    return invalid_argument("\"participant\" must match [A-Za-z0-9_-]{1,32}");
+  auto u = parse_url(out.url);
+  if (!u.ok()) return u.status();
+  return out;
+}
+
+Result<CommitOptions> decode_commit(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  std::string wait;
+  r.string("wait", &wait, false, 32);
+  if (!r.ok()) return r.status();
+  CommitOptions o;
+  if (wait == "decision")
+    o.wait_decision_only = true;
+  else if (!wait.empty() && wait != "completion")
+    return invalid_argument("\"wait\" must be \"completion\" or \"decision\"");
+  return o;
+}
+
+Result<bool> decode_resolve(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  std::string outcome;
+  r.string("outcome", &outcome, true, 16);
+  if (!r.ok()) return r.status();
+  if (outcome != "commit" && outcome != "abort")
+    return invalid_argument("\"outcome\" must be \"commit\" or \"abort\"");
+  return outcome == "commit";
+}
+
+Json encode_view(const TxnView& v) {
+  Json j = {{"gid", v.gid}, {"protocol", std::string(protocol_name(v.protocol))},
+            {"state", std::string(state_name(v.state))}};
+  if (v.presumed) j["presumed"] = true;
+  if (v.forgotten) {
+    j["forgotten"] = true;
+    j["state"] = "unknown";
+  }
+  if (!v.reason.empty()) j["reason"] = v.reason;
+  if (!v.reason_branch.empty()) j["branch"] = v.reason_branch;
+  if (v.one_phase) j["one_phase"] = true;
+  if (v.recovered) j["recovered"] = true;
+  if (v.decided_ms > 0) j["decided_at_ms"] = v.decided_ms;
+  // The decision as the agents' in-doubt resolver reads it.
+  switch (v.state) {
+    case TxnState::precommitted:
+    case TxnState::committing:
+    case TxnState::committed: j["decision"] = "commit"; break;
+    case TxnState::aborting:
+    case TxnState::aborted:
+      if (!v.forgotten) j["decision"] = "abort";
+      break;
+    case TxnState::heuristic_mixed: break;
+    case TxnState::active:
+    case TxnState::preparing: break;
+  }
+  Json branches = Json::array();
+  for (auto& b : v.branches) {
+    Json jb = {{"participant", b.participant}, {"url", b.url},
+               {"state", std::string(branch_state_name(b.state))}};
+    if (b.attempts > 1) jb["attempts"] = b.attempts;
+    if (!b.last_error.empty()) jb["last_error"] = b.last_error;
+    if (b.heuristic) jb["heuristic"] = true;
+    if (b.forced) jb["forced"] = true;
+    branches.push_back(std::move(jb));
+  }
+  j["branches"] = std::move(branches);
+  return j;
+}
+
+HttpResponse encode_reply(const ClientReply& r) {
+  if (!r.error.ok() && r.view.gid.empty()) return error_response(r.error);
+  Json body = encode_view(r.view);
+  int status = r.http_status;
+  if (!r.error.ok()) {
+    body["error"] = {{"code", std::string(code_name(r.error.code()))}, {"message", r.error.message()}};
+  } else if (status == 409) {
+    std::string msg = "transaction " + r.view.gid + " is " + std::string(state_name(r.view.state));
+    body["error"] = {{"code", "conflict"}, {"message", msg}};
+  }
+  return json_response(status, body);
+}
+
+std::string encode_message_body(const Message& m) {
+  switch (m.kind) {
+    case MsgKind::prepare: return m.protocol == Protocol::three_phase ? R"({"protocol":"3pc"})" : "{}";
+    case MsgKind::commit_one_phase: return R"({"one_phase":true})";
+    default: return "{}";
+  }
+}
+
+namespace {
+
+std::string answer_state(std::string_view body, std::string* vote, std::string* reason) {
+  auto j = parse_json(body);
+  if (!j.ok() || !j->is_object()) return "";
+  std::string state;
+  if (auto it = j->find("state"); it != j->end() && it->is_string()) state = it->get<std::string>();
+  if (auto it = j->find("vote"); vote && it != j->end() && it->is_string()) *vote = it->get<std::string>();
+  if (reason) {
+    if (auto it = j->find("reason"); it != j->end() && it->is_string())
+      *reason = it->get<std::string>();
+    else if (auto e = j->find("error"); e != j->end() && e->is_object() && e->contains("message") &&
+                                        (*e)["message"].is_string())
+      *reason = (*e)["message"].get<std::string>();
+  }
+  return state;
+}
+
+}  // namespace
+
+BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
+                                 const Status& transport) {
+  BranchReply out{m.gid, m.participant, m.kind, ReplyKind::failed, ""};
+  if (!transport.ok()) {
+    out.reason = transport.to_string();
+    return out;
+  }
+  std::string vote, reason;
+  std::string state = answer_state(body, &vote, &reason);
+  out.reason = reason;
+  switch (m.kind) {
+    case MsgKind::prepare:
+      if (http_status == 200) {
+        if (vote == "yes") out.reply = ReplyKind::vote_yes;
+        if (vote == "no") out.reply = ReplyKind::vote_no;
+        if (vote == "read_only") out.reply = ReplyKind::vote_read_only;
+      }
+      break;
+    case MsgKind::precommit:
+      if (http_status == 200 && state == "precommitted") out.reply = ReplyKind::precommitted;
+      if (http_status == 200 && state == "committed") out.reply = ReplyKind::committed;
+      if (http_status == 409 && state == "aborted") out.reply = ReplyKind::aborted;
+      break;
+    case MsgKind::commit:
+    case MsgKind::commit_one_phase:
+      if (http_status == 200 && (state == "committed" || state == "read_only"))
+        out.reply = ReplyKind::committed;
+      if (http_status == 409 && state == "aborted") out.reply = ReplyKind::aborted;
+      break;
+    case MsgKind::abort:
+      if (http_status == 200 && (state == "aborted" || state == "read_only"))
+        out.reply = ReplyKind::aborted;
+      if (http_status == 409 && state == "committed") out.reply = ReplyKind::committed;
+      break;
+  }
+  if (out.reply == ReplyKind::failed && out.reason.empty())
+    out.reason = "HTTP " + std::to_string(http_status);
+  else if (out.reply == ReplyKind::failed)
+    out.reason = "HTTP " + std::to_string(http_status) + ": " + out.reason;
+  return out;
+}
+
+}  // namespace tpc::coord

@@ -1,0 +1,44 @@
+// JSON codecs of the coordinator's HTTP API: request bodies in, views and replies out, and
+// the agents' answers to protocol messages. Pure functions over nlohmann::json, no IO.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "common/json.h"
+#include "coordinator/txn.h"
+
+namespace tpc::coord {
+
+struct BeginRequest {
+  Protocol protocol = Protocol::two_phase;
+  std::optional<int64_t> timeout_ms;
+};
+// {"protocol":"2pc"|"3pc","timeout_ms":N}, both optional.
+Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms);
+
+struct EnlistRequest {
+  std::string participant;
+  std::string url;
+};
+// {"participant":"a1","url":"http://..."}; the url must parse.
+Result<EnlistRequest> decode_enlist(std::string_view body);
+
+// {"wait":"completion"|"decision"} (optional).
+Result<CommitOptions> decode_commit(std::string_view body);
+// {"outcome":"commit"|"abort"} → true for commit.
+Result<bool> decode_resolve(std::string_view body);
+
+Json encode_view(const TxnView& v);
+// The HTTP answer for a ClientReply (error body, or the view with an "error" member when the
+// outcome is not what was asked).
+HttpResponse encode_reply(const ClientReply& r);
+
+// The body of a protocol message to an agent.
+std::string encode_message_body(const Message& m);
+// The agent's answer to a message → the machine's ReplyKind (failed for anything unusable).
+BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
+                                 const Status& transport);
+
+}  // namespace tpc::coord

@@ -1,0 +1,153 @@
+// Unit tests of the coordinator's JSON codecs: request bodies (valid and refused), views,
+// replies, and the agents' answers to protocol messages.
+#include <doctest/doctest.h>
+
+#include "coordinator/codec.h"
+
+using namespace tpc;
+using namespace tpc::coord;
+
+TEST_CASE("begin bodies: defaults, protocol, timeout, and refusals") {
+  auto d = decode_begin("", 1000);
+  REQUIRE(d.ok());
+  CHECK(d->protocol == Protocol::two_phase);
+  CHECK_FALSE(d->timeout_ms.has_value());
+  auto t = decode_begin(R"({"protocol":"3pc","timeout_ms":500})", 1000);
+  REQUIRE(t.ok());
+  CHECK(t->protocol == Protocol::three_phase);
+  CHECK(*t->timeout_ms == 500);
+  CHECK(decode_begin(R"({"protocol":"4pc"})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"protocol":2})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"timeout_ms":"5"})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"timeout_ms":0})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"timeout_ms":1001})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"timeout_ms":1.5})", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin("{", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin("[]", 1000).status().code() == Code::invalid_argument);
+  CHECK(decode_begin(R"({"unknown":[1,2]})", 1000).ok());  // unknown fields are ignored
+}
+
+TEST_CASE("enlist bodies need a valid participant name and URL") {
+  auto e = decode_enlist(R"({"participant":"a1","url":"http://127.0.0.1:7401"})");
+  REQUIRE(e.ok());
+  CHECK(e->participant == "a1");
+  CHECK(decode_enlist(R"({"url":"http://h:1"})").status().code() == Code::invalid_argument);
+  CHECK(decode_enlist(R"({"participant":"a'1","url":"http://h:1"})").status().code() ==
+        Code::invalid_argument);
+  CHECK(decode_enlist(R"({"participant":"a1","url":"ftp://h"})").status().code() ==
+        Code::invalid_argument);
+  CHECK(decode_enlist(R"({"participant":"a1","url":"http://h:99999"})").status().code() ==
+        Code::invalid_argument);
+}
+
+TEST_CASE("commit and resolve bodies") {
+  CHECK_FALSE(decode_commit("")->wait_decision_only);
+  CHECK(decode_commit(R"({"wait":"decision"})")->wait_decision_only);
+  CHECK_FALSE(decode_commit(R"({"wait":"completion"})")->wait_decision_only);
+  CHECK_FALSE(decode_commit(R"({"wait":"never"})").ok());
+  CHECK(*decode_resolve(R"({"outcome":"commit"})"));
+  CHECK_FALSE(*decode_resolve(R"({"outcome":"abort"})"));
+  CHECK_FALSE(decode_resolve(R"({"outcome":"maybe"})").ok());
+  CHECK_FALSE(decode_resolve("{}").ok());
+}
+
+TEST_CASE("views carry state, branches, reason and the decision") {
+  TxnView v;
+  v.gid = "c1-1-1";
+  v.state = TxnState::aborted;
+  v.reason = "vote_no";
+  v.reason_branch = "a2";
+  v.branches = {{"a1", "http://h:1", BranchState::aborted, 1, "", false, false},
+                {"a2", "http://h:2", BranchState::aborted, 3, "23503", false, false}};
+  Json j = encode_view(v);
+  CHECK(j["gid"] == "c1-1-1");
+  CHECK(j["protocol"] == "2pc");
+  CHECK(j["state"] == "aborted");
+  CHECK(j["reason"] == "vote_no");
+  CHECK(j["branch"] == "a2");
+  CHECK(j["decision"] == "abort");
+  REQUIRE(j["branches"].size() == 2);
+  CHECK(j["branches"][1]["participant"] == "a2");
+  CHECK(j["branches"][1]["state"] == "aborted");
+  CHECK(j["branches"][1]["attempts"] == 3);
+  CHECK_FALSE(j["branches"][0].contains("attempts"));
+
+  TxnView f;
+  f.gid = "c1-1-2";
+  f.forgotten = true;
+  Json jf = encode_view(f);
+  CHECK(jf["state"] == "unknown");
+  CHECK(jf["forgotten"] == true);
+  CHECK_FALSE(jf.contains("decision"));
+  TxnView p;
+  p.gid = "c1-1-3";
+  p.state = TxnState::precommitted;
+  p.protocol = Protocol::three_phase;
+  CHECK(encode_view(p)["decision"] == "commit");
+  CHECK(encode_view(p)["protocol"] == "3pc");
+}
+
+TEST_CASE("replies: a 409 outcome carries the view and an error; a plain error only the error") {
+  ClientReply r;
+  r.http_status = 409;
+  r.view.gid = "c1-1-1";
+  r.view.state = TxnState::aborted;
+  HttpResponse resp = encode_reply(r);
+  CHECK(resp.status == 409);
+  auto j = parse_json(resp.body);
+  REQUIRE(j.ok());
+  CHECK((*j)["state"] == "aborted");
+  CHECK((*j)["error"]["code"] == "conflict");
+
+  ClientReply e;
+  e.http_status = 404;
+  e.error = not_found("no transaction c9-1-1");
+  HttpResponse er = encode_reply(e);
+  CHECK(er.status == 404);
+  auto je = parse_json(er.body);
+  CHECK((*je)["error"]["code"] == "not_found");
+  CHECK_FALSE(je->contains("state"));
+}
+
+TEST_CASE("agents' answers map to replies; anything unusable is failed") {
+  Message prep{"c1-1-1", "a1", "http://h:1", MsgKind::prepare, 1, Protocol::two_phase};
+  CHECK(decode_branch_answer(prep, 200, R"({"vote":"yes"})", ok_status()).reply == ReplyKind::vote_yes);
+  CHECK(decode_branch_answer(prep, 200, R"({"vote":"read_only"})", ok_status()).reply ==
+        ReplyKind::vote_read_only);
+  auto no = decode_branch_answer(prep, 200, R"({"vote":"no","reason":"23503 fk"})", ok_status());
+  CHECK(no.reply == ReplyKind::vote_no);
+  CHECK(no.reason == "23503 fk");
+  CHECK(decode_branch_answer(prep, 503, R"({"error":{"code":"unavailable","message":"x"}})",
+                             ok_status()).reply == ReplyKind::failed);
+  CHECK(decode_branch_answer(prep, 200, "not json", ok_status()).reply == ReplyKind::failed);
+  auto down = decode_branch_answer(prep, 0, "", unavailable("connection refused"));
+  CHECK(down.reply == ReplyKind::failed);
+  CHECK(down.reason.find("connection refused") != std::string::npos);
+
+  Message commit{"c1-1-1", "a1", "http://h:1", MsgKind::commit, 1, Protocol::two_phase};
+  CHECK(decode_branch_answer(commit, 200, R"({"state":"committed"})", ok_status()).reply ==
+        ReplyKind::committed);
+  CHECK(decode_branch_answer(commit, 409, R"({"state":"aborted"})", ok_status()).reply ==
+        ReplyKind::aborted);
+  CHECK(decode_branch_answer(commit, 409, R"({"state":"active"})", ok_status()).reply ==
+        ReplyKind::failed);
+  Message abort{"c1-1-1", "a1", "http://h:1", MsgKind::abort, 1, Protocol::two_phase};
+  CHECK(decode_branch_answer(abort, 200, R"({"state":"aborted"})", ok_status()).reply ==
+        ReplyKind::aborted);
+  CHECK(decode_branch_answer(abort, 409, R"({"state":"committed"})", ok_status()).reply ==
+        ReplyKind::committed);
+  Message pre{"c1-1-1", "a1", "http://h:1", MsgKind::precommit, 1, Protocol::three_phase};
+  CHECK(decode_branch_answer(pre, 200, R"({"state":"precommitted"})", ok_status()).reply ==
+        ReplyKind::precommitted);
+  CHECK(decode_branch_answer(pre, 409, R"({"state":"aborted"})", ok_status()).reply ==
+        ReplyKind::aborted);
+}
+
+TEST_CASE("message bodies say the protocol at prepare and one_phase at a one-phase commit") {
+  Message m{"c1-1-1", "a1", "u", MsgKind::prepare, 1, Protocol::three_phase};
+  CHECK(encode_message_body(m) == R"({"protocol":"3pc"})");
+  m.protocol = Protocol::two_phase;
+  CHECK(encode_message_body(m) == "{}");
+  m.kind = MsgKind::commit_one_phase;
+  CHECK(encode_message_body(m) == R"({"one_phase":true})");
+}

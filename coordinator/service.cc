@@ -1,0 +1,631 @@
+#include "coordinator/service.h"
+
+#include <cstdlib>
+
+#include "common/failpoint.h"
+#include "common/json.h"
+#include "coordinator/codec.h"
+
+namespace tpc::coord {
+namespace {
+
+constexpr char kEpochKey[] = "epoch";
+constexpr char kForgottenKey[] = "forgotten_below";
+
+std::vector<std::string_view> split_path(std::string_view path) {
+  std::vector<std::string_view> parts;
+  while (!path.empty()) {
+    if (path[0] == '/') {
+      path.remove_prefix(1);
+      continue;
+    }
+    size_t slash = path.find('/');
+    parts.push_back(path.substr(0, slash));
+    path = slash == std::string_view::npos ? std::string_view() : path.substr(slash);
+  }
+  return parts;
+}
+
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+HttpResponse method_not_allowed() {
+  return error_response(405, "method_not_allowed", "method not allowed on this path");
+}
+
+std::optional<GidParts> parse_horizon(const std::string& text) {
+  size_t colon = text.find(':');
+  if (colon == std::string::npos) return std::nullopt;
+  try {
+    return GidParts{"", std::stoull(text.substr(0, colon)), std::stoull(text.substr(colon + 1))};
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
+CoordinatorService::CoordinatorService(const CoordinatorConfig& cfg,
+                                       std::unique_ptr<wal::DecisionLog> log, Logger& logger)
+    : cfg_(cfg),
+      log_(logger),
+      wal_(std::move(log)),
+      loop_(cfg.threads),
+      client_(loop_),
+      machine_(cfg.machine, logger) {}
+
+CoordinatorService::~CoordinatorService() { shutdown(0); }
+
+Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
+    const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
+  std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger));
+  s->started_ms_ = wall_ms();
+  TPC_RETURN_IF_ERROR(s->recover());
+  s->register_metrics();
+  s->loop_.start();
+  CoordinatorService* self = s.get();
+  auto server = HttpServer::start(s->loop_, cfg.http, [self](HttpRequest&& req, Responder respond) {
+    self->handle(std::move(req), std::move(respond));
+  });
+  if (!server.ok()) {
+    s->loop_.stop();
+    s->loop_.join();
+    return server.status();
+  }
+  s->server_ = std::move(*server);
+  Ready ready;
+  {
+    std::lock_guard lock(s->mu_);
+    ready = s->machine_.take_ready();
+  }
+  s->run(std::move(ready));
+  s->tick();
+  s->compaction_thread_ = std::thread([self] { self->compaction_loop(); });
+  logger.info("coordinator started", {{"id", cfg.machine.coordinator_id},
+                                      {"epoch", s->epoch_},
+                                      {"listen", cfg.http.host + ":" + std::to_string(s->port())},
+                                      {"recovering", s->machine_.recovering()}});
+  return s;
+}
+
+Status CoordinatorService::recover() {
+  auto epoch_text = wal_->get_meta(kEpochKey);
+  if (!epoch_text.ok()) return epoch_text.status();
+  uint64_t previous = 0;
+  if (epoch_text->has_value()) {
+    try {
+      previous = std::stoull(**epoch_text);
+    } catch (...) {
+      return corruption("the decision log's epoch is not a number: \"" + **epoch_text + "\"");
+    }
+  }
+  epoch_ = previous + 1;
+  TPC_RETURN_IF_ERROR(wal_->put_meta(kEpochKey, std::to_string(epoch_)));
+
+  std::optional<GidParts> forgotten;
+  auto horizon = wal_->get_meta(kForgottenKey);
+  if (!horizon.ok()) return horizon.status();
+  if (horizon->has_value()) {
+    forgotten = parse_horizon(**horizon);
+    if (!forgotten) return corruption("the decision log's horizon is malformed: \"" + **horizon + "\"");
+    forgotten->coordinator = cfg_.machine.coordinator_id;
+  }
+
+  std::vector<wal::TxnRecord> unfinished;
+  uint64_t ended = 0;
+  Status st = wal_->for_each([&](wal::TxnRecord&& r) {
+    if (r.ended)
+      ++ended;
+    else
+      unfinished.push_back(std::move(r));
+  });
+  if (!st.ok()) return Status(st.code(), "cannot replay the decision log: " + st.message());
+  log_.info("decision log replayed", {{"epoch", epoch_},
+                                      {"unfinished", static_cast<uint64_t>(unfinished.size())},
+                                      {"ended", ended}});
+  std::lock_guard lock(mu_);
+  machine_.recover(epoch_, forgotten, std::move(unfinished), wall_ms());
+  return ok_status();
+}
+
+uint16_t CoordinatorService::port() const { return server_ ? server_->port() : 0; }
+
+void CoordinatorService::on_stop_signal(std::function<void(int)> fn) {
+  loop_.on_stop_signal(std::move(fn));
+}
+
+void CoordinatorService::shutdown(int64_t drain_ms) {
+  {
+    std::lock_guard lock(compaction_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  stopping_ = true;
+  compaction_cv_.notify_all();
+  if (compaction_thread_.joinable()) compaction_thread_.join();
+  if (server_) {
+    server_->stop();
+    if (!server_->wait_idle(drain_ms))
+      log_.warn("shutdown: requests still in flight after the drain period",
+                {{"drain_ms", drain_ms}});
+  }
+  if (uint64_t t = tick_timer_.load()) loop_.cancel(t);
+  wal_->flush();
+  loop_.stop();
+  loop_.join();
+  server_.reset();
+  log_.info("coordinator stopped", {{"epoch", epoch_}});
+}
+
+template <class Fn>
+void CoordinatorService::with_machine(Fn&& fn) {
+  Ready ready;
+  {
+    std::lock_guard lock(mu_);
+    fn(machine_);
+    ready = machine_.take_ready();
+  }
+  if (!ready.empty()) run(std::move(ready));
+}
+
+// --- effects -------------------------------------------------------------------------------
+
+void CoordinatorService::run(Ready ready) {
+  if (!ready.persist.empty()) persist(std::move(ready.persist));
+  for (const Message& m : ready.messages) send(m);
+  for (const ClientReply& r : ready.replies) reply(r);
+}
+
+void CoordinatorService::persist(std::vector<Persist> items) {
+  std::vector<wal::LogWrite> writes;
+  std::vector<std::string> notify;
+  bool sync = false;
+  for (auto& p : items) {
+    sync = sync || p.sync;
+    if (p.notify) notify.push_back(p.record.gid);
+    writes.push_back(wal::LogWrite::put(std::move(p.record)));
+  }
+  if (sync) TPC_FAILPOINT("coord.before_decision_log");
+  wal_->write(std::move(writes), sync, [this, notify = std::move(notify)](Status st) {
+    if (!st.ok()) {
+      // Whether the records reached the disk is unknown: stop rather than guess. Recovery
+      // after a restart reads what is there.
+      log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
+      std::_Exit(3);
+    }
+    if (notify.empty()) return;
+    TPC_FAILPOINT("coord.after_decision_log");
+    with_machine([&](CoordinatorMachine& m) {
+      int64_t now = wall_ms();
+      for (auto& gid : notify) m.on_persisted(gid, now);
+    });
+  });
+}
+
+void CoordinatorService::send(const Message& m) {
+  auto url = parse_url(m.url);
+  if (!url.ok()) {
+    with_machine([&](CoordinatorMachine& mach) {
+      mach.on_reply(BranchReply{m.gid, m.participant, m.kind, ReplyKind::failed,
+                                url.status().message()},
+                    wall_ms());
+    });
+    return;
+  }
+  HttpRequest req;
+  req.method = "POST";
+  req.target = "/v1/branches/" + m.gid + "/" +
+               (m.kind == MsgKind::commit_one_phase ? "commit" : std::string(msg_name(m.kind)));
+  req.body = encode_message_body(m);
+  if (!cfg_.participant_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
+  SendOptions opts;
+  opts.timeout_ms = m.kind == MsgKind::prepare ? cfg_.machine.prepare_timeout_ms
+                                               : cfg_.message_timeout_ms;
+  client_.send(*url, std::move(req), opts, [this, m](HttpResult res) {
+    BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status);
+    with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
+  });
+}
+
+ClientReply CoordinatorService::from_log(const ClientReply& r) {
+  auto rec = wal_->get(r.view.gid);
+  if (!rec.ok()) {
+    ClientReply e;
+    e.waiter = r.waiter;
+    e.kind = r.kind;
+    e.http_status = 500;
+    e.error = rec.status();
+    return e;
+  }
+  ClientReply out;
+  RequestKind kind = r.kind == RequestKind::resolve ? RequestKind::get : r.kind;
+  if (rec->has_value())
+    out = CoordinatorMachine::reply_from_record(**rec, kind);
+  else
+    out = CoordinatorMachine::reply_without_record(r.view.gid, kind, r.view.forgotten);
+  out.waiter = r.waiter;
+  out.kind = r.kind;
+  if (r.kind == RequestKind::resolve && out.error.ok()) {
+    // An operator's resolve of a finished transaction: fine if it matches, refused if not.
+    out.http_status = 200;
+  }
+  return out;
+}
+
+void CoordinatorService::answer(const ClientReply& r, const Responder& respond) {
+  if (r.needs_log) {
+    respond(encode_reply(from_log(r)));
+    return;
+  }
+  respond(encode_reply(r));
+}
+
+void CoordinatorService::reply(const ClientReply& r) {
+  Pending p;
+  {
+    std::lock_guard lock(waiters_mu_);
+    auto it = waiters_.find(r.waiter);
+    if (it == waiters_.end()) return;
+    p = std::move(it->second);
+    waiters_.erase(it);
+  }
+  if (commit_latency_ && r.kind == RequestKind::commit)
+    commit_latency_->observe(static_cast<double>(wall_ms() - p.started_ms) / 1000.0);
+  answer(r, p.respond);
+}
+
+// --- HTTP ----------------------------------------------------------------------------------
+
+void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
+  std::string_view path = req.path();
+  auto parts = split_path(path);
+  if (parts.size() == 1 && parts[0] == "healthz") {
+    if (healthy_)
+      respond(json_response(200, Json{{"status", "ok"}, {"epoch", epoch_}}));
+    else
+      respond(error_response(unavailable("recovering: replaying and finishing decided transactions")));
+    return;
+  }
+  if (!cfg_.token.empty() &&
+      !constant_time_equal(req.header("authorization"), "Bearer " + cfg_.token)) {
+    respond(error_response(Status(Code::unauthorized, "missing or wrong bearer token")));
+    return;
+  }
+  bool get = req.method == "GET", post = req.method == "POST";
+  if (parts.size() == 1 && parts[0] == "metrics") {
+    if (!get) return respond(method_not_allowed());
+    HttpResponse r;
+    r.content_type = "text/plain; version=0.0.4";
+    r.body = metrics_.render();
+    respond(std::move(r));
+    return;
+  }
+  if (parts.empty() || parts[0] != "v1") {
+    respond(error_response(not_found("no such path: " + std::string(path))));
+    return;
+  }
+  if (parts.size() == 2 && parts[1] == "status") {
+    if (!get) return respond(method_not_allowed());
+    return status(respond);
+  }
+  if (parts.size() == 2 && parts[1] == "in-doubt") {
+    if (!get) return respond(method_not_allowed());
+    return in_doubt(respond);
+  }
+  if (parts.size() >= 2 && parts[1] == "transactions") {
+    if (parts.size() == 2) {
+      if (post) return begin(req, respond);
+      if (get) return list(req, respond);
+      return respond(method_not_allowed());
+    }
+    auto gid = percent_decode(parts[2]);
+    if (!gid) {
+      respond(error_response(invalid_argument("malformed gid in the path")));
+      return;
+    }
+    if (parts.size() == 3) {
+      if (!get) return respond(method_not_allowed());
+      return transaction(*gid, "", req, respond);
+    }
+    if (parts.size() == 4) {
+      if (!post) return respond(method_not_allowed());
+      return transaction(*gid, parts[3], req, respond);
+    }
+  }
+  respond(error_response(not_found("no such path: " + std::string(path))));
+}
+
+void CoordinatorService::begin(const HttpRequest& req, const Responder& respond) {
+  auto body = decode_begin(req.body, cfg_.machine.txn_timeout_max_ms);
+  if (!body.ok()) return respond(error_response(body.status()));
+  if (!healthy_) {
+    respond(error_response(unavailable("recovering: not accepting new transactions yet")));
+    return;
+  }
+  Result<TxnView> view = unavailable("");
+  with_machine([&](CoordinatorMachine& m) { view = m.begin(body->protocol, body->timeout_ms, wall_ms()); });
+  if (!view.ok()) return respond(error_response(view.status()));
+  respond(json_response(201, encode_view(*view)));
+}
+
+void CoordinatorService::list(const HttpRequest& req, const Responder& respond) {
+  std::optional<TxnState> state;
+  if (auto s = req.query_param("state")) {
+    state = parse_state(*s);
+    if (!state) return respond(error_response(invalid_argument("unknown state \"" + *s + "\"")));
+  }
+  size_t limit = 100;
+  if (auto l = req.query_param("limit")) {
+    char* end = nullptr;
+    long v = std::strtol(l->c_str(), &end, 10);
+    if (l->empty() || *end != '\0' || v < 1 || static_cast<size_t>(v) > cfg_.list_limit_max)
+      return respond(error_response(invalid_argument(
+          "limit must be between 1 and " + std::to_string(cfg_.list_limit_max))));
+    limit = static_cast<size_t>(v);
+  }
+  std::vector<TxnView> views;
+  {
+    std::lock_guard lock(mu_);
+    views = machine_.list(state, limit);
+  }
+  Json arr = Json::array();
+  for (auto& v : views) arr.push_back(encode_view(v));
+  respond(json_response(200, Json{{"transactions", std::move(arr)}}));
+}
+
+void CoordinatorService::transaction(const std::string& gid, std::string_view action,
+                                     const HttpRequest& req, const Responder& respond) {
+  if (!parse_gid(gid)) {
+    respond(error_response(invalid_argument("malformed gid \"" + gid +
+                                            "\" (want <coordinator>-<epoch>-<seq>)")));
+    return;
+  }
+  int64_t now = wall_ms();
+  if (action.empty()) {
+    Lookup l;
+    {
+      std::lock_guard lock(mu_);
+      l = machine_.lookup(gid);
+    }
+    ClientReply r;
+    r.kind = RequestKind::get;
+    switch (l.kind) {
+      case LookupKind::live: r.view = std::move(l.view); break;
+      case LookupKind::in_log:
+        r.view.gid = gid;
+        r.view.forgotten = l.forgotten_if_absent;
+        r.needs_log = true;
+        break;
+      default:
+        r.http_status = 404;
+        r.error = not_found("no transaction " + gid);
+        break;
+    }
+    return answer(r, respond);
+  }
+  if (action == "branches") {
+    auto body = decode_enlist(req.body);
+    if (!body.ok()) return respond(error_response(body.status()));
+    ClientReply r;
+    with_machine([&](CoordinatorMachine& m) { r = m.enlist(gid, body->participant, body->url, now); });
+    HttpResponse resp = encode_reply(r);
+    if (r.error.ok() && r.view.deadline_ms > 0) {
+      // The agent rolls its branch back on its own once the transaction's timeout passed.
+      auto j = parse_json(resp.body);
+      if (j.ok()) {
+        (*j)["expires_in_ms"] = std::max<int64_t>(0, r.view.deadline_ms - now);
+        resp.body = dump(*j);
+      }
+    }
+    return respond(std::move(resp));
+  }
+  if (action == "commit" || action == "abort") {
+    bool commit = action == "commit";
+    CommitOptions opts;
+    if (commit) {
+      auto o = decode_commit(req.body);
+      if (!o.ok()) return respond(error_response(o.status()));
+      opts = *o;
+    } else {
+      auto o = parse_object(req.body);
+      if (!o.ok()) return respond(error_response(o.status()));
+    }
+    uint64_t waiter = next_waiter_++;
+    {
+      std::lock_guard lock(waiters_mu_);
+      waiters_[waiter] = Pending{respond, now};
+    }
+    std::optional<ClientReply> immediate;
+    with_machine([&](CoordinatorMachine& m) {
+      immediate = commit ? m.commit(gid, waiter, opts, now) : m.abort(gid, waiter, now);
+    });
+    if (immediate) {
+      immediate->waiter = waiter;
+      reply(*immediate);
+    }
+    return;
+  }
+  if (action == "resolve") {
+    auto outcome = decode_resolve(req.body);
+    if (!outcome.ok()) return respond(error_response(outcome.status()));
+    ClientReply r;
+    with_machine([&](CoordinatorMachine& m) { r = m.resolve(gid, *outcome, now); });
+    if (r.needs_log) {
+      ClientReply fr = from_log(r);
+      bool committed = fr.view.state == TxnState::committed;
+      if (fr.error.ok() && committed != *outcome) {
+        fr.http_status = 409;
+        fr.error = conflict("transaction " + gid + " ended " +
+                            std::string(state_name(fr.view.state)));
+      }
+      return respond(encode_reply(fr));
+    }
+    return respond(encode_reply(r));
+  }
+  respond(error_response(not_found("no such action: " + std::string(action))));
+}
+
+void CoordinatorService::status(const Responder& respond) {
+  GidParts below;
+  size_t open = 0, recovering = 0;
+  {
+    std::lock_guard lock(mu_);
+    below = machine_.finished_below();
+    open = machine_.open_txns();
+    recovering = machine_.recovering();
+  }
+  respond(json_response(200, Json{{"id", cfg_.machine.coordinator_id},
+                                  {"epoch", epoch_},
+                                  {"healthy", healthy_.load()},
+                                  {"open_transactions", open},
+                                  {"recovering", recovering},
+                                  {"finished_below", {{"epoch", below.epoch}, {"seq", below.seq}}}}));
+}
+
+void CoordinatorService::in_doubt(const Responder& respond) {
+  std::vector<TxnView> views;
+  int64_t now = wall_ms();
+  {
+    std::lock_guard lock(mu_);
+    views = machine_.in_doubt(now, cfg_.list_limit_max);
+  }
+  Json arr = Json::array();
+  for (auto& v : views) {
+    Json j = encode_view(v);
+    if (v.decided_ms > 0) j["age_ms"] = now - v.decided_ms;
+    arr.push_back(std::move(j));
+  }
+  respond(json_response(200, Json{{"transactions", std::move(arr)}}));
+}
+
+// --- time ----------------------------------------------------------------------------------
+
+void CoordinatorService::tick() {
+  if (stopping_) return;
+  int64_t now = wall_ms();
+  size_t recovering = 0;
+  with_machine([&](CoordinatorMachine& m) {
+    m.tick(now);
+    recovering = m.recovering();
+  });
+  if (!healthy_ && (recovering == 0 || now - started_ms_ >= cfg_.recovery_wait_ms)) {
+    healthy_ = true;
+    if (recovering == 0)
+      log_.info("recovery finished", {{"epoch", epoch_}, {"ms", now - started_ms_}});
+    else
+      log_.warn("recovery still driving transactions; serving anyway",
+                {{"unfinished", static_cast<uint64_t>(recovering)}, {"ms", now - started_ms_}});
+  }
+  tick_timer_ = loop_.run_after(cfg_.tick_ms, [this] { tick(); });
+}
+
+void CoordinatorService::compaction_loop() {
+  std::unique_lock lock(compaction_mu_);
+  while (!shut_down_) {
+    compaction_cv_.wait_for(lock, std::chrono::milliseconds(cfg_.compaction_interval_ms));
+    if (shut_down_) break;
+    lock.unlock();
+    compact_once();
+    lock.lock();
+  }
+}
+
+void CoordinatorService::compact_once() {
+  int64_t cutoff = wall_ms() - cfg_.retention_ms;
+  std::vector<std::string> erase;
+  std::optional<GidParts> highest;
+  Status st = wal_->for_each([&](wal::TxnRecord&& r) {
+    if (!r.ended || r.ended_wall_ms >= cutoff) return;
+    auto parts = parse_gid(r.gid);
+    if (!parts) return;
+    if (!highest || *highest < *parts) highest = parts;
+    erase.push_back(std::move(r.gid));
+  });
+  if (!st.ok()) {
+    log_.error("compaction could not read the decision log", {{"error", st.to_string()}});
+    return;
+  }
+  if (erase.empty()) return;
+  GidParts below{cfg_.machine.coordinator_id, highest->epoch, highest->seq + 1};
+  // The horizon goes first: a gid below it without a record then reads as forgotten, never
+  // as presumed aborted.
+  Status meta = wal_->put_meta(kForgottenKey,
+                               std::to_string(below.epoch) + ":" + std::to_string(below.seq));
+  if (!meta.ok()) {
+    log_.error("compaction could not record its horizon", {{"error", meta.to_string()}});
+    return;
+  }
+  {
+    std::lock_guard lock(mu_);
+    machine_.set_forgotten_below(below);
+  }
+  std::vector<wal::LogWrite> writes;
+  for (auto& gid : erase) writes.push_back(wal::LogWrite::erase(gid));
+  size_t n = writes.size();
+  wal_->write(std::move(writes), false, [this, n](Status s) {
+    if (!s.ok())
+      log_.error("compaction erase failed", {{"error", s.to_string()}});
+    else
+      log_.info("compacted finished outcomes", {{"records", static_cast<uint64_t>(n)}});
+  });
+}
+
+void CoordinatorService::register_metrics() {
+  auto counter = [this](const std::string& name, const std::string& help, Labels labels,
+                        std::function<uint64_t(const MachineCounters&)> read) {
+    metrics_.counter_fn(name, help, [this, read] {
+      std::lock_guard lock(mu_);
+      return static_cast<double>(read(machine_.counters()));
+    }, std::move(labels));
+  };
+  for (int p = 0; p < 2; ++p) {
+    std::string proto = p == 0 ? "2pc" : "3pc";
+    counter("tpc_coordinator_transactions_begun_total", "transactions begun",
+            {{"protocol", proto}}, [p](const MachineCounters& c) { return c.begun[p]; });
+  }
+  for (int p = 0; p < 2; ++p) {
+    std::string proto = p == 0 ? "2pc" : "3pc";
+    counter("tpc_coordinator_transactions_total", "transactions finished, by outcome",
+            {{"protocol", proto}, {"outcome", "committed"}},
+            [p](const MachineCounters& c) { return c.committed[p]; });
+    counter("tpc_coordinator_transactions_total", "transactions finished, by outcome",
+            {{"protocol", proto}, {"outcome", "aborted"}},
+            [p](const MachineCounters& c) { return c.aborted[p]; });
+  }
+  counter("tpc_coordinator_heuristic_mixed_total", "transactions whose branches disagreed", {},
+          [](const MachineCounters& c) { return c.heuristic_mixed; });
+  counter("tpc_coordinator_one_phase_total", "single-branch transactions committed in one phase", {},
+          [](const MachineCounters& c) { return c.one_phase; });
+  counter("tpc_coordinator_read_only_branches_total", "branches that voted read_only", {},
+          [](const MachineCounters& c) { return c.read_only_branches; });
+  counter("tpc_coordinator_messages_sent_total", "protocol messages sent to agents", {},
+          [](const MachineCounters& c) { return c.messages_sent; });
+  counter("tpc_coordinator_resends_total", "protocol messages sent again after a failure", {},
+          [](const MachineCounters& c) { return c.resends; });
+  counter("tpc_coordinator_recovered_total", "transactions re-driven from the log at start", {},
+          [](const MachineCounters& c) { return c.recovered; });
+  metrics_.gauge("tpc_coordinator_open_transactions", "transactions in memory, not finished", [this] {
+    std::lock_guard lock(mu_);
+    return static_cast<double>(machine_.open_txns());
+  });
+  metrics_.gauge("tpc_coordinator_decided_unfinished", "decided transactions whose phase 2 runs", [this] {
+    std::lock_guard lock(mu_);
+    return static_cast<double>(machine_.prepared_unfinished());
+  });
+  metrics_.gauge("tpc_coordinator_healthy", "1 once start-up recovery finished",
+                 [this] { return healthy_ ? 1.0 : 0.0; });
+  metrics_.counter_fn("tpc_coordinator_log_fsyncs_total", "synced writes to the decision log",
+                      [this] { return static_cast<double>(wal_->stats().synced_batches); });
+  metrics_.counter_fn("tpc_coordinator_log_records_synced_total",
+                      "records written in synced batches (decisions per fsync = this / fsyncs)",
+                      [this] { return static_cast<double>(wal_->stats().records_synced); });
+  commit_latency_ = &metrics_.histogram("tpc_coordinator_commit_seconds",
+                                        "commit requests, from arrival to answer", latency_buckets());
+}
+
+}  // namespace tpc::coord

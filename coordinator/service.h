@@ -1,0 +1,131 @@
+// CoordinatorService: the driver around CoordinatorMachine. It owns the event loop, the HTTP
+// server (the REST API of DESIGN.md §3), the HTTP client to the agents and the decision log,
+// and carries out the machine's effects in order: persist, then send, then reply.
+//
+// Start-up: the epoch is bumped and synced, the log replayed, decided transactions handed to
+// the machine, which drives them to their outcome; /healthz answers 200 once they are all
+// finished (or recovery_wait_ms passed, whichever is first; the rest goes on in the
+// background and is listed as in doubt).
+//
+// Threads: the machine is serialised by one mutex; effects run outside it, on whichever thread
+// produced them (a loop thread, or the log's writer thread for on_persisted). A failed write
+// to the decision log stops the process: it cannot know whether the decision is durable.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "common/event_loop.h"
+#include "common/http.h"
+#include "common/http_client.h"
+#include "common/http_server.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "coordinator/coordinator_machine.h"
+#include "wal/decision_log.h"
+
+namespace tpc::coord {
+
+struct CoordinatorConfig {
+  HttpServerOptions http;
+  int threads = 2;
+  std::string token;              // clients and agents must send "Authorization: Bearer T"
+  std::string participant_token;  // sent to agents
+  std::map<std::string, std::string> participants;  // name → URL, for one-shot transactions
+  MachineOptions machine;
+  int64_t message_timeout_ms = 5'000;      // commit/abort/pre-commit messages, per attempt
+  int64_t retention_ms = 24 * 3'600'000;   // finished outcomes stay answerable this long
+  int64_t compaction_interval_ms = 60'000;
+  int64_t recovery_wait_ms = 30'000;       // /healthz waits at most this for re-driven work
+  int64_t tick_ms = 10;
+  size_t list_limit_max = 1'000;
+};
+
+class CoordinatorService {
+ public:
+  // Replays `log` and starts serving. `logger` must outlive the service.
+  static Result<std::unique_ptr<CoordinatorService>> start(const CoordinatorConfig& cfg,
+                                                           std::unique_ptr<wal::DecisionLog> log,
+                                                           Logger& logger);
+  ~CoordinatorService();
+
+  uint16_t port() const;
+  bool healthy() const { return healthy_.load(); }
+  uint64_t epoch() const { return epoch_; }
+  // Stops accepting, lets requests in flight finish (up to drain_ms), flushes the log and
+  // stops the threads. Idempotent.
+  void shutdown(int64_t drain_ms);
+  // Calls fn(signo) on SIGINT/SIGTERM.
+  void on_stop_signal(std::function<void(int)> fn);
+
+  // The request handler, callable without sockets (tests).
+  void handle(HttpRequest&& req, Responder respond);
+
+ private:
+  CoordinatorService(const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log,
+                     Logger& logger);
+  Status recover();
+  void register_metrics();
+
+  // Effects.
+  void run(Ready ready);
+  void persist(std::vector<Persist> items);
+  void send(const Message& m);
+  void reply(const ClientReply& r);
+  void answer(const ClientReply& r, const Responder& respond);
+  ClientReply from_log(const ClientReply& r);
+  template <class Fn>
+  void with_machine(Fn&& fn);
+
+  // Handlers.
+  void begin(const HttpRequest& req, const Responder& respond);
+  void list(const HttpRequest& req, const Responder& respond);
+  void transaction(const std::string& gid, std::string_view action, const HttpRequest& req,
+                   const Responder& respond);
+  void status(const Responder& respond);
+  void in_doubt(const Responder& respond);
+
+  void tick();
+  void compaction_loop();
+  void compact_once();
+
+  CoordinatorConfig cfg_;
+  Logger& log_;
+  std::unique_ptr<wal::DecisionLog> wal_;
+  EventLoop loop_;
+  HttpClient client_;
+  std::unique_ptr<HttpServer> server_;
+  Metrics metrics_;
+  Histogram* commit_latency_ = nullptr;
+
+  mutable std::mutex mu_;  // guards machine_
+  CoordinatorMachine machine_;
+
+  std::mutex waiters_mu_;
+  struct Pending {
+    Responder respond;
+    int64_t started_ms = 0;
+  };
+  std::unordered_map<uint64_t, Pending> waiters_;
+  std::atomic<uint64_t> next_waiter_{1};
+
+  uint64_t epoch_ = 0;
+  int64_t started_ms_ = 0;
+  std::atomic<bool> healthy_{false};
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> tick_timer_{0};
+
+  std::mutex compaction_mu_;
+  std::condition_variable compaction_cv_;
+  std::thread compaction_thread_;
+  bool shut_down_ = false;
+};
+
+}  // namespace tpc::coord

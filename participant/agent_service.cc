@@ -1,0 +1,663 @@
+#include "participant/agent_service.h"
+
+#include <chrono>
+
+#include "common/failpoint.h"
+#include "common/ids.h"
+#include "common/json.h"
+#include "participant/pg_branch.h"
+
+namespace tpc::agent {
+namespace {
+
+std::vector<std::string_view> split_path(std::string_view path) {
+  std::vector<std::string_view> parts;
+  while (!path.empty()) {
+    if (path[0] == '/') {
+      path.remove_prefix(1);
+      continue;
+    }
+    size_t slash = path.find('/');
+    parts.push_back(path.substr(0, slash));
+    path = slash == std::string_view::npos ? std::string_view() : path.substr(slash);
+  }
+  return parts;
+}
+
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+HttpResponse method_not_allowed() {
+  return error_response(405, "method_not_allowed", "method not allowed on this path");
+}
+
+OpResult failed(Status s, std::string sqlstate = "") {
+  OpResult r;
+  r.status = std::move(s);
+  r.sqlstate = std::move(sqlstate);
+  return r;
+}
+
+}  // namespace
+
+AgentService::AgentService(const AgentConfig& cfg, Logger& logger)
+    : cfg_(cfg), log_(logger), loop_(cfg.threads), client_(loop_), machine_(cfg.machine, logger) {}
+
+AgentService::~AgentService() { shutdown(0); }
+
+Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg, Logger& logger) {
+  std::unique_ptr<AgentService> s(new AgentService(cfg, logger));
+  TPC_RETURN_IF_ERROR(s->check_postgres());
+  for (int i = 0; i < cfg.pg_workers; ++i) s->workers_.emplace_back([p = s.get()] { p->worker_loop(); });
+  // The first scan runs before we serve: prepared branches left by an earlier run are known
+  // before any coordinator asks about them.
+  if (Status st = s->scan_once(); !st.ok())
+    return Status(st.code(), "cannot scan pg_prepared_xacts: " + st.message());
+  s->register_metrics();
+  s->loop_.start();
+  AgentService* self = s.get();
+  auto server = HttpServer::start(s->loop_, cfg.http, [self](HttpRequest&& req, Responder respond) {
+    self->handle(std::move(req), std::move(respond));
+  });
+  if (!server.ok()) return server.status();
+  s->server_ = std::move(*server);
+  s->tick();
+  s->schedule(cfg.scan_interval_ms, [self] { self->scan(); });
+  s->schedule(cfg.purge_interval_ms, [self] { self->purge(); });
+  logger.info("agent started", {{"name", cfg.machine.name},
+                                {"listen", cfg.http.host + ":" + std::to_string(s->port())},
+                                {"url", cfg.advertise_url},
+                                {"prepared", static_cast<uint64_t>(s->machine_.prepared_count())}});
+  return s;
+}
+
+Status AgentService::check_postgres() {
+  auto conn = pg::PgConn::connect(cfg_.pg);
+  if (!conn.ok()) return unavailable("cannot connect to PostgreSQL: " + conn.status().message());
+  auto mpt = pg::max_prepared_transactions(**conn);
+  if (!mpt.ok()) return unavailable("cannot read max_prepared_transactions: " + mpt.status().message());
+  if (*mpt == 0)
+    return invalid_argument(
+        "PostgreSQL has max_prepared_transactions = 0, so PREPARE TRANSACTION cannot work; set it "
+        "above 0 (for example to max_connections) in postgresql.conf and restart PostgreSQL");
+  Status st = pg::ensure_schema(**conn);
+  if (!st.ok()) return Status(st.code(), "cannot create the agent's tables: " + st.message());
+  log_.info("postgres ready", {{"max_prepared_transactions", *mpt},
+                               {"server_version", (*conn)->server_version()}});
+  release(std::move(*conn));
+  return ok_status();
+}
+
+uint16_t AgentService::port() const { return server_ ? server_->port() : 0; }
+
+void AgentService::on_stop_signal(std::function<void(int)> fn) { loop_.on_stop_signal(std::move(fn)); }
+
+void AgentService::shutdown(int64_t drain_ms) {
+  {
+    std::lock_guard lock(timers_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  stopping_ = true;
+  if (server_) {
+    server_->stop();
+    if (!server_->wait_idle(drain_ms))
+      log_.warn("shutdown: requests still in flight after the drain period", {{"drain_ms", drain_ms}});
+  }
+  {
+    std::lock_guard lock(jobs_mu_);
+    workers_stop_ = true;
+  }
+  jobs_cv_.notify_all();
+  for (auto& w : workers_) w.join();
+  workers_.clear();
+  loop_.stop();
+  loop_.join();
+  server_.reset();
+  {
+    // Open sessions end with their connections: PostgreSQL rolls back what was not prepared.
+    std::lock_guard lock(pool_mu_);
+    sessions_.clear();
+    idle_.clear();
+  }
+  log_.info("agent stopped", {{"name", cfg_.machine.name}});
+}
+
+template <class Fn>
+void AgentService::with_machine(Fn&& fn) {
+  Ready ready;
+  {
+    std::lock_guard lock(mu_);
+    fn(machine_);
+    ready = machine_.take_ready();
+  }
+  if (!ready.empty()) run(std::move(ready));
+}
+
+void AgentService::schedule(int64_t delay_ms, std::function<void()> fn) {
+  if (stopping_) return;
+  loop_.run_after(delay_ms, std::move(fn));
+}
+
+// --- effects -------------------------------------------------------------------------------
+
+void AgentService::run(Ready ready) {
+  for (auto& op : ready.ops) {
+    submit([this, op = std::move(op)] {
+      int64_t started = monotonic_ms();
+      OpResult res = execute(op);
+      if (op_latency_) op_latency_->observe(static_cast<double>(monotonic_ms() - started) / 1000.0);
+      with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), wall_ms()); });
+    });
+  }
+  for (auto& gid : ready.enlists) enlist(gid);
+  for (auto& gid : ready.asks) ask(gid);
+  for (auto& r : ready.replies) reply(r);
+}
+
+const std::string* AgentService::coordinator_url(std::string_view gid) const {
+  auto parts = parse_gid(gid);
+  if (!parts) return nullptr;
+  auto it = cfg_.coordinators.find(parts->coordinator);
+  return it == cfg_.coordinators.end() ? nullptr : &it->second;
+}
+
+void AgentService::enlist(const std::string& gid) {
+  const std::string* base = coordinator_url(gid);
+  Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator for " + gid));
+  if (!url.ok()) {
+    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, not_found(url.status().message()), 0, wall_ms()); });
+    return;
+  }
+  HttpRequest req;
+  req.method = "POST";
+  req.target = "/v1/transactions/" + gid + "/branches";
+  req.body = dump(Json{{"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}});
+  if (!cfg_.coordinator_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+  SendOptions opts;
+  opts.timeout_ms = cfg_.coordinator_timeout_ms;
+  client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
+    int64_t expires = 0;
+    Status st = decode_enlist_answer(res.http_status, res.body, res.status, &expires);
+    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, st, expires, wall_ms()); });
+  });
+}
+
+void AgentService::ask(const std::string& gid) {
+  const std::string* base = coordinator_url(gid);
+  Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator configured"));
+  if (!url.ok()) {
+    with_machine([&](AgentMachine& m) {
+      m.on_outcome(gid, Outcome::unknown, "no coordinator configured for this gid", wall_ms());
+    });
+    return;
+  }
+  HttpRequest req;
+  req.method = "GET";
+  req.target = "/v1/transactions/" + gid;
+  if (!cfg_.coordinator_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+  SendOptions opts;
+  opts.timeout_ms = cfg_.coordinator_timeout_ms;
+  client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
+    std::string answer;
+    Outcome o = decode_outcome_answer(res.http_status, res.body, res.status, &answer);
+    with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, wall_ms()); });
+  });
+}
+
+void AgentService::reply(const Reply& r) {
+  Responder respond;
+  {
+    std::lock_guard lock(waiters_mu_);
+    auto it = waiters_.find(r.request);
+    if (it == waiters_.end()) return;
+    respond = std::move(it->second);
+    waiters_.erase(it);
+  }
+  respond(encode_reply(r));
+}
+
+// --- PostgreSQL ----------------------------------------------------------------------------
+
+void AgentService::submit(std::function<void()> job) {
+  {
+    std::lock_guard lock(jobs_mu_);
+    jobs_.push_back(std::move(job));
+  }
+  jobs_cv_.notify_one();
+}
+
+void AgentService::worker_loop() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      std::unique_lock lock(jobs_mu_);
+      jobs_cv_.wait(lock, [this] { return workers_stop_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stopping, and drained
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    job();
+  }
+}
+
+Result<std::unique_ptr<pg::PgConn>> AgentService::acquire() {
+  {
+    std::lock_guard lock(pool_mu_);
+    while (!idle_.empty()) {
+      auto c = std::move(idle_.back());
+      idle_.pop_back();
+      if (c->usable() && !c->in_transaction()) return c;
+    }
+  }
+  auto c = pg::PgConn::connect(cfg_.pg);
+  if (c.ok()) ++connections_opened_;
+  return c;
+}
+
+void AgentService::release(std::unique_ptr<pg::PgConn> conn) {
+  if (!conn || !conn->usable() || conn->in_transaction()) return;  // dropped: closes it
+  std::lock_guard lock(pool_mu_);
+  if (idle_.size() < cfg_.pg_idle_max) idle_.push_back(std::move(conn));
+}
+
+std::unique_ptr<pg::PgConn> AgentService::take_session(const std::string& gid) {
+  std::lock_guard lock(pool_mu_);
+  auto it = sessions_.find(gid);
+  if (it == sessions_.end()) return nullptr;
+  auto c = std::move(it->second);
+  sessions_.erase(it);
+  return c;
+}
+
+OpResult AgentService::execute(const PgOp& op) {
+  auto parts = parse_gid(op.gid);
+  TPC_ASSERT(parts.has_value());  // validated at the HTTP edge
+  const std::string pgg = pg::pg_gid(cfg_.machine.name, op.gid);
+  auto epoch = static_cast<int64_t>(parts->epoch), seq = static_cast<int64_t>(parts->seq);
+  OpResult res;
+  switch (op.kind) {
+    case OpKind::exec: {
+      auto conn = take_session(op.gid);
+      if (!conn) {
+        auto c = acquire();
+        if (!c.ok()) return failed(c.status());
+        conn = std::move(*c);
+        Status st = pg::begin(*conn);
+        if (!st.ok()) return failed(st.code() == Code::sql_error ? unavailable(st.message()) : st);
+      }
+      res.results = std::make_shared<std::vector<pg::StatementResult>>();
+      for (size_t i = 0; i < op.statements.size(); ++i) {
+        const Statement& s = op.statements[i];
+        pg::ExecResult er = conn->exec(s.sql, s.params);
+        if (!er.status.ok()) {
+          std::string msg = op.statements.size() > 1
+                                ? "statement " + std::to_string(i + 1) + ": " + er.status.message()
+                                : er.status.message();
+          res = failed(Status(er.status.code(), msg), er.sqlstate);
+          break;
+        }
+        if (er.result.rows.size() > cfg_.result_rows_max) {
+          res = failed(Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
+                                                   std::to_string(er.result.rows.size()) +
+                                                   " rows; the limit is " +
+                                                   std::to_string(cfg_.result_rows_max)),
+                       "54000");
+          break;
+        }
+        res.results->push_back(std::move(er.result));
+      }
+      if (res.status.ok() && op.then_prepare) {
+        TPC_FAILPOINT("agent.before_prepare");
+        auto p = pg::prepare(*conn, pgg, parts->coordinator, epoch, seq);
+        if (!p.ok()) {
+          res.status = p.status();
+          return res;  // the session is gone with conn
+        }
+        TPC_FAILPOINT("agent.after_prepare");
+        res.prepare = *p;
+        release(std::move(conn));
+        return res;
+      }
+      if (res.status.code() == Code::unavailable) return res;  // the session died
+      std::lock_guard lock(pool_mu_);
+      sessions_[op.gid] = std::move(conn);
+      return res;
+    }
+    case OpKind::prepare: {
+      auto conn = take_session(op.gid);
+      if (!conn) return failed(unavailable("the branch has no open session"));
+      TPC_FAILPOINT("agent.before_prepare");
+      auto p = pg::prepare(*conn, pgg, parts->coordinator, epoch, seq);
+      if (!p.ok()) return failed(p.status());
+      TPC_FAILPOINT("agent.after_prepare");
+      res.prepare = *p;
+      release(std::move(conn));
+      return res;
+    }
+    case OpKind::commit_one_phase: {
+      auto conn = take_session(op.gid);
+      if (!conn) return failed(unavailable("the branch has no open session"));
+      std::string reason;
+      auto o = pg::commit_one_phase(*conn, pgg, parts->coordinator, epoch, seq, &reason);
+      if (!o.ok()) return failed(o.status());
+      res.outcome = *o;
+      res.reason = reason;
+      release(std::move(conn));
+      return res;
+    }
+    case OpKind::rollback: {
+      auto conn = take_session(op.gid);
+      if (conn) {
+        Status st = pg::rollback(*conn);
+        if (st.ok()) release(std::move(conn));
+      }
+      return res;
+    }
+    case OpKind::commit_prepared:
+    case OpKind::rollback_prepared:
+    case OpKind::evidence:
+    case OpKind::put_state: {
+      auto c = acquire();
+      if (!c.ok()) return failed(c.status());
+      auto& conn = *c;
+      if (op.kind == OpKind::commit_prepared) {
+        TPC_FAILPOINT("agent.before_commit_prepared");
+        auto o = pg::commit_prepared(*conn, pgg);
+        if (!o.ok()) return failed(o.status());
+        TPC_FAILPOINT("agent.after_commit_prepared");
+        res.outcome = *o;
+      } else if (op.kind == OpKind::rollback_prepared) {
+        auto o = pg::rollback_prepared(*conn, pgg);
+        if (!o.ok()) return failed(o.status());
+        res.outcome = *o;
+      } else if (op.kind == OpKind::evidence) {
+        auto e = pg::evidence(*conn, pgg);
+        if (!e.ok()) return failed(e.status());
+        res.evidence = *e;
+      } else {
+        Status st = pg::put_state(*conn, pgg, op.state, op.detail);
+        if (!st.ok()) return failed(st);
+      }
+      if (op.clear_state) {
+        // The pre-commit record has done its job once the branch is finished; a failure
+        // here leaves a stale row that the next scan ignores.
+        (void)pg::delete_state(*conn, pgg);
+      }
+      release(std::move(conn));
+      return res;
+    }
+  }
+  return failed(internal_error("unknown operation"));
+}
+
+Status AgentService::scan_once() {
+  int64_t started = wall_ms();
+  auto c = acquire();
+  if (!c.ok()) return c.status();
+  TPC_FAILPOINT("agent.during_scan");
+  auto list = pg::list_prepared(**c, cfg_.machine.name);
+  if (!list.ok()) return list.status();
+  std::vector<AgentMachine::ScanEntry> entries;
+  for (auto& x : *list) {
+    auto gid = pg::global_gid(cfg_.machine.name, x.pg_gid);
+    if (!gid) continue;
+    AgentMachine::ScanEntry e;
+    e.gid = *gid;
+    e.age_ms = x.prepared_age_ms;
+    auto state = pg::get_state(**c, x.pg_gid);
+    if (!state.ok()) return state.status();
+    e.durable_state = *state;
+    entries.push_back(std::move(e));
+  }
+  release(std::move(*c));
+  with_machine([&](AgentMachine& m) { m.on_scan(std::move(entries), started, wall_ms()); });
+  return ok_status();
+}
+
+void AgentService::scan() {
+  submit([this] {
+    Status st = scan_once();
+    if (!st.ok()) log_.warn("in-doubt scan failed", {{"error", st.to_string()}});
+    schedule(cfg_.scan_interval_ms, [this] { scan(); });
+  });
+}
+
+void AgentService::purge() {
+  for (auto& [id, base] : cfg_.coordinators) {
+    auto url = parse_url(base);
+    if (!url.ok()) continue;
+    HttpRequest req;
+    req.method = "GET";
+    req.target = "/v1/status";
+    if (!cfg_.coordinator_token.empty())
+      req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+    SendOptions opts;
+    opts.timeout_ms = cfg_.coordinator_timeout_ms;
+    client_.send(*url, std::move(req), opts, [this, id = id](HttpResult res) {
+      if (!res.status.ok() || res.http_status != 200) return;
+      auto j = parse_json(res.body);
+      if (!j.ok() || !j->contains("finished_below")) return;
+      const Json& fb = (*j)["finished_below"];
+      if (!fb.is_object() || !fb.contains("epoch") || !fb.contains("seq") ||
+          !fb["epoch"].is_number_unsigned() || !fb["seq"].is_number_unsigned())
+        return;
+      auto epoch = fb["epoch"].get<int64_t>(), seq = fb["seq"].get<int64_t>();
+      submit([this, id, epoch, seq] {
+        auto c = acquire();
+        if (!c.ok()) return;
+        int64_t total = 0;
+        for (int round = 0; round < 10; ++round) {
+          auto n = pg::purge_markers(**c, id, epoch, seq, 10'000);
+          if (!n.ok()) break;
+          total += *n;
+          if (*n < 10'000) break;
+        }
+        release(std::move(*c));
+        if (total > 0) log_.info("purged markers", {{"coordinator", id}, {"rows", total}});
+      });
+    });
+  }
+  schedule(cfg_.purge_interval_ms, [this] { purge(); });
+}
+
+// --- HTTP ----------------------------------------------------------------------------------
+
+void AgentService::handle(HttpRequest&& req, Responder respond) {
+  std::string_view path = req.path();
+  auto parts = split_path(path);
+  if (parts.size() == 1 && parts[0] == "healthz") {
+    respond(json_response(200, Json{{"status", "ok"}, {"name", cfg_.machine.name}}));
+    return;
+  }
+  if (!cfg_.token.empty() &&
+      !constant_time_equal(req.header("authorization"), "Bearer " + cfg_.token)) {
+    respond(error_response(Status(Code::unauthorized, "missing or wrong bearer token")));
+    return;
+  }
+  bool get = req.method == "GET", post = req.method == "POST";
+  if (parts.size() == 1 && parts[0] == "metrics") {
+    if (!get) return respond(method_not_allowed());
+    HttpResponse r;
+    r.content_type = "text/plain; version=0.0.4";
+    r.body = metrics_.render();
+    return respond(std::move(r));
+  }
+  if (parts.size() >= 2 && parts[0] == "v1") {
+    if (parts.size() == 2 && parts[1] == "in-doubt") {
+      if (!get) return respond(method_not_allowed());
+      std::vector<BranchView> views;
+      {
+        std::lock_guard lock(mu_);
+        views = machine_.in_doubt(wall_ms());
+      }
+      Json arr = Json::array();
+      for (auto& v : views) arr.push_back(encode_view(v));
+      return respond(json_response(200, Json{{"branches", std::move(arr)}}));
+    }
+    if (parts.size() == 2 && parts[1] == "status") {
+      if (!get) return respond(method_not_allowed());
+      size_t sessions, prepared;
+      {
+        std::lock_guard lock(mu_);
+        sessions = machine_.open_sessions();
+        prepared = machine_.prepared_count();
+      }
+      return respond(json_response(200, Json{{"name", cfg_.machine.name},
+                                             {"open_branches", sessions},
+                                             {"prepared", prepared},
+                                             {"branches_max", cfg_.machine.branches_max}}));
+    }
+    if (parts[1] == "branches") {
+      if (parts.size() == 2) {
+        if (!get) return respond(method_not_allowed());
+        return list(req, respond);
+      }
+      auto gid = percent_decode(parts[2]);
+      if (!gid) return respond(error_response(invalid_argument("malformed gid in the path")));
+      if (parts.size() == 3) {
+        if (!get) return respond(method_not_allowed());
+        return branch_request(*gid, "", req, respond);
+      }
+      if (parts.size() == 4) {
+        if (!post) return respond(method_not_allowed());
+        return branch_request(*gid, parts[3], req, respond);
+      }
+    }
+  }
+  respond(error_response(not_found("no such path: " + std::string(path))));
+}
+
+void AgentService::list(const HttpRequest& req, const Responder& respond) {
+  std::optional<BranchState> state;
+  if (auto s = req.query_param("state")) {
+    state = parse_external_state(*s);
+    if (!state) return respond(error_response(invalid_argument("unknown state \"" + *s + "\"")));
+  }
+  size_t limit = 100;
+  if (auto l = req.query_param("limit")) {
+    char* end = nullptr;
+    long v = std::strtol(l->c_str(), &end, 10);
+    if (l->empty() || *end != '\0' || v < 1 || static_cast<size_t>(v) > cfg_.list_limit_max)
+      return respond(error_response(
+          invalid_argument("limit must be between 1 and " + std::to_string(cfg_.list_limit_max))));
+    limit = static_cast<size_t>(v);
+  }
+  std::vector<BranchView> views;
+  {
+    std::lock_guard lock(mu_);
+    views = machine_.list(state, limit, wall_ms());
+  }
+  Json arr = Json::array();
+  for (auto& v : views) arr.push_back(encode_view(v));
+  respond(json_response(200, Json{{"branches", std::move(arr)}}));
+}
+
+void AgentService::branch_request(const std::string& gid, std::string_view action,
+                                  const HttpRequest& req, const Responder& respond) {
+  if (!parse_gid(gid))
+    return respond(error_response(
+        invalid_argument("malformed gid \"" + gid + "\" (want <coordinator>-<epoch>-<seq>)")));
+  if (!coordinator_url(gid))
+    return respond(error_response(not_found("no coordinator configured for gid " + gid)));
+  if (action.empty()) {
+    std::optional<BranchView> v;
+    {
+      std::lock_guard lock(mu_);
+      v = machine_.view(gid, wall_ms());
+    }
+    if (!v) return respond(error_response(not_found("no branch " + gid + " in memory")));
+    return respond(json_response(200, encode_view(*v)));
+  }
+  Result<Request> r = invalid_argument("");
+  if (action == "exec")
+    r = decode_exec(req.body, cfg_.exec);
+  else if (action == "prepare")
+    r = decode_prepare(req.body);
+  else if (action == "commit")
+    r = decode_commit(req.body);
+  else if (action == "resolve")
+    r = decode_resolve(req.body);
+  else if (action == "precommit" || action == "abort") {
+    auto o = parse_object(req.body);
+    if (!o.ok()) return respond(error_response(o.status()));
+    Request q;
+    q.kind = action == "abort" ? RequestKind::abort : RequestKind::precommit;
+    r = q;
+  } else {
+    return respond(error_response(not_found("no such action: " + std::string(action))));
+  }
+  if (!r.ok()) return respond(error_response(r.status()));
+  Request q = std::move(*r);
+  q.id = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[q.id] = respond;
+  }
+  with_machine([&](AgentMachine& m) { m.request(gid, std::move(q), wall_ms()); });
+}
+
+// --- time ----------------------------------------------------------------------------------
+
+void AgentService::tick() {
+  if (stopping_) return;
+  with_machine([&](AgentMachine& m) { m.tick(wall_ms()); });
+  schedule(cfg_.tick_ms, [this] { tick(); });
+}
+
+void AgentService::register_metrics() {
+  auto counter = [this](const std::string& name, const std::string& help, Labels labels,
+                        std::function<uint64_t(const AgentCounters&)> read) {
+    metrics_.counter_fn(name, help, [this, read] {
+      std::lock_guard lock(mu_);
+      return static_cast<double>(read(machine_.counters()));
+    }, std::move(labels));
+  };
+  counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "committed"}},
+          [](const AgentCounters& c) { return c.committed; });
+  counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "aborted"}},
+          [](const AgentCounters& c) { return c.aborted; });
+  counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "read_only"}},
+          [](const AgentCounters& c) { return c.read_only; });
+  counter("tpc_agent_votes_total", "votes", {{"vote", "yes"}}, [](const AgentCounters& c) { return c.prepared; });
+  counter("tpc_agent_votes_total", "votes", {{"vote", "no"}}, [](const AgentCounters& c) { return c.votes_no; });
+  counter("tpc_agent_one_phase_total", "branches committed in one phase", {},
+          [](const AgentCounters& c) { return c.one_phase; });
+  counter("tpc_agent_idle_rollbacks_total", "unprepared branches rolled back after their timeout", {},
+          [](const AgentCounters& c) { return c.idle_rollbacks; });
+  counter("tpc_agent_in_doubt_resolved_total", "prepared branches settled by asking the coordinator", {},
+          [](const AgentCounters& c) { return c.resolved_by_query; });
+  counter("tpc_agent_unilateral_total", "3PC branches that decided alone", {{"outcome", "commit"}},
+          [](const AgentCounters& c) { return c.unilateral_commits; });
+  counter("tpc_agent_unilateral_total", "3PC branches that decided alone", {{"outcome", "abort"}},
+          [](const AgentCounters& c) { return c.unilateral_aborts; });
+  counter("tpc_agent_heuristic_mismatch_total",
+          "branch outcomes found to disagree with the coordinator's decision", {},
+          [](const AgentCounters& c) { return c.heuristic_mismatch; });
+  counter("tpc_agent_refused_total", "new branches refused past branches_max", {},
+          [](const AgentCounters& c) { return c.refused_overload; });
+  metrics_.gauge("tpc_agent_open_branches", "branches with an open session", [this] {
+    std::lock_guard lock(mu_);
+    return static_cast<double>(machine_.open_sessions());
+  });
+  metrics_.gauge("tpc_agent_prepared_branches", "prepared or pre-committed branches", [this] {
+    std::lock_guard lock(mu_);
+    return static_cast<double>(machine_.prepared_count());
+  });
+  metrics_.gauge("tpc_agent_oldest_prepared_seconds", "age of the oldest prepared branch", [this] {
+    std::lock_guard lock(mu_);
+    return static_cast<double>(machine_.oldest_prepared_age_ms(wall_ms())) / 1000.0;
+  });
+  metrics_.counter_fn("tpc_agent_pg_connections_opened_total", "PostgreSQL connections opened",
+                      [this] { return static_cast<double>(connections_opened_.load()); });
+  op_latency_ = &metrics_.histogram("tpc_agent_pg_op_seconds", "PostgreSQL operations, run time",
+                                    latency_buckets());
+}
+
+}  // namespace tpc::agent

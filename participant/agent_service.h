@@ -1,0 +1,133 @@
+// AgentService: the driver around AgentMachine. It owns the HTTP server (the agent API of
+// DESIGN.md §3), the HTTP client to the coordinators, a bounded pool of worker threads that
+// run every PostgreSQL operation (HTTP threads never wait on PostgreSQL), and the connection
+// pool: one session per open branch, any idle connection for the rest.
+//
+// Start-up refuses to run when PostgreSQL is unreachable or max_prepared_transactions is 0,
+// creates the agent's tables, and scans pg_prepared_xacts for this agent's branches before it
+// answers /healthz; the scan then repeats every scan_interval_ms. Markers of transactions the
+// coordinators report finished are purged every purge_interval_ms.
+//
+// Threads: the machine is serialised by one mutex; its effects run outside it.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/event_loop.h"
+#include "common/http.h"
+#include "common/http_client.h"
+#include "common/http_server.h"
+#include "common/log.h"
+#include "common/metrics.h"
+#include "participant/agent_machine.h"
+#include "participant/codec.h"
+#include "participant/pg_conn.h"
+
+namespace tpc::agent {
+
+struct AgentConfig {
+  HttpServerOptions http;
+  int threads = 2;
+  std::string advertise_url;  // how coordinators reach us; default http://<listen>
+  pg::ConnectOptions pg;
+  int pg_workers = 8;                      // threads that run PostgreSQL operations
+  size_t pg_idle_max = 16;                 // idle connections kept open
+  std::map<std::string, std::string> coordinators;  // coordinator id → URL
+  std::string token;              // clients and coordinators must send it
+  std::string coordinator_token;  // sent to coordinators
+  AgentOptions machine;
+  ExecLimits exec;
+  size_t result_rows_max = 10'000;         // per statement; more fails the statement (54000)
+  int64_t scan_interval_ms = 5'000;
+  int64_t purge_interval_ms = 60'000;
+  int64_t tick_ms = 50;
+  int64_t coordinator_timeout_ms = 5'000;
+  size_t list_limit_max = 1'000;
+};
+
+class AgentService {
+ public:
+  // Checks PostgreSQL, runs the first in-doubt scan and starts serving.
+  static Result<std::unique_ptr<AgentService>> start(const AgentConfig& cfg, Logger& logger);
+  ~AgentService();
+
+  uint16_t port() const;
+  void shutdown(int64_t drain_ms);
+  void on_stop_signal(std::function<void(int)> fn);
+  void handle(HttpRequest&& req, Responder respond);
+
+ private:
+  AgentService(const AgentConfig& cfg, Logger& logger);
+  Status check_postgres();
+  void register_metrics();
+
+  // Effects.
+  void run(Ready ready);
+  void enlist(const std::string& gid);
+  void ask(const std::string& gid);
+  void reply(const Reply& r);
+  template <class Fn>
+  void with_machine(Fn&& fn);
+
+  // PostgreSQL work, on the pool.
+  void submit(std::function<void()> job);
+  void worker_loop();
+  OpResult execute(const PgOp& op);
+  Result<std::unique_ptr<pg::PgConn>> acquire();
+  void release(std::unique_ptr<pg::PgConn> conn);
+  std::unique_ptr<pg::PgConn> take_session(const std::string& gid);
+  Status scan_once();
+  void scan();
+  void purge();
+
+  // HTTP.
+  void branch_request(const std::string& gid, std::string_view action, const HttpRequest& req,
+                      const Responder& respond);
+  void list(const HttpRequest& req, const Responder& respond);
+  const std::string* coordinator_url(std::string_view gid) const;
+
+  void tick();
+  void schedule(int64_t delay_ms, std::function<void()> fn);
+
+  AgentConfig cfg_;
+  Logger& log_;
+  EventLoop loop_;
+  HttpClient client_;
+  std::unique_ptr<HttpServer> server_;
+  Metrics metrics_;
+  Histogram* op_latency_ = nullptr;
+
+  std::mutex mu_;  // guards machine_
+  AgentMachine machine_;
+
+  std::mutex waiters_mu_;
+  std::unordered_map<uint64_t, Responder> waiters_;
+  std::atomic<uint64_t> next_waiter_{1};
+
+  std::mutex jobs_mu_;
+  std::condition_variable jobs_cv_;
+  std::deque<std::function<void()>> jobs_;
+  std::vector<std::thread> workers_;
+  bool workers_stop_ = false;
+
+  std::mutex pool_mu_;
+  std::vector<std::unique_ptr<pg::PgConn>> idle_;
+  std::unordered_map<std::string, std::unique_ptr<pg::PgConn>> sessions_;
+  std::atomic<uint64_t> connections_opened_{0};
+
+  std::atomic<bool> stopping_{false};
+  std::mutex timers_mu_;  // guards shut_down_
+  bool shut_down_ = false;
+};
+
+}  // namespace tpc::agent

@@ -1,0 +1,241 @@
+#include "participant/codec.h"
+
+namespace tpc::agent {
+namespace {
+
+Result<pg::Value> decode_param(const Json& p, size_t i) {
+  if (p.is_null()) return pg::Value{};
+  if (p.is_string()) return pg::Value{p.get<std::string>()};
+  if (p.is_boolean()) return pg::Value{p.get<bool>() ? "true" : "false"};
+  if (p.is_number_integer()) return pg::Value{p.dump()};
+  if (p.is_number_float()) return pg::Value{dump(p)};
+  return invalid_argument("params[" + std::to_string(i) +
+                          "] must be a string, number, boolean or null");
+}
+
+Status decode_statement(const Json& obj, const ExecLimits& limits, Statement* out) {
+  if (!obj.is_object()) return invalid_argument("each statement must be an object");
+  FieldReader r(obj);
+  r.string("sql", &out->sql, true);
+  const Json* params = r.array("params", false, limits.params_max);
+  if (!r.ok()) return r.status();
+  if (out->sql.empty()) return invalid_argument("\"sql\" must not be empty");
+  if (out->sql.find('\0') != std::string::npos)
+    return invalid_argument("\"sql\" must not contain NUL bytes");
+  if (params) {
+    for (size_t i = 0; i < params->size(); ++i) {
+      auto v = decode_param((*params)[i], i);
+      if (!v.ok()) return v.status();
+      if (*v && v->value().find('\0') != std::string::npos)
+        return invalid_argument("params[" + std::to_string(i) + "] must not contain NUL bytes");
+      out->params.push_back(std::move(*v));
+    }
+  }
+  return ok_status();
+}
+
+Result<uint8_t> decode_protocol(FieldReader& r) {
+  std::string protocol;
+  r.string("protocol", &protocol, false, 16);
+  if (!r.ok()) return r.status();
+  if (protocol.empty() || protocol == "2pc") return static_cast<uint8_t>(2);
+  if (protocol == "3pc") return static_cast<uint8_t>(3);
+  return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
+}
+
+}  // namespace
+
+Result<Request> decode_exec(std::string_view body, const ExecLimits& limits) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  Request req;
+  req.kind = RequestKind::exec;
+  FieldReader r(*j);
+  r.boolean("prepare", &req.prepare);
+  auto protocol = decode_protocol(r);
+  if (!protocol.ok()) return protocol.status();
+  req.protocol = *protocol;
+  bool has_sql = j->contains("sql"), has_list = j->contains("statements");
+  if (has_sql == has_list)
+    return invalid_argument("give either \"sql\" (with \"params\") or \"statements\"");
+  if (has_sql) {
+    Statement s;
+    TPC_RETURN_IF_ERROR(decode_statement(*j, limits, &s));
+    req.statements.push_back(std::move(s));
+  } else {
+    const Json* list = r.array("statements", true, limits.statements_max);
+    if (!r.ok()) return r.status();
+    if (list->empty()) return invalid_argument("\"statements\" must not be empty");
+    for (auto& item : *list) {
+      Statement s;
+      TPC_RETURN_IF_ERROR(decode_statement(item, limits, &s));
+      req.statements.push_back(std::move(s));
+    }
+  }
+  return req;
+}
+
+Result<Request> decode_prepare(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  auto protocol = decode_protocol(r);
+  if (!protocol.ok()) return protocol.status();
+  Request req;
+  req.kind = RequestKind::prepare;
+  req.protocol = *protocol;
+  return req;
+}
+
+Result<Request> decode_commit(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  Request req;
+  req.kind = RequestKind::commit;
+  r.boolean("one_phase", &req.one_phase);
+  if (!r.ok()) return r.status();
+  return req;
+}
+
+Result<Request> decode_resolve(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  std::string outcome;
+  r.string("outcome", &outcome, true, 16);
+  if (!r.ok()) return r.status();
+  if (outcome != "commit" && outcome != "abort")
+    return invalid_argument("\"outcome\" must be \"commit\" or \"abort\"");
+  Request req;
+  req.kind = RequestKind::resolve;
+  req.commit = outcome == "commit";
+  return req;
+}
+
+Json encode_results(const std::vector<pg::StatementResult>& results) {
+  Json arr = Json::array();
+  for (auto& res : results) {
+    Json rows = Json::array();
+    for (auto& row : res.rows) {
+      Json jr = Json::array();
+      for (auto& v : row) jr.push_back(v ? Json(*v) : Json(nullptr));
+      rows.push_back(std::move(jr));
+    }
+    arr.push_back(Json{{"columns", res.columns},
+                       {"rows", std::move(rows)},
+                       {"affected", res.affected},
+                       {"command", res.command_tag}});
+  }
+  return arr;
+}
+
+Json encode_view(const BranchView& v) {
+  Json j = {{"gid", v.gid},
+            {"state", std::string(external_state_name(v.state))},
+            {"protocol", v.protocol == 3 ? "3pc" : "2pc"},
+            {"age_ms", v.age_ms}};
+  if (v.recovered) j["recovered"] = true;
+  if (v.unilateral) j["unilateral"] = true;
+  if (v.heuristic) j["heuristic"] = true;
+  if (v.busy) j["busy"] = true;
+  if (v.asks > 0) j["asks"] = v.asks;
+  if (!v.last_answer.empty()) j["coordinator_answer"] = v.last_answer;
+  if (!v.reason.empty()) j["reason"] = v.reason;
+  if (!v.sqlstate.empty()) j["sqlstate"] = v.sqlstate;
+  if (v.state == BranchState::failed) j["failed"] = true;
+  if (v.timeout_ms > 0) j["timeout_ms"] = v.timeout_ms;
+  return j;
+}
+
+HttpResponse encode_reply(const Reply& r) {
+  Json extra = Json::object();
+  if (!r.sqlstate.empty()) extra["sqlstate"] = r.sqlstate;
+  if (!r.error.ok()) {
+    HttpResponse resp = r.http_status >= 400
+                            ? error_response(r.http_status, code_name(r.error.code()),
+                                             r.error.message(), extra)
+                            : error_response(r.error, extra);
+    if (r.vote || r.state != BranchState::unknown) {
+      auto j = parse_json(resp.body);
+      if (j.ok()) {
+        if (r.vote) (*j)["vote"] = "no";
+        if (r.state != BranchState::unknown) (*j)["state"] = std::string(external_state_name(r.state));
+        resp.body = dump(*j);
+      }
+    }
+    return resp;
+  }
+  Json body = Json::object();
+  switch (r.kind) {
+    case RequestKind::exec:
+      body["results"] = r.results ? encode_results(*r.results) : Json::array();
+      break;
+    default: break;
+  }
+  if (r.vote) {
+    body["vote"] = *r.vote == pg::Vote::yes ? "yes" : *r.vote == pg::Vote::no ? "no" : "read_only";
+    if (*r.vote == pg::Vote::no && !r.reason.empty()) body["reason"] = r.reason;
+    if (*r.vote == pg::Vote::no && !r.sqlstate.empty()) body["sqlstate"] = r.sqlstate;
+  }
+  if (r.kind != RequestKind::exec || r.vote) body["state"] = std::string(external_state_name(r.state));
+  if (r.kind != RequestKind::prepare && r.kind != RequestKind::exec && !r.reason.empty() &&
+      r.http_status != 200)
+    body["reason"] = r.reason;
+  if (r.http_status == 409)
+    body["error"] = {{"code", "conflict"},
+                     {"message", "branch is " + std::string(external_state_name(r.state))}};
+  return json_response(r.http_status, body);
+}
+
+Status decode_enlist_answer(int http_status, std::string_view body, const Status& transport,
+                            int64_t* expires_in_ms) {
+  if (!transport.ok()) return unavailable(transport.to_string());
+  std::string message = "HTTP " + std::to_string(http_status);
+  auto j = parse_json(body);
+  if (j.ok() && j->is_object()) {
+    if (auto e = j->find("error"); e != j->end() && e->is_object() && e->contains("message") &&
+                                   (*e)["message"].is_string())
+      message = (*e)["message"].get<std::string>();
+    if (auto x = j->find("expires_in_ms"); x != j->end() && x->is_number_integer())
+      *expires_in_ms = x->get<int64_t>();
+  }
+  if (http_status == 200 || http_status == 201) return ok_status();
+  if (http_status == 409 || http_status == 413) return conflict(message);
+  if (http_status == 404) return not_found(message);
+  return unavailable(message);
+}
+
+Outcome decode_outcome_answer(int http_status, std::string_view body, const Status& transport,
+                              std::string* answer) {
+  if (!transport.ok()) {
+    *answer = transport.to_string();
+    return Outcome::unreachable;
+  }
+  if (http_status >= 500 || http_status == 0) {
+    *answer = "HTTP " + std::to_string(http_status);
+    return Outcome::unreachable;
+  }
+  auto j = parse_json(body);
+  if (http_status != 200 || !j.ok() || !j->is_object()) {
+    *answer = "HTTP " + std::to_string(http_status);
+    return Outcome::unknown;
+  }
+  auto text = [&](const char* key) {
+    auto it = j->find(key);
+    return it != j->end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  std::string state = text("state");
+  std::string decision = text("decision");
+  *answer = state;
+  if (auto f = j->find("forgotten"); f != j->end() && f->is_boolean() && f->get<bool>()) {
+    *answer = "forgotten";
+    return Outcome::unknown;
+  }
+  if (decision == "commit") return Outcome::commit;
+  if (decision == "abort") return Outcome::abort;
+  if (state == "active" || state == "preparing") return Outcome::pending;
+  return Outcome::unknown;
+}
+
+}  // namespace tpc::agent

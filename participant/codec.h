@@ -1,0 +1,40 @@
+// JSON codecs of the agent's HTTP API: request bodies in, results, votes and branch views out,
+// and the coordinator's answers to enlistments and outcome queries. Pure functions, no IO.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "common/json.h"
+#include "participant/agent_machine.h"
+
+namespace tpc::agent {
+
+struct ExecLimits {
+  size_t statements_max = 1'000;
+  size_t params_max = 1'000;
+};
+
+// {"sql":"…","params":[…]} or {"statements":[{"sql","params"},…]}, optionally "prepare":true
+// (and "protocol" with it). Params: strings, numbers, booleans or null, bound as text.
+Result<Request> decode_exec(std::string_view body, const ExecLimits& limits);
+// {"protocol":"2pc"|"3pc"} (optional).
+Result<Request> decode_prepare(std::string_view body);
+// {"one_phase":true} (optional).
+Result<Request> decode_commit(std::string_view body);
+// {"outcome":"commit"|"abort"}.
+Result<Request> decode_resolve(std::string_view body);
+
+Json encode_results(const std::vector<pg::StatementResult>& results);
+Json encode_view(const BranchView& v);
+HttpResponse encode_reply(const Reply& r);
+
+// The coordinator's answer to an enlistment: ok (with the branch's remaining time, if given),
+// conflict or not_found (refused for good), unavailable (try again later).
+Status decode_enlist_answer(int http_status, std::string_view body, const Status& transport,
+                            int64_t* expires_in_ms);
+// The coordinator's answer to GET /v1/transactions/{gid}.
+Outcome decode_outcome_answer(int http_status, std::string_view body, const Status& transport,
+                              std::string* answer);
+
+}  // namespace tpc::agent

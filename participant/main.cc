@@ -1,0 +1,152 @@
+// tpc-agent: the participant agent next to one PostgreSQL database. See DESIGN.md §2.
+#include <atomic>
+#include <future>
+#include <iostream>
+
+#include "common/cli.h"
+#include "common/config.h"
+#include "common/ids.h"
+#include "participant/agent_service.h"
+
+extern char** environ;
+
+namespace {
+
+constexpr char kProgram[] = "tpc-agent";
+
+std::vector<tpc::OptionSpec> specs() {
+  std::vector<tpc::OptionSpec> s = {
+      {"listen", "HOST:PORT to serve the API on", "127.0.0.1:7401"},
+      {"name", "this agent's participant name ([A-Za-z0-9_-]{1,32})", ""},
+      {"pg", "libpq connection string of the database", ""},
+      {"coordinator", "ID=URL of a coordinator whose gids this agent serves", "", true},
+      {"advertise-url", "URL coordinators use to reach this agent (default http://LISTEN)", ""},
+      {"token", "bearer token clients and coordinators must send", ""},
+      {"coordinator-token", "bearer token sent to coordinators", ""},
+      {"threads", "event-loop threads", "2"},
+      {"pg-workers", "threads running PostgreSQL operations", "8"},
+      {"branches-max", "open (unprepared) branches; past it new ones get 503", "64"},
+      {"idle-timeout-ms", "an unprepared branch idle this long is rolled back (when the coordinator gives no timeout)", "60000"},
+      {"in-doubt-after-ms", "a prepared 2PC branch older than this asks the coordinator", "2000"},
+      {"precommit-timeout-ms", "3PC: prepared with no pre-commit by then: ask; unreachable: abort", "10000"},
+      {"commit-timeout-ms", "3PC: pre-committed with no commit by then: ask; unreachable: commit", "10000"},
+      {"scan-interval-ms", "how often pg_prepared_xacts is scanned", "5000"},
+      {"purge-interval-ms", "how often markers of finished transactions are purged", "60000"},
+      {"statement-timeout-ms", "PostgreSQL statement_timeout for the agent's sessions (0: server default)", "0"},
+      {"statements-max", "statements in one exec request", "1000"},
+      {"result-rows-max", "rows one statement may return", "10000"},
+      {"body-max-bytes", "largest request body", "1048576"},
+      {"connections-max", "concurrent client connections", "1024"},
+      {"help", "print this help", "", false, true},
+  };
+  tpc::add_logging_options(&s);
+  return s;
+}
+
+tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
+  using tpc::invalid_argument;
+  tpc::agent::AgentConfig cfg;
+  auto listen = tpc::parse_listen(c.get("listen"));
+  if (!listen.ok()) return listen.status();
+  cfg.http.host = listen->first;
+  cfg.http.port = listen->second;
+  std::string name = c.get("name");
+  if (name.empty()) return invalid_argument("--name is required");
+  if (!tpc::valid_participant_name(name))
+    return invalid_argument("--name must match [A-Za-z0-9_-]{1,32}, got \"" + name + "\"");
+  cfg.machine.name = name;
+  cfg.pg.conninfo = c.get("pg");
+  if (cfg.pg.conninfo.empty()) return invalid_argument("--pg is required");
+  auto coordinators = c.all("coordinator");
+  if (coordinators.empty()) return invalid_argument("at least one --coordinator ID=URL is required");
+  for (auto& entry : coordinators) {
+    auto nv = tpc::split_name_value(entry, "coordinator");
+    if (!nv.ok()) return nv.status();
+    if (!tpc::valid_coordinator_id(nv->first))
+      return invalid_argument("--coordinator id \"" + nv->first + "\" must match [A-Za-z0-9_]{1,32}");
+    auto url = tpc::parse_url(nv->second);
+    if (!url.ok()) return invalid_argument("--coordinator " + nv->first + ": " + url.status().message());
+    cfg.coordinators[nv->first] = nv->second;
+  }
+  cfg.advertise_url = c.get("advertise-url");
+  if (cfg.advertise_url.empty()) {
+    std::string host = listen->first == "0.0.0.0" || listen->first.empty() ? "127.0.0.1" : listen->first;
+    cfg.advertise_url = "http://" + host + ":" + std::to_string(listen->second);
+  }
+  if (auto u = tpc::parse_url(cfg.advertise_url); !u.ok())
+    return invalid_argument("--advertise-url: " + u.status().message());
+  cfg.token = c.get("token");
+  cfg.coordinator_token = c.get("coordinator-token");
+  int64_t threads = 0, workers = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0;
+  struct IntOpt {
+    const char* name;
+    int64_t min, max;
+    int64_t* out;
+  } ints[] = {
+      {"threads", 1, 64, &threads},
+      {"pg-workers", 1, 256, &workers},
+      {"branches-max", 1, 100'000, &branches},
+      {"idle-timeout-ms", 1, 86'400'000, &cfg.machine.idle_timeout_ms},
+      {"in-doubt-after-ms", 0, 86'400'000, &cfg.machine.in_doubt_after_ms},
+      {"precommit-timeout-ms", 1, 86'400'000, &cfg.machine.precommit_timeout_ms},
+      {"commit-timeout-ms", 1, 86'400'000, &cfg.machine.commit_timeout_ms},
+      {"scan-interval-ms", 10, 86'400'000, &cfg.scan_interval_ms},
+      {"purge-interval-ms", 100, 86'400'000, &cfg.purge_interval_ms},
+      {"statement-timeout-ms", 0, 86'400'000, &cfg.pg.statement_timeout_ms},
+      {"statements-max", 1, 100'000, &statements},
+      {"result-rows-max", 1, 100'000'000, &rows},
+      {"body-max-bytes", 1'024, 64 << 20, &body},
+      {"connections-max", 1, 100'000, &conns},
+  };
+  for (auto& o : ints) {
+    auto v = c.get_int(o.name, o.min, o.max);
+    if (!v.ok()) return v.status();
+    *o.out = *v;
+  }
+  cfg.threads = static_cast<int>(threads);
+  cfg.pg_workers = static_cast<int>(workers);
+  cfg.machine.branches_max = static_cast<size_t>(branches);
+  cfg.exec.statements_max = static_cast<size_t>(statements);
+  cfg.result_rows_max = static_cast<size_t>(rows);
+  cfg.http.body_max_bytes = static_cast<size_t>(body);
+  cfg.http.connections_max = static_cast<size_t>(conns);
+  cfg.pg_idle_max = static_cast<size_t>(workers) + 8;
+  cfg.pg.application_name = "tpc-agent " + name;
+  return cfg;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto spec = specs();
+  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
+  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
+  const tpc::Config& c = *parsed;
+  if (c.flag("help")) {
+    std::cout << "usage: " << kProgram << " --name NAME --pg CONNINFO --coordinator ID=URL [options]\n"
+              << tpc::Config::usage(spec);
+    return 0;
+  }
+  if (!c.positional().empty())
+    return tpc::fail(kProgram, "unexpected argument \"" + c.positional()[0] + "\"", 2);
+  auto cfg = build(c);
+  if (!cfg.ok()) return tpc::fail(kProgram, cfg.status().message(), 2);
+  auto logging = tpc::make_logging(c);
+  if (!logging.ok()) return tpc::fail(kProgram, logging.status().message(), 2);
+  tpc::Logger& log = *(*logging)->logger;
+  if (auto st = tpc::configure_failpoints_from_env(&log); !st.ok())
+    return tpc::fail(kProgram, st.message(), 2);
+
+  auto service = tpc::agent::AgentService::start(*cfg, log);
+  if (!service.ok()) return tpc::fail(kProgram, service.status().message());
+
+  std::promise<int> stop;
+  std::atomic<bool> stopping{false};
+  (*service)->on_stop_signal([&](int signo) {
+    if (!stopping.exchange(true)) stop.set_value(signo);
+  });
+  int signo = stop.get_future().get();
+  log.info("stopping", {{"signal", signo}});
+  (*service)->shutdown(10'000);
+  return 0;
+}
