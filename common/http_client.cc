@@ -296,7 +296,8 @@ void Conn::on_read(const boost::system::error_code& ec) {
   result.body = std::move(m.body());
   for (const auto& f : m) {
     std::string name(f.name_string());
-    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    for (char& c : name)
+      if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
     result.headers.emplace_back(std::move(name), std::string(f.value()));
   }
   bool reusable = parser_->keep_alive() && buffer_.size() == 0;

@@ -330,11 +330,13 @@ void Session::on_request() {
   auto& m = parser_->get();
   HttpRequest req;
   req.method = std::string(m.method_string());
-  for (char& c : req.method) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  for (char& c : req.method)
+    if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
   req.target = std::string(m.target());
   for (const auto& f : m) {
     std::string name(f.name_string());
-    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    for (char& c : name)
+      if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
     req.headers.emplace_back(std::move(name), std::string(f.value()));
   }
   req.body = std::move(m.body());

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <future>
@@ -182,6 +183,27 @@ TEST_CASE("run_after fires once and cancel prevents firing") {
   REQUIRE(later.get_future().wait_for(std::chrono::milliseconds(kBoundMs)) ==
           std::future_status::ready);
   CHECK_FALSE(cancelled_ran.load());
+}
+
+TEST_CASE("on_stop_signal calls back on a loop thread for every SIGTERM or SIGINT") {
+  EventLoop loop(1);
+  loop.start();
+  std::mutex mu;
+  std::vector<int> seen;
+  loop.on_stop_signal([&](int signo) {
+    std::lock_guard lock(mu);
+    seen.push_back(signo);
+  });
+  auto count = [&] {
+    std::lock_guard lock(mu);
+    return seen.size();
+  };
+  REQUIRE(::raise(SIGTERM) == 0);
+  REQUIRE(eventually([&] { return count() == 1; }));
+  REQUIRE(::raise(SIGINT) == 0);
+  REQUIRE(eventually([&] { return count() == 2; }));
+  std::lock_guard lock(mu);
+  CHECK(seen == std::vector<int>{SIGTERM, SIGINT});
 }
 
 TEST_CASE("post runs on a loop thread and wall_ms is after 2020") {
@@ -707,10 +729,11 @@ TEST_CASE("throughput of the client against the server on loopback" * doctest::s
            threads);
   HttpClientOptions copts;
   copts.connections_per_host_max = static_cast<size_t>(env("TPC_BENCH_CONNS", 16));
+  std::function<void()> issue;  // declared first: the client goes (and waits) before it
   HttpClient client(s.loop, copts);
   std::atomic<int> started{0}, finished{0}, failed{0};
   std::promise<void> all;
-  std::function<void()> issue = [&] {
+  issue = [&] {
     if (started.fetch_add(1) >= n) return;
     HttpRequest p;
     p.method = "POST";
