@@ -1,0 +1,151 @@
+// tpcctl: an operator's view of a coordinator or an agent. See `tpcctl --help`.
+//
+//   tpcctl --coordinator URL list [--state S] [--limit N]   transactions, newest first
+//   tpcctl --coordinator URL show GID                       one transaction
+//   tpcctl --coordinator URL in-doubt                       decided but unfinished, heuristic
+//   tpcctl --coordinator URL resolve GID commit|abort       operator decision (heuristic)
+//   tpcctl --agent URL list|show GID|in-doubt|resolve GID commit|abort
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "common/cli.h"
+#include "common/config.h"
+#include "common/http_client.h"
+#include "common/json.h"
+
+extern char** environ;
+
+namespace {
+
+constexpr char kProgram[] = "tpcctl";
+
+std::vector<tpc::OptionSpec> specs() {
+  return {
+      {"coordinator", "URL of a coordinator", ""},
+      {"agent", "URL of an agent", ""},
+      {"token", "bearer token", ""},
+      {"state", "list: only this state", ""},
+      {"limit", "list: at most this many", "100"},
+      {"timeout-ms", "request timeout", "10000"},
+      {"json", "print the raw JSON answer", "", false, true},
+      {"help", "print this help", "", false, true},
+  };
+}
+
+std::string cell(const tpc::Json& j, const char* key) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return "-";
+  if (it->is_string()) return it->get<std::string>();
+  return tpc::dump(*it);
+}
+
+void print_row(const std::vector<std::string>& cells, const std::vector<size_t>& widths) {
+  std::string line;
+  for (size_t i = 0; i < cells.size(); ++i) {
+    std::string c = cells[i];
+    if (i + 1 < cells.size() && c.size() < widths[i]) c.resize(widths[i], ' ');
+    line += c;
+    if (i + 1 < cells.size()) line += "  ";
+  }
+  std::cout << line << "\n";
+}
+
+void print_table(const tpc::Json& rows, const std::vector<std::pair<std::string, std::string>>& cols,
+                 bool branches_column) {
+  std::vector<std::vector<std::string>> out;
+  std::vector<std::string> head;
+  for (auto& [key, title] : cols) head.push_back(title);
+  if (branches_column) head.push_back("BRANCHES");
+  out.push_back(head);
+  for (auto& r : rows) {
+    std::vector<std::string> line;
+    for (auto& [key, title] : cols) line.push_back(cell(r, key.c_str()));
+    if (branches_column) {
+      std::string b;
+      if (r.contains("branches") && r["branches"].is_array())
+        for (auto& br : r["branches"]) {
+          if (!b.empty()) b += ",";
+          b += cell(br, "participant") + ":" + cell(br, "state");
+        }
+      line.push_back(b.empty() ? "-" : b);
+    }
+    out.push_back(line);
+  }
+  std::vector<size_t> widths(head.size(), 0);
+  for (auto& l : out)
+    for (size_t i = 0; i < l.size(); ++i) widths[i] = std::max(widths[i], l[i].size());
+  for (auto& l : out) print_row(l, widths);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto spec = specs();
+  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
+  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
+  const tpc::Config& c = *parsed;
+  if (c.flag("help")) {
+    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve GID commit|abort>\n"
+              << tpc::Config::usage(spec);
+    return 0;
+  }
+  bool coordinator = !c.get("coordinator").empty(), agent = !c.get("agent").empty();
+  if (coordinator == agent) return tpc::fail(kProgram, "give exactly one of --coordinator URL or --agent URL", 2);
+  auto url = tpc::parse_url(coordinator ? c.get("coordinator") : c.get("agent"));
+  if (!url.ok()) return tpc::fail(kProgram, url.status().message(), 2);
+  auto timeout = c.get_int("timeout-ms", 1, 3'600'000);
+  if (!timeout.ok()) return tpc::fail(kProgram, timeout.status().message(), 2);
+  const auto& args = c.positional();
+  if (args.empty()) return tpc::fail(kProgram, "missing command: list, show GID, in-doubt or resolve GID commit|abort", 2);
+  const std::string& cmd = args[0];
+  std::string collection = coordinator ? "transactions" : "branches";
+
+  std::string method = "GET", target, body;
+  if (cmd == "list" && args.size() == 1) {
+    auto limit = c.get_int("limit", 1, 1000);
+    if (!limit.ok()) return tpc::fail(kProgram, limit.status().message(), 2);
+    target = "/v1/" + collection + "?limit=" + std::to_string(*limit);
+    if (!c.get("state").empty()) target += "&state=" + c.get("state");
+  } else if (cmd == "show" && args.size() == 2) {
+    target = "/v1/" + collection + "/" + args[1];
+  } else if (cmd == "in-doubt" && args.size() == 1) {
+    target = "/v1/in-doubt";
+  } else if (cmd == "resolve" && args.size() == 3) {
+    if (args[2] != "commit" && args[2] != "abort")
+      return tpc::fail(kProgram, "resolve wants commit or abort, got \"" + args[2] + "\"", 2);
+    method = "POST";
+    target = "/v1/" + collection + "/" + args[1] + "/resolve";
+    body = tpc::dump(tpc::Json{{"outcome", args[2]}});
+  } else {
+    return tpc::fail(kProgram, "unknown command or wrong arguments: \"" + cmd + "\" (see --help)", 2);
+  }
+
+  tpc::HttpResult res = tpc::http_call(*url, method, target, body, *timeout, c.get("token"));
+  if (!res.status.ok())
+    return tpc::fail(kProgram, "cannot reach " + url->to_string() + ": " + res.status.message());
+  auto j = tpc::parse_json(res.body);
+  if (!j.ok()) return tpc::fail(kProgram, "the answer is not JSON (HTTP " + std::to_string(res.http_status) + ")");
+  bool ok = res.http_status >= 200 && res.http_status < 300;
+  if (c.flag("json") || cmd == "show" || cmd == "resolve" || !ok) {
+    std::cout << j->dump(2) << "\n";
+  } else if (coordinator) {
+    const tpc::Json& rows = (*j)["transactions"];
+    if (cmd == "in-doubt")
+      print_table(rows, {{"gid", "GID"}, {"state", "STATE"}, {"decision", "DECISION"}, {"age_ms", "AGE_MS"}}, true);
+    else
+      print_table(rows, {{"gid", "GID"}, {"protocol", "PROTOCOL"}, {"state", "STATE"}, {"reason", "REASON"}}, true);
+  } else {
+    const tpc::Json& rows = (*j)["branches"];
+    print_table(rows, {{"gid", "GID"}, {"state", "STATE"}, {"protocol", "PROTOCOL"}, {"age_ms", "AGE_MS"},
+                       {"asks", "ASKS"}, {"coordinator_answer", "COORDINATOR"}, {"reason", "REASON"}},
+                false);
+  }
+  if (!ok) {
+    std::string msg = "HTTP " + std::to_string(res.http_status);
+    if (j->contains("error") && (*j)["error"].is_object()) msg += ": " + cell((*j)["error"], "message");
+    return tpc::fail(kProgram, msg);
+  }
+  return 0;
+}
