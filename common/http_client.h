@@ -37,7 +37,7 @@ struct HttpResult {
 };
 
 struct SendOptions {
-  int64_t timeout_ms = 5'000;
+  int64_t timeout_ms = 5'000;  // counted from send(): time waiting in the queue counts too
   bool idempotent = true;
 };
 

@@ -4,7 +4,9 @@
 //
 // Requests past body_max_bytes get 413, a read past its deadline closes the connection, and
 // past connections_max new connections are answered 503 and closed. The handler runs on a loop
-// thread; see HttpHandler.
+// thread; see HttpHandler. A Responder may be called or dropped from any thread, but not after
+// the EventLoop is destroyed. After stop(), a handler already running may still answer; call
+// wait_idle() before destroying what the handler uses.
 #pragma once
 
 #include <cstdint>

@@ -8,6 +8,7 @@
 #include <arpa/inet.h>
 #include <doctest/doctest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -745,15 +746,23 @@ TEST_CASE("throughput of the client against the server on loopback" * doctest::s
       issue();
     });
   };
+  auto cpu_us = [] {
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    return (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1'000'000LL + ru.ru_utime.tv_usec +
+           ru.ru_stime.tv_usec;
+  };
   int64_t t0 = monotonic_ms();
+  int64_t cpu0 = cpu_us();
   for (int i = 0; i < conc; ++i) issue();
   all.get_future().wait();
   int64_t ms = monotonic_ms() - t0;
+  double cpu_per_req = static_cast<double>(cpu_us() - cpu0) / n;
   std::printf(
-      "%d requests, concurrency %d, %zu connections, %d loop threads: %lld ms, %.0f req/s, %d "
-      "failed\n",
+      "%d requests, concurrency %d, %zu connections, %d loop threads: %lld ms, %.0f req/s, "
+      "%.1f us CPU per request (client + server), %d failed\n",
       n, conc, copts.connections_per_host_max, threads, static_cast<long long>(ms),
-      n * 1000.0 / static_cast<double>(ms), failed.load());
+      n * 1000.0 / static_cast<double>(ms), cpu_per_req, failed.load());
 }
 
 }  // namespace
