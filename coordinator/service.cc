@@ -77,6 +77,7 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     return server.status();
   }
   s->server_ = std::move(*server);
+  s->started_ = true;
   Ready ready;
   {
     std::lock_guard lock(s->mu_);
@@ -158,7 +159,7 @@ void CoordinatorService::shutdown(int64_t drain_ms) {
   loop_.stop();
   loop_.join();
   server_.reset();
-  log_.info("coordinator stopped", {{"epoch", epoch_}});
+  if (started_) log_.info("coordinator stopped", {{"epoch", epoch_}});
 }
 
 template <class Fn>

@@ -126,6 +126,7 @@ class CoordinatorService {
   std::condition_variable compaction_cv_;
   std::thread compaction_thread_;
   bool shut_down_ = false;
+  bool started_ = false;  // start() completed
 };
 
 }  // namespace tpc::coord

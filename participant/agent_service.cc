@@ -65,6 +65,7 @@ Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg
   });
   if (!server.ok()) return server.status();
   s->server_ = std::move(*server);
+  s->started_ = true;
   s->tick();
   s->schedule(cfg.scan_interval_ms, [self] { self->scan(); });
   s->schedule(cfg.purge_interval_ms, [self] { self->purge(); });
@@ -124,7 +125,7 @@ void AgentService::shutdown(int64_t drain_ms) {
     sessions_.clear();
     idle_.clear();
   }
-  log_.info("agent stopped", {{"name", cfg_.machine.name}});
+  if (started_) log_.info("agent stopped", {{"name", cfg_.machine.name}});
 }
 
 template <class Fn>

@@ -128,6 +128,7 @@ class AgentService {
   std::atomic<bool> stopping_{false};
   std::mutex timers_mu_;  // guards shut_down_
   bool shut_down_ = false;
+  bool started_ = false;  // start() completed
 };
 
 }  // namespace tpc::agent

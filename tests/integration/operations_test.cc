@@ -1,0 +1,242 @@
+// Running the services: start-up refusals (one clear line, non-zero exit), clean stops, the
+// decision log refusing a corrupt record, and tpcctl against both services, including an
+// operator resolving in-doubt branches by hand and the coordinator reporting a heuristic mix.
+#include <doctest/doctest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <leveldb/db.h>
+
+#include "common/ids.h"
+#include "tests/integration/testbed.h"
+#include "wal/decision_log.h"
+
+using namespace tpc;
+using namespace tpc::testing;
+
+namespace {
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Runs a binary to its exit; returns the exit code and its output.
+int run(const std::vector<std::string>& argv, std::string* output, int64_t timeout_ms = 20'000) {
+  static int n = 0;
+  std::string log = make_temp_dir("tpc-run") + "/out-" + std::to_string(++n) + ".log";
+  auto p = Process::spawn(argv, log);
+  REQUIRE_MESSAGE(p.ok(), p.status().to_string());
+  int code = (*p)->wait(timeout_ms);
+  *output = read_file(log);
+  return code;
+}
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("the agent refuses to start when max_prepared_transactions is 0") {
+  PgCluster::Options po;
+  po.max_prepared_transactions = 0;
+  auto pg = PgCluster::create(po);
+  REQUIRE_MESSAGE(pg.ok(), pg.status().to_string());
+  std::string out;
+  int code = run({bin_dir() + "/tpc-agent", "--name", "a0", "--listen", "127.0.0.1:" + std::to_string(free_port()),
+                  "--pg", (*pg)->conninfo(), "--coordinator", "c1=http://127.0.0.1:1"},
+                 &out);
+  CHECK(code != 0);
+  CHECK(code != -1);
+  CHECK(out.find("max_prepared_transactions = 0") != std::string::npos);
+  CHECK(out.find("tpc-agent: ") != std::string::npos);
+  CHECK(count_lines(out) == 1);
+}
+
+TEST_CASE("start-up errors are one clear line and a non-zero exit") {
+  Testbed& t = Testbed::fresh(Testbed::Options{.start = false});
+  std::string out;
+  std::string port = std::to_string(free_port());
+
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--bogus"}, &out) == 2);
+  CHECK(out == "tpc-coordinator: unknown flag --bogus (see --help)\n");
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--listen", "127.0.0.1:" + port}, &out) == 2);
+  CHECK(out.find("--data-dir is required") != std::string::npos);
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", "/etc/passwd/x", "--listen", "127.0.0.1:" + port}, &out) != 0);
+  CHECK(out.find("tpc-coordinator: cannot") != std::string::npos);
+  CHECK(count_lines(out) == 1);
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/d", "--id", "bad-id"}, &out) == 2);
+  CHECK(out.find("--id") != std::string::npos);
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/d", "--prepare-timeout-ms", "soon"}, &out) == 2);
+  CHECK(out.find("--prepare-timeout-ms must be an integer") != std::string::npos);
+
+  // The port is taken: by a second coordinator on another data dir.
+  t.start_coordinator();
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/other",
+             "--listen", "127.0.0.1:" + std::to_string(t.coordinator_url().port)}, &out) != 0);
+  CHECK(out.find("cannot listen") != std::string::npos);
+  // The same data dir while the first one runs: the log is locked.
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/decision-log",
+             "--listen", "127.0.0.1:" + port}, &out) != 0);
+  CHECK(out.find("lock") != std::string::npos);
+
+  CHECK(run({bin_dir() + "/tpc-agent", "--name", "a0", "--listen", "127.0.0.1:" + port, "--pg",
+             "host=127.0.0.1 port=1 user=tpc dbname=postgres connect_timeout=2", "--coordinator",
+             "c1=http://127.0.0.1:1"}, &out) != 0);
+  CHECK(out.find("tpc-agent: cannot connect to PostgreSQL") != std::string::npos);
+  CHECK(count_lines(out) == 1);
+  CHECK(run({bin_dir() + "/tpc-agent", "--name", "a:0", "--pg", t.conninfo(0), "--coordinator", "c1=http://h:1"}, &out) == 2);
+  CHECK(out.find("--name") != std::string::npos);
+  CHECK(run({bin_dir() + "/tpc-agent", "--name", "a0", "--pg", t.conninfo(0)}, &out) == 2);
+  CHECK(out.find("--coordinator") != std::string::npos);
+  CHECK(run({bin_dir() + "/tpc-agent", "--name", "a0", "--pg", t.conninfo(0), "--coordinator", "c1"}, &out) == 2);
+  CHECK(out.find("NAME=URL") != std::string::npos);
+}
+
+TEST_CASE("both services stop cleanly on SIGTERM") {
+  Testbed& t = Testbed::fresh();
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -5).status == 200);
+  t.coordinator_process().signal(SIGTERM);
+  t.agent_process(0).signal(SIGTERM);
+  CHECK(t.coordinator_process().wait(15'000) == 0);
+  CHECK(t.agent_process(0).wait(15'000) == 0);
+  CHECK(t.wait_log(t.coordinator_process(), "coordinator stopped"));
+  CHECK(t.wait_log(t.agent_process(0), "agent stopped"));
+  // The open branch ended with its session.
+  t.check_invariants();
+  CHECK(t.balance(0, 1) == 1000);
+}
+
+TEST_CASE("the coordinator refuses to start on a corrupt decision record") {
+  Testbed& t = Testbed::fresh(Testbed::Options{.start = false});
+  std::string dir = t.dir() + "/decision-log";
+  {
+    wal::LevelDbOptions lo;
+    lo.dir = dir;
+    auto log = wal::open_leveldb_log(lo);
+    REQUIRE(log.ok());
+    wal::TxnRecord r;
+    r.gid = "c1-1-1";
+    r.branches = {{"a0", "http://127.0.0.1:1", wal::BranchOutcome::pending}};
+    Status st = ok_status();
+    (*log)->write({wal::LogWrite::put(r)}, true, [&](Status s) { st = s; });
+    (*log)->flush();
+    REQUIRE(st.ok());
+  }
+  {
+    leveldb::DB* raw = nullptr;
+    leveldb::Options o;
+    REQUIRE(leveldb::DB::Open(o, dir, &raw).ok());
+    std::unique_ptr<leveldb::DB> db(raw);
+    std::string value;
+    REQUIRE(db->Get(leveldb::ReadOptions(), "t/c1-1-1", &value).ok());
+    value[value.size() / 2] ^= 0x20;  // one flipped bit
+    REQUIRE(db->Put(leveldb::WriteOptions(), "t/c1-1-1", value).ok());
+  }
+  std::string out;
+  int code = run({bin_dir() + "/tpc-coordinator", "--data-dir", dir, "--listen",
+                  "127.0.0.1:" + std::to_string(free_port())},
+                 &out);
+  CHECK(code != 0);
+  CHECK(code != -1);
+  CHECK(out.find("c1-1-1") != std::string::npos);
+  CHECK(out.find("tpc-coordinator: cannot replay the decision log") != std::string::npos);
+}
+
+TEST_CASE("tpcctl lists, shows and lists in-doubt transactions and branches") {
+  Testbed& t = Testbed::fresh();
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -1).status == 200);
+  REQUIRE(t.move(1, gid, 1, 1).status == 200);
+  REQUIRE(t.commit(gid).status == 200);
+  std::string out;
+  std::string ctl = bin_dir() + "/tpcctl";
+  std::string c = t.coordinator_url().to_string(), a = t.agent_url(0).to_string();
+  CHECK(run({ctl, "--coordinator", c, "list"}, &out) == 0);
+  CHECK(out.find("GID") != std::string::npos);
+  CHECK(out.find(gid) != std::string::npos);
+  CHECK(out.find("a0:committed,a1:committed") != std::string::npos);
+  CHECK(run({ctl, "--coordinator", c, "list", "--state", "committed", "--json"}, &out) == 0);
+  auto j = parse_json(out);
+  REQUIRE(j.ok());
+  CHECK((*j)["transactions"][0]["gid"] == gid);
+  CHECK(run({ctl, "--coordinator", c, "show", gid}, &out) == 0);
+  CHECK(out.find("\"committed\"") != std::string::npos);
+  CHECK(run({ctl, "--coordinator", c, "in-doubt"}, &out) == 0);
+  CHECK(out.find(gid) == std::string::npos);
+  CHECK(run({ctl, "--agent", a, "list"}, &out) == 0);
+  CHECK(out.find(gid) != std::string::npos);
+  CHECK(run({ctl, "--agent", a, "show", gid}, &out) == 0);
+  CHECK(run({ctl, "--coordinator", c, "show", "c1-999-1"}, &out) == 1);
+  CHECK(out.find("HTTP 404") != std::string::npos);
+  CHECK(run({ctl, "--coordinator", c, "frob"}, &out) == 2);
+  CHECK(run({ctl, "list"}, &out) == 2);
+  CHECK(run({ctl, "--coordinator", "http://127.0.0.1:1", "list"}, &out) == 1);
+  CHECK(out.find("cannot reach") != std::string::npos);
+  t.check_invariants();
+}
+
+TEST_CASE("an operator resolves in-doubt branches with tpcctl while the coordinator is gone") {
+  Testbed::Options o;
+  o.coordinator_failpoints = "coord.after_decision_log=crash";
+  Testbed& t = Testbed::fresh(o);
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -100).status == 200);
+  REQUIRE(t.move(1, gid, 1, 100).status == 200);
+  CHECK_FALSE(t.commit(gid).transport.ok());
+  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  std::string out, ctl = bin_dir() + "/tpcctl";
+  // Both branches wait: the coordinator does not answer, and 2PC never decides alone.
+  REQUIRE(t.wait_log(t.agent_process(0), "in-doubt branch waits for the coordinator"));
+  CHECK(run({ctl, "--agent", t.agent_url(0).to_string(), "in-doubt"}, &out) == 0);
+  CHECK(out.find(gid) != std::string::npos);
+  CHECK(out.find("prepared") != std::string::npos);
+  CHECK(t.prepared(0) == 1);
+  for (int i = 0; i < 2; ++i)
+    CHECK(run({ctl, "--agent", t.agent_url(i).to_string(), "resolve", gid, "commit"}, &out) == 0);
+  CHECK(t.prepared(0) == 0);
+  CHECK(t.prepared(1) == 0);
+  auto rec = query_value(t.conninfo(0), "SELECT state FROM tpc_agent_state WHERE pg_gid = 'tpc:a0:" + gid + "'");
+  REQUIRE(rec.ok());
+  CHECK(rec->value_or("") == "heuristic_commit");
+  // The coordinator comes back, re-drives its commit decision, and agrees.
+  t.start_coordinator();
+  CHECK(t.wait_state(gid, "committed"));
+  CHECK(t.balance(0, 1) == 900);
+  CHECK(t.balance(1, 1) == 1100);
+  t.check_invariants();
+}
+
+TEST_CASE("branches resolved against the decision are reported as heuristic_mixed") {
+  Testbed::Options o;
+  o.coordinator_failpoints = "coord.after_decision_log=crash";
+  Testbed& t = Testbed::fresh(o);
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -100).status == 200);
+  REQUIRE(t.move(1, gid, 1, 100).status == 200);
+  CHECK_FALSE(t.commit(gid).transport.ok());
+  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  std::string out, ctl = bin_dir() + "/tpcctl";
+  CHECK(run({ctl, "--agent", t.agent_url(0).to_string(), "resolve", gid, "commit"}, &out) == 0);
+  CHECK(run({ctl, "--agent", t.agent_url(1).to_string(), "resolve", gid, "abort"}, &out) == 0);
+  t.start_coordinator();
+  INFO(t.logs());
+  CHECK(t.wait_state(gid, "heuristic_mixed"));
+  CHECK(t.wait_log(t.coordinator_process(), "heuristic outcome: branches disagree"));
+  CHECK(read_file(t.coordinator_process().log_path()).find("branches=a0:committed,a1:aborted") !=
+        std::string::npos);
+  CHECK(run({ctl, "--coordinator", t.coordinator_url().to_string(), "in-doubt"}, &out) == 0);
+  CHECK(out.find(gid) != std::string::npos);
+  auto metrics = t.coord("GET", "/metrics");
+  CHECK(metrics.raw.find("tpc_coordinator_heuristic_mixed_total 1") != std::string::npos);
+  // The operator's mistake moved money one-sidedly; nothing is left prepared.
+  CHECK(eventually([&] { return t.prepared(0) == 0 && t.prepared(1) == 0; }, 10'000));
+  CHECK(t.total() == Testbed::kTotal - 100);
+}
