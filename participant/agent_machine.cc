@@ -76,6 +76,10 @@ AgentMachine::Branch& AgentMachine::create(std::string_view gid, BranchState sta
                                            int64_t now_ms) {
   Branch b;
   b.gid = std::string(gid);
+  if (auto parts = parse_gid(gid)) {
+    b.coordinator = parts->coordinator;
+    b.epoch = parts->epoch;
+  }
   b.serial = next_serial_++;
   b.state = BranchState::unknown;
   b.created_ms = now_ms;
@@ -171,6 +175,7 @@ void AgentMachine::start_op(Branch& b, Request req, PgOp op) {
 // --- requests ------------------------------------------------------------------------------
 
 void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
+  if (auto parts = parse_gid(gid)) on_coordinator_epoch(parts->coordinator, parts->epoch, now_ms);
   Branch* b = find(gid);
   if (!b) {
     switch (req.kind) {
@@ -209,8 +214,60 @@ void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
     reply_error(req, unavailable("too many requests waiting on branch " + b->gid));
     return;
   }
+  bool aborting = req.kind == RequestKind::abort || (req.kind == RequestKind::resolve && !req.commit);
+  if (aborting && b->busy) cancel_running(*b, "abort requested");
   b->queue.push_back(std::move(req));
   pump(*b, now_ms);
+}
+
+void AgentMachine::cancel_running(Branch& b, std::string_view why) {
+  if (!b.busy || b.current_op != OpKind::exec || b.cancel_sent) return;
+  b.cancel_sent = true;
+  log_.warn("cancelling the running statement", {{"gid", b.gid}, {"why", why}});
+  ready_.cancels.push_back(b.gid);
+}
+
+void AgentMachine::abort_stale(Branch& b, std::string_view why, int64_t now_ms) {
+  b.reason = std::string(why);
+  cancel_running(b, why);
+  Request internal;
+  internal.kind = RequestKind::abort;
+  b.queue.push_back(internal);
+  pump(b, now_ms);
+}
+
+void AgentMachine::on_coordinator_epoch(std::string_view coordinator, uint64_t epoch,
+                                        int64_t now_ms) {
+  auto it = epochs_.find(coordinator);
+  if (it != epochs_.end() && it->second >= epoch) return;
+  bool first = it == epochs_.end();
+  epochs_[std::string(coordinator)] = epoch;
+  if (first) return;  // nothing older was seen while we ran, except scanned prepared branches
+  std::vector<std::string> stale;
+  for (auto& [gid, b] : branches_)
+    if (b.coordinator == coordinator && b.epoch < epoch) stale.push_back(gid);
+  for (auto& gid : stale) {
+    Branch* b = find(gid);
+    if (!b) continue;
+    switch (b->state) {
+      case BranchState::active:
+      case BranchState::failed: {
+        bool queued_abort = false;
+        for (auto& q : b->queue) queued_abort = queued_abort || q.kind == RequestKind::abort;
+        if (!queued_abort) {
+          log_.warn("rolling back a branch of an earlier coordinator epoch", {{"gid", gid}});
+          abort_stale(*b, "the coordinator restarted and has no record of it", now_ms);
+        }
+        break;
+      }
+      case BranchState::prepared:
+      case BranchState::precommitted:
+        b->ask_now = true;
+        b->next_ask_ms = 0;
+        break;
+      default: break;
+    }
+  }
 }
 
 void AgentMachine::pump(Branch& b, int64_t now_ms) {
@@ -410,6 +467,7 @@ void AgentMachine::on_op_done(std::string_view gid, OpKind kind, OpResult result
   if (!b || !b->busy) return;
   TPC_ASSERT(b->current_op == kind);
   b->busy = false;
+  b->cancel_sent = false;
   finish_op(*b, kind, result, now_ms);
   pump(*b, now_ms);
 }
@@ -753,6 +811,9 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
 void AgentMachine::tick(int64_t now_ms) {
   std::vector<std::string> idle;
   for (auto& [gid, b] : branches_) {
+    if (b.busy && b.current_op == OpKind::exec && b.idle_deadline_ms > 0 &&
+        now_ms >= b.idle_deadline_ms)
+      cancel_running(b, "past its transaction timeout");
     if (b.busy || !b.queue.empty()) continue;
     switch (b.state) {
       case BranchState::active:
@@ -766,8 +827,9 @@ void AgentMachine::tick(int64_t now_ms) {
         int64_t after = b.protocol == 2                      ? opts_.in_doubt_after_ms
                         : b.state == BranchState::prepared ? opts_.precommit_timeout_ms
                                                             : opts_.commit_timeout_ms;
-        if (age >= after) {
+        if (age >= after || b.ask_now) {
           b.asking = true;
+          b.ask_now = false;
           ready_.asks.push_back(gid);
         }
         break;

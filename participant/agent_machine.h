@@ -133,8 +133,11 @@ struct Ready {
   std::vector<PgOp> ops;
   std::vector<std::string> enlists;  // gids to enlist with their coordinator
   std::vector<std::string> asks;     // gids whose outcome to ask the coordinator
+  std::vector<std::string> cancels;  // gids whose running statement to cancel
   std::vector<Reply> replies;
-  bool empty() const { return ops.empty() && enlists.empty() && asks.empty() && replies.empty(); }
+  bool empty() const {
+    return ops.empty() && enlists.empty() && asks.empty() && cancels.empty() && replies.empty();
+  }
 };
 
 struct AgentOptions {
@@ -200,6 +203,11 @@ class AgentMachine {
   // started_ms (results can be stale by the time they arrive, which is harmless).
   void on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms);
 
+  // A coordinator's current epoch (from a gid or its status). Unprepared branches of an older
+  // epoch can never commit (the coordinator kept no record of them): they are rolled back, and
+  // prepared ones ask for their outcome at once.
+  void on_coordinator_epoch(std::string_view coordinator, uint64_t epoch, int64_t now_ms);
+
   void tick(int64_t now_ms);
   Ready take_ready();
 
@@ -215,6 +223,8 @@ class AgentMachine {
  private:
   struct Branch {
     std::string gid;
+    std::string coordinator;
+    uint64_t epoch = 0;
     uint64_t serial = 0;
     BranchState state = BranchState::unknown;
     uint8_t protocol = 2;
@@ -230,6 +240,8 @@ class AgentMachine {
     int64_t next_ask_ms = 0;
     uint32_t asks = 0;
     bool asking = false;
+    bool ask_now = false;          // skip the in-doubt delay (the coordinator restarted)
+    bool cancel_sent = false;      // the running statement was asked to stop
     std::string last_answer;
     std::string reason;
     std::string sqlstate;
@@ -259,11 +271,14 @@ class AgentMachine {
   int64_t timeout_for(const Branch& b) const;
   BranchView view_of(const Branch& b, int64_t now_ms) const;
   void evict_finished();
+  void cancel_running(Branch& b, std::string_view why);
+  void abort_stale(Branch& b, std::string_view why, int64_t now_ms);
 
   AgentOptions opts_;
   Logger& log_;
   std::unordered_map<std::string, Branch> branches_;
   std::map<uint64_t, std::string> finished_;  // serial → gid of ended branches, oldest first
+  std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
   uint64_t next_serial_ = 1;
   size_t open_sessions_ = 0;
   Ready ready_;

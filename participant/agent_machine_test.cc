@@ -645,3 +645,60 @@ TEST_CASE("finished branches are remembered up to a limit") {
   CHECK_FALSE(f.m->view("c1-1-2", f.now).has_value());
   CHECK(f.m->view("c1-1-4", f.now).has_value());
 }
+
+TEST_CASE("an abort while a statement runs cancels it, then rolls the branch back") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.exec("c1-1-1");
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  f.simple("c1-1-1", RequestKind::abort);
+  r = f.ready();
+  CHECK(r.cancels == std::vector<std::string>{"c1-1-1"});
+  CHECK(r.ops.empty());
+  f.simple("c1-1-1", RequestKind::abort);  // a second abort does not cancel twice
+  CHECK(f.ready().cancels.empty());
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::failure(Code::sql_error, "57014"), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback);
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].sqlstate == "57014");
+  f.m->on_op_done("c1-1-1", OpKind::rollback, Fixture::ok(), f.now);
+  r = f.ready();
+  CHECK(r.replies.size() == 2);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+}
+
+TEST_CASE("a statement still running past the branch's timeout is cancelled") {
+  Fixture f;
+  f.exec("c1-1-1");
+  f.ready();
+  f.m->on_enlisted("c1-1-1", ok_status(), 1'000, f.now);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  f.m->tick(f.now + 1'999);
+  CHECK(f.ready().cancels.empty());
+  f.m->tick(f.now + 2'000);
+  CHECK(f.ready().cancels.size() == 1);
+}
+
+TEST_CASE("a newer coordinator epoch rolls back unprepared branches of older ones") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.open_branch("c1-1-2");
+  f.prepare("c1-1-2");
+  f.open_branch("c2-1-1");  // another coordinator: untouched
+  f.exec("c1-2-1");        // the coordinator restarted
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].gid == "c1-1-1");
+  CHECK(r.ops[0].kind == OpKind::rollback);
+  CHECK(r.enlists == std::vector<std::string>{"c1-2-1"});
+  f.m->on_op_done("c1-1-1", OpKind::rollback, Fixture::ok(), f.now);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+  CHECK(f.state("c2-1-1") == BranchState::active);
+  // The prepared branch of the old epoch asks at once instead of waiting.
+  f.m->tick(f.now);
+  CHECK(f.ready().asks == std::vector<std::string>{"c1-1-2"});
+}

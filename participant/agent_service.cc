@@ -77,7 +77,7 @@ Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg
 }
 
 Status AgentService::check_postgres() {
-  auto conn = pg::PgConn::connect(cfg_.pg);
+  auto conn = acquire();
   if (!conn.ok()) return unavailable("cannot connect to PostgreSQL: " + conn.status().message());
   auto mpt = pg::max_prepared_transactions(**conn);
   if (!mpt.ok()) return unavailable("cannot read max_prepared_transactions: " + mpt.status().message());
@@ -155,6 +155,7 @@ void AgentService::run(Ready ready) {
       with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), wall_ms()); });
     });
   }
+  for (auto& gid : ready.cancels) cancel(gid);
   for (auto& gid : ready.enlists) enlist(gid);
   for (auto& gid : ready.asks) ask(gid);
   for (auto& r : ready.replies) reply(r);
@@ -165,6 +166,18 @@ const std::string* AgentService::coordinator_url(std::string_view gid) const {
   if (!parts) return nullptr;
   auto it = cfg_.coordinators.find(parts->coordinator);
   return it == cfg_.coordinators.end() ? nullptr : &it->second;
+}
+
+void AgentService::cancel(const std::string& gid) {
+  std::shared_ptr<pg::PgCancel> c;
+  {
+    std::lock_guard lock(cancel_mu_);
+    cancel_requested_[gid] = true;
+    auto it = running_.find(gid);
+    if (it != running_.end()) c = it->second;
+  }
+  // PQcancel opens a connection to the server: never on a loop thread.
+  if (c) std::thread([c] { (void)c->cancel(); }).detach();
 }
 
 void AgentService::enlist(const std::string& gid) {
@@ -248,31 +261,40 @@ void AgentService::worker_loop() {
   }
 }
 
-Result<std::unique_ptr<pg::PgConn>> AgentService::acquire() {
+Result<Conn> AgentService::acquire() {
   {
     std::lock_guard lock(pool_mu_);
     while (!idle_.empty()) {
-      auto c = std::move(idle_.back());
+      Conn c = std::move(idle_.back());
       idle_.pop_back();
       if (c->usable() && !c->in_transaction()) return c;
     }
   }
+  if (connections_open_.fetch_add(1) >= static_cast<int64_t>(cfg_.pg_connections_max)) {
+    connections_open_.fetch_sub(1);
+    return unavailable("all " + std::to_string(cfg_.pg_connections_max) +
+                       " PostgreSQL connections are in use (--pg-connections-max)");
+  }
   auto c = pg::PgConn::connect(cfg_.pg);
-  if (c.ok()) ++connections_opened_;
-  return c;
+  if (!c.ok()) {
+    connections_open_.fetch_sub(1);
+    return c.status();
+  }
+  ++connections_opened_;
+  return Conn(c->release(), ConnCloser{&connections_open_});
 }
 
-void AgentService::release(std::unique_ptr<pg::PgConn> conn) {
+void AgentService::release(Conn conn) {
   if (!conn || !conn->usable() || conn->in_transaction()) return;  // dropped: closes it
   std::lock_guard lock(pool_mu_);
   if (idle_.size() < cfg_.pg_idle_max) idle_.push_back(std::move(conn));
 }
 
-std::unique_ptr<pg::PgConn> AgentService::take_session(const std::string& gid) {
+Conn AgentService::take_session(const std::string& gid) {
   std::lock_guard lock(pool_mu_);
   auto it = sessions_.find(gid);
   if (it == sessions_.end()) return nullptr;
-  auto c = std::move(it->second);
+  Conn c = std::move(it->second);
   sessions_.erase(it);
   return c;
 }
@@ -294,8 +316,22 @@ OpResult AgentService::execute(const PgOp& op) {
         if (!st.ok()) return failed(st.code() == Code::sql_error ? unavailable(st.message()) : st);
       }
       res.results = std::make_shared<std::vector<pg::StatementResult>>();
+      {
+        std::lock_guard lock(cancel_mu_);
+        running_[op.gid] = conn->canceller();
+      }
       for (size_t i = 0; i < op.statements.size(); ++i) {
         const Statement& s = op.statements[i];
+        bool cancelled = false;
+        {
+          std::lock_guard lock(cancel_mu_);
+          cancelled = cancel_requested_.erase(op.gid) > 0;
+        }
+        if (cancelled) {
+          res = failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
+                       "57014");
+          break;
+        }
         pg::ExecResult er = conn->exec(s.sql, s.params);
         if (!er.status.ok()) {
           std::string msg = op.statements.size() > 1
@@ -313,6 +349,11 @@ OpResult AgentService::execute(const PgOp& op) {
           break;
         }
         res.results->push_back(std::move(er.result));
+      }
+      {
+        std::lock_guard lock(cancel_mu_);
+        running_.erase(op.gid);
+        cancel_requested_.erase(op.gid);
       }
       if (res.status.ok() && op.then_prepare) {
         TPC_FAILPOINT("agent.before_prepare");

@@ -35,13 +35,27 @@
 
 namespace tpc::agent {
 
+// A pooled connection: closing it gives its slot back to the pool's count.
+struct ConnCloser {
+  std::atomic<int64_t>* open = nullptr;
+  void operator()(pg::PgConn* c) const {
+    delete c;
+    if (open) open->fetch_sub(1);
+  }
+};
+using Conn = std::unique_ptr<pg::PgConn, ConnCloser>;
+
 struct AgentConfig {
   HttpServerOptions http;
   int threads = 2;
   std::string advertise_url;  // how coordinators reach us; default http://<listen>
   pg::ConnectOptions pg;
-  int pg_workers = 8;                      // threads that run PostgreSQL operations
-  size_t pg_idle_max = 16;                 // idle connections kept open
+  int pg_workers = 80;                     // threads that run PostgreSQL operations; a statement
+                                           // waiting on a lock holds one, so keep it above
+                                           // branches_max
+  size_t pg_idle_max = 8;                  // idle connections kept open
+  size_t pg_connections_max = 80;          // connections open at once (sessions included);
+                                           // keep it under the server's max_connections
   std::map<std::string, std::string> coordinators;  // coordinator id → URL
   std::string token;              // clients and coordinators must send it
   std::string coordinator_token;  // sent to coordinators
@@ -74,6 +88,7 @@ class AgentService {
   // Effects.
   void run(Ready ready);
   void enlist(const std::string& gid);
+  void cancel(const std::string& gid);
   void ask(const std::string& gid);
   void reply(const Reply& r);
   template <class Fn>
@@ -83,9 +98,9 @@ class AgentService {
   void submit(std::function<void()> job);
   void worker_loop();
   OpResult execute(const PgOp& op);
-  Result<std::unique_ptr<pg::PgConn>> acquire();
-  void release(std::unique_ptr<pg::PgConn> conn);
-  std::unique_ptr<pg::PgConn> take_session(const std::string& gid);
+  Result<Conn> acquire();
+  void release(Conn conn);
+  Conn take_session(const std::string& gid);
   Status scan_once();
   void scan();
   void purge();
@@ -121,9 +136,16 @@ class AgentService {
   bool workers_stop_ = false;
 
   std::mutex pool_mu_;
-  std::vector<std::unique_ptr<pg::PgConn>> idle_;
-  std::unordered_map<std::string, std::unique_ptr<pg::PgConn>> sessions_;
+  std::vector<Conn> idle_;
+  std::unordered_map<std::string, Conn> sessions_;
   std::atomic<uint64_t> connections_opened_{0};
+  std::atomic<int64_t> connections_open_{0};
+
+  // Cancelling statements: the canceller of each exec in flight, and cancels asked for before
+  // (or between) statements, which the worker honours before running the next one.
+  std::mutex cancel_mu_;
+  std::unordered_map<std::string, std::shared_ptr<pg::PgCancel>> running_;
+  std::unordered_map<std::string, bool> cancel_requested_;
 
   std::atomic<bool> stopping_{false};
   std::mutex timers_mu_;  // guards shut_down_

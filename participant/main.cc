@@ -24,7 +24,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"token", "bearer token clients and coordinators must send", ""},
       {"coordinator-token", "bearer token sent to coordinators", ""},
       {"threads", "event-loop threads", "2"},
-      {"pg-workers", "threads running PostgreSQL operations", "8"},
+      {"pg-workers", "threads running PostgreSQL operations (0: branches-max + 16)", "0"},
+      {"pg-connections-max", "PostgreSQL connections open at once, sessions included (0: branches-max + 16)", "0"},
       {"branches-max", "open (unprepared) branches; past it new ones get 503", "64"},
       {"idle-timeout-ms", "an unprepared branch idle this long is rolled back (when the coordinator gives no timeout)", "60000"},
       {"in-doubt-after-ms", "a prepared 2PC branch older than this asks the coordinator", "2000"},
@@ -33,6 +34,7 @@ std::vector<tpc::OptionSpec> specs() {
       {"scan-interval-ms", "how often pg_prepared_xacts is scanned", "5000"},
       {"purge-interval-ms", "how often markers of finished transactions are purged", "60000"},
       {"statement-timeout-ms", "PostgreSQL statement_timeout for the agent's sessions (0: server default)", "0"},
+      {"lock-timeout-ms", "PostgreSQL lock_timeout for the agent's sessions (0: server default); bounds distributed deadlocks", "10000"},
       {"statements-max", "statements in one exec request", "1000"},
       {"result-rows-max", "rows one statement may return", "10000"},
       {"body-max-bytes", "largest request body", "1048576"},
@@ -77,14 +79,15 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
     return invalid_argument("--advertise-url: " + u.status().message());
   cfg.token = c.get("token");
   cfg.coordinator_token = c.get("coordinator-token");
-  int64_t threads = 0, workers = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0;
+  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0;
   struct IntOpt {
     const char* name;
     int64_t min, max;
     int64_t* out;
   } ints[] = {
       {"threads", 1, 64, &threads},
-      {"pg-workers", 1, 256, &workers},
+      {"pg-workers", 0, 1'024, &workers},
+      {"pg-connections-max", 0, 100'000, &pg_conns},
       {"branches-max", 1, 100'000, &branches},
       {"idle-timeout-ms", 1, 86'400'000, &cfg.machine.idle_timeout_ms},
       {"in-doubt-after-ms", 0, 86'400'000, &cfg.machine.in_doubt_after_ms},
@@ -93,6 +96,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
       {"scan-interval-ms", 10, 86'400'000, &cfg.scan_interval_ms},
       {"purge-interval-ms", 100, 86'400'000, &cfg.purge_interval_ms},
       {"statement-timeout-ms", 0, 86'400'000, &cfg.pg.statement_timeout_ms},
+      {"lock-timeout-ms", 0, 86'400'000, &cfg.pg.lock_timeout_ms},
       {"statements-max", 1, 100'000, &statements},
       {"result-rows-max", 1, 100'000'000, &rows},
       {"body-max-bytes", 1'024, 64 << 20, &body},
@@ -104,13 +108,14 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
     *o.out = *v;
   }
   cfg.threads = static_cast<int>(threads);
-  cfg.pg_workers = static_cast<int>(workers);
+  cfg.pg_workers = workers > 0 ? static_cast<int>(workers) : static_cast<int>(branches) + 16;
   cfg.machine.branches_max = static_cast<size_t>(branches);
   cfg.exec.statements_max = static_cast<size_t>(statements);
   cfg.result_rows_max = static_cast<size_t>(rows);
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
-  cfg.pg_idle_max = static_cast<size_t>(workers) + 8;
+  cfg.pg_connections_max = pg_conns > 0 ? static_cast<size_t>(pg_conns) : static_cast<size_t>(branches) + 16;
+  cfg.pg_idle_max = 8;
   cfg.pg.application_name = "tpc-agent " + name;
   return cfg;
 }

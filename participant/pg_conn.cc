@@ -193,7 +193,28 @@ Result<std::unique_ptr<PgConn>> PgConn::connect(const ConnectOptions& opts) {
         conn->exec_simple("SET statement_timeout = " + std::to_string(opts.statement_timeout_ms));
     if (!r.status.ok()) return r.status;
   }
+  if (opts.lock_timeout_ms > 0) {
+    ExecResult r = conn->exec_simple("SET lock_timeout = " + std::to_string(opts.lock_timeout_ms));
+    if (!r.status.ok()) return r.status;
+  }
   return conn;
+}
+
+PgCancel::~PgCancel() {
+  if (cancel_ != nullptr) PQfreeCancel(cancel_);
+}
+
+Status PgCancel::cancel() {
+  if (cancel_ == nullptr) return unavailable("no cancel handle");
+  char err[256] = {0};
+  if (PQcancel(cancel_, err, sizeof err) != 1) return unavailable(one_line(err));
+  return ok_status();
+}
+
+std::unique_ptr<PgCancel> PgConn::canceller() const {
+  PGcancel* c = PQgetCancel(conn_);
+  if (c == nullptr) return nullptr;
+  return std::unique_ptr<PgCancel>(new PgCancel(c));
 }
 
 PgConn::~PgConn() {

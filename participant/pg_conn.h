@@ -15,7 +15,8 @@
 
 #include "common/status.h"
 
-struct pg_conn;  // libpq's PGconn
+struct pg_conn;    // libpq's PGconn
+struct pg_cancel;  // libpq's PGcancel
 
 namespace tpc::pg {
 
@@ -40,7 +41,21 @@ struct ConnectOptions {
   std::string conninfo;          // libpq keyword/value string or URI
   int64_t connect_timeout_ms = 5'000;
   int64_t statement_timeout_ms = 0;  // 0 leaves the server's default
+  int64_t lock_timeout_ms = 0;       // 0 leaves the server's default
   std::string application_name = "tpc-agent";
+};
+
+// Asks the server to cancel whatever the connection it came from is running. Thread-safe with
+// respect to that connection: this is how another thread stops a statement blocked on a lock.
+class PgCancel {
+ public:
+  ~PgCancel();
+  Status cancel();
+
+ private:
+  friend class PgConn;
+  explicit PgCancel(pg_cancel* c) : cancel_(c) {}
+  pg_cancel* cancel_;
 };
 
 class PgConn {
@@ -69,6 +84,8 @@ class PgConn {
   // True while a transaction block is open (PQtransactionStatus is INTRANS or INERROR).
   bool in_transaction() const;
   int server_version() const;
+  // A handle another thread may use to cancel the statement running on this connection.
+  std::unique_ptr<PgCancel> canceller() const;
 
  private:
   explicit PgConn(pg_conn* c) : conn_(c) {}
