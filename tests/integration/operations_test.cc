@@ -240,3 +240,32 @@ TEST_CASE("branches resolved against the decision are reported as heuristic_mixe
   CHECK(eventually([&] { return t.prepared(0) == 0 && t.prepared(1) == 0; }, 10'000));
   CHECK(t.total() == Testbed::kTotal - 100);
 }
+
+TEST_CASE("outcomes past the retention window are reported as forgotten, never guessed") {
+  Testbed::Options o;
+  o.coordinator_args = {"--retention-ms", "0", "--compaction-interval-ms", "200"};
+  Testbed& t = Testbed::fresh(o);
+  std::string committed = t.begin();
+  REQUIRE(t.move(0, committed, 1, -1).status == 200);
+  REQUIRE(t.move(1, committed, 1, 1).status == 200);
+  REQUIRE(t.commit(committed).status == 200);
+  std::string aborted = t.begin();
+  REQUIRE(t.abort(aborted).status == 200);
+  // After a restart only the log answers; compaction then erases the finished record.
+  t.stop_coordinator();
+  t.start_coordinator();
+  CHECK(t.wait_log(t.coordinator_process(), "compacted finished outcomes"));
+  Http g = t.get(committed);
+  CHECK_MESSAGE(g.status == 200, g.describe());
+  CHECK(g.body["forgotten"] == true);
+  CHECK(g.state() == "unknown");
+  Http c = t.commit(committed);
+  CHECK(c.status == 409);
+  CHECK(c.body["forgotten"] == true);
+  // A gid above every erased record had no record to erase: presumed abort still holds.
+  Http a = t.get(aborted);
+  CHECK(a.status == 200);
+  CHECK(a.state() == "aborted");
+  CHECK(a.body["presumed"] == true);
+  t.check_invariants();
+}
