@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# scripts/demo.sh: the project's "run" command, a first look at tpc in about a minute.
+#
+# Installs what is missing, builds build/, starts two throw-away PostgreSQL clusters (bank_a,
+# bank_b), a tpc-coordinator and one tpc-agent per database, then moves money between the two
+# databases over the HTTP API: one transfer that commits on both, and one that fails on bank_a
+# (CHECK constraint) and therefore changes neither. It checks the balances, the total and that
+# no prepared transaction is left behind, and exits non-zero if anything is off.
+#
+# usage: scripts/demo.sh [--keep]
+#   --keep   leave everything running afterwards and print how to reach and stop it
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+BIN="$TPC_ROOT/build/bin"
+KEEP=0
+RUN_DIR=""
+declare -A PG_DIR=() AGENT_URL=() SERVICE_PID=() SERVICE_LOG=()
+BANKS=()    # names in start order
+SERVICES=() # names in start order
+COORD_URL=""
+FAILURES=0
+HTTP_STATUS=""
+HTTP_BODY=""
+
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
+
+parse_args() {
+  while (($#)); do
+    case $1 in
+      --keep) KEEP=1 ;;
+      -h | --help) usage; exit 0 ;;
+      *) tpc_die "unknown option '$1' (see --help)" ;;
+    esac
+    shift
+  done
+}
+
+# --- set-up -------------------------------------------------------------------------------
+
+install_and_build() {
+  tpc_step "packages and build"
+  tpc_install_deps
+  local start=$SECONDS log="$TPC_ROOT/build/build.log"
+  if [[ -x $BIN/tpc-coordinator && -x $BIN/tpc-agent && -x $BIN/tpcctl ]]; then
+    tpc_say "building build/ (log: build/build.log)"
+  else
+    tpc_say "building build/: the first build takes a few minutes (log: build/build.log)"
+  fi
+  TPC_BUILD_LOG=$log tpc_build || exit 1
+  tpc_say "build: done in $(tpc_elapsed "$start")"
+}
+
+make_run_dir() {
+  RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/tpc-demo.XXXXXX")
+  chmod 0755 "$RUN_DIR" # the postgres account must reach the clusters when we are root
+}
+
+# start_bank NAME ROWS_SQL: a cluster with an accounts table holding ROWS_SQL.
+start_bank() {
+  local name=$1 rows=$2 port
+  tpc_free_port port
+  PG_DIR[$name]="$RUN_DIR/$name"
+  BANKS+=("$name")
+  tpc_pg_create "${PG_DIR[$name]}" "$port"
+  tpc_pg_start "${PG_DIR[$name]}"
+  tpc_psql "${PG_DIR[$name]}" "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL,
+      balance bigint NOT NULL CHECK (balance >= 0));
+    INSERT INTO accounts VALUES $rows;"
+  tpc_say "  PostgreSQL $name   127.0.0.1:$port"
+}
+
+# start_service NAME URL CMD...: start, remember, wait for URL/healthz.
+start_service() {
+  local name=$1 url=$2
+  shift 2
+  SERVICE_LOG[$name]="$RUN_DIR/$name.log"
+  tpc_start_service "$name" "${SERVICE_LOG[$name]}" "$@"
+  SERVICE_PID[$name]=$TPC_SERVICE_PID
+  SERVICES+=("$name")
+  tpc_wait_http "$url/healthz" 30 "${SERVICE_LOG[$name]}" "$TPC_SERVICE_PID"
+}
+
+start_coordinator() {
+  local port
+  tpc_free_port port
+  COORD_URL="http://127.0.0.1:$port"
+  start_service coordinator "$COORD_URL" "$BIN/tpc-coordinator" \
+    --data-dir "$RUN_DIR/coordinator-data" --listen "127.0.0.1:$port" --id c1
+  tpc_say "  tpc-coordinator     $COORD_URL"
+}
+
+start_agent() {
+  local name=$1 port pg_port
+  tpc_free_port port
+  pg_port=$(tpc_pg_port "${PG_DIR[$name]}")
+  AGENT_URL[$name]="http://127.0.0.1:$port"
+  start_service "agent-$name" "${AGENT_URL[$name]}" "$BIN/tpc-agent" --name "$name" \
+    --listen "127.0.0.1:$port" \
+    --pg "host=127.0.0.1 port=$pg_port dbname=postgres user=tpc" \
+    --coordinator "c1=$COORD_URL"
+  tpc_say "  tpc-agent $name    ${AGENT_URL[$name]}"
+}
+
+start_everything() {
+  tpc_step "starting two PostgreSQL clusters, the coordinator and one agent per database"
+  start_bank bank_a "(1, 'alice', 1000), (2, 'bob', 500)"
+  start_bank bank_b "(1, 'carol', 200), (2, 'dave', 800)"
+  start_coordinator
+  start_agent bank_a
+  start_agent bank_b
+}
+
+# --- HTTP and checks ----------------------------------------------------------------------
+
+# http METHOD URL [BODY]: prints the call as a curl command and the answer (status, JSON);
+# leaves them in HTTP_STATUS and HTTP_BODY.
+http() {
+  local method=$1 url=$2 body=${3:-} out
+  local -a data=()
+  [[ -z $body ]] || data=(-H 'Content-Type: application/json' --data "$body")
+  printf '\n$ curl -X %s %s%s\n' "$method" "$url" "${body:+ -d '$body'}"
+  out=$(mktemp "$RUN_DIR/http.XXXXXX")
+  HTTP_STATUS=$(curl -sS -o "$out" -w '%{http_code}' --max-time 30 -X "$method" "${data[@]}" "$url") ||
+    tpc_die "HTTP $method $url failed (is the service running? logs in $RUN_DIR)"
+  HTTP_BODY=$(cat "$out")
+  rm -f "$out"
+  printf '%s\n' "$HTTP_STATUS"
+  jq -r "$JQ_SHOW" <<<"$HTTP_BODY" 2>/dev/null || printf '%s\n' "$HTTP_BODY"
+}
+
+# A jq program printing JSON compactly but readably: objects one field a line (gid and state
+# first), an array of objects one object a line.
+JQ_SHOW='
+def first_keys: ["gid", "state", "decision", "reason", "branch"];
+def show(ind):
+  if type == "object" and length > 0 then
+    "{\n" + ([to_entries | sort_by(.key as $k | first_keys | index($k) // 99) | .[]
+              | ind + "  " + (.key | tojson) + ": " + (.value | show(ind + "  "))]
+             | join(",\n")) + "\n" + ind + "}"
+  elif type == "array" and length > 0 and all(.[]; type == "object") then
+    "[\n" + (map(ind + "  " + tojson) | join(",\n")) + "\n" + ind + "]"
+  else tojson end;
+show("")'
+
+# check DESCRIPTION CMD...: prints [ok] or [FAIL] DESCRIPTION; counts failures.
+check() {
+  local what=$1
+  shift
+  if "$@"; then
+    printf '  [ok]   %s\n' "$what"
+  else
+    printf '  [FAIL] %s\n' "$what"
+    FAILURES=$((FAILURES + 1))
+  fi
+}
+
+# answer_is STATUS [JQ_FILTER]: the last answer had STATUS and JQ_FILTER is true on its body.
+answer_is() {
+  [[ $HTTP_STATUS == "$1" ]] || return 1
+  [[ -z ${2:-} ]] || jq -e "$2" >/dev/null 2>&1 <<<"$HTTP_BODY"
+}
+
+# --- the transfers ------------------------------------------------------------------------
+
+SQL_DEBIT='UPDATE accounts SET balance = balance - $1 WHERE id = $2'
+SQL_CREDIT='UPDATE accounts SET balance = balance + $1 WHERE id = $2'
+
+# exec_body SQL AMOUNT ID: the JSON body of an exec request.
+exec_body() { jq -cn --arg sql "$1" --argjson amount "$2" --argjson id "$3" '{sql: $sql, params: [$amount, $id]}'; }
+
+# balances: "bank_a alice=1000 bob=500 | bank_b carol=200 dave=800 | total=2500"
+balances() {
+  local name rows total=0 line="" owner balance
+  for name in bank_a bank_b; do
+    rows=$(tpc_psql "${PG_DIR[$name]}" "SELECT owner, balance FROM accounts ORDER BY id")
+    line+="$name"
+    while IFS='|' read -r owner balance; do
+      line+=" $owner=$balance"
+      total=$((total + balance))
+    done <<<"$rows"
+    line+=" | "
+  done
+  printf '%stotal=%s\n' "$line" "$total"
+}
+
+total_of() { printf '%s\n' "${1##*total=}"; }
+
+begin_transaction() {
+  http POST "$COORD_URL/v1/transactions" '{"protocol":"2pc"}'
+  check "begin: 201, state active" answer_is 201 '.state == "active" and (.gid | length > 0)'
+  GID=$(jq -r '.gid // empty' <<<"$HTTP_BODY")
+  [[ -n $GID ]] || tpc_die "the coordinator gave no gid; cannot go on"
+}
+
+transfer_that_commits() {
+  tpc_step "transfer 300 from alice (bank_a) to carol (bank_b): commits on both"
+  BEFORE=$(balances)
+  tpc_say "balances before: $BEFORE"
+  begin_transaction
+  http POST "${AGENT_URL[bank_a]}/v1/branches/$GID/exec" "$(exec_body "$SQL_DEBIT" 300 1)"
+  check "debit on bank_a: 200" answer_is 200
+  http POST "${AGENT_URL[bank_b]}/v1/branches/$GID/exec" "$(exec_body "$SQL_CREDIT" 300 1)"
+  check "credit on bank_b: 200" answer_is 200
+  http POST "$COORD_URL/v1/transactions/$GID/commit"
+  check "commit: 200, state committed" answer_is 200 '.state == "committed"'
+  AFTER=$(balances)
+  tpc_say ""
+  tpc_say "balances after:  $AFTER"
+  check "alice lost 300 and carol got 300" \
+    test "$AFTER" = "$(expected_after_commit)"
+  check "total unchanged ($(total_of "$BEFORE"))" test "$(total_of "$AFTER")" = "$(total_of "$BEFORE")"
+}
+
+# The balances once the first transfer committed (from the rows created by start_everything).
+expected_after_commit() { printf '%s\n' 'bank_a alice=700 bob=500 | bank_b carol=500 dave=800 | total=2500'; }
+
+transfer_that_aborts() {
+  tpc_step "transfer 5000 from bob (bank_a, balance 500) to dave (bank_b): all or nothing"
+  BEFORE=$(balances)
+  begin_transaction
+  http POST "${AGENT_URL[bank_a]}/v1/branches/$GID/exec" "$(exec_body "$SQL_DEBIT" 5000 2)"
+  check "debit on bank_a: 422, sqlstate 23514 (CHECK balance >= 0)" \
+    answer_is 422 '[.. | objects | .sqlstate? // empty] | index("23514") != null'
+  http POST "${AGENT_URL[bank_b]}/v1/branches/$GID/exec" "$(exec_body "$SQL_CREDIT" 5000 2)"
+  check "credit on bank_b: 200 (this branch alone is fine)" answer_is 200
+  http POST "$COORD_URL/v1/transactions/$GID/commit"
+  check "commit: 409, state aborted" answer_is 409 '.state == "aborted"'
+  AFTER=$(balances)
+  tpc_say ""
+  tpc_say "balances after:  $AFTER"
+  check "neither database changed" test "$AFTER" = "$BEFORE"
+}
+
+show_transactions() {
+  tpc_step "tpcctl --coordinator $COORD_URL list"
+  "$BIN/tpcctl" --coordinator "$COORD_URL" list || check "tpcctl list works" false
+}
+
+prepared_count() { tpc_psql "${PG_DIR[$1]}" "SELECT count(*) FROM pg_prepared_xacts"; }
+
+# no_prepared_left NAME: polls until NAME has no prepared transaction (phase 2 of an abort
+# may still be on its way right after the answer), 15 s at most.
+no_prepared_left() {
+  local deadline=$((SECONDS + 15))
+  until [[ $(prepared_count "$1") == 0 ]]; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+}
+
+final_checks() {
+  tpc_step "checks"
+  check "bank_a: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_a
+  check "bank_b: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_b
+  check "final balances: $(expected_after_commit)" test "$(balances)" = "$(expected_after_commit)"
+}
+
+# --- clean-up -----------------------------------------------------------------------------
+
+stop_everything() {
+  local i name
+  for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+    name=${SERVICES[i]}
+    (tpc_stop_service "${SERVICE_PID[$name]}" "$name") || tpc_warn "could not stop $name"
+  done
+  for name in "${BANKS[@]}"; do
+    (tpc_pg_stop "${PG_DIR[$name]}" fast) || tpc_warn "could not stop PostgreSQL $name"
+  done
+  rm -rf "$RUN_DIR" || tpc_warn "could not remove $RUN_DIR"
+}
+
+show_logs_tail() {
+  local name
+  for name in "${SERVICES[@]}"; do tpc_tail_log "${SERVICE_LOG[$name]}" 10; done
+}
+
+# write_stop_script: RUN_DIR/stop.sh, self-contained (the helpers it needs are copied in).
+write_stop_script() {
+  local i name
+  {
+    printf '#!/usr/bin/env bash\n# Stops the tpc demo in %s and removes that directory.\nset -uo pipefail\n' "$RUN_DIR"
+    declare -f tpc_say tpc_warn tpc_die tpc_tail_log tpc_is_root tpc_pid_alive tpc_stop_service \
+      tpc_pg_bindir tpc_pg_as_owner tpc_pg_port tpc_pg_stop
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+      name=${SERVICES[i]}
+      printf 'tpc_stop_service %q %q\n' "${SERVICE_PID[$name]}" "$name"
+    done
+    for name in "${BANKS[@]}"; do
+      printf '(tpc_pg_stop %q fast)\n' "${PG_DIR[$name]}"
+    done
+    printf 'rm -rf %q && echo "stopped; removed %s"\n' "$RUN_DIR" "$RUN_DIR"
+  } >"$RUN_DIR/stop.sh"
+  chmod +x "$RUN_DIR/stop.sh"
+}
+
+print_keep_info() {
+  local name
+  tpc_step "still running (--keep)"
+  tpc_say "  coordinator   $COORD_URL    ($BIN/tpcctl --coordinator $COORD_URL list)"
+  for name in "${BANKS[@]}"; do
+    [[ -n ${AGENT_URL[$name]:-} ]] || continue
+    tpc_say "  agent $name  ${AGENT_URL[$name]}"
+  done
+  for name in "${BANKS[@]}"; do
+    tpc_say "  psql $name   psql -h 127.0.0.1 -p $(tpc_pg_port "${PG_DIR[$name]}") -U tpc postgres"
+  done
+  tpc_say "  logs          $RUN_DIR/*.log"
+  tpc_say "  stop it all   $RUN_DIR/stop.sh"
+}
+
+on_exit() {
+  local status=$?
+  trap - EXIT
+  [[ -n $RUN_DIR ]] || exit "$status"
+  if ((KEEP)); then
+    write_stop_script
+    print_keep_info
+  else
+    ((status == 0)) || show_logs_tail
+    stop_everything
+  fi
+  exit "$status"
+}
+
+main() {
+  parse_args "$@"
+  tpc_say "tpc demo: one transfer between two PostgreSQL databases, committed or aborted as a whole"
+  install_and_build
+  make_run_dir
+  trap on_exit EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  start_everything
+  transfer_that_commits
+  transfer_that_aborts
+  show_transactions
+  final_checks
+  if ((FAILURES > 0)); then
+    tpc_die "$FAILURES check(s) failed"
+  fi
+  tpc_say ""
+  tpc_say "demo passed: the committed transfer is on both databases, the failed one on neither."
+}
+
+main "$@"
