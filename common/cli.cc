@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "common/failpoint.h"
+#include "common/json.h"
 
 namespace tpc {
 
@@ -74,6 +75,25 @@ Status configure_failpoints_from_env(Logger* log) {
   if (!st.ok()) return st;
   log->warn("failpoints configured", {{"spec", spec}, {"seed", seed}});
   return ok_status();
+}
+
+}  // namespace tpc
+
+namespace tpc {
+
+HttpResponse failpoints_endpoint(std::string_view body, Logger* log) {
+  if (!failpoint::compiled_in())
+    return error_response(not_found("failpoints are not compiled into this build"));
+  auto j = parse_object(body);
+  if (!j.ok()) return error_response(j.status());
+  FieldReader r(*j);
+  std::string spec;
+  r.string("spec", &spec, true, 4096);
+  if (!r.ok()) return error_response(r.status());
+  Status st = failpoint::configure(spec, log, static_cast<uint64_t>(::getpid()));
+  if (!st.ok()) return error_response(st);
+  log->warn("failpoints configured", {{"spec", spec}});
+  return json_response(200, Json{{"spec", spec}});
 }
 
 }  // namespace tpc

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "common/config.h"
+#include "common/http.h"
 #include "common/log.h"
 #include "common/status.h"
 
@@ -31,5 +32,10 @@ Result<std::unique_ptr<Logging>> make_logging(const Config& cfg);
 
 // Configures failpoints from FAILPOINTS (and FAILPOINTS_SEED) in the environment.
 Status configure_failpoints_from_env(Logger* log);
+
+// POST /v1/failpoints {"spec":"name=action;..."}: replaces the failpoint configuration at run
+// time, for crash tests that must arm a failpoint at a precise moment. 404 in builds without
+// failpoints.
+HttpResponse failpoints_endpoint(std::string_view body, Logger* log);
 
 }  // namespace tpc

@@ -77,18 +77,8 @@ Json encode_view(const TxnView& v) {
   if (v.recovered) j["recovered"] = true;
   if (v.decided_ms > 0) j["decided_at_ms"] = v.decided_ms;
   // The decision as the agents' in-doubt resolver reads it.
-  switch (v.state) {
-    case TxnState::precommitted:
-    case TxnState::committing:
-    case TxnState::committed: j["decision"] = "commit"; break;
-    case TxnState::aborting:
-    case TxnState::aborted:
-      if (!v.forgotten) j["decision"] = "abort";
-      break;
-    case TxnState::heuristic_mixed: break;
-    case TxnState::active:
-    case TxnState::preparing: break;
-  }
+  if (v.decision == Decision::commit) j["decision"] = "commit";
+  if (v.decision == Decision::abort && !v.forgotten) j["decision"] = "abort";
   Json branches = Json::array();
   for (auto& b : v.branches) {
     Json jb = {{"participant", b.participant}, {"url", b.url},
@@ -118,7 +108,12 @@ HttpResponse encode_reply(const ClientReply& r) {
 
 std::string encode_message_body(const Message& m) {
   switch (m.kind) {
-    case MsgKind::prepare: return m.protocol == Protocol::three_phase ? R"({"protocol":"3pc"})" : "{}";
+    case MsgKind::prepare: {
+      if (m.protocol != Protocol::three_phase) return "{}";
+      Json peers = Json::array();
+      for (auto& p : m.peers) peers.push_back(Json{{"participant", p.participant}, {"url", p.url}});
+      return dump(Json{{"protocol", "3pc"}, {"peers", std::move(peers)}});
+    }
     case MsgKind::commit_one_phase: return R"({"one_phase":true})";
     default: return "{}";
   }

@@ -55,6 +55,7 @@ TEST_CASE("views carry state, branches, reason and the decision") {
   TxnView v;
   v.gid = "c1-1-1";
   v.state = TxnState::aborted;
+  v.decision = Decision::abort;
   v.reason = "vote_no";
   v.reason_branch = "a2";
   v.branches = {{"a1", "http://h:1", BranchState::aborted, 1, "", false, false},
@@ -82,6 +83,7 @@ TEST_CASE("views carry state, branches, reason and the decision") {
   TxnView p;
   p.gid = "c1-1-3";
   p.state = TxnState::precommitted;
+  p.decision = Decision::commit;
   p.protocol = Protocol::three_phase;
   CHECK(encode_view(p)["decision"] == "commit");
   CHECK(encode_view(p)["protocol"] == "3pc");
@@ -110,7 +112,7 @@ TEST_CASE("replies: a 409 outcome carries the view and an error; a plain error o
 }
 
 TEST_CASE("agents' answers map to replies; anything unusable is failed") {
-  Message prep{"c1-1-1", "a1", "http://h:1", MsgKind::prepare, 1, Protocol::two_phase};
+  Message prep{"c1-1-1", "a1", "http://h:1", MsgKind::prepare, 1, Protocol::two_phase, {}};
   CHECK(decode_branch_answer(prep, 200, R"({"vote":"yes"})", ok_status()).reply == ReplyKind::vote_yes);
   CHECK(decode_branch_answer(prep, 200, R"({"vote":"read_only"})", ok_status()).reply ==
         ReplyKind::vote_read_only);
@@ -124,19 +126,19 @@ TEST_CASE("agents' answers map to replies; anything unusable is failed") {
   CHECK(down.reply == ReplyKind::failed);
   CHECK(down.reason.find("connection refused") != std::string::npos);
 
-  Message commit{"c1-1-1", "a1", "http://h:1", MsgKind::commit, 1, Protocol::two_phase};
+  Message commit{"c1-1-1", "a1", "http://h:1", MsgKind::commit, 1, Protocol::two_phase, {}};
   CHECK(decode_branch_answer(commit, 200, R"({"state":"committed"})", ok_status()).reply ==
         ReplyKind::committed);
   CHECK(decode_branch_answer(commit, 409, R"({"state":"aborted"})", ok_status()).reply ==
         ReplyKind::aborted);
   CHECK(decode_branch_answer(commit, 409, R"({"state":"active"})", ok_status()).reply ==
         ReplyKind::failed);
-  Message abort{"c1-1-1", "a1", "http://h:1", MsgKind::abort, 1, Protocol::two_phase};
+  Message abort{"c1-1-1", "a1", "http://h:1", MsgKind::abort, 1, Protocol::two_phase, {}};
   CHECK(decode_branch_answer(abort, 200, R"({"state":"aborted"})", ok_status()).reply ==
         ReplyKind::aborted);
   CHECK(decode_branch_answer(abort, 409, R"({"state":"committed"})", ok_status()).reply ==
         ReplyKind::committed);
-  Message pre{"c1-1-1", "a1", "http://h:1", MsgKind::precommit, 1, Protocol::three_phase};
+  Message pre{"c1-1-1", "a1", "http://h:1", MsgKind::precommit, 1, Protocol::three_phase, {}};
   CHECK(decode_branch_answer(pre, 200, R"({"state":"precommitted"})", ok_status()).reply ==
         ReplyKind::precommitted);
   CHECK(decode_branch_answer(pre, 409, R"({"state":"aborted"})", ok_status()).reply ==
@@ -144,8 +146,10 @@ TEST_CASE("agents' answers map to replies; anything unusable is failed") {
 }
 
 TEST_CASE("message bodies say the protocol at prepare and one_phase at a one-phase commit") {
-  Message m{"c1-1-1", "a1", "u", MsgKind::prepare, 1, Protocol::three_phase};
-  CHECK(encode_message_body(m) == R"({"protocol":"3pc"})");
+  Message m{"c1-1-1", "a1", "u", MsgKind::prepare, 1, Protocol::three_phase,
+            {{"a1", "http://h:1"}, {"a2", "http://h:2"}}};
+  CHECK(encode_message_body(m) ==
+        R"({"peers":[{"participant":"a1","url":"http://h:1"},{"participant":"a2","url":"http://h:2"}],"protocol":"3pc"})");
   m.protocol = Protocol::two_phase;
   CHECK(encode_message_body(m) == "{}");
   m.kind = MsgKind::commit_one_phase;

@@ -96,7 +96,10 @@ void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
   ++b.attempts;
   ++counters_.messages_sent;
   if (b.attempts > 1) ++counters_.resends;
-  ready_.messages.push_back(Message{t.gid, b.participant, b.url, kind, b.attempts, t.protocol});
+  Message m{t.gid, b.participant, b.url, kind, b.attempts, t.protocol, {}};
+  if (kind == MsgKind::prepare && t.protocol == Protocol::three_phase)
+    for (auto& other : t.branches) m.peers.push_back(Peer{other.participant, other.url});
+  ready_.messages.push_back(std::move(m));
 }
 
 void CoordinatorMachine::send_to_all(Txn& t, BranchState from, MsgKind kind) {
@@ -152,6 +155,9 @@ TxnView CoordinatorMachine::view_of(const Txn& t) const {
   v.gid = t.gid;
   v.protocol = t.protocol;
   v.state = t.state;
+  v.decision = t.decision;
+  if (t.decision == Decision::commit && t.one_phase && t.state == TxnState::aborted)
+    v.decision = Decision::abort;  // the single branch answered abort: that is the outcome
   v.reason = t.reason;
   v.reason_branch = t.reason_branch;
   v.one_phase = t.one_phase;
@@ -215,6 +221,7 @@ TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
   v.decided_ms = rec.decided_wall_ms;
   v.one_phase = rec.decision == wal::Decision::one_phase;
   bool commit = rec.decision != wal::Decision::aborted;
+  v.decision = commit ? Decision::commit : Decision::abort;
   for (auto& b : rec.branches)
     v.branches.push_back({b.participant, b.url, state_of(b.outcome, commit), 0, "",
                           false, b.outcome == wal::BranchOutcome::forced});
@@ -227,7 +234,10 @@ TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
                      (rec.branches[0].outcome == wal::BranchOutcome::committed ||
                       rec.branches[0].outcome == wal::BranchOutcome::forced);
     v.state = committed ? TxnState::committed : TxnState::aborted;
-    if (!committed) v.reason = "branch_aborted";
+    if (!committed) {
+      v.reason = "branch_aborted";
+      v.decision = Decision::abort;
+    }
   } else {
     v.state = commit ? TxnState::committed : TxnState::aborted;
   }
@@ -248,6 +258,7 @@ ClientReply CoordinatorMachine::reply_without_record(std::string_view gid, Reque
     return r;
   }
   r.view.presumed = true;
+  r.view.decision = Decision::abort;
   r.view.reason = "presumed_abort";
   r.http_status = kind == RequestKind::commit ? 409 : 200;
   return r;

@@ -647,3 +647,34 @@ TEST_CASE("a transaction with no branches commits at once") {
   CHECK(r.replies[0].http_status == 200);
   CHECK(r.replies[0].view.state == TxnState::committed);
 }
+
+TEST_CASE("a 3PC prepare names every branch so the agents can terminate together") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"}, Protocol::three_phase);
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  Ready r = f.ready();
+  auto prepares = Fixture::of_kind(r, MsgKind::prepare);
+  REQUIRE(prepares.size() == 2);
+  CHECK(prepares[0].protocol == Protocol::three_phase);
+  REQUIRE(prepares[0].peers.size() == 2);
+  CHECK(prepares[0].peers[1].participant == "a2");
+  std::string two = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(two, 2, {}, f.now).has_value());
+  CHECK(Fixture::of_kind(f.ready(), MsgKind::prepare)[0].peers.empty());
+}
+
+TEST_CASE("views carry the decision, also for a heuristic outcome") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  CHECK(f.m->lookup(gid).view.decision == Decision::commit);
+  f.m->on_persisted(gid, f.now);
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::aborted);
+  auto v = f.m->lookup(gid).view;
+  CHECK(v.state == TxnState::heuristic_mixed);
+  CHECK(v.decision == Decision::commit);
+  std::string ab = f.begin_with({"a1"});
+  REQUIRE(f.m->abort(ab, 2, f.now).has_value());
+  CHECK(f.m->lookup(ab).view.decision == Decision::abort);
+}

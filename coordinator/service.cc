@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "common/cli.h"
 #include "common/failpoint.h"
 #include "common/json.h"
 #include "coordinator/codec.h"
@@ -184,14 +185,15 @@ void CoordinatorService::run(Ready ready) {
 void CoordinatorService::persist(std::vector<Persist> items) {
   std::vector<wal::LogWrite> writes;
   std::vector<std::string> notify;
-  bool sync = false;
+  bool sync = false, precommit = false;
   for (auto& p : items) {
     sync = sync || p.sync;
     if (p.notify) notify.push_back(p.record.gid);
+    precommit = precommit || (p.notify && p.record.decision == wal::Decision::precommit);
     writes.push_back(wal::LogWrite::put(std::move(p.record)));
   }
   if (sync) TPC_FAILPOINT("coord.before_decision_log");
-  wal_->write(std::move(writes), sync, [this, notify = std::move(notify)](Status st) {
+  wal_->write(std::move(writes), sync, [this, precommit, notify = std::move(notify)](Status st) {
     if (!st.ok()) {
       // Whether the records reached the disk is unknown: stop rather than guess. Recovery
       // after a restart reads what is there.
@@ -199,7 +201,7 @@ void CoordinatorService::persist(std::vector<Persist> items) {
       std::_Exit(3);
     }
     if (notify.empty()) return;
-    TPC_FAILPOINT("coord.after_decision_log");
+    TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
     with_machine([&](CoordinatorMachine& m) {
       int64_t now = wall_ms();
       for (auto& gid : notify) m.on_persisted(gid, now);
@@ -229,6 +231,10 @@ void CoordinatorService::send(const Message& m) {
                                                : cfg_.message_timeout_ms;
   client_.send(*url, std::move(req), opts, [this, m](HttpResult res) {
     BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status);
+    // Fired once a message of the kind has reached its agent (its answer is back).
+    if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
+    if (res.status.ok() && m.kind == MsgKind::precommit)
+      TPC_FAILPOINT("coord.after_first_precommit_sent");
     with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
   });
 }
@@ -313,6 +319,10 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
   if (parts.size() == 2 && parts[1] == "status") {
     if (!get) return respond(method_not_allowed());
     return status(respond);
+  }
+  if (parts.size() == 2 && parts[1] == "failpoints") {
+    if (!post) return respond(method_not_allowed());
+    return respond(failpoints_endpoint(req.body, &log_));
   }
   if (parts.size() == 2 && parts[1] == "in-doubt") {
     if (!get) return respond(method_not_allowed());

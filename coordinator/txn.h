@@ -49,6 +49,16 @@ enum class RequestKind : uint8_t { get, commit, abort, resolve };
 
 enum class TimerKind : uint8_t { txn_timeout, prepare_timeout, resend, wait_timeout };
 
+// The coordinator's decision for a transaction.
+enum class Decision : uint8_t { none, commit, abort };
+
+// Another branch of the same transaction, as a 3PC agent's terminating peers know it.
+struct Peer {
+  std::string participant;
+  std::string url;
+  bool operator==(const Peer&) const = default;
+};
+
 std::string_view protocol_name(Protocol p);  // "2pc" / "3pc"
 std::optional<Protocol> parse_protocol(std::string_view s);
 std::string_view state_name(TxnState s);
@@ -66,6 +76,7 @@ struct Message {
   MsgKind kind = MsgKind::prepare;
   uint32_t attempt = 0;  // 1 for the first send
   Protocol protocol = Protocol::two_phase;
+  std::vector<Peer> peers;  // 3PC prepare: every branch, so agents can terminate together
 };
 
 enum class ReplyKind : uint8_t {
@@ -105,6 +116,7 @@ struct TxnView {
   std::string gid;
   Protocol protocol = Protocol::two_phase;
   TxnState state = TxnState::aborted;
+  Decision decision = Decision::none;
   std::string reason;         // why it aborted (vote_no, prepare_timeout, timeout, client, ...)
   std::string reason_branch;  // the branch that caused it
   bool presumed = false;      // no record: aborted by presumption
@@ -157,8 +169,6 @@ struct Waiter {
   RequestKind kind = RequestKind::commit;
   bool decision_only = false;
 };
-
-enum class Decision : uint8_t { none, commit, abort };
 
 struct Txn {
   uint64_t serial = 0;

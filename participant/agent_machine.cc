@@ -200,7 +200,9 @@ void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
         evict_finished();
         return;
       }
-      case RequestKind::status: return;
+      case RequestKind::status:
+        if (req.id == 0) return;  // an internal check of a branch that is gone
+        [[fallthrough]];
       default: {
         // Commit, abort, pre-commit or resolve of a gid not in memory: ask PostgreSQL first.
         Branch& nb = create(gid, BranchState::unknown, now_ms);
@@ -300,7 +302,9 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
   bool prepared = s == BranchState::prepared || s == BranchState::precommitted;
   switch (req.kind) {
     case RequestKind::status: {
-      if (prepared && req.id == 0) {  // verify a prepared branch PostgreSQL no longer lists
+      if (req.id != 0) {  // a peer's query (3PC termination): our state, from evidence if need be
+        reply_state(b, req, 200);
+      } else if (prepared) {  // verify a prepared branch PostgreSQL no longer lists
         PgOp op;
         op.kind = OpKind::evidence;
         start_op(b, std::move(req), std::move(op));
@@ -314,7 +318,12 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         op.kind = OpKind::exec;
         op.then_prepare = req.prepare;
         op.statements = req.statements;
-        if (req.prepare) b.protocol = req.protocol;
+        if (req.prepare) {
+          b.protocol = req.protocol;
+          b.peers = req.peers;
+          op.protocol = b.protocol;
+          op.peers = b.peers;
+        }
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::failed) {
         reply_error(req, conflict("branch " + b.gid + " failed earlier (sqlstate " + b.sqlstate +
@@ -329,8 +338,11 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
     case RequestKind::prepare: {
       if (s == BranchState::active) {
         b.protocol = req.protocol;
+        b.peers = req.peers;
         PgOp op;
         op.kind = OpKind::prepare;
+        op.protocol = b.protocol;
+        op.peers = b.peers;
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::failed) {
         PgOp op;
@@ -347,6 +359,8 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         PgOp op;
         op.kind = OpKind::put_state;
         op.state = "precommitted";
+        op.protocol = 3;
+        op.peers = b.peers;
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::precommitted || s == BranchState::committed) {
         reply_state(b, req, 200);
@@ -363,7 +377,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
       if (prepared) {
         PgOp op;
         op.kind = OpKind::commit_prepared;
-        op.clear_state = s == BranchState::precommitted;
+        op.clear_state = b.protocol == 3;
         start_op(b, std::move(req), std::move(op));
       } else if (req.one_phase && s == BranchState::active) {
         PgOp op;
@@ -389,7 +403,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         start_op(b, std::move(req), std::move(op));
       } else if (prepared) {
         op.kind = OpKind::rollback_prepared;
-        op.clear_state = s == BranchState::precommitted;
+        op.clear_state = b.protocol == 3;
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::committed) {
         reply_state(b, req, 409);
@@ -405,7 +419,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         log_.warn("branch resolved by operator",
                   {{"gid", b.gid}, {"outcome", req.commit ? "commit" : "abort"}});
         op.kind = req.commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
-        op.clear_state = s == BranchState::precommitted;
+        op.clear_state = b.protocol == 3;
         start_op(b, std::move(req), std::move(op));
       } else if (in_session && !req.commit) {
         op.kind = OpKind::rollback;
@@ -531,7 +545,7 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         log_.warn("prepared branch finished outside the agent",
                   {{"gid", b.gid}, {"now", branch_state_name(b.state)}});
       }
-      if (req.kind != RequestKind::status) b.queue.push_front(std::move(req));
+      if (req.kind != RequestKind::status || req.id != 0) b.queue.push_front(std::move(req));
       return;
     }
 
@@ -711,12 +725,17 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
     case Outcome::unreachable:
       if (b.protocol == 3) {
         int64_t age = now_ms - b.prepared_ms;
-        if (b.state == BranchState::prepared && age >= opts_.precommit_timeout_ms) {
-          decided_alone(b, false, now_ms);
-          return;
-        }
-        if (b.state == BranchState::precommitted && age >= opts_.commit_timeout_ms) {
-          decided_alone(b, true, now_ms);
+        bool timed_out = (b.state == BranchState::prepared && age >= opts_.precommit_timeout_ms) ||
+                         (b.state == BranchState::precommitted && age >= opts_.commit_timeout_ms);
+        if (timed_out) {
+          std::vector<Peer> peers = others(b);
+          if (peers.empty()) {
+            decided_alone(b, b.state == BranchState::precommitted, "no peers to ask", now_ms);
+          } else if (!b.terminating) {
+            // Ask the other branches first: one that moved on tells us the outcome.
+            b.terminating = true;
+            ready_.peer_queries.push_back(PeerQuery{b.gid, std::move(peers)});
+          }
           return;
         }
       }
@@ -730,16 +749,46 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
   }
 }
 
-void AgentMachine::decided_alone(Branch& b, bool commit, int64_t now_ms) {
+std::vector<Peer> AgentMachine::others(const Branch& b) const {
+  std::vector<Peer> out;
+  for (auto& p : b.peers)
+    if (p.participant != opts_.name) out.push_back(p);
+  return out;
+}
+
+void AgentMachine::on_peer_states(std::string_view gid, std::vector<PeerAnswer> answers,
+                                  int64_t now_ms) {
+  Branch* bp = find(gid);
+  if (!bp) return;
+  Branch& b = *bp;
+  b.terminating = false;
+  if (b.busy || !b.queue.empty()) return;
+  if (b.state != BranchState::prepared && b.state != BranchState::precommitted) return;
+  bool any_commit = false, any_abort = false;
+  std::string said;
+  for (auto& a : answers) {
+    if (!said.empty()) said += ",";
+    said += a.participant + ":" + (a.state ? std::string(branch_state_name(*a.state)) : "unreachable");
+    if (!a.state) continue;
+    any_commit = any_commit || *a.state == BranchState::committed ||
+                 *a.state == BranchState::precommitted;
+    any_abort = any_abort || *a.state == BranchState::aborted;
+  }
+  bool commit = any_commit ? true : any_abort ? false : b.state == BranchState::precommitted;
+  decided_alone(b, commit, "peers " + said, now_ms);
+}
+
+void AgentMachine::decided_alone(Branch& b, bool commit, std::string_view why, int64_t now_ms) {
   b.unilateral = true;
   if (commit)
     ++counters_.unilateral_commits;
   else
     ++counters_.unilateral_aborts;
-  log_.warn("3PC timeout with the coordinator unreachable: deciding alone",
+  log_.warn("3PC timeout with the coordinator unreachable: deciding without it",
             {{"gid", b.gid},
              {"state", branch_state_name(b.state)},
-             {"outcome", commit ? "commit" : "abort"}});
+             {"outcome", commit ? "commit" : "abort"},
+             {"why", why}});
   Request internal;
   internal.kind = commit ? RequestKind::commit : RequestKind::abort;
   b.queue.push_back(internal);
@@ -768,11 +817,13 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
     seen.insert(e.gid);
     Branch* b = find(e.gid);
     bool precommitted = e.durable_state && *e.durable_state == "precommitted";
+    bool three = precommitted || (e.durable_state && *e.durable_state == "prepared3");
     if (!b) {
       Branch& nb = create(e.gid, precommitted ? BranchState::precommitted : BranchState::prepared,
                           now_ms);
       nb.recovered = true;
-      nb.protocol = precommitted ? 3 : 2;
+      nb.protocol = three ? 3 : 2;
+      nb.peers = e.peers;
       nb.prepared_ms = now_ms - e.age_ms;
       log_.info("found prepared branch", {{"gid", nb.gid},
                                           {"state", branch_state_name(nb.state)},

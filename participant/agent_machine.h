@@ -60,6 +60,13 @@ std::optional<BranchState> parse_external_state(std::string_view s);
 
 enum class RequestKind : uint8_t { exec, prepare, precommit, commit, abort, resolve, status };
 
+// A branch of the same transaction at another agent (3PC termination).
+struct Peer {
+  std::string participant;
+  std::string url;
+  bool operator==(const Peer&) const = default;
+};
+
 struct Statement {
   std::string sql;
   std::vector<pg::Value> params;
@@ -73,6 +80,7 @@ struct Request {
   bool one_phase = false;             // commit of an active branch in one phase
   bool commit = true;                 // resolve: the operator's outcome
   uint8_t protocol = 2;               // prepare: 2 or 3
+  std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
 };
 
 enum class OpKind : uint8_t {
@@ -95,7 +103,9 @@ struct PgOp {
   bool then_prepare = false;          // exec: prepare right after, if the statements succeed
   std::string state;                  // put_state: the state to store
   std::string detail;                 // put_state: free text
-  bool clear_state = false;           // commit/rollback_prepared: delete the pre-commit record
+  bool clear_state = false;           // commit/rollback_prepared: delete the 3PC record
+  uint8_t protocol = 2;               // prepare: 3 records "prepared3" (with the peers) first
+  std::vector<Peer> peers;            // prepare, put_state: kept with the 3PC record
 };
 
 // What the driver reports back for a PgOp.
@@ -129,14 +139,27 @@ struct Reply {
   std::shared_ptr<std::vector<pg::StatementResult>> results;
 };
 
+// Ask every peer for its state of gid (3PC termination).
+struct PeerQuery {
+  std::string gid;
+  std::vector<Peer> peers;
+};
+
+struct PeerAnswer {
+  std::string participant;
+  std::optional<BranchState> state;  // nullopt: no answer
+};
+
 struct Ready {
   std::vector<PgOp> ops;
+  std::vector<PeerQuery> peer_queries;
   std::vector<std::string> enlists;  // gids to enlist with their coordinator
   std::vector<std::string> asks;     // gids whose outcome to ask the coordinator
   std::vector<std::string> cancels;  // gids whose running statement to cancel
   std::vector<Reply> replies;
   bool empty() const {
-    return ops.empty() && enlists.empty() && asks.empty() && cancels.empty() && replies.empty();
+    return ops.empty() && peer_queries.empty() && enlists.empty() && asks.empty() &&
+           cancels.empty() && replies.empty();
   }
 };
 
@@ -197,7 +220,8 @@ class AgentMachine {
   struct ScanEntry {
     std::string gid;
     int64_t age_ms = 0;
-    std::optional<std::string> durable_state;  // tpc_agent_state (e.g. "precommitted")
+    std::optional<std::string> durable_state;  // tpc_agent_state: "prepared3", "precommitted"
+    std::vector<Peer> peers;                    // kept with a 3PC state
   };
   // The agent's prepared transactions as PostgreSQL lists them; the scan started at
   // started_ms (results can be stale by the time they arrive, which is harmless).
@@ -207,6 +231,10 @@ class AgentMachine {
   // epoch can never commit (the coordinator kept no record of them): they are rolled back, and
   // prepared ones ask for their outcome at once.
   void on_coordinator_epoch(std::string_view coordinator, uint64_t epoch, int64_t now_ms);
+  // The peers' answers to a PeerQuery. 3PC termination rule: any peer committed or
+  // pre-committed → commit; any peer aborted → abort; otherwise a pre-committed branch
+  // commits and a prepared one aborts.
+  void on_peer_states(std::string_view gid, std::vector<PeerAnswer> answers, int64_t now_ms);
 
   void tick(int64_t now_ms);
   Ready take_ready();
@@ -242,6 +270,8 @@ class AgentMachine {
     bool asking = false;
     bool ask_now = false;          // skip the in-doubt delay (the coordinator restarted)
     bool cancel_sent = false;      // the running statement was asked to stop
+    bool terminating = false;      // waiting for the peers' answers
+    std::vector<Peer> peers;       // 3PC: every branch of the transaction
     std::string last_answer;
     std::string reason;
     std::string sqlstate;
@@ -265,7 +295,8 @@ class AgentMachine {
   void reply_vote(const Branch& b, const Request& req);
   void finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms);
   void apply_vote(Branch& b, const OpResult& res, int64_t now_ms);
-  void decided_alone(Branch& b, bool commit, int64_t now_ms);
+  void decided_alone(Branch& b, bool commit, std::string_view why, int64_t now_ms);
+  std::vector<Peer> others(const Branch& b) const;
   void check_against_coordinator(Branch& b, bool coordinator_commits);
   void retire(Branch& b);
   int64_t timeout_for(const Branch& b) const;

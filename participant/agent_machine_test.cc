@@ -702,3 +702,116 @@ TEST_CASE("a newer coordinator epoch rolls back unprepared branches of older one
   f.m->tick(f.now);
   CHECK(f.ready().asks == std::vector<std::string>{"c1-1-2"});
 }
+
+namespace {
+
+// A 3PC branch of agent a1 (the fixture's name) with peers a1 and a2, prepared.
+void prepare_3pc(Fixture& f, const std::string& gid) {
+  f.open_branch(gid);
+  Request p;
+  p.kind = RequestKind::prepare;
+  p.protocol = 3;
+  p.peers = {{"a1", "http://h:1"}, {"a2", "http://h:2"}};
+  f.send(gid, p);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].protocol == 3);
+  CHECK(r.ops[0].peers.size() == 2);
+  f.m->on_op_done(gid, OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
+  f.ready();
+}
+
+// Times the branch out with the coordinator unreachable; returns the peer query.
+PeerQuery time_out(Fixture& f, const std::string& gid, int64_t timeout_ms) {
+  f.now += timeout_ms;
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  f.m->on_outcome(gid, Outcome::unreachable, "connection refused", f.now);
+  Ready r = f.ready();
+  CHECK(r.ops.empty());
+  REQUIRE(r.peer_queries.size() == 1);
+  return r.peer_queries[0];
+}
+
+}  // namespace
+
+TEST_CASE("3PC termination: a timed-out branch asks its peers before deciding") {
+  Fixture f;
+  prepare_3pc(f, "c1-1-1");
+  PeerQuery q = time_out(f, "c1-1-1", f.opts.precommit_timeout_ms);
+  REQUIRE(q.peers.size() == 1);  // itself excluded
+  CHECK(q.peers[0].participant == "a2");
+
+  SUBCASE("a pre-committed peer means commit") {
+    f.m->on_peer_states("c1-1-1", {{"a2", BranchState::precommitted}}, f.now);
+    Ready r = f.ready();
+    REQUIRE(r.ops.size() == 1);
+    CHECK(r.ops[0].kind == OpKind::commit_prepared);
+    CHECK(r.ops[0].clear_state);
+  }
+  SUBCASE("peers only prepared, or unreachable: a prepared branch aborts") {
+    f.m->on_peer_states("c1-1-1", {{"a2", BranchState::prepared}}, f.now);
+    Ready r = f.ready();
+    REQUIRE(r.ops.size() == 1);
+    CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+  }
+  SUBCASE("an aborted peer means abort") {
+    f.m->on_peer_states("c1-1-1", {{"a2", BranchState::aborted}}, f.now);
+    CHECK(f.ready().ops[0].kind == OpKind::rollback_prepared);
+  }
+  CHECK(f.m->counters().unilateral_commits + f.m->counters().unilateral_aborts == 1);
+}
+
+TEST_CASE("3PC termination: a pre-committed branch commits unless a peer aborted") {
+  Fixture f;
+  prepare_3pc(f, "c1-1-1");
+  f.simple("c1-1-1", RequestKind::precommit);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].peers.size() == 2);  // the record keeps the peers
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  f.ready();
+  time_out(f, "c1-1-1", f.opts.commit_timeout_ms);
+  SUBCASE("unreachable peers") {
+    f.m->on_peer_states("c1-1-1", {{"a2", std::nullopt}}, f.now);
+    CHECK(f.ready().ops[0].kind == OpKind::commit_prepared);
+  }
+  SUBCASE("an aborted peer") {
+    f.m->on_peer_states("c1-1-1", {{"a2", BranchState::aborted}}, f.now);
+    CHECK(f.ready().ops[0].kind == OpKind::rollback_prepared);
+  }
+}
+
+TEST_CASE("a peer's query is answered with the branch's state, from evidence when unknown") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  f.simple("c1-1-1", RequestKind::status);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].state == BranchState::prepared);
+  f.simple("c1-1-2", RequestKind::status);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::evidence);
+  f.m->on_op_done("c1-1-2", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].state == BranchState::aborted);
+  // The answer stands: a late prepare of that gid votes no.
+  f.simple("c1-1-2", RequestKind::prepare);
+  CHECK(f.ready().replies[0].vote == pg::Vote::no);
+}
+
+TEST_CASE("the scan restores a 3PC branch with its peers from its durable record") {
+  Fixture f;
+  AgentMachine::ScanEntry e{"c1-1-1", 50, std::string("prepared3"), {{"a1", "http://h:1"}, {"a2", "http://h:2"}}};
+  f.m->on_scan({e}, f.now, f.now);
+  auto v = f.m->view("c1-1-1", f.now);
+  REQUIRE(v.has_value());
+  CHECK(v->protocol == 3);
+  CHECK(v->state == BranchState::prepared);
+  CHECK(v->timeout_ms == f.opts.precommit_timeout_ms);
+  PeerQuery q = time_out(f, "c1-1-1", f.opts.precommit_timeout_ms);
+  CHECK(q.peers.size() == 1);
+}

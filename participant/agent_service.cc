@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "common/cli.h"
 #include "common/failpoint.h"
 #include "common/ids.h"
 #include "common/json.h"
@@ -155,6 +156,7 @@ void AgentService::run(Ready ready) {
       with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), wall_ms()); });
     });
   }
+  for (auto& q : ready.peer_queries) query_peers(q);
   for (auto& gid : ready.cancels) cancel(gid);
   for (auto& gid : ready.enlists) enlist(gid);
   for (auto& gid : ready.asks) ask(gid);
@@ -180,6 +182,48 @@ void AgentService::cancel(const std::string& gid) {
   if (c) std::thread([c] { (void)c->cancel(); }).detach();
 }
 
+void AgentService::query_peers(const PeerQuery& q) {
+  struct Gather {
+    std::mutex mu;
+    std::vector<PeerAnswer> answers;
+    size_t left;
+  };
+  auto g = std::make_shared<Gather>();
+  g->left = q.peers.size();
+  auto done = [this, g, gid = q.gid](PeerAnswer a) {
+    std::vector<PeerAnswer> all;
+    {
+      std::lock_guard lock(g->mu);
+      g->answers.push_back(std::move(a));
+      if (--g->left > 0) return;
+      all = std::move(g->answers);
+    }
+    with_machine([&](AgentMachine& m) { m.on_peer_states(gid, std::move(all), wall_ms()); });
+  };
+  for (auto& peer : q.peers) {
+    auto url = parse_url(peer.url);
+    if (!url.ok() || TPC_FAILPOINT("agent.partition")) {
+      done(PeerAnswer{peer.participant, std::nullopt});
+      continue;
+    }
+    HttpRequest req;
+    req.method = "POST";
+    req.target = "/v1/branches/" + q.gid + "/query";
+    if (!cfg_.peer_token.empty()) req.headers.emplace_back("authorization", "Bearer " + cfg_.peer_token);
+    SendOptions opts;
+    opts.timeout_ms = cfg_.coordinator_timeout_ms;
+    client_.send(*url, std::move(req), opts, [done, name = peer.participant](HttpResult res) {
+      PeerAnswer a{name, std::nullopt};
+      if (res.status.ok() && res.http_status == 200) {
+        auto j = parse_json(res.body);
+        if (j.ok() && j->is_object() && j->contains("state") && (*j)["state"].is_string())
+          a.state = parse_external_state((*j)["state"].get<std::string>());
+      }
+      done(std::move(a));
+    });
+  }
+}
+
 void AgentService::enlist(const std::string& gid) {
   const std::string* base = coordinator_url(gid);
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator for " + gid));
@@ -203,6 +247,12 @@ void AgentService::enlist(const std::string& gid) {
 }
 
 void AgentService::ask(const std::string& gid) {
+  if (TPC_FAILPOINT("agent.partition")) {
+    with_machine([&](AgentMachine& m) {
+      m.on_outcome(gid, Outcome::unreachable, "partitioned (failpoint)", wall_ms());
+    });
+    return;
+  }
   const std::string* base = coordinator_url(gid);
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator configured"));
   if (!url.ok()) {
@@ -299,6 +349,38 @@ Conn AgentService::take_session(const std::string& gid) {
   return c;
 }
 
+void AgentService::prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
+                                  pg::PgConn& conn, OpResult* res) {
+  if (op.protocol == 3) {
+    // A 3PC branch records that it is one, and who its peers are, before it votes: after a
+    // restart it must still apply the 3PC timeouts and know whom to ask.
+    auto other = acquire();
+    Status st = other.ok() ? pg::put_state(**other, pgg, "prepared3", encode_peers(op.peers))
+                           : other.status();
+    if (other.ok() && st.ok()) release(std::move(*other));
+    if (!st.ok()) {
+      (void)pg::rollback(conn);
+      res->prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
+      return;
+    }
+  }
+  TPC_FAILPOINT("agent.before_prepare");
+  auto p = pg::prepare(conn, pgg, parts.coordinator, static_cast<int64_t>(parts.epoch),
+                       static_cast<int64_t>(parts.seq));
+  if (!p.ok()) {
+    res->status = p.status();
+    return;
+  }
+  TPC_FAILPOINT("agent.after_prepare");
+  res->prepare = *p;
+  if (op.protocol == 3 && p->vote != pg::Vote::yes) {
+    if (auto other = acquire(); other.ok()) {
+      (void)pg::delete_state(**other, pgg);
+      release(std::move(*other));
+    }
+  }
+}
+
 OpResult AgentService::execute(const PgOp& op) {
   auto parts = parse_gid(op.gid);
   TPC_ASSERT(parts.has_value());  // validated at the HTTP edge
@@ -356,16 +438,9 @@ OpResult AgentService::execute(const PgOp& op) {
         cancel_requested_.erase(op.gid);
       }
       if (res.status.ok() && op.then_prepare) {
-        TPC_FAILPOINT("agent.before_prepare");
-        auto p = pg::prepare(*conn, pgg, parts->coordinator, epoch, seq);
-        if (!p.ok()) {
-          res.status = p.status();
-          return res;  // the session is gone with conn
-        }
-        TPC_FAILPOINT("agent.after_prepare");
-        res.prepare = *p;
-        release(std::move(conn));
-        return res;
+        prepare_branch(op, pgg, *parts, *conn, &res);
+        if (res.prepare) release(std::move(conn));
+        return res;  // without a vote the session is gone with conn
       }
       if (res.status.code() == Code::unavailable) return res;  // the session died
       std::lock_guard lock(pool_mu_);
@@ -375,12 +450,8 @@ OpResult AgentService::execute(const PgOp& op) {
     case OpKind::prepare: {
       auto conn = take_session(op.gid);
       if (!conn) return failed(unavailable("the branch has no open session"));
-      TPC_FAILPOINT("agent.before_prepare");
-      auto p = pg::prepare(*conn, pgg, parts->coordinator, epoch, seq);
-      if (!p.ok()) return failed(p.status());
-      TPC_FAILPOINT("agent.after_prepare");
-      res.prepare = *p;
-      release(std::move(conn));
+      prepare_branch(op, pgg, *parts, *conn, &res);
+      if (res.prepare) release(std::move(conn));
       return res;
     }
     case OpKind::commit_one_phase: {
@@ -424,7 +495,8 @@ OpResult AgentService::execute(const PgOp& op) {
         if (!e.ok()) return failed(e.status());
         res.evidence = *e;
       } else {
-        Status st = pg::put_state(*conn, pgg, op.state, op.detail);
+        std::string detail = op.peers.empty() ? op.detail : encode_peers(op.peers);
+        Status st = pg::put_state(*conn, pgg, op.state, detail);
         if (!st.ok()) return failed(st);
       }
       if (op.clear_state) {
@@ -453,9 +525,12 @@ Status AgentService::scan_once() {
     AgentMachine::ScanEntry e;
     e.gid = *gid;
     e.age_ms = x.prepared_age_ms;
-    auto state = pg::get_state(**c, x.pg_gid);
+    auto state = pg::read_state(**c, x.pg_gid);
     if (!state.ok()) return state.status();
-    e.durable_state = *state;
+    if (state->has_value()) {
+      e.durable_state = (*state)->state;
+      e.peers = decode_peers_text((*state)->detail);
+    }
     entries.push_back(std::move(e));
   }
   release(std::move(*c));
@@ -506,6 +581,13 @@ void AgentService::purge() {
       });
     });
   }
+  submit([this] {
+    auto c = acquire();
+    if (!c.ok()) return;
+    auto n = pg::purge_stale_states(**c, cfg_.machine.name, 3'600);
+    release(std::move(*c));
+    if (n.ok() && *n > 0) log_.info("purged stale 3PC records", {{"rows", *n}});
+  });
   schedule(cfg_.purge_interval_ms, [this] { purge(); });
 }
 
@@ -543,6 +625,10 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       for (auto& v : views) arr.push_back(encode_view(v));
       return respond(json_response(200, Json{{"branches", std::move(arr)}}));
     }
+    if (parts.size() == 2 && parts[1] == "failpoints") {
+      if (!post) return respond(method_not_allowed());
+      return respond(failpoints_endpoint(req.body, &log_));
+    }
     if (parts.size() == 2 && parts[1] == "status") {
       if (!get) return respond(method_not_allowed());
       size_t sessions, prepared;
@@ -557,6 +643,8 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
                                              {"branches_max", cfg_.machine.branches_max}}));
     }
     if (parts[1] == "branches") {
+      if (TPC_FAILPOINT("agent.partition"))
+        return respond(error_response(unavailable("partitioned (failpoint agent.partition)")));
       if (parts.size() == 2) {
         if (!get) return respond(method_not_allowed());
         return list(req, respond);
@@ -626,11 +714,13 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
     r = decode_commit(req.body);
   else if (action == "resolve")
     r = decode_resolve(req.body);
-  else if (action == "precommit" || action == "abort") {
+  else if (action == "precommit" || action == "abort" || action == "query") {
     auto o = parse_object(req.body);
     if (!o.ok()) return respond(error_response(o.status()));
     Request q;
-    q.kind = action == "abort" ? RequestKind::abort : RequestKind::precommit;
+    q.kind = action == "abort"   ? RequestKind::abort
+             : action == "query" ? RequestKind::status
+                                 : RequestKind::precommit;
     r = q;
   } else {
     return respond(error_response(not_found("no such action: " + std::string(action))));

@@ -27,6 +27,7 @@
 #include "common/http.h"
 #include "common/http_client.h"
 #include "common/http_server.h"
+#include "common/ids.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "participant/agent_machine.h"
@@ -59,6 +60,7 @@ struct AgentConfig {
   std::map<std::string, std::string> coordinators;  // coordinator id → URL
   std::string token;              // clients and coordinators must send it
   std::string coordinator_token;  // sent to coordinators
+  std::string peer_token;         // sent to other agents (3PC termination)
   AgentOptions machine;
   ExecLimits exec;
   size_t result_rows_max = 10'000;         // per statement; more fails the statement (54000)
@@ -89,6 +91,7 @@ class AgentService {
   void run(Ready ready);
   void enlist(const std::string& gid);
   void cancel(const std::string& gid);
+  void query_peers(const PeerQuery& q);
   void ask(const std::string& gid);
   void reply(const Reply& r);
   template <class Fn>
@@ -98,6 +101,8 @@ class AgentService {
   void submit(std::function<void()> job);
   void worker_loop();
   OpResult execute(const PgOp& op);
+  void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
+                      pg::PgConn& conn, OpResult* res);
   Result<Conn> acquire();
   void release(Conn conn);
   Conn take_session(const std::string& gid);

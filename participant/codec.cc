@@ -1,5 +1,7 @@
 #include "participant/codec.h"
 
+#include "common/ids.h"
+
 namespace tpc::agent {
 namespace {
 
@@ -34,6 +36,26 @@ Status decode_statement(const Json& obj, const ExecLimits& limits, Statement* ou
   return ok_status();
 }
 
+Status decode_peers(const Json& obj, std::vector<Peer>* out) {
+  FieldReader r(obj);
+  const Json* peers = r.array("peers", false, 64);
+  if (!r.ok()) return r.status();
+  if (!peers) return ok_status();
+  for (auto& p : *peers) {
+    if (!p.is_object()) return invalid_argument("each of \"peers\" must be an object");
+    FieldReader pr(p);
+    Peer peer;
+    pr.string("participant", &peer.participant, true, 64);
+    pr.string("url", &peer.url, true, 512);
+    if (!pr.ok()) return pr.status();
+    if (!valid_participant_name(peer.participant))
+      return invalid_argument("peer name \"" + peer.participant + "\" must match [A-Za-z0-9_-]{1,32}");
+    if (auto u = parse_url(peer.url); !u.ok()) return u.status();
+    out->push_back(std::move(peer));
+  }
+  return ok_status();
+}
+
 Result<uint8_t> decode_protocol(FieldReader& r) {
   std::string protocol;
   r.string("protocol", &protocol, false, 16);
@@ -55,6 +77,7 @@ Result<Request> decode_exec(std::string_view body, const ExecLimits& limits) {
   auto protocol = decode_protocol(r);
   if (!protocol.ok()) return protocol.status();
   req.protocol = *protocol;
+  TPC_RETURN_IF_ERROR(decode_peers(*j, &req.peers));
   bool has_sql = j->contains("sql"), has_list = j->contains("statements");
   if (has_sql == has_list)
     return invalid_argument("give either \"sql\" (with \"params\") or \"statements\"");
@@ -84,6 +107,7 @@ Result<Request> decode_prepare(std::string_view body) {
   Request req;
   req.kind = RequestKind::prepare;
   req.protocol = *protocol;
+  TPC_RETURN_IF_ERROR(decode_peers(*j, &req.peers));
   return req;
 }
 
@@ -236,6 +260,25 @@ Outcome decode_outcome_answer(int http_status, std::string_view body, const Stat
   if (decision == "abort") return Outcome::abort;
   if (state == "active" || state == "preparing") return Outcome::pending;
   return Outcome::unknown;
+}
+
+}  // namespace tpc::agent
+
+namespace tpc::agent {
+
+std::string encode_peers(const std::vector<Peer>& peers) {
+  Json arr = Json::array();
+  for (auto& p : peers) arr.push_back(Json{{"participant", p.participant}, {"url", p.url}});
+  return dump(arr);
+}
+
+std::vector<Peer> decode_peers_text(std::string_view text) {
+  std::vector<Peer> out;
+  auto j = parse_json(text);
+  if (!j.ok() || !j->is_array()) return out;
+  Json wrapper = Json{{"peers", *j}};
+  if (!decode_peers(wrapper, &out).ok()) out.clear();
+  return out;
 }
 
 }  // namespace tpc::agent

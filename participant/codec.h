@@ -29,6 +29,11 @@ Json encode_results(const std::vector<pg::StatementResult>& results);
 Json encode_view(const BranchView& v);
 HttpResponse encode_reply(const Reply& r);
 
+// The peers of a 3PC branch as kept in tpc_agent_state.detail (a JSON array), and back
+// (empty when the text is not such an array).
+std::string encode_peers(const std::vector<Peer>& peers);
+std::vector<Peer> decode_peers_text(std::string_view text);
+
 // The coordinator's answer to an enlistment: ok (with the branch's remaining time, if given),
 // conflict or not_found (refused for good), unavailable (try again later).
 Status decode_enlist_answer(int http_status, std::string_view body, const Status& transport,

@@ -23,6 +23,7 @@ std::vector<tpc::OptionSpec> specs() {
       {"advertise-url", "URL coordinators use to reach this agent (default http://LISTEN)", ""},
       {"token", "bearer token clients and coordinators must send", ""},
       {"coordinator-token", "bearer token sent to coordinators", ""},
+      {"peer-token", "bearer token sent to other agents in 3PC termination (default: --token)", ""},
       {"threads", "event-loop threads", "2"},
       {"pg-workers", "threads running PostgreSQL operations (0: branches-max + 16)", "0"},
       {"pg-connections-max", "PostgreSQL connections open at once, sessions included (0: branches-max + 16)", "0"},
@@ -79,6 +80,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
     return invalid_argument("--advertise-url: " + u.status().message());
   cfg.token = c.get("token");
   cfg.coordinator_token = c.get("coordinator-token");
+  cfg.peer_token = c.has("peer-token") ? c.get("peer-token") : cfg.token;
   int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0;
   struct IntOpt {
     const char* name;

@@ -328,6 +328,26 @@ Result<std::optional<std::string>> get_state(PgConn& c, std::string_view pg_gid)
   return r.result.rows[0][0];
 }
 
+Result<std::optional<AgentState>> read_state(PgConn& c, std::string_view pg_gid) {
+  ExecResult r = c.exec("SELECT state, coalesce(detail, '') FROM tpc_agent_state WHERE pg_gid = $1",
+                        {std::string(pg_gid)});
+  if (!r.status.ok()) return with_sqlstate(r, "reading tpc_agent_state");
+  if (r.result.rows.empty()) return std::optional<AgentState>();
+  return std::optional<AgentState>(AgentState{r.result.rows[0][0].value_or(""), r.result.rows[0][1].value_or("")});
+}
+
+Result<int64_t> purge_stale_states(PgConn& c, std::string_view agent, int64_t older_than_s) {
+  std::string prefix = "tpc:" + std::string(agent) + ":";
+  ExecResult r = c.exec(
+      "DELETE FROM tpc_agent_state s WHERE left(s.pg_gid, length($1)) = $1 "
+      "AND s.state IN ('prepared3', 'precommitted') "
+      "AND s.updated_at < now() - make_interval(secs => $2::double precision) "
+      "AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = s.pg_gid)",
+      {prefix, std::to_string(older_than_s)});
+  if (!r.status.ok()) return with_sqlstate(r, "purging tpc_agent_state");
+  return r.result.affected;
+}
+
 Status delete_state(PgConn& c, std::string_view pg_gid) {
   ExecResult r = c.exec("DELETE FROM tpc_agent_state WHERE pg_gid = $1", {std::string(pg_gid)});
   if (!r.status.ok()) return with_sqlstate(r, "deleting from tpc_agent_state");

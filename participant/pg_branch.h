@@ -95,5 +95,14 @@ Status put_state(PgConn& c, std::string_view pg_gid, std::string_view state,
                  std::string_view detail);
 Result<std::optional<std::string>> get_state(PgConn& c, std::string_view pg_gid);
 Status delete_state(PgConn& c, std::string_view pg_gid);
+struct AgentState {
+  std::string state;
+  std::string detail;
+};
+Result<std::optional<AgentState>> read_state(PgConn& c, std::string_view pg_gid);
+// Deletes 3PC rows ("prepared3", "precommitted") of this agent older than older_than_s whose
+// transaction is no longer prepared (left behind by a crash between the row and PREPARE, or
+// between COMMIT PREPARED and the row's removal).
+Result<int64_t> purge_stale_states(PgConn& c, std::string_view agent, int64_t older_than_s);
 
 }  // namespace tpc::pg

@@ -93,7 +93,8 @@ TEST_CASE("an open branch the restarted coordinator forgot is rolled back when t
   INFO(t.logs());
   CHECK_MESSAGE(r.status == 200, r.describe());
   CHECK(t.wait_log(t.agent_process(0), "rolling back a branch of an earlier coordinator epoch"));
-  CHECK(t.agent(0, "GET", "/v1/branches/" + old).state() == "aborted");
+  CHECK(eventually([&] { return t.agent(0, "GET", "/v1/branches/" + old).state() == "aborted"; },
+                   10'000));
   REQUIRE(t.move(1, fresh, 1, 20).status == 200);
   REQUIRE(t.commit(fresh).status == 200);
   CHECK(t.balance(0, 1) == 980);

@@ -290,7 +290,8 @@ TEST_CASE("an unprepared branch whose coordinator forgot it is rolled back after
   t.stop_coordinator();
   t.start_coordinator();
   CHECK(t.wait_log(t.agent_process(0), "rolling back an idle branch", 10'000));
-  CHECK(t.agent(0, "GET", "/v1/branches/" + gid).state() == "aborted");
+  CHECK(eventually([&] { return t.agent(0, "GET", "/v1/branches/" + gid).state() == "aborted"; },
+                   10'000));
   CHECK(t.move(0, gid, 1, -10).status == 409);
   auto locks = query_value(t.conninfo(0), "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a "
                                           "USING (pid) WHERE a.application_name LIKE 'tpc-agent%' "
