@@ -131,6 +131,7 @@ Status CoordinatorService::recover() {
                                       {"ended", ended}});
   std::lock_guard lock(mu_);
   machine_.recover(epoch_, forgotten, std::move(unfinished), wall_ms());
+  recovering_at_start_ = machine_.recovering();
   return ok_status();
 }
 
@@ -185,14 +186,16 @@ void CoordinatorService::run(Ready ready) {
 void CoordinatorService::persist(std::vector<Persist> items) {
   std::vector<wal::LogWrite> writes;
   std::vector<std::string> notify;
-  bool sync = false, precommit = false;
+  bool sync = false, precommit = false, ended = false;
   for (auto& p : items) {
     sync = sync || p.sync;
     if (p.notify) notify.push_back(p.record.gid);
     precommit = precommit || (p.notify && p.record.decision == wal::Decision::precommit);
+    ended = ended || p.record.ended;
     writes.push_back(wal::LogWrite::put(std::move(p.record)));
   }
   if (sync) TPC_FAILPOINT("coord.before_decision_log");
+  if (ended) TPC_FAILPOINT("coord.before_end_record");
   wal_->write(std::move(writes), sync, [this, precommit, notify = std::move(notify)](Status st) {
     if (!st.ok()) {
       // Whether the records reached the disk is unknown: stop rather than guess. Recovery
@@ -235,6 +238,9 @@ void CoordinatorService::send(const Message& m) {
     if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
     if (res.status.ok() && m.kind == MsgKind::precommit)
       TPC_FAILPOINT("coord.after_first_precommit_sent");
+    if (br.reply == ReplyKind::committed &&
+        (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
+      TPC_FAILPOINT("coord.after_first_branch_committed");
     with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
   });
 }
@@ -524,6 +530,10 @@ void CoordinatorService::tick() {
     m.tick(now);
     recovering = m.recovering();
   });
+  if (recovering < recovering_at_start_ && !redrive_failpoint_done_) {
+    redrive_failpoint_done_ = true;
+    TPC_FAILPOINT("coord.recovery_after_first_redrive");
+  }
   if (!healthy_ && (recovering == 0 || now - started_ms_ >= cfg_.recovery_wait_ms)) {
     healthy_ = true;
     if (recovering == 0)

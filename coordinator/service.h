@@ -127,6 +127,8 @@ class CoordinatorService {
   std::thread compaction_thread_;
   bool shut_down_ = false;
   bool started_ = false;  // start() completed
+  size_t recovering_at_start_ = 0;
+  bool redrive_failpoint_done_ = false;
 };
 
 }  // namespace tpc::coord

@@ -1,34 +1,41 @@
-// tpc-chaos: concurrent transfers between two real PostgreSQL databases while faults drawn
-// from a seed hit every process, then a scorecard of what must never happen.
+// tpc-chaos: concurrent transfers between two real PostgreSQL databases while faults hit every
+// process, then a scorecard of what must never happen.
 //
-//   tpc-chaos [--seed S] [--seconds N] [--clients C] [--protocol 2pc|3pc|mix] [--no-faults]
-//             [--faults kill,stop,pg,failpoint] [--keep]
+//   tpc-chaos --table [--only NAME,...] [--clients C] [--keep]
+//       every named failpoint once (armed at run time on the process it belongs to, action
+//       1*crash), then external faults (kill -9 of each process, SIGSTOP/SIGCONT, PostgreSQL
+//       stopped -m immediate while branches are prepared); one row per fault.
+//   tpc-chaos [--chaos] [--seed S] [--seconds N | --minutes M] [--clients C]
+//             [--protocol 2pc|3pc|mix] [--faults kill,stop,pg,failpoint] [--keep]
+//       faults drawn from the seed at random moments for the whole run.
 //
 // Each transfer moves money from one bank's account to the other bank's account in one global
-// transaction, and writes a ledger row tagged with the gid on each side. Afterwards, for every
-// gid, the ledger rows of the two banks must be both present or both absent (no mixed outcome),
-// a transfer the client was told is committed must be present (no lost commit), one told
-// aborted must be absent, the total must be unchanged, and nothing of ours may stay prepared.
-// Exit code 0 only when every violation count is 0.
+// transaction and writes a ledger row tagged with the gid on each side. After the faults stop
+// and every prepared branch is resolved: for every gid the two banks' ledger rows must be both
+// present or both absent (no mixed outcome), a transfer the client was told committed must be
+// present (no lost commit), one told aborted absent (no commit after an abort answer), no gid
+// twice (no duplicated commit), the total unchanged, and nothing of ours left prepared. A
+// sampler watches pg_prepared_xacts to measure how long branches stay prepared. Exit code 0
+// only when every violation count is 0; otherwise it prints how to reproduce the run.
 #include <signal.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "common/config.h"
 #include "common/http_client.h"
 #include "common/json.h"
 #include "tests/harness/harness.h"
-
-extern char** environ;
 
 namespace tpc::chaos {
 namespace {
@@ -38,14 +45,18 @@ using testing::Process;
 
 constexpr int kAccounts = 20;
 constexpr int64_t kInitial = 10'000;
+constexpr int64_t kSampleMs = 25;
 
 struct Options {
+  bool table = false;
+  std::set<std::string> only;
   uint64_t seed = 1;
   int seconds = 60;
   int clients = 8;
   std::string protocol = "2pc";
   std::set<std::string> faults = {"kill", "stop", "pg", "failpoint"};
   bool keep = false;
+  std::string argv_text;  // to print the reproduction command
 };
 
 int64_t now_ms() {
@@ -56,91 +67,139 @@ int64_t now_ms() {
 
 void sleep_ms(int64_t ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
-// The failpoints a chaos run may arm, with the process they belong to.
-const std::vector<std::pair<std::string, std::string>> kFailpoints = {
-    {"coordinator", "coord.before_decision_log"},
-    {"coordinator", "coord.after_decision_log"},
-    {"agent", "agent.before_prepare"},
-    {"agent", "agent.after_prepare"},
-    {"agent", "agent.before_commit_prepared"},
-    {"agent", "agent.after_commit_prepared"},
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string json_string(const Json& j, const char* key) {
+  return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : "";
+}
+
+enum class Target { coordinator, agent0, agent1, pg1 };
+
+// A row of the failpoint table.
+struct Scenario {
+  std::string name;      // failpoint name, or a description of an external fault
+  Target target;
+  std::string protocol;  // of the load while it runs
+  enum class Kind { failpoint, recovery_failpoint, kill, stop, pg_stop } kind;
+};
+
+const std::vector<Scenario>& scenarios() {
+  using K = Scenario::Kind;
+  static const std::vector<Scenario> all = {
+      {"coord.after_first_prepare_sent", Target::coordinator, "2pc", K::failpoint},
+      {"coord.before_decision_log", Target::coordinator, "2pc", K::failpoint},
+      {"coord.after_decision_log", Target::coordinator, "2pc", K::failpoint},
+      {"coord.after_first_branch_committed", Target::coordinator, "2pc", K::failpoint},
+      {"coord.before_end_record", Target::coordinator, "2pc", K::failpoint},
+      {"coord.recovery_after_first_redrive", Target::coordinator, "2pc", K::recovery_failpoint},
+      {"coord.after_precommit_logged", Target::coordinator, "3pc", K::failpoint},
+      {"coord.after_first_precommit_sent", Target::coordinator, "3pc", K::failpoint},
+      {"agent.before_prepare", Target::agent1, "2pc", K::failpoint},
+      {"agent.after_prepare", Target::agent1, "2pc", K::failpoint},
+      {"agent.before_commit_prepared", Target::agent1, "2pc", K::failpoint},
+      {"agent.after_commit_prepared", Target::agent1, "2pc", K::failpoint},
+      {"agent.before_commit_prepared", Target::agent1, "3pc", K::failpoint},
+      {"agent.during_scan", Target::agent1, "2pc", K::failpoint},
+      {"kill -9 coordinator", Target::coordinator, "mix", K::kill},
+      {"kill -9 agent bank0", Target::agent0, "mix", K::kill},
+      {"kill -9 agent bank1", Target::agent1, "mix", K::kill},
+      {"SIGSTOP/SIGCONT coordinator", Target::coordinator, "mix", K::stop},
+      {"SIGSTOP/SIGCONT agent bank1", Target::agent1, "mix", K::stop},
+      {"pg_ctl stop -m immediate bank1, branches prepared", Target::pg1, "mix", K::pg_stop},
+  };
+  return all;
+}
+
+struct Violations {
+  uint64_t mixed = 0, wrong_total = 0, lost = 0, after_abort = 0, duplicated = 0, mismatch = 0,
+           leftover = 0;
+  uint64_t sum() const { return mixed + wrong_total + lost + after_abort + duplicated + mismatch + leftover; }
+  std::string text() const {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "mixed_outcome=%llu wrong_total=%llu lost_commit=%llu commit_after_abort=%llu "
+                  "duplicated_commit=%llu outcome_mismatch=%llu leftover_prepared=%llu",
+                  (unsigned long long)mixed, (unsigned long long)wrong_total, (unsigned long long)lost,
+                  (unsigned long long)after_abort, (unsigned long long)duplicated,
+                  (unsigned long long)mismatch, (unsigned long long)leftover);
+    return buf;
+  }
+};
+
+struct Counts {
+  uint64_t attempted = 0, committed = 0, aborted = 0, unknown = 0;
 };
 
 class World {
  public:
-  explicit World(Options o) : opts_(std::move(o)), rng_(opts_.seed) {}
+  explicit World(Options o) : opts_(std::move(o)) {}
 
   Status setup();
-  void run();
-  int report();
+  int run_chaos();
+  int run_table();
   void teardown();
 
  private:
   Status start_coordinator(const std::string& failpoints);
   Status start_agent(int i, const std::string& failpoints);
   Status wait_healthy(Process& p, const Url& url, int64_t timeout_ms);
-  void client_loop(int id);
-  void note_failure(const std::string& step, const HttpResult& r);
-  void fault_loop();
-  void inject(std::mt19937_64& rng);
+  Process* process(Target t);
+  Status restart(Target t, const std::string& failpoints = "");
   void restart_dead();
-  std::string fresh_log(const std::string& name);
-  HttpResult call(const Url& url, const std::string& method, const std::string& target,
-                  const std::string& body, int64_t timeout_ms = 10'000);
+
+  void start_load(const std::string& protocol);
+  void stop_load();
+  void client_loop(int id, uint64_t seed);
+  void note_failure(const std::string& step, const HttpResult& r);
+  Counts counts() const;
+
+  void sampler_loop();
+  int64_t prepared_now(int bank);
+  // Waits until nothing of ours is prepared; returns the time it took, or -1.
+  int64_t quiesce(int64_t timeout_ms);
+  Violations check();
+  std::vector<int64_t> prepared_durations(int64_t since_ms);
+
+  Status run_scenario(const Scenario& s, std::string* outcome);
+  void inject_random(std::mt19937_64& rng);
+  void fault_loop(uint64_t seed);
+  void print_times(const char* title, std::vector<int64_t> d);
+  int fail_footer(const Violations& v);
 
   Options opts_;
-  std::mt19937_64 rng_;
   std::string dir_;
   std::unique_ptr<PgCluster> pg_[2];
-  std::mutex proc_mu_;  // guards the processes
+  std::recursive_mutex proc_mu_;  // guards the processes and clusters
   std::unique_ptr<Process> coordinator_;
   std::unique_ptr<Process> agents_[2];
   Url coordinator_url_;
   Url agent_urls_[2];
   int log_serial_ = 0;
-  std::atomic<bool> stop_{false};
 
-  // What the clients saw, per gid.
+  std::atomic<bool> load_stop_{false};
+  std::vector<std::thread> clients_;
+  std::string load_protocol_ = "2pc";
+  std::atomic<uint64_t> attempted_{0}, committed_{0}, aborted_{0}, unknown_{0}, begin_failed_{0};
   std::mutex outcomes_mu_;
   std::map<std::string, std::string> outcomes_;  // committed | aborted | unknown
-  std::atomic<uint64_t> attempted_{0}, committed_{0}, aborted_{0}, unknown_{0}, begin_failed_{0};
-  std::map<std::string, uint64_t> faults_;
-  std::mutex faults_mu_;
-  std::vector<int64_t> resolve_ms_;
   std::mutex reasons_mu_;
-  std::map<std::string, uint64_t> reasons_;  // why transfers did not commit
+  std::map<std::string, uint64_t> reasons_;
+
+  std::atomic<bool> sampler_stop_{false};
+  std::thread sampler_;
+  std::mutex sample_mu_;
+  std::map<std::string, std::pair<int64_t, int64_t>> prepared_seen_;  // pg gid → first, last seen
+
+  std::mutex faults_mu_;
+  std::map<std::string, uint64_t> faults_;
 };
 
-void World::note_failure(const std::string& step, const HttpResult& r) {
-  std::string why;
-  if (!r.status.ok()) {
-    why = step + ": " + std::string(code_name(r.status.code()));
-  } else {
-    why = step + ": HTTP " + std::to_string(r.http_status);
-    auto j = parse_json(r.body);
-    if (j.ok() && j->is_object() && j->contains("reason") && (*j)["reason"].is_string()) {
-      why += " " + (*j)["reason"].get<std::string>();
-    } else if (j.ok() && j->is_object()) {
-      if (j->contains("error") && (*j)["error"].is_object()) {
-        const Json& e = (*j)["error"];
-        if (e.contains("sqlstate") && e["sqlstate"].is_string()) why += " " + e["sqlstate"].get<std::string>();
-        else if (e.contains("message") && e["message"].is_string())
-          why += " " + e["message"].get<std::string>().substr(0, 40);
-      }
-    }
-  }
-  std::lock_guard lock(reasons_mu_);
-  ++reasons_[why];
-}
-
-std::string World::fresh_log(const std::string& name) {
-  return dir_ + "/" + name + "-" + std::to_string(++log_serial_) + ".log";
-}
-
-HttpResult World::call(const Url& url, const std::string& method, const std::string& target,
-                       const std::string& body, int64_t timeout_ms) {
-  return http_call(url, method, target, body, timeout_ms);
-}
+// --- processes -------------------------------------------------------------------------------
 
 Status World::wait_healthy(Process& p, const Url& url, int64_t timeout_ms) {
   int64_t deadline = now_ms() + timeout_ms;
@@ -163,7 +222,7 @@ Status World::start_coordinator(const std::string& failpoints) {
                                    "--recovery-wait-ms", "5000"};
   std::vector<std::string> env;
   if (!failpoints.empty()) env.push_back("FAILPOINTS=" + failpoints);
-  auto p = Process::spawn(argv, fresh_log("coordinator"), env);
+  auto p = Process::spawn(argv, dir_ + "/coordinator-" + std::to_string(++log_serial_) + ".log", env);
   if (!p.ok()) return p.status();
   coordinator_ = std::move(*p);
   return wait_healthy(*coordinator_, coordinator_url_, 30'000);
@@ -177,13 +236,45 @@ Status World::start_agent(int i, const std::string& failpoints) {
                                    "--coordinator", "c1=" + coordinator_url_.to_string(),
                                    "--in-doubt-after-ms", "1000",
                                    "--scan-interval-ms", "1000",
+                                   "--precommit-timeout-ms", "3000",
+                                   "--commit-timeout-ms", "3000",
                                    "--lock-timeout-ms", "2000"};
   std::vector<std::string> env;
   if (!failpoints.empty()) env.push_back("FAILPOINTS=" + failpoints);
-  auto p = Process::spawn(argv, fresh_log("agent" + std::to_string(i)), env);
+  auto p = Process::spawn(argv, dir_ + "/agent" + std::to_string(i) + "-" + std::to_string(++log_serial_) + ".log", env);
   if (!p.ok()) return p.status();
   agents_[i] = std::move(*p);
   return wait_healthy(*agents_[i], agent_urls_[i], 30'000);
+}
+
+Process* World::process(Target t) {
+  switch (t) {
+    case Target::coordinator: return coordinator_.get();
+    case Target::agent0: return agents_[0].get();
+    case Target::agent1: return agents_[1].get();
+    case Target::pg1: return nullptr;
+  }
+  return nullptr;
+}
+
+Status World::restart(Target t, const std::string& failpoints) {
+  std::lock_guard lock(proc_mu_);
+  switch (t) {
+    case Target::coordinator: return start_coordinator(failpoints);
+    case Target::agent0: return start_agent(0, failpoints);
+    case Target::agent1: return start_agent(1, failpoints);
+    case Target::pg1: return pg_[1]->start();
+  }
+  return ok_status();
+}
+
+void World::restart_dead() {
+  std::lock_guard lock(proc_mu_);
+  for (int i = 0; i < 2; ++i)
+    if (!pg_[i]->running()) (void)pg_[i]->start();
+  if (!coordinator_->running()) (void)start_coordinator("");
+  for (int i = 0; i < 2; ++i)
+    if (!agents_[i]->running()) (void)start_agent(i, "");
 }
 
 Status World::setup() {
@@ -207,34 +298,72 @@ Status World::setup() {
   }
   TPC_RETURN_IF_ERROR(start_coordinator(""));
   for (int i = 0; i < 2; ++i) TPC_RETURN_IF_ERROR(start_agent(i, ""));
-  std::printf("chaos: seed=%llu seconds=%d clients=%d protocol=%s dir=%s\n",
-              static_cast<unsigned long long>(opts_.seed), opts_.seconds, opts_.clients,
-              opts_.protocol.c_str(), dir_.c_str());
+  sampler_ = std::thread([this] { sampler_loop(); });
+  std::printf("tpc-chaos: %s, dir %s\n", opts_.argv_text.c_str(), dir_.c_str());
   std::fflush(stdout);
   return ok_status();
 }
 
-void World::client_loop(int id) {
-  std::mt19937_64 rng(opts_.seed * 1000 + static_cast<uint64_t>(id));
-  while (!stop_) {
-    std::string protocol = opts_.protocol;
+void World::teardown() {
+  stop_load();
+  sampler_stop_ = true;
+  if (sampler_.joinable()) sampler_.join();
+  std::lock_guard lock(proc_mu_);
+  coordinator_.reset();
+  for (auto& a : agents_) a.reset();
+  if (!opts_.keep) {
+    for (auto& p : pg_) p.reset();
+    testing::remove_tree(dir_);
+  } else {
+    std::printf("kept: %s (PostgreSQL on ports %u and %u)\n", dir_.c_str(), pg_[0]->port(), pg_[1]->port());
+    pg_[0].release();
+    pg_[1].release();
+  }
+}
+
+// --- load ----------------------------------------------------------------------------------
+
+void World::note_failure(const std::string& step, const HttpResult& r) {
+  std::string why;
+  if (!r.status.ok()) {
+    why = step + ": " + std::string(code_name(r.status.code()));
+  } else {
+    why = step + ": HTTP " + std::to_string(r.http_status);
+    auto j = parse_json(r.body);
+    if (j.ok() && j->is_object()) {
+      std::string reason = json_string(*j, "reason");
+      if (!reason.empty()) {
+        why += " " + reason;
+      } else if (j->contains("error") && (*j)["error"].is_object()) {
+        std::string sqlstate = json_string((*j)["error"], "sqlstate");
+        why += " " + (!sqlstate.empty() ? sqlstate : json_string((*j)["error"], "message").substr(0, 40));
+      }
+    }
+  }
+  std::lock_guard lock(reasons_mu_);
+  ++reasons_[why];
+}
+
+void World::client_loop(int id, uint64_t seed) {
+  std::mt19937_64 rng(seed * 1000 + static_cast<uint64_t>(id));
+  while (!load_stop_) {
+    std::string protocol = load_protocol_;
     if (protocol == "mix") protocol = rng() % 2 ? "2pc" : "3pc";
-    auto b = call(coordinator_url_, "POST", "/v1/transactions", dump(Json{{"protocol", protocol}}), 5'000);
+    auto b = http_call(coordinator_url_, "POST", "/v1/transactions", dump(Json{{"protocol", protocol}}), 5'000);
     if (!b.status.ok() || b.http_status != 201) {
       ++begin_failed_;
       sleep_ms(50);
       continue;
     }
     auto j = parse_json(b.body);
-    if (!j.ok() || !j->contains("gid")) continue;
-    std::string gid = (*j)["gid"];
+    std::string gid = j.ok() ? json_string(*j, "gid") : "";
+    if (gid.empty()) continue;
     ++attempted_;
     {
       std::lock_guard lock(outcomes_mu_);
       outcomes_[gid] = "unknown";
     }
-    int from_bank = static_cast<int>(rng() % 2);
-    int to_bank = 1 - from_bank;
+    int from_bank = static_cast<int>(rng() % 2), to_bank = 1 - from_bank;
     int from = static_cast<int>(rng() % kAccounts) + 1, to = static_cast<int>(rng() % kAccounts) + 1;
     int64_t amount = static_cast<int64_t>(rng() % 50) + 1;
     auto leg = [&](int bank, int account, int64_t delta) {
@@ -243,11 +372,10 @@ void World::client_loop(int id) {
                                       {"params", Json::array({delta, account})}},
                                  Json{{"sql", "INSERT INTO ledger (gid, account, amount) VALUES ($1, $2, $3)"},
                                       {"params", Json::array({gid, account, delta})}}})}};
-      return call(agent_urls_[bank], "POST", "/v1/branches/" + gid + "/exec", dump(body), 10'000);
+      return http_call(agent_urls_[bank], "POST", "/v1/branches/" + gid + "/exec", dump(body), 10'000);
     };
     bool ok = true;
-    // Half the transfers touch the banks in the opposite order: distributed deadlocks happen.
-    bool reversed = rng() % 2;
+    bool reversed = rng() % 2;  // half the transfers lock the banks in the other order
     for (int k = 0; k < 2 && ok; ++k) {
       bool debit = (k == 0) != reversed;
       auto r = debit ? leg(from_bank, from, -amount) : leg(to_bank, to, amount);
@@ -256,17 +384,15 @@ void World::client_loop(int id) {
     }
     std::string outcome = "unknown";
     if (!ok) {
-      sleep_ms(static_cast<int64_t>(rng() % 20));  // a failing client backs off a little
-      auto a = call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/abort", "", 10'000);
+      sleep_ms(static_cast<int64_t>(rng() % 20));
+      auto a = http_call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/abort", "", 10'000);
       if (a.status.ok() && a.http_status == 200) outcome = "aborted";
     } else {
-      auto c = call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/commit", "", 15'000);
+      auto c = http_call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/commit", "", 15'000);
       if (!(c.status.ok() && c.http_status == 200)) note_failure("commit", c);
       if (c.status.ok()) {
         auto cj = parse_json(c.body);
-        std::string state = cj.ok() && cj->is_object() && cj->contains("state") && (*cj)["state"].is_string()
-                                ? (*cj)["state"].get<std::string>()
-                                : "";
+        std::string state = cj.ok() ? json_string(*cj, "state") : "";
         if (c.http_status == 200 && state == "committed") outcome = "committed";
         if (c.http_status == 409 && state == "aborted") outcome = "aborted";
       }
@@ -279,196 +405,369 @@ void World::client_loop(int id) {
   }
 }
 
-void World::inject(std::mt19937_64& rng) {
-  std::vector<std::string> kinds(opts_.faults.begin(), opts_.faults.end());
-  std::string kind = kinds[rng() % kinds.size()];
-  std::lock_guard lock(proc_mu_);
-  std::string what;
-  if (kind == "kill") {
-    int target = static_cast<int>(rng() % 3);
-    Process* p = target == 0 ? coordinator_.get() : agents_[target - 1].get();
-    p->signal(SIGKILL);
-    p->wait(10'000);
-    what = target == 0 ? "kill_coordinator" : "kill_agent";
-    sleep_ms(static_cast<int64_t>(rng() % 1000));
-  } else if (kind == "stop") {
-    int target = static_cast<int>(rng() % 3);
-    Process* p = target == 0 ? coordinator_.get() : agents_[target - 1].get();
-    p->signal(SIGSTOP);
-    sleep_ms(500 + static_cast<int64_t>(rng() % 3000));
-    p->signal(SIGCONT);
-    what = target == 0 ? "sigstop_coordinator" : "sigstop_agent";
-  } else if (kind == "pg") {
-    int bank = static_cast<int>(rng() % 2);
-    (void)pg_[bank]->stop(true);
-    sleep_ms(static_cast<int64_t>(rng() % 1000));
-    Status st = pg_[bank]->start();
-    if (!st.ok()) std::fprintf(stderr, "chaos: cannot restart PostgreSQL: %s\n", st.to_string().c_str());
-    what = "pg_immediate_stop";
-  } else if (kind == "failpoint") {
-    auto& [proc, name] = kFailpoints[rng() % kFailpoints.size()];
-    std::string spec = name + "=1*crash";
-    if (proc == "coordinator") {
-      coordinator_->signal(SIGKILL);
-      coordinator_->wait(10'000);
-      (void)start_coordinator(spec);
-    } else {
-      int i = static_cast<int>(rng() % 2);
-      agents_[i]->signal(SIGKILL);
-      agents_[i]->wait(10'000);
-      (void)start_agent(i, spec);
+void World::start_load(const std::string& protocol) {
+  load_protocol_ = protocol;
+  load_stop_ = false;
+  static uint64_t round = 0;
+  ++round;
+  for (int i = 0; i < opts_.clients; ++i)
+    clients_.emplace_back([this, i] { client_loop(i, opts_.seed + round * 7919); });
+}
+
+void World::stop_load() {
+  load_stop_ = true;
+  for (auto& t : clients_) t.join();
+  clients_.clear();
+}
+
+Counts World::counts() const {
+  return Counts{attempted_.load(), committed_.load(), aborted_.load(), unknown_.load()};
+}
+
+// --- observation and checks ----------------------------------------------------------------
+
+int64_t World::prepared_now(int bank) {
+  auto v = testing::query_value(pg_[bank]->conninfo(),
+                                "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tpc:%'");
+  return v.ok() ? std::stoll(v->value_or("0")) : -1;
+}
+
+void World::sampler_loop() {
+  while (!sampler_stop_) {
+    int64_t t = now_ms();
+    for (int i = 0; i < 2; ++i) {
+      auto rows = testing::query(pg_[i]->conninfo(), "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'tpc:%'");
+      if (!rows.ok()) continue;  // PostgreSQL down: nothing to see
+      std::lock_guard lock(sample_mu_);
+      for (auto& r : *rows) {
+        auto [it, inserted] = prepared_seen_.emplace(*r[0], std::make_pair(t, t));
+        if (!inserted) it->second.second = t;
+      }
     }
-    what = "failpoint " + name;
-  }
-  std::lock_guard flock(faults_mu_);
-  ++faults_[what];
-}
-
-void World::restart_dead() {
-  std::lock_guard lock(proc_mu_);
-  for (int i = 0; i < 2; ++i)
-    if (!pg_[i]->running()) (void)pg_[i]->start();
-  if (!coordinator_->running()) (void)start_coordinator("");
-  for (int i = 0; i < 2; ++i)
-    if (!agents_[i]->running()) (void)start_agent(i, "");
-}
-
-void World::fault_loop() {
-  std::mt19937_64 rng(opts_.seed ^ 0x9e3779b97f4a7c15ULL);
-  while (!stop_) {
-    int64_t wait = 500 + static_cast<int64_t>(rng() % 2500);
-    for (int64_t t = 0; t < wait && !stop_; t += 50) {
-      sleep_ms(50);
-      restart_dead();  // a failpoint may have killed a process meanwhile
-    }
-    if (stop_) break;
-    inject(rng);
-    restart_dead();
+    sleep_ms(kSampleMs);
   }
 }
 
-void World::run() {
-  std::vector<std::thread> threads;
-  for (int i = 0; i < opts_.clients; ++i) threads.emplace_back([this, i] { client_loop(i); });
-  std::thread faults;
-  if (!opts_.faults.empty()) faults = std::thread([this] { fault_loop(); });
-  int64_t end = now_ms() + opts_.seconds * 1000LL;
-  while (now_ms() < end) {
-    sleep_ms(200);
-    if (opts_.faults.empty()) restart_dead();
-  }
-  stop_ = true;
-  if (faults.joinable()) faults.join();
-  for (auto& t : threads) t.join();
+std::vector<int64_t> World::prepared_durations(int64_t since_ms) {
+  std::vector<int64_t> out;
+  std::lock_guard lock(sample_mu_);
+  for (auto& [gid, seen] : prepared_seen_)
+    if (seen.first >= since_ms) out.push_back(seen.second - seen.first + kSampleMs);
+  return out;
+}
+
+int64_t World::quiesce(int64_t timeout_ms) {
   restart_dead();
+  int64_t start = now_ms();
+  bool clean = testing::eventually([&] { return prepared_now(0) == 0 && prepared_now(1) == 0; }, timeout_ms);
+  return clean ? now_ms() - start : -1;
 }
 
-int World::report() {
-  // Quiesce: everything runs again; wait for every in-doubt branch to resolve.
+Violations World::check() {
+  Violations v;
   std::string ci[2] = {pg_[0]->conninfo(), pg_[1]->conninfo()};
-  auto prepared = [&](int i) {
-    auto v = testing::query_value(ci[i], "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'tpc:%'");
-    return v.ok() ? std::stoll(v->value_or("0")) : -1;
-  };
-  int64_t quiesce_start = now_ms();
-  bool clean = testing::eventually([&] { return prepared(0) == 0 && prepared(1) == 0; }, 120'000);
-  int64_t quiesce_ms = now_ms() - quiesce_start;
-
-  // Ledger per gid and bank.
-  std::map<std::string, int> present;  // bit 0: bank 0, bit 1: bank 1
+  std::map<std::string, int> present;  // bit 0: bank 0, bit 1: bank 1, bit 2: twice somewhere
   for (int i = 0; i < 2; ++i) {
     auto rows = testing::query(ci[i], "SELECT gid, count(*) FROM ledger GROUP BY gid");
     if (!rows.ok()) {
-      std::fprintf(stderr, "chaos: cannot read the ledger: %s\n", rows.status().to_string().c_str());
-      return 2;
+      std::fprintf(stderr, "tpc-chaos: cannot read the ledger: %s\n", rows.status().to_string().c_str());
+      v.leftover = 1;
+      return v;
     }
     for (auto& r : *rows) {
       present[*r[0]] |= 1 << i;
-      if (*r[1] != "1") present[*r[0]] |= 4;  // duplicated
+      if (*r[1] != "1") present[*r[0]] |= 4;
     }
   }
   int64_t total = 0;
   for (int i = 0; i < 2; ++i) {
-    auto v = testing::query_value(ci[i], "SELECT sum(balance) FROM accounts");
-    total += v.ok() ? std::stoll(v->value_or("0")) : 0;
+    auto t = testing::query_value(ci[i], "SELECT sum(balance) FROM accounts");
+    total += t.ok() ? std::stoll(t->value_or("0")) : 0;
   }
-  uint64_t mixed = 0, lost = 0, after_abort = 0, duplicated = 0, unknown_resolved_commit = 0,
-           unknown_resolved_abort = 0, outcome_mismatch = 0;
+  v.wrong_total = total != 2 * kAccounts * kInitial ? 1 : 0;
+  for (auto& [gid, bits] : present) {
+    if ((bits & 3) == 1 || (bits & 3) == 2) ++v.mixed;
+    if (bits & 4) ++v.duplicated;
+  }
   std::map<std::string, std::string> outcomes;
   {
     std::lock_guard lock(outcomes_mu_);
     outcomes = outcomes_;
   }
-  for (auto& [gid, bits] : present) {
-    if ((bits & 3) == 1 || (bits & 3) == 2) ++mixed;
-    if (bits & 4) ++duplicated;
-  }
   for (auto& [gid, seen] : outcomes) {
     int bits = present.count(gid) ? present[gid] & 3 : 0;
-    if (seen == "committed" && bits != 3) ++lost;
-    if (seen == "aborted" && bits != 0) ++after_abort;
+    if (seen == "committed" && bits != 3) ++v.lost;
+    if (seen == "aborted" && bits != 0) ++v.after_abort;
     if (seen == "unknown") {
       // The coordinator's final word must match the ledger.
       auto g = http_call(coordinator_url_, "GET", "/v1/transactions/" + gid, "", 5'000);
       auto j = parse_json(g.body);
-      std::string state = j.ok() && j->is_object() && j->contains("state") && (*j)["state"].is_string()
-                              ? (*j)["state"].get<std::string>() : "";
-      if (state == "committed") {
-        ++unknown_resolved_commit;
-        if (bits != 3) ++outcome_mismatch;
-      } else if (state == "aborted") {
-        ++unknown_resolved_abort;
-        if (bits != 0) ++outcome_mismatch;
-      }
+      std::string state = j.ok() ? json_string(*j, "state") : "";
+      if ((state == "committed" && bits != 3) || (state == "aborted" && bits != 0)) ++v.mismatch;
     }
   }
-  uint64_t wrong_total = total != 2 * kAccounts * kInitial ? 1 : 0;
-  uint64_t leftover = clean ? 0 : static_cast<uint64_t>(std::max<int64_t>(0, prepared(0)) + std::max<int64_t>(0, prepared(1)));
-
-  std::printf("\n== chaos scorecard (seed %llu, %d s, %d clients, %s) ==\n",
-              static_cast<unsigned long long>(opts_.seed), opts_.seconds, opts_.clients, opts_.protocol.c_str());
-  std::printf("transfers: attempted %llu, committed %llu, aborted %llu, unknown to the client %llu "
-              "(later committed %llu, aborted %llu), begin refused %llu\n",
-              (unsigned long long)attempted_.load(), (unsigned long long)committed_.load(),
-              (unsigned long long)aborted_.load(), (unsigned long long)unknown_.load(),
-              (unsigned long long)unknown_resolved_commit, (unsigned long long)unknown_resolved_abort,
-              (unsigned long long)begin_failed_.load());
-  std::printf("faults injected:");
-  uint64_t nfaults = 0;
-  for (auto& [k, v] : faults_) {
-    std::printf(" %s=%llu", k.c_str(), (unsigned long long)v);
-    nfaults += v;
-  }
-  std::printf(" (total %llu)\n", (unsigned long long)nfaults);
-  std::printf("not committed, by reason:");
-  for (auto& [k, v] : reasons_) std::printf(" [%s]=%llu", k.c_str(), (unsigned long long)v);
-  std::printf("\n");
-  std::printf("quiesce: every prepared branch resolved %.1f s after the load stopped\n", quiesce_ms / 1000.0);
-  std::printf("violations: mixed_outcome=%llu wrong_total=%llu lost_commit=%llu commit_after_abort=%llu "
-              "duplicated_commit=%llu outcome_mismatch=%llu leftover_prepared=%llu\n",
-              (unsigned long long)mixed, (unsigned long long)wrong_total, (unsigned long long)lost,
-              (unsigned long long)after_abort, (unsigned long long)duplicated,
-              (unsigned long long)outcome_mismatch, (unsigned long long)leftover);
-  uint64_t violations = mixed + wrong_total + lost + after_abort + duplicated + outcome_mismatch + leftover;
-  if (violations > 0) {
-    std::printf("FAILED: reproduce with: tpc-chaos --seed %llu --seconds %d --clients %d --protocol %s --keep\n",
-                (unsigned long long)opts_.seed, opts_.seconds, opts_.clients, opts_.protocol.c_str());
-    std::printf("logs: %s\n", dir_.c_str());
-    return 1;
-  }
-  std::printf("OK: 0 violations\n");
-  return 0;
+  int64_t left = prepared_now(0) + prepared_now(1);
+  v.leftover = left != 0 ? static_cast<uint64_t>(std::max<int64_t>(left, 1)) : 0;
+  return v;
 }
 
-void World::teardown() {
-  stop_ = true;
-  std::lock_guard lock(proc_mu_);
-  coordinator_.reset();
-  for (auto& a : agents_) a.reset();
-  if (!opts_.keep) {
-    for (auto& p : pg_) p.reset();
-    testing::remove_tree(dir_);
+void World::print_times(const char* title, std::vector<int64_t> d) {
+  if (d.empty()) {
+    std::printf("%s: no branch was seen prepared by the sampler\n", title);
+    return;
   }
+  std::sort(d.begin(), d.end());
+  auto pct = [&](double p) { return d[std::min(d.size() - 1, static_cast<size_t>(p * static_cast<double>(d.size())))]; };
+  std::printf("%s: %zu branches seen prepared; time prepared p50 %lld ms, p99 %lld ms, max %lld ms\n", title,
+              d.size(), (long long)pct(0.5), (long long)pct(0.99), (long long)d.back());
+}
+
+int World::fail_footer(const Violations& v) {
+  if (v.sum() == 0) {
+    std::printf("OK: 0 violations\n");
+    return 0;
+  }
+  std::printf("FAILED: %s\nreproduce with: %s --keep\nlogs: %s\n", v.text().c_str(), opts_.argv_text.c_str(),
+              dir_.c_str());
+  return 1;
+}
+
+// --- the failpoint table -------------------------------------------------------------------
+
+Status World::run_scenario(const Scenario& s, std::string* outcome) {
+  using K = Scenario::Kind;
+  std::lock_guard lock(proc_mu_);
+  Process* p = process(s.target);
+  switch (s.kind) {
+    case K::failpoint: {
+      std::string url = (s.target == Target::coordinator ? coordinator_url_ : agent_urls_[s.target == Target::agent0 ? 0 : 1]).to_string();
+      auto u = parse_url(url);
+      auto r = http_call(*u, "POST", "/v1/failpoints", dump(Json{{"spec", s.name + "=1*crash"}}), 5'000);
+      if (!r.status.ok() || r.http_status != 200) return unavailable("cannot arm " + s.name + ": " + r.body);
+      bool fired = testing::eventually([&] { return !p->running(); }, 30'000);
+      bool logged = read_file(p->log_path()).find("failpoint fired name=" + s.name) != std::string::npos;
+      *outcome = fired && logged ? "fired" : fired ? "died" : "did not fire";
+      (void)http_call(*u, "POST", "/v1/failpoints", R"({"spec":""})", 2'000);
+      if (fired) TPC_RETURN_IF_ERROR(restart(s.target));
+      return ok_status();
+    }
+    case K::recovery_failpoint: {
+      // Decided transactions must be waiting at the crash: bank1 holds its commits for a
+      // while, the coordinator is killed once some commit decision waits on them, and comes
+      // back with the failpoint armed; the first transaction it re-drives to the end fires it.
+      auto arm = [&](const std::string& spec) {
+        return http_call(agent_urls_[1], "POST", "/v1/failpoints", dump(Json{{"spec", spec}}), 5'000);
+      };
+      (void)arm("agent.before_commit_prepared=sleep(3000)");
+      bool waiting = testing::eventually([&] {
+        auto r = http_call(coordinator_url_, "GET", "/v1/in-doubt", "", 2'000);
+        auto j = parse_json(r.body);
+        if (!j.ok() || !j->contains("transactions") || !(*j)["transactions"].is_array()) return false;
+        for (auto& t : (*j)["transactions"])
+          if (json_string(t, "decision") == "commit") return true;
+        return false;
+      }, 20'000);
+      coordinator_->signal(SIGKILL);
+      coordinator_->wait(10'000);
+      (void)arm("");
+      (void)start_coordinator(s.name + "=1*crash");  // may die before it is healthy: that is the point
+      bool fired = testing::eventually([&] { return !coordinator_->running(); }, 30'000);
+      bool logged = read_file(coordinator_->log_path()).find("failpoint fired name=" + s.name) != std::string::npos;
+      *outcome = !waiting ? "nothing in doubt" : fired && logged ? "fired" : fired ? "died" : "did not fire";
+      if (fired) TPC_RETURN_IF_ERROR(restart(Target::coordinator));
+      return ok_status();
+    }
+    case K::kill:
+      sleep_ms(500 + static_cast<int64_t>(opts_.seed % 700));
+      p->signal(SIGKILL);
+      p->wait(10'000);
+      *outcome = "killed";
+      return restart(s.target);
+    case K::stop:
+      p->signal(SIGSTOP);
+      sleep_ms(4'000);  // past the prepare timeout: the coordinator must abort or wait
+      p->signal(SIGCONT);
+      *outcome = "stopped 4 s";
+      return ok_status();
+    case K::pg_stop: {
+      bool prepared = testing::eventually([&] { return prepared_now(1) > 0; }, 20'000);
+      Status st = pg_[1]->stop(true);
+      if (!st.ok()) return st;
+      sleep_ms(1'000);
+      *outcome = prepared ? "stopped with branches prepared" : "stopped (no prepared branch caught)";
+      return pg_[1]->start();
+    }
+  }
+  return ok_status();
+}
+
+int World::run_table() {
+  struct Row {
+    std::string name, protocol, outcome;
+    Counts counts;
+    int64_t quiesce_ms;
+    int64_t max_prepared_ms;
+    Violations v;
+  };
+  std::vector<Row> rows;
+  for (const Scenario& s : scenarios()) {
+    if (!opts_.only.empty() && !opts_.only.count(s.name)) continue;
+    Counts before = counts();
+    int64_t started = now_ms();
+    start_load(s.protocol);
+    sleep_ms(700);  // transfers in flight before the fault
+    std::string outcome;
+    Status st = run_scenario(s, &outcome);
+    if (!st.ok()) outcome += " (" + st.to_string() + ")";
+    sleep_ms(700);  // and after it
+    stop_load();
+    Row r;
+    r.name = s.name;
+    r.protocol = s.protocol;
+    r.outcome = outcome;
+    r.quiesce_ms = quiesce(120'000);
+    Counts after = counts();
+    r.counts = Counts{after.attempted - before.attempted, after.committed - before.committed,
+                      after.aborted - before.aborted, after.unknown - before.unknown};
+    auto d = prepared_durations(started);
+    r.max_prepared_ms = d.empty() ? 0 : *std::max_element(d.begin(), d.end());
+    r.v = check();
+    std::printf("%-50s %-4s %-32s attempted %4llu committed %4llu aborted %4llu unknown %3llu | "
+                "resolved %6lld ms | longest prepared %6lld ms | violations %llu\n",
+                r.name.c_str(), r.protocol.c_str(), r.outcome.c_str(), (unsigned long long)r.counts.attempted,
+                (unsigned long long)r.counts.committed, (unsigned long long)r.counts.aborted,
+                (unsigned long long)r.counts.unknown, (long long)r.quiesce_ms, (long long)r.max_prepared_ms,
+                (unsigned long long)r.v.sum());
+    std::fflush(stdout);
+    rows.push_back(std::move(r));
+    if (rows.back().quiesce_ms < 0) break;  // something is stuck: the footer says so
+  }
+  std::printf("\n| fault | protocol | outcome | transfers (committed/aborted/unknown) | all prepared branches resolved after | longest-prepared branch | violations |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  bool all_fired = true;
+  for (auto& r : rows) {
+    all_fired = all_fired && r.outcome.rfind("did not fire", 0) != 0 && r.outcome.rfind("died", 0) != 0;
+    std::printf("| %s | %s | %s | %llu (%llu/%llu/%llu) | %lld ms | %lld ms | %llu |\n", r.name.c_str(),
+                r.protocol.c_str(), r.outcome.c_str(), (unsigned long long)r.counts.attempted,
+                (unsigned long long)r.counts.committed, (unsigned long long)r.counts.aborted,
+                (unsigned long long)r.counts.unknown, (long long)r.quiesce_ms, (long long)r.max_prepared_ms,
+                (unsigned long long)r.v.sum());
+  }
+  print_times("\nin-doubt resolution", prepared_durations(0));
+  Violations v = check();
+  std::printf("violations: %s\n", v.text().c_str());
+  if (!all_fired) {
+    std::printf("FAILED: a failpoint did not fire as it should\nreproduce with: %s --keep\n", opts_.argv_text.c_str());
+    return 1;
+  }
+  return fail_footer(v);
+}
+
+// --- the random chaos run ------------------------------------------------------------------
+
+const std::vector<std::pair<Target, std::string>> kRandomFailpoints = {
+    {Target::coordinator, "coord.after_first_prepare_sent"},
+    {Target::coordinator, "coord.before_decision_log"},
+    {Target::coordinator, "coord.after_decision_log"},
+    {Target::coordinator, "coord.after_first_branch_committed"},
+    {Target::coordinator, "coord.before_end_record"},
+    {Target::coordinator, "coord.after_precommit_logged"},
+    {Target::coordinator, "coord.after_first_precommit_sent"},
+    {Target::agent0, "agent.before_prepare"},
+    {Target::agent1, "agent.after_prepare"},
+    {Target::agent0, "agent.before_commit_prepared"},
+    {Target::agent1, "agent.after_commit_prepared"},
+    {Target::agent0, "agent.during_scan"},
+};
+
+void World::inject_random(std::mt19937_64& rng) {
+  std::vector<std::string> kinds(opts_.faults.begin(), opts_.faults.end());
+  std::string kind = kinds[rng() % kinds.size()];
+  std::lock_guard lock(proc_mu_);
+  std::string what;
+  Target targets[3] = {Target::coordinator, Target::agent0, Target::agent1};
+  if (kind == "kill") {
+    Target t = targets[rng() % 3];
+    process(t)->signal(SIGKILL);
+    process(t)->wait(10'000);
+    what = t == Target::coordinator ? "kill_coordinator" : "kill_agent";
+    sleep_ms(static_cast<int64_t>(rng() % 1000));
+  } else if (kind == "stop") {
+    Target t = targets[rng() % 3];
+    process(t)->signal(SIGSTOP);
+    sleep_ms(500 + static_cast<int64_t>(rng() % 3500));
+    process(t)->signal(SIGCONT);
+    what = t == Target::coordinator ? "sigstop_coordinator" : "sigstop_agent";
+  } else if (kind == "pg") {
+    int bank = static_cast<int>(rng() % 2);
+    (void)pg_[bank]->stop(true);
+    sleep_ms(static_cast<int64_t>(rng() % 1000));
+    Status st = pg_[bank]->start();
+    if (!st.ok()) std::fprintf(stderr, "tpc-chaos: cannot restart PostgreSQL: %s\n", st.to_string().c_str());
+    what = "pg_immediate_stop";
+  } else if (kind == "failpoint") {
+    auto& [t, name] = kRandomFailpoints[rng() % kRandomFailpoints.size()];
+    Url url = t == Target::coordinator ? coordinator_url_ : agent_urls_[t == Target::agent0 ? 0 : 1];
+    (void)http_call(url, "POST", "/v1/failpoints", dump(Json{{"spec", name + "=1*crash"}}), 2'000);
+    what = "failpoint";
+  }
+  std::lock_guard flock(faults_mu_);
+  ++faults_[what];
+}
+
+void World::fault_loop(uint64_t seed) {
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ULL);
+  while (!load_stop_) {
+    int64_t wait = 500 + static_cast<int64_t>(rng() % 2500);
+    for (int64_t t = 0; t < wait && !load_stop_; t += 50) {
+      sleep_ms(50);
+      restart_dead();  // an armed failpoint may have fired meanwhile
+    }
+    if (load_stop_) break;
+    inject_random(rng);
+    restart_dead();
+  }
+}
+
+int World::run_chaos() {
+  start_load(opts_.protocol);
+  std::thread faults;
+  if (!opts_.faults.empty()) faults = std::thread([this] { fault_loop(opts_.seed); });
+  int64_t end = now_ms() + opts_.seconds * 1000LL;
+  while (now_ms() < end) {
+    sleep_ms(200);
+    if (opts_.faults.empty()) restart_dead();
+  }
+  load_stop_ = true;
+  if (faults.joinable()) faults.join();
+  stop_load();
+  // Disarm anything still armed, then let every in-doubt branch resolve.
+  for (const Url& u : {coordinator_url_, agent_urls_[0], agent_urls_[1]})
+    (void)http_call(u, "POST", "/v1/failpoints", R"({"spec":""})", 2'000);
+  int64_t quiesce_ms = quiesce(120'000);
+  Violations v = check();
+
+  std::printf("\n== chaos scorecard (seed %llu, %d s, %d clients, %s) ==\n", (unsigned long long)opts_.seed,
+              opts_.seconds, opts_.clients, opts_.protocol.c_str());
+  Counts c = counts();
+  std::printf("transfers: attempted %llu, committed %llu, aborted %llu, outcome unknown to the client %llu, "
+              "begin refused %llu\n",
+              (unsigned long long)c.attempted, (unsigned long long)c.committed, (unsigned long long)c.aborted,
+              (unsigned long long)c.unknown, (unsigned long long)begin_failed_.load());
+  std::printf("faults injected:");
+  uint64_t n = 0;
+  for (auto& [k, cnt] : faults_) {
+    std::printf(" %s=%llu", k.c_str(), (unsigned long long)cnt);
+    n += cnt;
+  }
+  std::printf(" (total %llu)\n", (unsigned long long)n);
+  std::printf("not committed, by reason:");
+  for (auto& [k, cnt] : reasons_) std::printf(" [%s]=%llu", k.c_str(), (unsigned long long)cnt);
+  std::printf("\n");
+  print_times("in-doubt resolution", prepared_durations(0));
+  std::printf("after the load stopped, every prepared branch was resolved within %lld ms\n", (long long)quiesce_ms);
+  std::printf("violations: %s\n", v.text().c_str());
+  return fail_footer(v);
 }
 
 }  // namespace
@@ -477,8 +776,12 @@ void World::teardown() {
 int main(int argc, char** argv) {
   using namespace tpc;
   std::vector<OptionSpec> specs = {
+      {"table", "run every failpoint and external fault once, one row each", "", false, true},
+      {"only", "with --table: only these faults (comma-separated names)", ""},
+      {"chaos", "random faults for the whole run (the default)", "", false, true},
       {"seed", "random seed", ""},
-      {"seconds", "length of the run", "60"},
+      {"seconds", "length of the chaos run", "60"},
+      {"minutes", "length of the chaos run, in minutes", ""},
       {"clients", "concurrent transfer clients", "8"},
       {"protocol", "2pc, 3pc or mix", "2pc"},
       {"faults", "comma-separated: kill,stop,pg,failpoint", "kill,stop,pg,failpoint"},
@@ -486,50 +789,57 @@ int main(int argc, char** argv) {
       {"keep", "keep the clusters and logs", "", false, true},
   };
   auto c = Config::parse(specs, argc, argv, nullptr);
-  if (!c.ok()) {
-    std::fprintf(stderr, "tpc-chaos: %s\n", c.status().message().c_str());
+  auto die = [](const std::string& m) {
+    std::fprintf(stderr, "tpc-chaos: %s\n", m.c_str());
     return 2;
-  }
+  };
+  if (!c.ok()) return die(c.status().message());
   chaos::Options o;
+  o.table = c->flag("table");
   o.seed = c->get("seed").empty() ? static_cast<uint64_t>(std::random_device{}()) : std::stoull(c->get("seed"));
   auto secs = c->get_int("seconds", 1, 86'400);
   auto clients = c->get_int("clients", 1, 256);
-  if (!secs.ok() || !clients.ok()) {
-    std::fprintf(stderr, "tpc-chaos: %s\n", (!secs.ok() ? secs.status() : clients.status()).message().c_str());
-    return 2;
-  }
+  if (!secs.ok()) return die(secs.status().message());
+  if (!clients.ok()) return die(clients.status().message());
   o.seconds = static_cast<int>(*secs);
+  if (c->has("minutes")) {
+    auto m = c->get_int("minutes", 1, 1'440);
+    if (!m.ok()) return die(m.status().message());
+    o.seconds = static_cast<int>(*m) * 60;
+  }
   o.clients = static_cast<int>(*clients);
   o.protocol = c->get("protocol");
-  if (o.protocol != "2pc" && o.protocol != "3pc" && o.protocol != "mix") {
-    std::fprintf(stderr, "tpc-chaos: --protocol must be 2pc, 3pc or mix\n");
-    return 2;
-  }
+  if (o.protocol != "2pc" && o.protocol != "3pc" && o.protocol != "mix") return die("--protocol must be 2pc, 3pc or mix");
   o.faults.clear();
-  if (!c->flag("no-faults")) {
-    std::string f = c->get("faults");
-    size_t pos = 0;
-    while (pos <= f.size()) {
-      size_t comma = f.find(',', pos);
-      std::string item = f.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-      if (item == "kill" || item == "stop" || item == "pg" || item == "failpoint") o.faults.insert(item);
-      else if (!item.empty()) {
-        std::fprintf(stderr, "tpc-chaos: unknown fault \"%s\"\n", item.c_str());
-        return 2;
-      }
-      if (comma == std::string::npos) break;
-      pos = comma + 1;
+  auto split = [](const std::string& text) {
+    std::vector<std::string> out;
+    std::stringstream ss(text);
+    std::string item;
+    while (std::getline(ss, item, ','))
+      if (!item.empty()) out.push_back(item);
+    return out;
+  };
+  if (!c->flag("no-faults"))
+    for (auto& f : split(c->get("faults"))) {
+      if (f != "kill" && f != "stop" && f != "pg" && f != "failpoint") return die("unknown fault \"" + f + "\"");
+      o.faults.insert(f);
     }
-  }
+  for (auto& name : split(c->get("only"))) o.only.insert(name);
   o.keep = c->flag("keep");
+  o.argv_text = "tpc-chaos";
+  if (o.table) {
+    o.argv_text += " --table --seed " + std::to_string(o.seed) + " --clients " + std::to_string(o.clients);
+    if (!c->get("only").empty()) o.argv_text += " --only " + c->get("only");
+  } else {
+    o.argv_text += " --chaos --seed " + std::to_string(o.seed) + " --seconds " + std::to_string(o.seconds) +
+                   " --clients " + std::to_string(o.clients) + " --protocol " + o.protocol;
+    if (c->flag("no-faults")) o.argv_text += " --no-faults";
+    else o.argv_text += " --faults " + c->get("faults");
+  }
   chaos::World w(o);
   Status st = w.setup();
-  if (!st.ok()) {
-    std::fprintf(stderr, "tpc-chaos: setup failed: %s\n", st.to_string().c_str());
-    return 2;
-  }
-  w.run();
-  int rc = w.report();
+  if (!st.ok()) return die("setup failed: " + st.to_string());
+  int rc = o.table ? w.run_table() : w.run_chaos();
   w.teardown();
   return rc;
 }
