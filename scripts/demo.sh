@@ -10,6 +10,7 @@
 # usage: scripts/demo.sh [--keep]
 #   --keep   leave everything running afterwards and print how to reach and stop it
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BIN="$TPC_ROOT/build/bin"
@@ -119,6 +120,7 @@ http() {
   local method=$1 url=$2 body=${3:-} out
   local -a data=()
   [[ -z $body ]] || data=(-H 'Content-Type: application/json' --data "$body")
+  # shellcheck disable=SC2016 # a literal '$ ' prompt
   printf '\n$ curl -X %s %s%s\n' "$method" "$url" "${body:+ -d '$body'}"
   out=$(mktemp "$RUN_DIR/http.XXXXXX")
   HTTP_STATUS=$(curl -sS -o "$out" -w '%{http_code}' --max-time 30 -X "$method" "${data[@]}" "$url") ||
@@ -131,6 +133,7 @@ http() {
 
 # A jq program printing JSON compactly but readably: objects one field a line (gid and state
 # first), an array of objects one object a line.
+# shellcheck disable=SC2016 # jq variables, not shell ones
 JQ_SHOW='
 def first_keys: ["gid", "state", "decision", "reason", "branch"];
 def show(ind):
@@ -163,7 +166,9 @@ answer_is() {
 
 # --- the transfers ------------------------------------------------------------------------
 
+# shellcheck disable=SC2016 # $1, $2 are PostgreSQL bind parameters
 SQL_DEBIT='UPDATE accounts SET balance = balance - $1 WHERE id = $2'
+# shellcheck disable=SC2016
 SQL_CREDIT='UPDATE accounts SET balance = balance + $1 WHERE id = $2'
 
 # exec_body SQL AMOUNT ID: the JSON body of an exec request.
@@ -316,10 +321,17 @@ on_exit() {
   if ((KEEP)); then
     write_stop_script
     print_keep_info
-  else
-    ((status == 0)) || show_logs_tail
-    stop_everything
+    exit "$status"
   fi
+  case $status in
+    0) ;;
+    130 | 143) tpc_say "interrupted: stopping the services and clusters" ;;
+    *)
+      tpc_say "the demo failed; the last lines of the services' logs:"
+      show_logs_tail
+      ;;
+  esac
+  stop_everything
   exit "$status"
 }
 

@@ -77,6 +77,17 @@ tpc_as_root() {
   fi
 }
 
+# tpc_require_root_access WHAT: fails with one line unless we are root or sudo can be used
+# (without a password, or with a terminal to ask for it on).
+tpc_require_root_access() {
+  tpc_is_root && return 0
+  command -v sudo >/dev/null 2>&1 ||
+    tpc_die "need root to $1: not root and sudo is not installed (run as root, or install them yourself)"
+  sudo -n true 2>/dev/null && return 0
+  [[ -t 0 ]] ||
+    tpc_die "need root to $1: sudo wants a password and there is no terminal to ask on"
+}
+
 # --- packages -----------------------------------------------------------------------------
 
 # tpc_pkg_installed PKG: true when dpkg says PKG is installed.
@@ -108,17 +119,16 @@ tpc_install_deps() {
     tpc_say "packages: all ${#TPC_DEB_PACKAGES[@]} present"
     return 0
   fi
-  tpc_say "packages: installing ${missing[*]}"
+  tpc_say "packages: missing ${missing[*]}"
   local -a apt_env=(env DEBIAN_FRONTEND=noninteractive)
   if [[ ${TPC_DEPS_DRY_RUN:-0} == 1 ]]; then
     tpc_say "  (dry run) would run: apt-get update"
     tpc_say "  (dry run) would run: ${apt_env[*]} apt-get install -y --no-install-recommends ${missing[*]}"
     return 0
   fi
-  if ! tpc_is_root && ! command -v sudo >/dev/null 2>&1; then
-    tpc_die "missing packages (${missing[*]}) and not root and no sudo: run as root, or install them"
-  fi
+  tpc_require_root_access "install ${missing[*]}"
   local log
+  tpc_say "packages: installing them with apt-get (sudo when not root)"
   log=$(mktemp "${TMPDIR:-/tmp}/tpc-apt.XXXXXX.log")
   if ! tpc_as_root "${apt_env[@]}" apt-get update >"$log" 2>&1; then
     tpc_tail_log "$log"
@@ -212,6 +222,7 @@ tpc_build_dir() {
 }
 
 # tpc_build [CMAKE_ARGS...]: build/ (RelWithDebInfo), configured when needed, then built.
+# shellcheck disable=SC2120 # arguments are optional
 tpc_build() { tpc_build_dir build "$@"; }
 
 # --- PostgreSQL clusters ------------------------------------------------------------------
@@ -363,6 +374,7 @@ tpc_start_service() {
   shift 2
   [[ -x $1 ]] || tpc_die "cannot start $name: $1 is not an executable (build first)"
   "$@" >"$log" 2>&1 </dev/null &
+  # shellcheck disable=SC2034 # read by the caller
   TPC_SERVICE_PID=$!
 }
 

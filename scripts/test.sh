@@ -11,6 +11,7 @@
 #   --quick    skip the sanitizer tree
 #   --jobs N   build with N jobs (default: nproc) and run N tests at once (default: 2)
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 QUICK=0
