@@ -36,6 +36,53 @@ Result<EnlistRequest> decode_enlist(std::string_view body) {
   return out;
 }
 
+Result<RunRequest> decode_run(std::string_view body, size_t statements_max) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  RunRequest out;
+  std::string protocol, wait;
+  r.string("protocol", &protocol, false, 16);
+  r.string("wait", &wait, false, 32);
+  const Json* branches = r.array("branches", true, 1024);
+  if (!r.ok()) return r.status();
+  if (!protocol.empty()) {
+    auto p = parse_protocol(protocol);
+    if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
+    out.protocol = *p;
+  }
+  if (wait == "decision")
+    out.opts.wait_decision_only = true;
+  else if (!wait.empty() && wait != "completion")
+    return invalid_argument("\"wait\" must be \"completion\" or \"decision\"");
+  for (size_t i = 0; i < branches->size(); ++i) {
+    const Json& b = (*branches)[i];
+    std::string where = "branches[" + std::to_string(i) + "]";
+    if (!b.is_object()) return invalid_argument(where + " must be an object");
+    FieldReader br(b);
+    RunBranch rb;
+    br.string("participant", &rb.participant, true, 64);
+    const Json* statements = br.array("statements", true, statements_max);
+    if (!br.ok()) return Status(br.status().code(), where + ": " + br.status().message());
+    if (!valid_participant_name(rb.participant))
+      return invalid_argument(where + ".participant must match [A-Za-z0-9_-]{1,32}");
+    if (statements->empty()) return invalid_argument(where + ".statements must not be empty");
+    for (auto& st : *statements) {
+      if (!st.is_object() || !st.contains("sql") || !st["sql"].is_string() || st["sql"].get_ref<const std::string&>().empty())
+        return invalid_argument(where + ": each statement needs a non-empty \"sql\" string");
+      if (st.contains("params")) {
+        if (!st["params"].is_array()) return invalid_argument(where + ": \"params\" must be an array");
+        for (auto& p : st["params"])
+          if (p.is_object() || p.is_array())
+            return invalid_argument(where + ": params must be strings, numbers, booleans or null");
+      }
+    }
+    rb.statements = dump(*statements);
+    out.branches.push_back(std::move(rb));
+  }
+  return out;
+}
+
 Result<CommitOptions> decode_commit(std::string_view body) {
   auto j = parse_object(body);
   if (!j.ok()) return j.status();
@@ -106,13 +153,36 @@ HttpResponse encode_reply(const ClientReply& r) {
   return json_response(status, body);
 }
 
-std::string encode_message_body(const Message& m) {
+std::string encode_message_body(const Message& m, std::string_view statements) {
+  auto peers = [&] {
+    Json arr = Json::array();
+    for (auto& p : m.peers) arr.push_back(Json{{"participant", p.participant}, {"url", p.url}});
+    return arr;
+  };
   switch (m.kind) {
     case MsgKind::prepare: {
       if (m.protocol != Protocol::three_phase) return "{}";
-      Json peers = Json::array();
-      for (auto& p : m.peers) peers.push_back(Json{{"participant", p.participant}, {"url", p.url}});
-      return dump(Json{{"protocol", "3pc"}, {"peers", std::move(peers)}});
+      return dump(Json{{"protocol", "3pc"}, {"peers", peers()}});
+    }
+    case MsgKind::exec_prepare:
+    case MsgKind::exec_commit: {
+      // The statements are spliced in as they came from the client (already re-serialised).
+      Json head = {{"enlisted", true}};
+      if (m.kind == MsgKind::exec_prepare) {
+        head["prepare"] = true;
+        if (m.protocol == Protocol::three_phase) {
+          head["protocol"] = "3pc";
+          head["peers"] = peers();
+        }
+      } else {
+        head["commit"] = true;
+      }
+      std::string body = dump(head);
+      body.pop_back();  // '}'
+      body += ",\"statements\":";
+      body += statements.empty() ? std::string_view("[]") : statements;
+      body += "}";
+      return body;
     }
     case MsgKind::commit_one_phase: return R"({"one_phase":true})";
     default: return "{}";
@@ -140,7 +210,7 @@ std::string answer_state(std::string_view body, std::string* vote, std::string* 
 }  // namespace
 
 BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
-                                 const Status& transport) {
+                                 const Status& transport, Json* results) {
   BranchReply out{m.gid, m.participant, m.kind, ReplyKind::failed, ""};
   if (!transport.ok()) {
     out.reason = transport.to_string();
@@ -149,7 +219,23 @@ BranchReply decode_branch_answer(const Message& m, int http_status, std::string_
   std::string vote, reason;
   std::string state = answer_state(body, &vote, &reason);
   out.reason = reason;
+  if (results && (m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit)) {
+    auto j = parse_json(body);
+    *results = j.ok() && j->is_object() && j->contains("results") ? (*j)["results"] : Json();
+  }
   switch (m.kind) {
+    case MsgKind::exec_prepare:
+      if (http_status == 200) {
+        if (vote == "yes") out.reply = ReplyKind::vote_yes;
+        if (vote == "no") out.reply = ReplyKind::vote_no;
+        if (vote == "read_only") out.reply = ReplyKind::vote_read_only;
+      }
+      if (http_status == 422 || http_status == 409) out.reply = ReplyKind::vote_no;  // the statements failed
+      break;
+    case MsgKind::exec_commit:
+      if (http_status == 200 && state == "committed") out.reply = ReplyKind::committed;
+      if ((http_status == 409 || http_status == 422) && state == "aborted") out.reply = ReplyKind::aborted;
+      break;
     case MsgKind::prepare:
       if (http_status == 200) {
         if (vote == "yes") out.reply = ReplyKind::vote_yes;

@@ -25,6 +25,20 @@ struct EnlistRequest {
 // {"participant":"a1","url":"http://..."}; the url must parse.
 Result<EnlistRequest> decode_enlist(std::string_view body);
 
+struct RunBranch {
+  std::string participant;
+  std::string statements;  // the branch's "statements" array, re-serialised
+};
+struct RunRequest {
+  Protocol protocol = Protocol::two_phase;
+  std::vector<RunBranch> branches;
+  CommitOptions opts;
+};
+// {"protocol","branches":[{"participant":"a1","statements":[{"sql","params"}]}],"wait"}.
+// The statements' shape is checked here (sql strings, scalar params); the agent checks them
+// again against its own limits.
+Result<RunRequest> decode_run(std::string_view body, size_t statements_max);
+
 // {"wait":"completion"|"decision"} (optional).
 Result<CommitOptions> decode_commit(std::string_view body);
 // {"outcome":"commit"|"abort"} → true for commit.
@@ -35,10 +49,12 @@ Json encode_view(const TxnView& v);
 // outcome is not what was asked).
 HttpResponse encode_reply(const ClientReply& r);
 
-// The body of a protocol message to an agent.
-std::string encode_message_body(const Message& m);
+// The body of a protocol message to an agent; `statements` is the branch's statements array
+// for exec_prepare / exec_commit.
+std::string encode_message_body(const Message& m, std::string_view statements = "");
 // The agent's answer to a message → the machine's ReplyKind (failed for anything unusable).
+// For exec_prepare / exec_commit, *results receives the answer's "results" array (or null).
 BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
-                                 const Status& transport);
+                                 const Status& transport, Json* results = nullptr);
 
 }  // namespace tpc::coord

@@ -155,3 +155,42 @@ TEST_CASE("message bodies say the protocol at prepare and one_phase at a one-pha
   m.kind = MsgKind::commit_one_phase;
   CHECK(encode_message_body(m) == R"({"one_phase":true})");
 }
+
+TEST_CASE("run bodies: branches with statements; refusals name the branch") {
+  auto r = decode_run(R"({"protocol":"3pc","wait":"decision","branches":[{"participant":"a1","statements":[{"sql":"UPDATE t SET v = $1","params":[1,"x",null,true]}]}]})", 10);
+  REQUIRE(r.ok());
+  CHECK(r->protocol == Protocol::three_phase);
+  CHECK(r->opts.wait_decision_only);
+  REQUIRE(r->branches.size() == 1);
+  CHECK(r->branches[0].participant == "a1");
+  CHECK(r->branches[0].statements == R"([{"params":[1,"x",null,true],"sql":"UPDATE t SET v = $1"}])");
+  for (const char* bad : {R"({})", R"({"branches":{}})", R"({"branches":[1]})",
+                          R"({"branches":[{"participant":"a1"}]})",
+                          R"({"branches":[{"participant":"a 1","statements":[{"sql":"x"}]}]})",
+                          R"({"branches":[{"participant":"a1","statements":[]}]})",
+                          R"({"branches":[{"participant":"a1","statements":[{"sql":""}]}]})",
+                          R"({"branches":[{"participant":"a1","statements":[{"sql":"x","params":[{}]}]}]})",
+                          R"({"protocol":"1pc","branches":[]})"}) {
+    CAPTURE(bad);
+    CHECK_FALSE(decode_run(bad, 10).ok());
+  }
+  auto many = decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a"},{"sql":"b"},{"sql":"c"}]}]})", 2);
+  CHECK(many.status().code() == Code::too_large);
+}
+
+TEST_CASE("exec messages carry the statements once, with prepare or with commit") {
+  Message m{"c1-1-1", "a1", "u", MsgKind::exec_prepare, 1, Protocol::two_phase, {}};
+  CHECK(encode_message_body(m, R"([{"sql":"x"}])") ==
+        R"({"enlisted":true,"prepare":true,"statements":[{"sql":"x"}]})");
+  m.kind = MsgKind::exec_commit;
+  CHECK(encode_message_body(m, R"([{"sql":"x"}])") ==
+        R"({"commit":true,"enlisted":true,"statements":[{"sql":"x"}]})");
+  auto answer = decode_branch_answer(Message{"c1-1-1", "a1", "u", MsgKind::exec_prepare, 1, Protocol::two_phase, {}},
+                                     422, R"({"error":{"code":"sql_error","message":"check","sqlstate":"23514"},"vote":"no"})",
+                                     ok_status());
+  CHECK(answer.reply == ReplyKind::vote_no);
+  Json results;
+  auto ok = decode_branch_answer(m, 200, R"({"results":[{"rows":[]}],"state":"committed"})", ok_status(), &results);
+  CHECK(ok.reply == ReplyKind::committed);
+  CHECK(results.is_array());
+}

@@ -81,15 +81,21 @@ void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_
 
 void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
   BranchSlot& b = t.branches[i];
-  if (kind == MsgKind::commit || kind == MsgKind::precommit || kind == MsgKind::commit_one_phase)
+  if (t.oneshot && kind == MsgKind::prepare) kind = MsgKind::exec_prepare;
+  // Only the first one-phase commit carries the statements: a resend must never run them twice.
+  if (t.oneshot && kind == MsgKind::commit_one_phase && b.attempts == 0) kind = MsgKind::exec_commit;
+  if (kind == MsgKind::commit || kind == MsgKind::precommit || kind == MsgKind::commit_one_phase ||
+      kind == MsgKind::exec_commit)
     TPC_ASSERT_MSG(t.decision == Decision::commit && t.decision_durable,
                    "a commit is never sent before the decision is durable");
   if (kind == MsgKind::abort) TPC_ASSERT(t.decision == Decision::abort);
   switch (kind) {
-    case MsgKind::prepare: b.state = BranchState::preparing; break;
+    case MsgKind::prepare:
+    case MsgKind::exec_prepare: b.state = BranchState::preparing; break;
     case MsgKind::precommit: b.state = BranchState::precommitting; break;
     case MsgKind::commit:
-    case MsgKind::commit_one_phase: b.state = BranchState::committing; break;
+    case MsgKind::commit_one_phase:
+    case MsgKind::exec_commit: b.state = BranchState::committing; break;
     case MsgKind::abort: b.state = BranchState::aborting; break;
   }
   b.in_flight = true;
@@ -97,7 +103,8 @@ void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
   ++counters_.messages_sent;
   if (b.attempts > 1) ++counters_.resends;
   Message m{t.gid, b.participant, b.url, kind, b.attempts, t.protocol, {}};
-  if (kind == MsgKind::prepare && t.protocol == Protocol::three_phase)
+  if ((kind == MsgKind::prepare || kind == MsgKind::exec_prepare) &&
+      t.protocol == Protocol::three_phase)
     for (auto& other : t.branches) m.peers.push_back(Peer{other.participant, other.url});
   ready_.messages.push_back(std::move(m));
 }
@@ -471,6 +478,32 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
   return std::nullopt;
 }
 
+Result<std::string> CoordinatorMachine::run(Protocol protocol, const std::vector<Peer>& branches,
+                                            uint64_t waiter, CommitOptions opts, int64_t now_ms) {
+  if (branches.empty()) return invalid_argument("\"branches\" must not be empty");
+  if (branches.size() > opts_.branches_per_txn_max)
+    return Status(Code::too_large, "a transaction has at most " +
+                                       std::to_string(opts_.branches_per_txn_max) + " branches");
+  for (size_t i = 0; i < branches.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (branches[i].participant == branches[j].participant)
+        return invalid_argument("participant " + branches[i].participant + " appears twice");
+  auto view = begin(protocol, std::nullopt, now_ms);
+  if (!view.ok()) return view.status();
+  Txn& t = *find(view->gid);
+  t.oneshot = true;
+  for (auto& b : branches) {
+    BranchSlot slot;
+    slot.participant = b.participant;
+    slot.url = b.url;
+    t.branches.push_back(std::move(slot));
+  }
+  std::string gid = t.gid;
+  auto immediate = commit(gid, waiter, opts, now_ms);
+  TPC_ASSERT(!immediate.has_value());  // a fresh, active transaction with branches
+  return gid;
+}
+
 std::optional<ClientReply> CoordinatorMachine::abort(std::string_view gid, uint64_t waiter,
                                                      int64_t now_ms) {
   Txn* t = find(gid);
@@ -696,21 +729,28 @@ void CoordinatorMachine::on_reply(const BranchReply& reply, int64_t now_ms) {
   while (i < t->branches.size() && t->branches[i].participant != reply.participant) ++i;
   if (i == t->branches.size()) return;
   BranchSlot& b = t->branches[i];
+  MsgKind kind = reply.kind == MsgKind::exec_prepare  ? MsgKind::prepare
+                 : reply.kind == MsgKind::exec_commit ? MsgKind::commit_one_phase
+                                                      : reply.kind;
 
   // Only the answer to the message the branch is waiting for counts; anything else is late.
   BranchState expected = BranchState::active;
-  switch (reply.kind) {
+  switch (kind) {
     case MsgKind::prepare: expected = BranchState::preparing; break;
     case MsgKind::precommit: expected = BranchState::precommitting; break;
     case MsgKind::commit:
     case MsgKind::commit_one_phase: expected = BranchState::committing; break;
     case MsgKind::abort: expected = BranchState::aborting; break;
+    case MsgKind::exec_prepare:
+    case MsgKind::exec_commit: break;  // mapped above
   }
   if (b.state != expected || !b.in_flight) return;
   b.in_flight = false;
   if (!reply.reason.empty()) b.last_error = reply.reason;
 
-  switch (reply.kind) {
+  switch (kind) {
+    case MsgKind::exec_prepare:
+    case MsgKind::exec_commit: break;  // mapped above
     case MsgKind::prepare:
       if (t->decision != Decision::none) return;
       switch (reply.reply) {

@@ -105,6 +105,12 @@ class CoordinatorMachine {
   std::optional<ClientReply> commit(std::string_view gid, uint64_t waiter, CommitOptions opts,
                                     int64_t now_ms);
   std::optional<ClientReply> abort(std::string_view gid, uint64_t waiter, int64_t now_ms);
+  // A one-shot transaction: begins, enlists `branches` and commits at once; each branch's
+  // statements go out with its prepare (exec_prepare), or for a single branch with its
+  // one-phase commit (exec_commit). The answer comes later for `waiter`; errors come back at
+  // once (as for begin and enlist).
+  Result<std::string> run(Protocol protocol, const std::vector<Peer>& branches, uint64_t waiter,
+                          CommitOptions opts, int64_t now_ms);
   // Operator decision (tpcctl resolve): see DESIGN.md; recorded as heuristic.
   ClientReply resolve(std::string_view gid, bool commit, int64_t now_ms);
 

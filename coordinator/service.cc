@@ -105,7 +105,9 @@ Status CoordinatorService::recover() {
       return corruption("the decision log's epoch is not a number: \"" + **epoch_text + "\"");
     }
   }
-  epoch_ = previous + 1;
+  // The epoch never repeats: it grows by one per start, and never falls behind the wall clock
+  // in seconds, so even a coordinator whose log was lost (a new data dir) issues new gids.
+  epoch_ = std::max<uint64_t>(previous + 1, static_cast<uint64_t>(wall_ms() / 1000));
   TPC_RETURN_IF_ERROR(wal_->put_meta(kEpochKey, std::to_string(epoch_)));
 
   std::optional<GidParts> forgotten;
@@ -224,16 +226,44 @@ void CoordinatorService::send(const Message& m) {
   }
   HttpRequest req;
   req.method = "POST";
-  req.target = "/v1/branches/" + m.gid + "/" +
-               (m.kind == MsgKind::commit_one_phase ? "commit" : std::string(msg_name(m.kind)));
-  req.body = encode_message_body(m);
+  bool exec = m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit;
+  std::string action = m.kind == MsgKind::commit_one_phase ? "commit"
+                       : exec                              ? "exec"
+                                                           : std::string(msg_name(m.kind));
+  req.target = "/v1/branches/" + m.gid + "/" + action;
+  if (exec) {
+    std::string statements;
+    {
+      std::lock_guard lock(runs_mu_);
+      auto it = runs_.find(m.gid);
+      if (it != runs_.end()) {
+        auto st = it->second.statements.find(m.participant);
+        if (st != it->second.statements.end()) {
+          statements = std::move(st->second);  // sent once: a resend never carries them
+          it->second.statements.erase(st);
+        }
+      }
+    }
+    req.body = encode_message_body(m, statements);
+  } else {
+    req.body = encode_message_body(m);
+  }
   if (!cfg_.participant_token.empty())
     req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   SendOptions opts;
-  opts.timeout_ms = m.kind == MsgKind::prepare ? cfg_.machine.prepare_timeout_ms
-                                               : cfg_.message_timeout_ms;
-  client_.send(*url, std::move(req), opts, [this, m](HttpResult res) {
-    BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status);
+  opts.timeout_ms = m.kind == MsgKind::prepare || m.kind == MsgKind::exec_prepare
+                        ? cfg_.machine.prepare_timeout_ms
+                        : cfg_.message_timeout_ms;
+  // Statements must never run twice: no automatic retry of an exec.
+  opts.idempotent = !exec;
+  client_.send(*url, std::move(req), opts, [this, m, exec](HttpResult res) {
+    Json results;
+    BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status, &results);
+    if (exec && !results.is_null()) {
+      std::lock_guard lock(runs_mu_);
+      auto it = runs_.find(m.gid);
+      if (it != runs_.end()) it->second.results[m.participant] = std::move(results);
+    }
     // Fired once a message of the kind has reached its agent (its answer is back).
     if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
     if (res.status.ok() && m.kind == MsgKind::precommit)
@@ -289,6 +319,27 @@ void CoordinatorService::reply(const ClientReply& r) {
   }
   if (commit_latency_ && r.kind == RequestKind::commit)
     commit_latency_->observe(static_cast<double>(wall_ms() - p.started_ms) / 1000.0);
+  if (p.run) {
+    Json results = Json::object();
+    {
+      std::lock_guard lock(runs_mu_);
+      auto it = runs_.find(r.view.gid);
+      if (it != runs_.end()) {
+        results = std::move(it->second.results);
+        runs_.erase(it);
+      }
+    }
+    HttpResponse resp = encode_reply(r);
+    if (r.error.ok() || !r.view.gid.empty()) {
+      auto j = parse_json(resp.body);
+      if (j.ok()) {
+        (*j)["results"] = std::move(results);
+        resp.body = dump(*j);
+      }
+    }
+    p.respond(std::move(resp));
+    return;
+  }
   answer(r, p.respond);
 }
 
@@ -340,6 +391,10 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
       if (get) return list(req, respond);
       return respond(method_not_allowed());
     }
+    if (parts.size() == 3 && parts[2] == "run") {
+      if (!post) return respond(method_not_allowed());
+      return run_oneshot(req, respond);
+    }
     auto gid = percent_decode(parts[2]);
     if (!gid) {
       respond(error_response(invalid_argument("malformed gid in the path")));
@@ -368,6 +423,51 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
   with_machine([&](CoordinatorMachine& m) { view = m.begin(body->protocol, body->timeout_ms, wall_ms()); });
   if (!view.ok()) return respond(error_response(view.status()));
   respond(json_response(201, encode_view(*view)));
+}
+
+void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& respond) {
+  auto body = decode_run(req.body, cfg_.statements_max);
+  if (!body.ok()) return respond(error_response(body.status()));
+  if (!healthy_) {
+    respond(error_response(unavailable("recovering: not accepting new transactions yet")));
+    return;
+  }
+  std::vector<Peer> branches;
+  for (auto& b : body->branches) {
+    auto it = cfg_.participants.find(b.participant);
+    if (it == cfg_.participants.end())
+      return respond(error_response(invalid_argument(
+          "unknown participant \"" + b.participant + "\" (name it with --participant NAME=URL)")));
+    branches.push_back(Peer{b.participant, it->second});
+  }
+  int64_t now = wall_ms();
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now, true};
+  }
+  // The statements must be in place before the machine can emit the messages that carry
+  // them, so the gid is reserved under the machine's lock and the statements stored there too.
+  Result<std::string> gid = unavailable("");
+  Ready ready;
+  {
+    std::lock_guard lock(mu_);
+    gid = machine_.run(body->protocol, branches, waiter, body->opts, now);
+    if (gid.ok()) {
+      std::lock_guard rlock(runs_mu_);
+      RunState& rs = runs_[*gid];
+      for (auto& b : body->branches) rs.statements[b.participant] = std::move(b.statements);
+    }
+    ready = machine_.take_ready();
+  }
+  if (!gid.ok()) {
+    {
+      std::lock_guard lock(waiters_mu_);
+      waiters_.erase(waiter);
+    }
+    return respond(error_response(gid.status()));
+  }
+  run(std::move(ready));
 }
 
 void CoordinatorService::list(const HttpRequest& req, const Responder& respond) {

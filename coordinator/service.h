@@ -26,6 +26,7 @@
 #include "common/http.h"
 #include "common/http_client.h"
 #include "common/http_server.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "coordinator/coordinator_machine.h"
@@ -46,6 +47,7 @@ struct CoordinatorConfig {
   int64_t recovery_wait_ms = 30'000;       // /healthz waits at most this for re-driven work
   int64_t tick_ms = 10;
   size_t list_limit_max = 1'000;
+  size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
 };
 
 class CoordinatorService {
@@ -86,6 +88,7 @@ class CoordinatorService {
 
   // Handlers.
   void begin(const HttpRequest& req, const Responder& respond);
+  void run_oneshot(const HttpRequest& req, const Responder& respond);
   void list(const HttpRequest& req, const Responder& respond);
   void transaction(const std::string& gid, std::string_view action, const HttpRequest& req,
                    const Responder& respond);
@@ -112,8 +115,18 @@ class CoordinatorService {
   struct Pending {
     Responder respond;
     int64_t started_ms = 0;
+    bool run = false;  // a one-shot request: the answer carries the branches' results
   };
   std::unordered_map<uint64_t, Pending> waiters_;
+
+  // One-shot transactions: each branch's statements until they were sent, and each branch's
+  // results until the client is answered.
+  struct RunState {
+    std::map<std::string, std::string> statements;  // participant → statements array
+    Json results = Json::object();                  // participant → results array
+  };
+  std::mutex runs_mu_;
+  std::unordered_map<std::string, RunState> runs_;
   std::atomic<uint64_t> next_waiter_{1};
 
   uint64_t epoch_ = 0;

@@ -55,6 +55,8 @@ std::string_view msg_name(MsgKind k) {
     case MsgKind::commit: return "commit";
     case MsgKind::commit_one_phase: return "commit_one_phase";
     case MsgKind::abort: return "abort";
+    case MsgKind::exec_prepare: return "exec_prepare";
+    case MsgKind::exec_commit: return "exec_commit";
   }
   return "?";
 }

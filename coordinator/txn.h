@@ -43,7 +43,9 @@ enum class BranchState : uint8_t {
   aborted,        // abort acknowledged, or voted no
 };
 
-enum class MsgKind : uint8_t { prepare, precommit, commit, commit_one_phase, abort };
+// exec_prepare / exec_commit carry a one-shot branch's statements with its prepare (or, for a
+// single branch, with its one-phase commit); a resent one-phase commit never carries them.
+enum class MsgKind : uint8_t { prepare, precommit, commit, commit_one_phase, abort, exec_prepare, exec_commit };
 
 enum class RequestKind : uint8_t { get, commit, abort, resolve };
 
@@ -179,6 +181,7 @@ struct Txn {
   Decision decision = Decision::none;
   bool decision_durable = false;  // the commit/pre-commit/one-phase record is synced
   bool one_phase = false;
+  bool oneshot = false;           // statements travel with prepare / one-phase commit
   bool recovered = false;
   bool heuristic_mixed = false;
   int64_t created_ms = 0;

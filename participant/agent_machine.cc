@@ -186,6 +186,14 @@ void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
                                        std::to_string(opts_.branches_max) + ")"));
           return;
         }
+        if (req.enlisted) {
+          // Sent by the coordinator with the branch already enlisted (one-shot).
+          Branch& nb = create(gid, BranchState::active, now_ms);
+          nb.idle_deadline_ms = now_ms + opts_.idle_timeout_ms;
+          nb.queue.push_back(std::move(req));
+          pump(nb, now_ms);
+          return;
+        }
         Branch& nb = create(gid, BranchState::enlisting, now_ms);
         nb.busy = true;  // until the coordinator answers the enlistment
         nb.queue.push_back(std::move(req));
@@ -317,6 +325,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         PgOp op;
         op.kind = OpKind::exec;
         op.then_prepare = req.prepare;
+        op.then_commit = req.one_phase;
         op.statements = req.statements;
         if (req.prepare) {
           b.protocol = req.protocol;
@@ -550,6 +559,24 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
     }
 
     case OpKind::exec: {
+      if (st.ok() && req.one_phase) {  // statements, then a one-phase commit
+        Reply r;
+        r.results = res.results;
+        ++counters_.one_phase;
+        if (res.outcome && *res.outcome == pg::Outcome::committed) {
+          ++counters_.committed;
+          set_state(b, BranchState::committed, now_ms);
+        } else {
+          ++counters_.aborted;
+          b.reason = res.reason;
+          set_state(b, BranchState::aborted, now_ms);
+          r.http_status = 409;
+          r.reason = b.reason;
+        }
+        r.state = b.state;
+        reply(req, std::move(r));
+        return;
+      }
       if (st.ok()) {
         b.last_activity_ms = now_ms;
         Reply r;
@@ -572,8 +599,8 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         b.reason = st.message();
         b.sqlstate = res.sqlstate;
         set_state(b, BranchState::failed, now_ms);
-        if (req.prepare) {
-          // exec+prepare: the branch votes no; roll it back before answering.
+        if (req.prepare || req.one_phase) {
+          // exec+prepare votes no, exec+commit aborts: roll back before answering.
           PgOp op;
           op.kind = OpKind::rollback;
           start_op(b, std::move(req), std::move(op));
@@ -585,6 +612,12 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         r.state = b.state;
         r.sqlstate = res.sqlstate;
         reply(req, std::move(r));
+        return;
+      }
+      if (req.one_phase && res.results) {
+        // The statements ran; COMMIT may or may not have: the marker tells on the next request.
+        set_state(b, BranchState::unknown, now_ms);
+        reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
         return;
       }
       b.reason = "lost the PostgreSQL session: " + st.message();
@@ -623,13 +656,13 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
       ++counters_.aborted;
       set_state(b, BranchState::aborted, now_ms);
       switch (req.kind) {
-        case RequestKind::exec: {  // exec+prepare whose statements failed
+        case RequestKind::exec: {  // exec+prepare or exec+commit whose statements failed
           Reply r;
           r.http_status = 422;
           r.error = Status(Code::sql_error, b.reason);
           r.state = b.state;
           r.sqlstate = b.sqlstate;
-          r.vote = pg::Vote::no;
+          if (req.prepare) r.vote = pg::Vote::no;
           reply(req, std::move(r));
           return;
         }

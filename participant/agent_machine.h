@@ -77,7 +77,9 @@ struct Request {
   RequestKind kind = RequestKind::exec;
   std::vector<Statement> statements;  // exec
   bool prepare = false;               // exec, then prepare in the same operation
-  bool one_phase = false;             // commit of an active branch in one phase
+  bool one_phase = false;             // commit of an active branch in one phase; for exec:
+                                      // statements then a one-phase commit (one-shot)
+  bool enlisted = false;              // exec from the coordinator itself: no enlistment
   bool commit = true;                 // resolve: the operator's outcome
   uint8_t protocol = 2;               // prepare: 2 or 3
   std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
@@ -101,6 +103,7 @@ struct PgOp {
   OpKind kind = OpKind::exec;
   std::vector<Statement> statements;  // exec
   bool then_prepare = false;          // exec: prepare right after, if the statements succeed
+  bool then_commit = false;           // exec: one-phase commit right after (marker + COMMIT)
   std::string state;                  // put_state: the state to store
   std::string detail;                 // put_state: free text
   bool clear_state = false;           // commit/rollback_prepared: delete the 3PC record

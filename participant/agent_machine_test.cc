@@ -815,3 +815,36 @@ TEST_CASE("the scan restores a 3PC branch with its peers from its durable record
   PeerQuery q = time_out(f, "c1-1-1", f.opts.precommit_timeout_ms);
   CHECK(q.peers.size() == 1);
 }
+
+TEST_CASE("an exec the coordinator sent enlisted skips enlistment; with commit it ends in one phase") {
+  Fixture f;
+  Request r;
+  r.kind = RequestKind::exec;
+  r.statements = {{"UPDATE t SET v = 1", {}}};
+  r.enlisted = true;
+  r.one_phase = true;
+  f.send("c1-1-1", r);
+  Ready ready = f.ready();
+  CHECK(ready.enlists.empty());
+  REQUIRE(ready.ops.size() == 1);
+  CHECK(ready.ops[0].then_commit);
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::outcome(pg::Outcome::committed), f.now);
+  ready = f.ready();
+  REQUIRE(ready.replies.size() == 1);
+  CHECK(ready.replies[0].state == BranchState::committed);
+  CHECK(f.m->open_sessions() == 0);
+
+  // Statements that fail: rolled back, answered 422 with the branch aborted.
+  f.send("c1-1-2", r);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::exec, Fixture::failure(Code::sql_error, "23514"), f.now);
+  ready = f.ready();
+  REQUIRE(ready.ops.size() == 1);
+  CHECK(ready.ops[0].kind == OpKind::rollback);
+  f.m->on_op_done("c1-1-2", OpKind::rollback, Fixture::ok(), f.now);
+  ready = f.ready();
+  REQUIRE(ready.replies.size() == 1);
+  CHECK(ready.replies[0].http_status == 422);
+  CHECK(ready.replies[0].state == BranchState::aborted);
+  CHECK_FALSE(ready.replies[0].vote.has_value());
+}

@@ -442,6 +442,19 @@ OpResult AgentService::execute(const PgOp& op) {
         if (res.prepare) release(std::move(conn));
         return res;  // without a vote the session is gone with conn
       }
+      if (res.status.ok() && op.then_commit) {
+        std::string reason;
+        auto o = pg::commit_one_phase(*conn, pgg, parts->coordinator, epoch, seq, &reason);
+        if (!o.ok()) {
+          res.status = o.status();
+          return res;  // the session is gone with conn; the marker tells the outcome
+        }
+        TPC_FAILPOINT("agent.after_one_phase_commit");
+        res.outcome = *o;
+        res.reason = reason;
+        release(std::move(conn));
+        return res;
+      }
       if (res.status.code() == Code::unavailable) return res;  // the session died
       std::lock_guard lock(pool_mu_);
       sessions_[op.gid] = std::move(conn);
@@ -460,6 +473,7 @@ OpResult AgentService::execute(const PgOp& op) {
       std::string reason;
       auto o = pg::commit_one_phase(*conn, pgg, parts->coordinator, epoch, seq, &reason);
       if (!o.ok()) return failed(o.status());
+      TPC_FAILPOINT("agent.after_one_phase_commit");
       res.outcome = *o;
       res.reason = reason;
       release(std::move(conn));

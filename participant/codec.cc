@@ -74,6 +74,10 @@ Result<Request> decode_exec(std::string_view body, const ExecLimits& limits) {
   req.kind = RequestKind::exec;
   FieldReader r(*j);
   r.boolean("prepare", &req.prepare);
+  r.boolean("commit", &req.one_phase);
+  r.boolean("enlisted", &req.enlisted);
+  if (r.ok() && req.prepare && req.one_phase)
+    return invalid_argument("give \"prepare\" or \"commit\", not both");
   auto protocol = decode_protocol(r);
   if (!protocol.ok()) return protocol.status();
   req.protocol = *protocol;
@@ -202,7 +206,9 @@ HttpResponse encode_reply(const Reply& r) {
     if (*r.vote == pg::Vote::no && !r.reason.empty()) body["reason"] = r.reason;
     if (*r.vote == pg::Vote::no && !r.sqlstate.empty()) body["sqlstate"] = r.sqlstate;
   }
-  if (r.kind != RequestKind::exec || r.vote) body["state"] = std::string(external_state_name(r.state));
+  if (r.kind != RequestKind::exec || r.vote || r.state == BranchState::committed ||
+      r.state == BranchState::aborted)
+    body["state"] = std::string(external_state_name(r.state));
   if (r.kind != RequestKind::prepare && r.kind != RequestKind::exec && !r.reason.empty() &&
       r.http_status != 200)
     body["reason"] = r.reason;

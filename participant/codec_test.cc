@@ -134,3 +134,19 @@ TEST_CASE("the coordinator's answers: enlistment and outcome") {
   CHECK(decode_outcome_answer(503, "{}", ok_status(), &a) == Outcome::unreachable);
   CHECK(decode_outcome_answer(0, "", timeout_error("deadline"), &a) == Outcome::unreachable);
 }
+
+TEST_CASE("exec bodies from the coordinator: enlisted, with prepare or with a one-phase commit") {
+  ExecLimits lim;
+  auto c = decode_exec(R"({"enlisted":true,"commit":true,"statements":[{"sql":"UPDATE t SET v = 1"}]})", lim);
+  REQUIRE(c.ok());
+  CHECK(c->enlisted);
+  CHECK(c->one_phase);
+  auto p = decode_exec(R"({"enlisted":true,"prepare":true,"protocol":"3pc","peers":[{"participant":"a1","url":"http://h:1"}],"statements":[{"sql":"x"}]})", lim);
+  REQUIRE(p.ok());
+  CHECK(p->prepare);
+  CHECK(p->protocol == 3);
+  REQUIRE(p->peers.size() == 1);
+  CHECK_FALSE(decode_exec(R"({"prepare":true,"commit":true,"sql":"x"})", lim).ok());
+  CHECK_FALSE(decode_exec(R"({"sql":"x","peers":[{"participant":"a b","url":"http://h:1"}]})", lim).ok());
+  CHECK_FALSE(decode_exec(R"({"sql":"x","peers":[{"participant":"a1","url":"nope"}]})", lim).ok());
+}
