@@ -162,9 +162,14 @@ TxnView CoordinatorMachine::view_of(const Txn& t) const {
   v.gid = t.gid;
   v.protocol = t.protocol;
   v.state = t.state;
+  // The decision is announced only once it cannot be lost: agents' in-doubt resolvers act on
+  // it. A one-phase transaction has no decision of its own: its branch's answer is the outcome.
   v.decision = t.decision;
-  if (t.decision == Decision::commit && t.one_phase && t.state == TxnState::aborted)
-    v.decision = Decision::abort;  // the single branch answered abort: that is the outcome
+  if (t.decision == Decision::commit && !t.decision_durable) v.decision = Decision::none;
+  if (t.one_phase && t.decision == Decision::commit)
+    v.decision = t.state == TxnState::committed ? Decision::commit
+                 : t.state == TxnState::aborted ? Decision::abort
+                                                : Decision::none;
   v.reason = t.reason;
   v.reason_branch = t.reason_branch;
   v.one_phase = t.one_phase;
@@ -462,14 +467,11 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
     return reply_for(*t, RequestKind::commit, waiter);
   t->waiters.push_back(Waiter{waiter, RequestKind::commit, opts.wait_decision_only});
   schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout);
-  if (t->state != TxnState::active) return std::nullopt;  // joins the commit in progress
+  if (t->state != TxnState::active || t->decision != Decision::none)
+    return std::nullopt;  // joins the commit in progress
 
   if (t->branches.empty()) {
-    t->decision = Decision::commit;
-    t->decision_durable = true;  // nothing to drive; the record is bookkeeping
-    t->decided_ms = now_ms;
-    set_state(*t, TxnState::committed);
-    finish(t->gid, now_ms);
+    commit_without_phase2(*t, now_ms);
   } else if (t->branches.size() == 1) {
     start_one_phase(*t, now_ms);
   } else {
@@ -661,6 +663,20 @@ void CoordinatorMachine::start_one_phase(Txn& t, int64_t now_ms) {
   persist(t, /*sync=*/true, /*notify=*/true, now_ms);
 }
 
+void CoordinatorMachine::commit_without_phase2(Txn& t, int64_t now_ms) {
+  // Nothing to drive (no branch, or every branch read-only), but the answer must survive a
+  // crash like any commit: the ended record is synced before anyone is told committed.
+  TPC_ASSERT(t.decision == Decision::none);
+  t.decision = Decision::commit;
+  t.decided_ms = now_ms;
+  t.nothing_to_drive = true;
+  wal::TxnRecord r = record_of(t, now_ms);
+  r.decision = wal::Decision::committed_read_only;
+  r.ended = true;
+  r.ended_wall_ms = now_ms;
+  ready_.persist.push_back(Persist{std::move(r), /*sync=*/true, /*notify=*/true});
+}
+
 void CoordinatorMachine::decide_commit(Txn& t, int64_t now_ms) {
   TPC_ASSERT(t.decision == Decision::none);
   t.decision = Decision::commit;
@@ -694,11 +710,7 @@ void CoordinatorMachine::after_votes(Txn& t, int64_t now_ms) {
   size_t writers = 0;
   for (auto& b : t.branches) writers += b.state == BranchState::prepared;
   if (writers == 0) {
-    t.decision = Decision::commit;
-    t.decision_durable = true;
-    t.decided_ms = now_ms;
-    set_state(t, TxnState::committed);
-    finish(t.gid, now_ms);
+    commit_without_phase2(t, now_ms);
     return;
   }
   decide_commit(t, now_ms);
@@ -708,6 +720,11 @@ void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms) {
   Txn* t = find(gid);
   if (!t || t->decision != Decision::commit || t->decision_durable) return;
   t->decision_durable = true;
+  if (t->nothing_to_drive) {
+    set_state(*t, TxnState::committed);
+    finish(t->gid, now_ms);
+    return;
+  }
   log_.debug("decision durable", {{"gid", t->gid}});
   if (t->one_phase) {
     send_to_all(*t, BranchState::active, MsgKind::commit_one_phase);
@@ -867,7 +884,7 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
   TPC_ASSERT(tp != nullptr && terminal(tp->state));
   Txn& t = *tp;
   // Presumed abort: a plain abort leaves no record. Everything else is recorded as ended.
-  bool record = t.decision == Decision::commit || t.heuristic_mixed;
+  bool record = (t.decision == Decision::commit && !t.nothing_to_drive) || t.heuristic_mixed;
   if (record) persist(t, /*sync=*/false, /*notify=*/false, now_ms);
   int p = proto_index(t.protocol);
   if (t.state == TxnState::committed) ++counters_.committed[p];
@@ -921,7 +938,7 @@ void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
   if (!t) return;
   switch (timer.kind) {
     case TimerKind::txn_timeout:
-      if (t->state == TxnState::active && t->deadline_ms <= now_ms)
+      if (t->state == TxnState::active && t->decision == Decision::none && t->deadline_ms <= now_ms)
         decide_abort(*t, "timeout", "", now_ms);
       return;
     case TimerKind::prepare_timeout:

@@ -165,6 +165,7 @@ class CoordinatorMachine {
   void start_prepare(Txn& t, int64_t now_ms);
   void start_one_phase(Txn& t, int64_t now_ms);
   void decide_commit(Txn& t, int64_t now_ms);
+  void commit_without_phase2(Txn& t, int64_t now_ms);
   void decide_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
   void after_votes(Txn& t, int64_t now_ms);
   void send(Txn& t, size_t branch, MsgKind kind);

@@ -238,11 +238,17 @@ TEST_CASE("read-only branches leave at prepare") {
   f.reply(ro, "a2", MsgKind::prepare, ReplyKind::vote_read_only);
   r = f.ready();
   CHECK(r.messages.empty());
+  // The answer must survive a crash like any commit: one synced record, then the reply.
+  CHECK(r.replies.empty());
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].sync);
+  CHECK(r.persist[0].record.decision == wal::Decision::committed_read_only);
+  CHECK(r.persist[0].record.ended);
+  f.m->on_persisted(ro, f.now);
+  r = f.ready();
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].http_status == 200);
-  REQUIRE(r.persist.size() == 1);
-  CHECK_FALSE(r.persist[0].sync);
-  CHECK(r.persist[0].record.decision == wal::Decision::committed_read_only);
+  CHECK(r.persist.empty());
 }
 
 TEST_CASE("a single branch commits in one phase, after a synced one-phase record") {
@@ -638,11 +644,16 @@ TEST_CASE("finished_below is the oldest unfinished gid") {
   CHECK(f.m->finished_below().seq == 3);
 }
 
-TEST_CASE("a transaction with no branches commits at once") {
+TEST_CASE("a transaction with no branches commits after one synced record") {
   Fixture f;
   std::string gid = f.begin();
   CHECK_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
   Ready r = f.ready();
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].sync);
+  CHECK(r.replies.empty());
+  f.m->on_persisted(gid, f.now);
+  r = f.ready();
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].http_status == 200);
   CHECK(r.replies[0].view.state == TxnState::committed);
@@ -667,8 +678,13 @@ TEST_CASE("views carry the decision, also for a heuristic outcome") {
   Fixture f;
   std::string gid = f.begin_with({"a1", "a2"});
   f.commit_to_decision(gid, {"a1", "a2"}, 1);
-  CHECK(f.m->lookup(gid).view.decision == Decision::commit);
+  // Not durable yet: nobody may act on it (an agent's in-doubt resolver would commit).
+  CHECK(f.m->lookup(gid).view.decision == Decision::none);
+  auto refused = f.m->abort(gid, 9, f.now);
+  REQUIRE(refused.has_value());
+  CHECK(refused->view.decision == Decision::none);
   f.m->on_persisted(gid, f.now);
+  CHECK(f.m->lookup(gid).view.decision == Decision::commit);
   f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
   f.reply(gid, "a2", MsgKind::commit, ReplyKind::aborted);
   auto v = f.m->lookup(gid).view;
@@ -677,4 +693,64 @@ TEST_CASE("views carry the decision, also for a heuristic outcome") {
   std::string ab = f.begin_with({"a1"});
   REQUIRE(f.m->abort(ab, 2, f.now).has_value());
   CHECK(f.m->lookup(ab).view.decision == Decision::abort);
+}
+
+TEST_CASE("one-shot: statements go out with prepare, and a single branch with its one-phase commit") {
+  Fixture f;
+  auto gid = f.m->run(Protocol::two_phase, {{"a1", "http://h:1"}, {"a2", "http://h:2"}}, 7, {}, f.now);
+  REQUIRE(gid.ok());
+  Ready r = f.ready();
+  auto execs = Fixture::of_kind(r, MsgKind::exec_prepare);
+  REQUIRE(execs.size() == 2);
+  CHECK(Fixture::of_kind(r, MsgKind::prepare).empty());
+  f.reply(*gid, "a1", MsgKind::exec_prepare, ReplyKind::vote_yes);
+  f.reply(*gid, "a2", MsgKind::exec_prepare, ReplyKind::vote_yes);
+  r = f.ready();
+  REQUIRE(r.persist.size() == 1);
+  f.m->on_persisted(*gid, f.now);
+  r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::commit).size() == 2);
+  f.reply(*gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(*gid, "a2", MsgKind::commit, ReplyKind::committed);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].waiter == 7);
+  CHECK(r.replies[0].http_status == 200);
+
+  auto one = f.m->run(Protocol::two_phase, {{"a1", "http://h:1"}}, 8, {}, f.now);
+  REQUIRE(one.ok());
+  r = f.ready();
+  REQUIRE(r.persist.size() == 1);
+  CHECK(r.persist[0].record.decision == wal::Decision::one_phase);
+  CHECK(r.messages.empty());
+  f.m->on_persisted(*one, f.now);
+  r = f.ready();
+  REQUIRE(r.messages.size() == 1);
+  CHECK(r.messages[0].kind == MsgKind::exec_commit);
+  // A failed first send is resent as a plain one-phase commit: the statements never run twice.
+  f.reply(*one, "a1", MsgKind::exec_commit, ReplyKind::failed);
+  f.m->tick(f.now + f.opts.retry_min_ms);
+  r = f.ready();
+  REQUIRE(r.messages.size() == 1);
+  CHECK(r.messages[0].kind == MsgKind::commit_one_phase);
+  f.reply(*one, "a1", MsgKind::commit_one_phase, ReplyKind::committed);
+  CHECK(f.state(*one) == TxnState::committed);
+}
+
+TEST_CASE("one-shot: a failed statement is a vote of no; bad branch lists are refused") {
+  Fixture f;
+  auto gid = f.m->run(Protocol::three_phase, {{"a1", "http://h:1"}, {"a2", "http://h:2"}}, 1, {}, f.now);
+  REQUIRE(gid.ok());
+  Ready r = f.ready();
+  auto execs = Fixture::of_kind(r, MsgKind::exec_prepare);
+  REQUIRE(execs.size() == 2);
+  CHECK(execs[0].peers.size() == 2);  // 3PC: the peers ride along
+  f.reply(*gid, "a1", MsgKind::exec_prepare, ReplyKind::vote_no, "23514");
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].view.reason_branch == "a1");
+  CHECK(f.m->run(Protocol::two_phase, {}, 2, {}, f.now).status().code() == Code::invalid_argument);
+  CHECK(f.m->run(Protocol::two_phase, {{"a1", "u"}, {"a1", "u"}}, 3, {}, f.now).status().code() ==
+        Code::invalid_argument);
 }

@@ -338,7 +338,7 @@ Said classify(const ClientReply& r) {
 
 bool is_commit_decision(wal::Decision d) {
   return d == wal::Decision::commit || d == wal::Decision::precommit ||
-         d == wal::Decision::one_phase;
+         d == wal::Decision::one_phase || d == wal::Decision::committed_read_only;
 }
 
 // --- the world ---------------------------------------------------------------------------
@@ -449,18 +449,6 @@ class World {
     for (auto& p : participants_)
       if (p.name == name) return &p;
     return nullptr;
-  }
-
-  // Every enlisted branch is read-only (or there is none): the transaction changed nothing,
-  // so its commit was never forced to disk.
-  bool no_writer(const std::string& gid) {
-    const GidInfo& g = gids_[gid];
-    for (size_t i : g.enlisted) {
-      auto it = participants_[i].branches.find(gid);
-      if (it == participants_[i].branches.end() || it->second.state != PState::read_only)
-        return false;
-    }
-    return true;
   }
 
   // --- one step ----------------------------------------------------------------------------
@@ -1042,8 +1030,7 @@ class World {
     if (git == gids_.end()) return;
     GidInfo& g = git->second;
     const std::string said = source + " got " + describe(r) + " at step " + std::to_string(step_);
-    if (r.view.decision == Decision::commit && !r.view.gid.empty() && !commit_durable_.count(gid) &&
-        !no_writer(gid))
+    if (r.view.decision == Decision::commit && !r.view.gid.empty() && !commit_durable_.count(gid))
       fail("decision_announced_before_durable",
            gid + ": " + said + ", but no commit decision record for it is synced yet (an " +
                "agent's in-doubt resolver commits on \"decision\":\"commit\"; a crash now " +
@@ -1056,7 +1043,7 @@ class World {
         break;
       case Said::committed:
       case Said::commit_promised:
-        if (!g.said_abort.empty() && !no_writer(gid))
+        if (!g.said_abort.empty())
           fail("answers_disagree", gid + ": " + said + ", but earlier " + g.said_abort);
         if (g.said_commit.empty()) g.said_commit = said;
         break;
@@ -1064,7 +1051,7 @@ class World {
         if (commit_durable_.count(gid) && !g.one_phase_branch_aborted)
           fail("decision_changed",
                gid + ": " + said + ", but its commit decision record is durable");
-        if (!g.said_commit.empty() && !no_writer(gid))
+        if (!g.said_commit.empty())
           fail("answers_disagree", gid + ": " + said + ", but earlier " + g.said_commit);
         if (g.said_abort.empty()) g.said_abort = said;
         break;

@@ -182,6 +182,7 @@ struct Txn {
   bool decision_durable = false;  // the commit/pre-commit/one-phase record is synced
   bool one_phase = false;
   bool oneshot = false;           // statements travel with prepare / one-phase commit
+  bool nothing_to_drive = false;  // committed with no writing branch: one synced record
   bool recovered = false;
   bool heuristic_mixed = false;
   int64_t created_ms = 0;

@@ -54,6 +54,7 @@ std::string_view op_name(OpKind k) {
     case OpKind::rollback_prepared: return "rollback_prepared";
     case OpKind::evidence: return "evidence";
     case OpKind::put_state: return "put_state";
+    case OpKind::tombstone: return "tombstone";
   }
   return "?";
 }
@@ -115,6 +116,15 @@ void AgentMachine::set_state(Branch& b, BranchState to, int64_t now_ms) {
     finished_[b.serial] = b.gid;
   else
     finished_.erase(b.serial);
+  if (final_state(to) && !b.unilateral)
+    live_.erase(b.gid);
+  else
+    live_.insert(b.gid);
+}
+
+void AgentMachine::erase_branch(const std::string& gid) {
+  live_.erase(gid);
+  branches_.erase(gid);
 }
 
 void AgentMachine::reply(const Request& req, Reply r) {
@@ -291,7 +301,7 @@ void AgentMachine::pump(Branch& b, int64_t now_ms) {
   }
   if (Branch* p = find(gid); p && !p->busy && p->queue.empty()) {
     if (p->state == BranchState::unknown) {
-      branches_.erase(gid);  // nothing learned; a later request looks again
+      erase_branch(gid);  // nothing learned; a later request looks again
       return;
     }
     evict_finished();
@@ -482,7 +492,7 @@ void AgentMachine::on_enlisted(std::string_view gid, Status status, int64_t bran
     reply_error(req, unavailable("cannot enlist with the coordinator: " + status.message()));
   }
   set_state(*b, BranchState::unknown, now_ms);
-  branches_.erase(std::string(gid));
+  erase_branch(std::string(gid));
 }
 
 void AgentMachine::on_op_done(std::string_view gid, OpKind kind, OpResult result, int64_t now_ms) {
@@ -544,6 +554,14 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
           break;
         case pg::Evidence::committed: set_state(b, BranchState::committed, now_ms); break;
         case pg::Evidence::absent:
+          if (before == BranchState::unknown && req.kind == RequestKind::commit && req.one_phase) {
+            // A resent one-phase commit for a branch we never saw: its statements may still be
+            // on their way. Make "aborted" durable before saying it.
+            PgOp op;
+            op.kind = OpKind::tombstone;
+            start_op(b, std::move(req), std::move(op));
+            return;
+          }
           if (before == BranchState::unknown) b.reason = "no prepared transaction and no marker";
           set_state(b, BranchState::aborted, now_ms);
           break;
@@ -705,6 +723,17 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
       return;
     }
 
+    case OpKind::tombstone:
+      if (!st.ok() || !res.outcome) {
+        reply_error(req, unavailable("cannot record the branch as aborted: " + st.message()));
+        return;
+      }
+      b.reason = "no prepared transaction and no marker";
+      set_state(b, *res.outcome == pg::Outcome::committed ? BranchState::committed : BranchState::aborted,
+                now_ms);
+      b.queue.push_front(std::move(req));
+      return;
+
     case OpKind::put_state:
       if (req.kind == RequestKind::precommit) {
         if (st.ok()) {
@@ -832,6 +861,7 @@ void AgentMachine::decided_alone(Branch& b, bool commit, std::string_view why, i
 void AgentMachine::check_against_coordinator(Branch& b, bool coordinator_commits) {
   bool ours = b.state == BranchState::committed;
   b.unilateral = false;  // checked: stop asking
+  live_.erase(b.gid);
   if (ours == coordinator_commits) {
     log_.info("decision taken alone matches the coordinator", {{"gid", b.gid}});
     return;
@@ -877,7 +907,10 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
     }
   }
   std::vector<std::string> verify;
-  for (auto& [gid, b] : branches_) {
+  for (const std::string& gid : live_) {
+    auto it = branches_.find(gid);
+    if (it == branches_.end()) continue;
+    const Branch& b = it->second;
     if (b.busy || !b.queue.empty() || seen.count(gid)) continue;
     if ((b.state == BranchState::prepared || b.state == BranchState::precommitted) &&
         b.prepared_ms < started_ms)
@@ -894,7 +927,10 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
 
 void AgentMachine::tick(int64_t now_ms) {
   std::vector<std::string> idle;
-  for (auto& [gid, b] : branches_) {
+  for (const std::string& gid : live_) {
+    auto it = branches_.find(gid);
+    if (it == branches_.end()) continue;
+    Branch& b = it->second;
     if (b.busy && b.current_op == OpKind::exec && b.idle_deadline_ms > 0 &&
         now_ms >= b.idle_deadline_ms)
       cancel_running(b, "past its transaction timeout");
@@ -945,8 +981,9 @@ void AgentMachine::evict_finished() {
     auto it = finished_.begin();
     Branch* b = find(it->second);
     if (b && (b->busy || !b->queue.empty() || b->unilateral)) break;
-    if (b) branches_.erase(it->second);
+    std::string gid = it->second;
     finished_.erase(it);
+    if (b) erase_branch(gid);
   }
 }
 
@@ -1029,16 +1066,20 @@ std::vector<BranchView> AgentMachine::in_doubt(int64_t now_ms) const {
 
 size_t AgentMachine::prepared_count() const {
   size_t n = 0;
-  for (auto& [gid, b] : branches_)
-    n += b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  for (const std::string& gid : live_) {
+    const Branch* b = find(gid);
+    n += b && (b->state == BranchState::prepared || b->state == BranchState::precommitted);
+  }
   return n;
 }
 
 int64_t AgentMachine::oldest_prepared_age_ms(int64_t now_ms) const {
   int64_t oldest = 0;
-  for (auto& [gid, b] : branches_)
-    if (b.state == BranchState::prepared || b.state == BranchState::precommitted)
-      oldest = std::max(oldest, now_ms - b.prepared_ms);
+  for (const std::string& gid : live_) {
+    const Branch* b = find(gid);
+    if (b && (b->state == BranchState::prepared || b->state == BranchState::precommitted))
+      oldest = std::max(oldest, now_ms - b->prepared_ms);
+  }
   return oldest;
 }
 

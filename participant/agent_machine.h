@@ -27,6 +27,7 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -94,6 +95,7 @@ enum class OpKind : uint8_t {
   rollback_prepared,  // any connection
   evidence,           // any connection: prepared, committed (marker) or absent
   put_state,          // any connection: durable tpc_agent_state row (3PC, operator)
+  tombstone,          // any connection: durable "never commits" mark (see pg::put_tombstone)
 };
 
 std::string_view op_name(OpKind k);
@@ -305,6 +307,7 @@ class AgentMachine {
   int64_t timeout_for(const Branch& b) const;
   BranchView view_of(const Branch& b, int64_t now_ms) const;
   void evict_finished();
+  void erase_branch(const std::string& gid);
   void cancel_running(Branch& b, std::string_view why);
   void abort_stale(Branch& b, std::string_view why, int64_t now_ms);
 
@@ -312,6 +315,9 @@ class AgentMachine {
   Logger& log_;
   std::unordered_map<std::string, Branch> branches_;
   std::map<uint64_t, std::string> finished_;  // serial → gid of ended branches, oldest first
+  // Branches that timers may act on: not ended, or ended alone and not yet checked with the
+  // coordinator. tick() walks these only, never the (large) memory of ended branches.
+  std::set<std::string, std::less<>> live_;
   std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
   uint64_t next_serial_ = 1;
   size_t open_sessions_ = 0;

@@ -848,3 +848,37 @@ TEST_CASE("an exec the coordinator sent enlisted skips enlistment; with commit i
   CHECK(ready.replies[0].state == BranchState::aborted);
   CHECK_FALSE(ready.replies[0].vote.has_value());
 }
+
+TEST_CASE("a resent one-phase commit for a branch never seen writes a tombstone before answering") {
+  Fixture f;
+  f.simple("c1-1-1", RequestKind::commit, true);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::evidence);
+  f.m->on_op_done("c1-1-1", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::tombstone);
+  CHECK(r.replies.empty());
+  f.m->on_op_done("c1-1-1", OpKind::tombstone, Fixture::outcome(pg::Outcome::aborted), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);
+  CHECK(r.replies[0].state == BranchState::aborted);
+  // If the branch's own commit got there first, the answer is committed.
+  f.simple("c1-1-2", RequestKind::commit, true);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  f.ready();
+  f.m->on_op_done("c1-1-2", OpKind::tombstone, Fixture::outcome(pg::Outcome::committed), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  // A plain abort of a gid never seen needs no tombstone: nothing can enlist it any more.
+  f.simple("c1-1-3", RequestKind::abort);
+  f.ready();
+  f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
+  r = f.ready();
+  CHECK(r.ops.empty());
+  CHECK(r.replies.size() == 1);
+}

@@ -490,7 +490,8 @@ OpResult AgentService::execute(const PgOp& op) {
     case OpKind::commit_prepared:
     case OpKind::rollback_prepared:
     case OpKind::evidence:
-    case OpKind::put_state: {
+    case OpKind::put_state:
+    case OpKind::tombstone: {
       auto c = acquire();
       if (!c.ok()) return failed(c.status());
       auto& conn = *c;
@@ -502,6 +503,10 @@ OpResult AgentService::execute(const PgOp& op) {
         res.outcome = *o;
       } else if (op.kind == OpKind::rollback_prepared) {
         auto o = pg::rollback_prepared(*conn, pgg);
+        if (!o.ok()) return failed(o.status());
+        res.outcome = *o;
+      } else if (op.kind == OpKind::tombstone) {
+        auto o = pg::put_tombstone(*conn, pgg, parts->coordinator, epoch, seq);
         if (!o.ok()) return failed(o.status());
         res.outcome = *o;
       } else if (op.kind == OpKind::evidence) {

@@ -68,7 +68,8 @@ PrepareResult vote_no(std::string reason, std::string sqlstate) {
 }
 
 Result<bool> marker_exists(PgConn& c, std::string_view pg_gid) {
-  ExecResult r = c.exec("SELECT 1 FROM tpc_marker WHERE pg_gid = $1", {std::string(pg_gid)});
+  ExecResult r = c.exec("SELECT 1 FROM tpc_marker WHERE pg_gid = $1 AND NOT aborted",
+                        {std::string(pg_gid)});
   if (!r.status.ok()) return with_sqlstate(r, "reading tpc_marker");
   return !r.result.rows.empty();
 }
@@ -108,7 +109,12 @@ Status ensure_schema(PgConn& c) {
   static constexpr std::string_view kTables[] = {
       "CREATE TABLE IF NOT EXISTS tpc_marker ("
       "pg_gid text PRIMARY KEY, coordinator text, epoch bigint, seq bigint, "
-      "created_at timestamptz DEFAULT now())",
+      "created_at timestamptz DEFAULT now(), aborted boolean NOT NULL DEFAULT false)",
+      // Tables created before the tombstone column existed. Only when it is missing: ALTER
+      // TABLE takes a lock that prepared transactions holding marker rows would block.
+      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'tpc_marker'::regclass "
+      "AND attname = 'aborted' AND NOT attisdropped) THEN "
+      "ALTER TABLE tpc_marker ADD COLUMN aborted boolean NOT NULL DEFAULT false; END IF; END $$",
       "CREATE TABLE IF NOT EXISTS tpc_agent_state ("
       "pg_gid text PRIMARY KEY, state text NOT NULL, detail text, "
       "updated_at timestamptz DEFAULT now())",
@@ -346,6 +352,21 @@ Result<int64_t> purge_stale_states(PgConn& c, std::string_view agent, int64_t ol
       {prefix, std::to_string(older_than_s)});
   if (!r.status.ok()) return with_sqlstate(r, "purging tpc_agent_state");
   return r.result.affected;
+}
+
+Result<Outcome> put_tombstone(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
+                              int64_t epoch, int64_t seq) {
+  // The insert waits on the primary key for a branch committing this very gid right now, so
+  // whichever comes second sees the first: the row that stays says what happened.
+  ExecResult ins = c.exec(
+      "INSERT INTO tpc_marker (pg_gid, coordinator, epoch, seq, aborted) VALUES ($1, $2, $3, $4, true) "
+      "ON CONFLICT (pg_gid) DO NOTHING",
+      {std::string(pg_gid), std::string(coordinator), std::to_string(epoch), std::to_string(seq)});
+  if (!ins.status.ok()) return with_sqlstate(ins, "writing a tombstone into tpc_marker");
+  ExecResult r = c.exec("SELECT aborted FROM tpc_marker WHERE pg_gid = $1", {std::string(pg_gid)});
+  if (!r.status.ok()) return with_sqlstate(r, "reading tpc_marker");
+  if (r.result.rows.empty()) return internal_error("the tombstone of " + std::string(pg_gid) + " vanished");
+  return r.result.rows[0][0] == std::optional<std::string>("t") ? Outcome::aborted : Outcome::committed;
 }
 
 Status delete_state(PgConn& c, std::string_view pg_gid) {

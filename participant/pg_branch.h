@@ -31,7 +31,8 @@ std::optional<std::string> global_gid(std::string_view agent, std::string_view p
 
 // Creates tpc_marker and tpc_agent_state if missing. Run once at start on any connection.
 //   tpc_marker(pg_gid text primary key, coordinator text, epoch bigint, seq bigint,
-//              created_at timestamptz default now())
+//              created_at timestamptz default now(), aborted boolean default false)
+// (a row with aborted = true is a tombstone, see put_tombstone)
 //   tpc_agent_state(pg_gid text primary key, state text not null, detail text,
 //                   updated_at timestamptz default now())
 Status ensure_schema(PgConn& c);
@@ -72,6 +73,13 @@ Result<Outcome> commit_prepared(PgConn& c, std::string_view pg_gid);
 // ROLLBACK PREPARED 'pg_gid'. aborted when it ran, or 42704 and no marker; committed when
 // 42704 and the marker exists.
 Result<Outcome> rollback_prepared(PgConn& c, std::string_view pg_gid);
+// A durable "this branch will never commit": a marker row flagged aborted, so that a late
+// statement-carrying request for the same gid fails on the marker's primary key when it tries
+// to commit. Written when an agent answers "aborted" for a gid it found no trace of. If the
+// branch committed meanwhile (its real marker won), answers committed instead.
+Result<Outcome> put_tombstone(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
+                              int64_t epoch, int64_t seq);
+
 // Whether the branch is prepared now, and if not whether it committed (marker) or not.
 enum class Evidence : uint8_t { prepared, committed, absent };
 Result<Evidence> evidence(PgConn& c, std::string_view pg_gid);

@@ -284,6 +284,24 @@ TEST_CASE("ensure_schema is idempotent and survives agents racing on one databas
   }
 }
 
+TEST_CASE("ensure_schema does not wait on prepared branches (an agent restarts among them)") {
+  TestDb db(shared_cluster());
+  PgConn& c = *db.conn;
+  exec_ok(c, "CREATE TABLE t(id int)");
+  const std::string g = pg_gid("a1", "c1-9-1");
+  REQUIRE(begin(c).ok());
+  exec_ok(c, "INSERT INTO t VALUES (1)");
+  REQUIRE(prepare(c, g, "c1", 9, 1)->vote == Vote::yes);
+  ConnectOptions o;
+  o.conninfo = db.conninfo;
+  o.lock_timeout_ms = 500;
+  auto other = PgConn::connect(o);
+  REQUIRE(other.ok());
+  Status st = ensure_schema(**other);
+  CHECK_MESSAGE(st.ok(), st.to_string());
+  CHECK(*rollback_prepared(c, g) == Outcome::aborted);
+}
+
 TEST_CASE("max_prepared_transactions reads the server's setting") {
   TestDb db(shared_cluster());
   auto n = max_prepared_transactions(*db.conn);
@@ -551,6 +569,39 @@ TEST_CASE("commit_one_phase commits with a marker, or aborts with the reason") {
   CHECK(*commit_one_phase(c, idle_gid, "c1", 2, 4, &reason) == Outcome::aborted);
   CHECK(!db.marker(idle_gid));
   CHECK(db.prepared_here() == 0);
+}
+
+TEST_CASE("a tombstone makes a late commit of the same gid fail, and never reads as committed") {
+  TestDb db(shared_cluster());
+  PgConn& c = *db.conn;
+  exec_ok(c, "CREATE TABLE t(id int)");
+  const std::string late = pg_gid("a1", "c1-3-1");
+  auto t = put_tombstone(c, late, "c1", 3, 1);
+  REQUIRE_MESSAGE(t.ok(), t.status().to_string());
+  CHECK(*t == Outcome::aborted);
+  CHECK(*evidence(c, late) == Evidence::absent);
+  CHECK(*put_tombstone(c, late, "c1", 3, 1) == Outcome::aborted);  // idempotent
+  // The statements arrive after all: their commit fails on the tombstone, nothing is kept.
+  REQUIRE(begin(c).ok());
+  exec_ok(c, "INSERT INTO t VALUES (1)");
+  std::string reason;
+  CHECK(*commit_one_phase(c, late, "c1", 3, 1, &reason) == Outcome::aborted);
+  CHECK(db.value("SELECT count(*) FROM t") == "0");
+  // A late prepare of it votes no as well.
+  REQUIRE(begin(c).ok());
+  exec_ok(c, "INSERT INTO t VALUES (2)");
+  CHECK(prepare(c, late, "c1", 3, 1)->vote == Vote::no);
+  CHECK(db.prepared_here() == 0);
+  // A branch that did commit wins: the tombstone is not written and the answer is committed.
+  const std::string done = pg_gid("a1", "c1-3-2");
+  REQUIRE(begin(c).ok());
+  exec_ok(c, "INSERT INTO t VALUES (3)");
+  REQUIRE(*commit_one_phase(c, done, "c1", 3, 2, &reason) == Outcome::committed);
+  CHECK(*put_tombstone(c, done, "c1", 3, 2) == Outcome::committed);
+  CHECK(*evidence(c, done) == Evidence::committed);
+  // ROLLBACK/COMMIT PREPARED of the tombstoned gid answer aborted, never committed.
+  CHECK(*commit_prepared(c, late) == Outcome::aborted);
+  CHECK(*rollback_prepared(c, late) == Outcome::aborted);
 }
 
 TEST_CASE("list_prepared sees only this agent's branches in this database") {
