@@ -349,15 +349,32 @@ Conn AgentService::take_session(const std::string& gid) {
   return c;
 }
 
+void AgentService::sessions_keep(const std::string& gid, Conn conn) {
+  std::lock_guard lock(pool_mu_);
+  sessions_[gid] = std::move(conn);
+}
+
+Status AgentService::record_3pc(const PgOp& op, const std::string& pgg) {
+  // A 3PC branch records that it is one, and who its peers are, before it votes: after a
+  // restart it must still apply the 3PC timeouts and know whom to ask.
+  auto other = acquire();
+  if (!other.ok()) return other.status();
+  Status st = pg::put_state(**other, pgg, "prepared3", encode_peers(op.peers));
+  if (st.ok()) release(std::move(*other));
+  return st;
+}
+
+void AgentService::forget_3pc(const std::string& pgg) {
+  if (auto other = acquire(); other.ok()) {
+    (void)pg::delete_state(**other, pgg);
+    release(std::move(*other));
+  }
+}
+
 void AgentService::prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
                                   pg::PgConn& conn, OpResult* res) {
   if (op.protocol == 3) {
-    // A 3PC branch records that it is one, and who its peers are, before it votes: after a
-    // restart it must still apply the 3PC timeouts and know whom to ask.
-    auto other = acquire();
-    Status st = other.ok() ? pg::put_state(**other, pgg, "prepared3", encode_peers(op.peers))
-                           : other.status();
-    if (other.ok() && st.ok()) release(std::move(*other));
+    Status st = record_3pc(op, pgg);
     if (!st.ok()) {
       (void)pg::rollback(conn);
       res->prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
@@ -373,12 +390,7 @@ void AgentService::prepare_branch(const PgOp& op, const std::string& pgg, const 
   }
   TPC_FAILPOINT("agent.after_prepare");
   res->prepare = *p;
-  if (op.protocol == 3 && p->vote != pg::Vote::yes) {
-    if (auto other = acquire(); other.ok()) {
-      (void)pg::delete_state(**other, pgg);
-      release(std::move(*other));
-    }
-  }
+  if (op.protocol == 3 && p->vote != pg::Vote::yes) forget_3pc(pgg);
 }
 
 OpResult AgentService::execute(const PgOp& op) {
@@ -389,75 +401,105 @@ OpResult AgentService::execute(const PgOp& op) {
   OpResult res;
   switch (op.kind) {
     case OpKind::exec: {
-      auto conn = take_session(op.gid);
+      Conn conn = take_session(op.gid);
+      bool begin = !conn;
       if (!conn) {
         auto c = acquire();
         if (!c.ok()) return failed(c.status());
         conn = std::move(*c);
-        Status st = pg::begin(*conn);
-        if (!st.ok()) return failed(st.code() == Code::sql_error ? unavailable(st.message()) : st);
       }
-      res.results = std::make_shared<std::vector<pg::StatementResult>>();
       {
         std::lock_guard lock(cancel_mu_);
+        if (cancel_requested_.erase(op.gid) > 0) {
+          if (begin)
+            release(std::move(conn));
+          else
+            sessions_keep(op.gid, std::move(conn));
+          return failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
+                        "57014");
+        }
         running_[op.gid] = conn->canceller();
       }
-      for (size_t i = 0; i < op.statements.size(); ++i) {
-        const Statement& s = op.statements[i];
-        bool cancelled = false;
-        {
-          std::lock_guard lock(cancel_mu_);
-          cancelled = cancel_requested_.erase(op.gid) > 0;
+      pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
+                          : op.then_commit ? pg::Finish::commit
+                                           : pg::Finish::none;
+      if (finish == pg::Finish::prepare && op.protocol == 3) {
+        Status st = record_3pc(op, pgg);
+        if (!st.ok()) {
+          {
+            std::lock_guard lock(cancel_mu_);
+            running_.erase(op.gid);
+          }
+          if (!begin) (void)pg::rollback(*conn);
+          res.results = std::make_shared<std::vector<pg::StatementResult>>();
+          res.prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
+          release(std::move(conn));
+          return res;
         }
-        if (cancelled) {
-          res = failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
-                       "57014");
-          break;
-        }
-        pg::ExecResult er = conn->exec(s.sql, s.params);
-        if (!er.status.ok()) {
-          std::string msg = op.statements.size() > 1
-                                ? "statement " + std::to_string(i + 1) + ": " + er.status.message()
-                                : er.status.message();
-          res = failed(Status(er.status.code(), msg), er.sqlstate);
-          break;
-        }
-        if (er.result.rows.size() > cfg_.result_rows_max) {
-          res = failed(Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
-                                                   std::to_string(er.result.rows.size()) +
-                                                   " rows; the limit is " +
-                                                   std::to_string(cfg_.result_rows_max)),
-                       "54000");
-          break;
-        }
-        res.results->push_back(std::move(er.result));
       }
+      std::vector<pg::PipelineStep> steps;
+      steps.reserve(op.statements.size());
+      for (const Statement& st : op.statements) steps.push_back(pg::PipelineStep{st.sql, st.params, true});
+      if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
+      pg::BranchRun run = pg::run_branch(*conn, begin, steps, finish, pgg, parts->coordinator, epoch, seq);
       {
         std::lock_guard lock(cancel_mu_);
         running_.erase(op.gid);
         cancel_requested_.erase(op.gid);
       }
-      if (res.status.ok() && op.then_prepare) {
-        prepare_branch(op, pgg, *parts, *conn, &res);
-        if (res.prepare) release(std::move(conn));
-        return res;  // without a vote the session is gone with conn
+      if (run.vote) TPC_FAILPOINT("agent.after_prepare");
+      if (run.outcome && *run.outcome == pg::Outcome::committed) TPC_FAILPOINT("agent.after_one_phase_commit");
+      res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
+      if (!run.status.ok()) {
+        if (run.status.code() == Code::unavailable) return failed(run.status);  // the session died
+        std::string msg = op.statements.size() > 1
+                              ? "statement " + std::to_string(run.failed_statement + 1) + ": " + run.status.message()
+                              : run.status.message();
+        res.status = Status(run.status.code(), msg);
+        res.sqlstate = run.sqlstate;
+        if (finish == pg::Finish::none)
+          sessions_keep(op.gid, std::move(conn));  // the failed block waits for its rollback
+        else
+          release(std::move(conn));  // already rolled back
+        return res;
       }
-      if (res.status.ok() && op.then_commit) {
-        std::string reason;
-        auto o = pg::commit_one_phase(*conn, pgg, parts->coordinator, epoch, seq, &reason);
-        if (!o.ok()) {
-          res.status = o.status();
-          return res;  // the session is gone with conn; the marker tells the outcome
+      // Rows past the limit: a statement alone fails (the branch then votes no); a branch that
+      // already prepared is rolled back; one that already committed keeps its outcome and says
+      // its results were cut.
+      for (size_t i = 0; i < res.results->size(); ++i) {
+        auto& r = (*res.results)[i];
+        if (r.rows.size() <= cfg_.result_rows_max) continue;
+        std::string why = "statement " + std::to_string(i + 1) + " returned " + std::to_string(r.rows.size()) +
+                          " rows; the limit is " + std::to_string(cfg_.result_rows_max);
+        if (finish == pg::Finish::commit) {
+          r.rows.resize(cfg_.result_rows_max);
+          r.truncated = true;
+          continue;
         }
-        TPC_FAILPOINT("agent.after_one_phase_commit");
-        res.outcome = *o;
-        res.reason = reason;
+        if (finish == pg::Finish::prepare && run.vote && run.vote->vote == pg::Vote::yes)
+          (void)pg::rollback_prepared(*conn, pgg);
+        res.status = Status(Code::sql_error, why);
+        res.sqlstate = "54000";
+        res.prepare.reset();
+        if (finish == pg::Finish::none)
+          sessions_keep(op.gid, std::move(conn));
+        else
+          release(std::move(conn));
+        return res;
+      }
+      if (finish == pg::Finish::prepare) {
+        res.prepare = *run.vote;
+        if (op.protocol == 3 && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
         release(std::move(conn));
         return res;
       }
-      if (res.status.code() == Code::unavailable) return res;  // the session died
-      std::lock_guard lock(pool_mu_);
-      sessions_[op.gid] = std::move(conn);
+      if (finish == pg::Finish::commit) {
+        res.outcome = *run.outcome;
+        res.reason = run.reason;
+        release(std::move(conn));
+        return res;
+      }
+      sessions_keep(op.gid, std::move(conn));
       return res;
     }
     case OpKind::prepare: {

@@ -54,7 +54,8 @@ struct AgentConfig {
   int pg_workers = 80;                     // threads that run PostgreSQL operations; a statement
                                            // waiting on a lock holds one, so keep it above
                                            // branches_max
-  size_t pg_idle_max = 8;                  // idle connections kept open
+  size_t pg_idle_max = 80;                 // idle connections kept open (opening one forks a
+                                           // backend: keep them)
   size_t pg_connections_max = 80;          // connections open at once (sessions included);
                                            // keep it under the server's max_connections
   std::map<std::string, std::string> coordinators;  // coordinator id → URL
@@ -103,6 +104,9 @@ class AgentService {
   OpResult execute(const PgOp& op);
   void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
                       pg::PgConn& conn, OpResult* res);
+  Status record_3pc(const PgOp& op, const std::string& pgg);
+  void forget_3pc(const std::string& pgg);
+  void sessions_keep(const std::string& gid, Conn conn);
   Result<Conn> acquire();
   void release(Conn conn);
   Conn take_session(const std::string& gid);

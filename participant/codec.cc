@@ -150,10 +150,12 @@ Json encode_results(const std::vector<pg::StatementResult>& results) {
       for (auto& v : row) jr.push_back(v ? Json(*v) : Json(nullptr));
       rows.push_back(std::move(jr));
     }
-    arr.push_back(Json{{"columns", res.columns},
-                       {"rows", std::move(rows)},
-                       {"affected", res.affected},
-                       {"command", res.command_tag}});
+    Json one = {{"columns", res.columns},
+                {"rows", std::move(rows)},
+                {"affected", res.affected},
+                {"command", res.command_tag}};
+    if (res.truncated) one["truncated"] = true;
+    arr.push_back(std::move(one));
   }
   return arr;
 }

@@ -117,7 +117,9 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
   cfg.pg_connections_max = pg_conns > 0 ? static_cast<size_t>(pg_conns) : static_cast<size_t>(branches) + 16;
-  cfg.pg_idle_max = 8;
+  // Keep every connection the pool may open: opening one forks a PostgreSQL backend, which
+  // costs far more than an idle connection.
+  cfg.pg_idle_max = cfg.pg_connections_max;
   cfg.pg.application_name = "tpc-agent " + name;
   return cfg;
 }

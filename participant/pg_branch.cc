@@ -43,16 +43,9 @@ Result<int64_t> parse_int(const Value& v, std::string_view what) {
   return out;
 }
 
-// The marker INSERT with every value spliced as a literal (part of a simple-query string).
-Result<std::string> marker_insert(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
-                                  int64_t epoch, int64_t seq) {
-  auto gid_lit = c.quote_literal(pg_gid);
-  if (!gid_lit.ok()) return gid_lit.status();
-  auto coord_lit = c.quote_literal(coordinator);
-  if (!coord_lit.ok()) return coord_lit.status();
-  return "INSERT INTO tpc_marker(pg_gid, coordinator, epoch, seq) VALUES (" + *gid_lit + ", " +
-         *coord_lit + ", " + std::to_string(epoch) + ", " + std::to_string(seq) + ")";
-}
+// The marker row, inserted inside the branch just before PREPARE (or COMMIT).
+constexpr std::string_view kMarkerInsert =
+    "INSERT INTO tpc_marker (pg_gid, coordinator, epoch, seq) VALUES ($1, $2, $3, $4)";
 
 // Ends a block the server left open after an error; the vote or outcome is already known.
 void rollback_if_open(PgConn& c) {
@@ -159,103 +152,183 @@ Status rollback(PgConn& c) {
   return ok_status();
 }
 
+namespace {
+
+// Statements above this size run one by one rather than in a pipeline: a blocking sender whose
+// pipeline fills the socket buffer while the server blocks writing large results would wait
+// forever.
+constexpr size_t kPipelineBytesMax = 64 << 10;
+
+size_t step_bytes(const std::vector<PipelineStep>& steps) {
+  size_t n = 0;
+  for (auto& s : steps) {
+    n += s.sql.size();
+    for (auto& p : s.params) n += p ? p->size() : 0;
+  }
+  return n;
+}
+
+std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& steps) {
+  if (step_bytes(steps) <= kPipelineBytesMax) return c.exec_pipeline(steps);
+  std::vector<ExecResult> out;
+  bool failed = false;
+  for (auto& s : steps) {
+    if (failed) {
+      ExecResult skipped;
+      skipped.skipped = true;
+      skipped.status = Status(Code::sql_error, "not run: an earlier statement failed");
+      out.push_back(std::move(skipped));
+      continue;
+    }
+    out.push_back(c.exec(s.sql, s.params));
+    failed = !out.back().status.ok();
+  }
+  return out;
+}
+
+}  // namespace
+
+BranchRun run_branch(PgConn& c, bool begin, const std::vector<PipelineStep>& statements,
+                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
+                     int64_t epoch, int64_t seq) {
+  BranchRun run;
+  if (!begin && finish != Finish::none && !c.in_transaction()) {
+    // Without an open block the steps below would run in an implicit transaction of their own:
+    // a branch whose work is gone could vote read_only, or leave a marker for nothing.
+    if (!c.usable()) {
+      run.status = unavailable("the connection to the server is lost");
+      return run;
+    }
+    if (finish == Finish::prepare) run.vote = vote_no("no open transaction block for the branch", "");
+    if (finish == Finish::commit) {
+      run.outcome = Outcome::aborted;
+      run.reason = "no open transaction block for the branch";
+    }
+    return run;
+  }
+  std::vector<PipelineStep> steps;
+  steps.reserve(statements.size() + 4);
+  if (begin) steps.push_back(PipelineStep{"BEGIN", {}, true});
+  size_t first = steps.size();
+  for (auto& st : statements) steps.push_back(st);
+  size_t finish_at = steps.size();
+  std::vector<Value> marker = {std::string(pg_gid), std::string(coordinator), std::to_string(epoch),
+                               std::to_string(seq)};
+  if (finish == Finish::prepare) {
+    auto gid_lit = c.quote_literal(pg_gid);
+    if (!gid_lit.ok()) {
+      run.status = gid_lit.status();
+      return run;
+    }
+    // No xid means nothing was written: 1/0 stops the pipeline before the marker and PREPARE.
+    steps.push_back(PipelineStep{"SELECT 1/(pg_current_xact_id_if_assigned() IS NOT NULL)::int", {}, true});
+    steps.push_back(PipelineStep{std::string(kMarkerInsert), marker, true});
+    steps.push_back(PipelineStep{"PREPARE TRANSACTION " + *gid_lit, {}, false});
+  } else if (finish == Finish::commit) {
+    steps.push_back(PipelineStep{std::string(kMarkerInsert), marker, true});
+    steps.push_back(PipelineStep{"COMMIT", {}, true});
+  }
+  std::vector<ExecResult> rs = run_steps(c, steps);
+
+  // BEGIN and the statements.
+  for (size_t i = 0; i < finish_at; ++i) {
+    ExecResult& r = rs[i];
+    if (r.status.ok()) {
+      if (i >= first) run.results.push_back(std::move(r.result));
+      continue;
+    }
+    run.status = r.status;
+    run.sqlstate = r.sqlstate;
+    run.failed_statement = i >= first ? i - first : 0;
+    if (i < first && r.status.code() == Code::sql_error) run.status = unavailable("BEGIN: " + r.status.message());
+    if (finish != Finish::none && r.status.code() != Code::unavailable) rollback_if_open(c);
+    return run;
+  }
+  if (finish == Finish::none) return run;
+
+  if (finish == Finish::prepare) {
+    const ExecResult& check = rs[finish_at];
+    const ExecResult& ins = rs[finish_at + 1];
+    const ExecResult& prep = rs[finish_at + 2];
+    if (prep.status.ok()) {
+      const std::string& tag = prep.result.command_tag;
+      if (tag == "PREPARE TRANSACTION") {
+        run.vote = PrepareResult{Vote::yes, "", ""};
+      } else {
+        // A block that had failed is rolled back by PREPARE, answered with the tag ROLLBACK.
+        rollback_if_open(c);
+        run.vote = vote_no("the transaction block had failed; PREPARE rolled it back (" + tag + ")", "");
+      }
+      return run;
+    }
+    if (check.sqlstate == kDivisionByZero) {
+      // No xid: ROLLBACK ends it exactly like COMMIT would. Even if the connection breaks now,
+      // the server rolls the session back: read_only stays true.
+      rollback_if_open(c);
+      run.vote = PrepareResult{Vote::read_only, "", ""};
+      return run;
+    }
+    for (const ExecResult* r : {&check, &ins, &prep}) {
+      if (r->status.ok() || r->skipped) continue;
+      if (r->status.code() == Code::unavailable) {
+        // The session is gone: the PREPARE may or may not have happened.
+        run.status = unavailable("prepare: " + r->status.message());
+        return run;
+      }
+      // 53200 (no free prepared-transaction slot), 0A000 (temp objects), 23503 (deferred FK),
+      // 23505 (gid used before: its marker), 25P02 (failed block): the branch cannot commit.
+      rollback_if_open(c);
+      run.vote = vote_no(r->status.message(), r->sqlstate);
+      return run;
+    }
+    run.status = internal_error("prepare: no result said what happened");
+    return run;
+  }
+
+  const ExecResult& ins = rs[finish_at];
+  const ExecResult& commit = rs[finish_at + 1];
+  if (commit.status.ok()) {
+    const std::string& tag = commit.result.command_tag;
+    if (tag == "COMMIT") {
+      run.outcome = Outcome::committed;
+    } else {
+      run.outcome = Outcome::aborted;
+      run.reason = "the transaction block had failed; COMMIT rolled it back (" + tag + ")";
+    }
+    return run;
+  }
+  for (const ExecResult* r : {&ins, &commit}) {
+    if (r->status.ok() || r->skipped) continue;
+    if (r->status.code() == Code::unavailable) {
+      // The COMMIT may have happened: the marker tells, once the server is reachable again.
+      run.status = unavailable("commit: " + r->status.message());
+      return run;
+    }
+    // An error at COMMIT (a deferred constraint) has ended the block; an error in the INSERT
+    // (a failed block, a tombstone for this gid) left it open.
+    rollback_if_open(c);
+    run.outcome = Outcome::aborted;
+    run.reason = r->status.message();
+    if (!r->sqlstate.empty()) run.reason += " (SQLSTATE " + r->sqlstate + ")";
+    return run;
+  }
+  run.status = internal_error("commit: no result said what happened");
+  return run;
+}
+
 Result<PrepareResult> prepare(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                               int64_t epoch, int64_t seq) {
-  if (!c.in_transaction()) {
-    // Without an open block the statements below would run in an implicit transaction of
-    // their own, and a branch whose work is gone could vote read_only.
-    if (!c.usable()) return unavailable("prepare: the connection to the server is lost");
-    return vote_no("no open transaction block for the branch", "");
-  }
-  auto insert = marker_insert(c, pg_gid, coordinator, epoch, seq);
-  if (!insert.ok()) {
-    rollback_if_open(c);
-    return vote_no(insert.status().message(), "");
-  }
-  auto gid_lit = c.quote_literal(pg_gid);
-  if (!gid_lit.ok()) {
-    rollback_if_open(c);
-    return vote_no(gid_lit.status().message(), "");
-  }
-  // pg_current_xact_id_if_assigned() is PostgreSQL 13+; txid_current_if_assigned() before.
-  const char* xid_fn = c.server_version() >= 130000 ? "pg_current_xact_id_if_assigned()"
-                                                    : "txid_current_if_assigned()";
-  std::string sql = std::string("SELECT 1/(") + xid_fn + " IS NOT NULL)::int; " + *insert +
-                    "; PREPARE TRANSACTION " + *gid_lit;
-  std::vector<ExecResult> rs = c.exec_multi(sql);
-
-  // The PREPARE ran and said so: the branch is prepared whatever happened to the connection.
-  if (rs.size() >= 3 && rs[2].status.ok()) {
-    const std::string& tag = rs[2].result.command_tag;
-    if (tag == "PREPARE TRANSACTION") return PrepareResult{Vote::yes, "", ""};
-    // A block that had failed is rolled back by PREPARE, answered with the tag ROLLBACK (the
-    // failure itself stops the string earlier; this covers a block failed in a way that let
-    // the statements pass).
-    rollback_if_open(c);
-    return vote_no("the transaction block had failed; PREPARE rolled it back (" + tag + ")", "");
-  }
-  const ExecResult& last = rs.back();
-  if (last.status.ok()) {
-    // Every statement ran and none failed, but fewer results than statements came back.
-    return internal_error("prepare: " + std::to_string(rs.size()) + " results for 3 statements");
-  }
-  if (rs[0].sqlstate == kDivisionByZero) {
-    // No xid: nothing was written, so ROLLBACK ends it exactly like COMMIT would. Even if the
-    // connection breaks now, the server rolls the session back: read_only stays true.
-    rollback_if_open(c);
-    return PrepareResult{Vote::read_only, "", ""};
-  }
-  if (last.status.code() == Code::unavailable) {
-    // The session is gone: the PREPARE may or may not have happened.
-    return unavailable("prepare: " + last.status.message());
-  }
-  // 53200 (no free prepared-transaction slot), 0A000 (temp objects), 23503 (deferred FK),
-  // 42710 (gid in use), 25P02 (failed block): the branch cannot commit. A failed PREPARE has
-  // already ended the block; an earlier failure left it open.
-  rollback_if_open(c);
-  return vote_no(last.status.message(), last.sqlstate);
+  BranchRun run = run_branch(c, false, {}, Finish::prepare, pg_gid, coordinator, epoch, seq);
+  if (!run.status.ok()) return run.status;
+  return *run.vote;
 }
 
 Result<Outcome> commit_one_phase(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                                  int64_t epoch, int64_t seq, std::string* reason) {
-  auto set_reason = [&](std::string text) {
-    if (reason != nullptr) *reason = std::move(text);
-  };
-  if (!c.in_transaction()) {
-    // The INSERT would commit on its own and leave a marker for work that is gone.
-    if (!c.usable()) return unavailable("commit_one_phase: the connection to the server is lost");
-    set_reason("no open transaction block for the branch");
-    return Outcome::aborted;
-  }
-  auto insert = marker_insert(c, pg_gid, coordinator, epoch, seq);
-  if (!insert.ok()) {
-    rollback_if_open(c);
-    set_reason(insert.status().message());
-    return Outcome::aborted;
-  }
-  std::vector<ExecResult> rs = c.exec_multi(*insert + "; COMMIT");
-  if (rs.size() >= 2 && rs[1].status.ok()) {
-    const std::string& tag = rs[1].result.command_tag;
-    if (tag == "COMMIT") return Outcome::committed;
-    set_reason("the transaction block had failed; COMMIT rolled it back (" + tag + ")");
-    return Outcome::aborted;
-  }
-  const ExecResult& last = rs.back();
-  if (last.status.ok()) {
-    return internal_error("commit_one_phase: " + std::to_string(rs.size()) +
-                          " results for 2 statements");
-  }
-  if (last.status.code() == Code::unavailable) {
-    // The COMMIT may have happened: the marker tells, once the server is reachable again.
-    return unavailable("commit_one_phase: " + last.status.message());
-  }
-  // An error at COMMIT (e.g. a deferred constraint) has ended the block; an error in the
-  // INSERT (a failed block) left it open.
-  rollback_if_open(c);
-  std::string why = last.status.message();
-  if (!last.sqlstate.empty()) why += " (SQLSTATE " + last.sqlstate + ")";
-  set_reason(std::move(why));
-  return Outcome::aborted;
+  BranchRun run = run_branch(c, false, {}, Finish::commit, pg_gid, coordinator, epoch, seq);
+  if (!run.status.ok()) return run.status;
+  if (reason != nullptr) *reason = run.reason;
+  return *run.outcome;
 }
 
 Result<Outcome> commit_prepared(PgConn& c, std::string_view pg_gid) {

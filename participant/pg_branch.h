@@ -61,6 +61,29 @@ Result<PrepareResult> prepare(PgConn& c, std::string_view pg_gid, std::string_vi
 
 enum class Outcome : uint8_t { committed, aborted };
 
+// What a branch does after its statements in the same round trip.
+enum class Finish : uint8_t { none, prepare, commit };
+
+struct BranchRun {
+  Status status;              // ok; sql_error when a statement failed (failed_statement,
+                              // sqlstate); unavailable when the session is gone
+  std::string sqlstate;
+  size_t failed_statement = 0;
+  std::vector<StatementResult> results;  // one per statement that ran
+  std::optional<PrepareResult> vote;     // Finish::prepare, when the statements succeeded
+  std::optional<Outcome> outcome;        // Finish::commit, when the statements succeeded
+  std::string reason;                    // for an aborted outcome
+};
+
+// One round trip for a branch's work (a pipeline of cached prepared statements): BEGIN when
+// `begin`, the statements, then, for Finish::prepare, the read-only check, the marker and
+// PREPARE TRANSACTION (as prepare() below), or for Finish::commit the marker and COMMIT (as
+// commit_one_phase() below). After a failed statement the block is left open for the caller
+// to roll back when nothing follows (Finish::none), and rolled back otherwise.
+BranchRun run_branch(PgConn& c, bool begin, const std::vector<PipelineStep>& statements,
+                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
+                     int64_t epoch, int64_t seq);
+
 // Inside the open block: insert the marker and COMMIT; committed if the tag is "COMMIT",
 // aborted otherwise (with the reason in the Status message via `reason`).
 Result<Outcome> commit_one_phase(PgConn& c, std::string_view pg_gid, std::string_view coordinator,

@@ -274,6 +274,82 @@ std::vector<ExecResult> PgConn::exec_multi(std::string_view sql) {
   return out;
 }
 
+std::vector<ExecResult> PgConn::exec_pipeline(const std::vector<PipelineStep>& steps) {
+  std::vector<ExecResult> out(steps.size());
+  auto broken = [&](size_t from) {
+    for (size_t i = from; i < out.size(); ++i)
+      if (out[i].status.ok() && !out[i].skipped) out[i].status = unavailable(conn_message(conn_));
+    (void)PQexitPipelineMode(conn_);
+    return out;
+  };
+  if (steps.empty()) return out;
+  if (PQenterPipelineMode(conn_) != 1) return broken(0);
+
+  std::vector<std::string> names(steps.size());
+  std::vector<bool> preparing(steps.size(), false);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const PipelineStep& st = steps[i];
+    std::vector<const char*> values;
+    values.reserve(st.params.size());
+    for (const auto& p : st.params) values.push_back(p ? p->c_str() : nullptr);
+    int n = static_cast<int>(st.params.size());
+    if (st.cache) {
+      auto it = statements_.find(st.sql);
+      if (it != statements_.end()) {
+        names[i] = it->second;
+      } else if (statements_.size() < kStatementsCachedMax) {
+        names[i] = "tpc_s" + std::to_string(next_statement_++);
+        if (PQsendPrepare(conn_, names[i].c_str(), st.sql.c_str(), n, nullptr) != 1) return broken(0);
+        preparing[i] = true;
+      }
+    }
+    int sent = names[i].empty()
+                   ? PQsendQueryParams(conn_, st.sql.c_str(), n, nullptr, values.data(), nullptr,
+                                       nullptr, 0)
+                   : PQsendQueryPrepared(conn_, names[i].c_str(), n, values.data(), nullptr,
+                                         nullptr, 0);
+    if (sent != 1) return broken(0);
+  }
+  if (PQpipelineSync(conn_) != 1) return broken(0);
+
+  // Each command's results end with a null; the sync ends with PGRES_PIPELINE_SYNC.
+  auto take = [&]() -> PGresult* {
+    PGresult* r = PQgetResult(conn_);
+    if (r == nullptr) return nullptr;
+    while (PGresult* extra = PQgetResult(conn_)) PQclear(extra);  // up to the null
+    return r;
+  };
+  for (size_t i = 0; i < steps.size(); ++i) {
+    bool prepare_failed = false;
+    if (preparing[i]) {
+      ResultGuard pg{take()};
+      if (pg.res == nullptr) return broken(i);
+      if (PQresultStatus(pg.res) == PGRES_COMMAND_OK) {
+        statements_[steps[i].sql] = names[i];
+      } else if (PQresultStatus(pg.res) != PGRES_PIPELINE_ABORTED) {
+        out[i] = collect(conn_, pg.res);  // e.g. a syntax error: the statement's own error
+        prepare_failed = true;
+      }
+    }
+    ResultGuard g{take()};
+    if (g.res == nullptr) return broken(i);
+    if (prepare_failed) continue;
+    if (PQresultStatus(g.res) == PGRES_PIPELINE_ABORTED) {
+      out[i].skipped = true;
+      out[i].status = Status(Code::sql_error, "not run: an earlier statement failed");
+      continue;
+    }
+    out[i] = collect(conn_, g.res);
+    // The statement cache is gone (e.g. DISCARD ALL in the branch): prepare afresh next time.
+    if (out[i].sqlstate == "26000") statements_.clear();
+  }
+  ResultGuard sync{PQgetResult(conn_)};
+  if (sync.res == nullptr || PQresultStatus(sync.res) != PGRES_PIPELINE_SYNC) return broken(steps.size());
+  if (PQexitPipelineMode(conn_) != 1) return broken(steps.size());
+  for (auto& r : out) mark_if_broken(conn_, &r);
+  return out;
+}
+
 Result<std::string> PgConn::quote_literal(std::string_view text) {
   char* q = PQescapeLiteral(conn_, text.data(), text.size());
   if (q == nullptr) return unavailable("quoting a literal failed: " + conn_message(conn_));

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "common/status.h"
@@ -27,6 +28,7 @@ struct StatementResult {
   std::vector<std::vector<Value>> rows;
   int64_t affected = 0;      // PQcmdTuples, 0 when empty
   std::string command_tag;   // PQcmdStatus, e.g. "UPDATE 1", "PREPARE TRANSACTION"
+  bool truncated = false;    // rows were cut to the agent's limit (after a one-phase commit)
 };
 
 // The outcome of running a statement. status is ok, or sql_error with sqlstate set, or
@@ -35,6 +37,14 @@ struct ExecResult {
   Status status;
   std::string sqlstate;  // e.g. "23505"; "" unless the server reported an error
   StatementResult result;
+  bool skipped = false;  // pipeline: not run, because an earlier statement failed
+};
+
+// One statement of a pipeline.
+struct PipelineStep {
+  std::string sql;
+  std::vector<Value> params;
+  bool cache = true;  // run as a named prepared statement, prepared once per connection
 };
 
 struct ConnectOptions {
@@ -76,6 +86,13 @@ class PgConn {
   // element. Never empty. When the connection broke, the last element is unavailable.
   std::vector<ExecResult> exec_multi(std::string_view sql);
 
+  // Sends every step at once and reads every result (libpq pipeline mode): one round trip.
+  // Steps after a failing one are skipped (ExecResult::skipped). Cached steps become named
+  // prepared statements of this connection (at most kStatementsCachedMax), so the server
+  // parses and plans them once. One result per step, always.
+  std::vector<ExecResult> exec_pipeline(const std::vector<PipelineStep>& steps);
+  static constexpr size_t kStatementsCachedMax = 256;
+
   // PQescapeLiteral: 'text' with quotes, safe to splice. unavailable if libpq fails.
   Result<std::string> quote_literal(std::string_view text);
 
@@ -90,6 +107,8 @@ class PgConn {
  private:
   explicit PgConn(pg_conn* c) : conn_(c) {}
   pg_conn* conn_;
+  std::unordered_map<std::string, std::string> statements_;  // sql → prepared statement name
+  uint64_t next_statement_ = 1;
 };
 
 }  // namespace tpc::pg
