@@ -604,6 +604,27 @@ void Process::signal(int signo) {
   if (pid_ > 0 && !reaped_) ::kill(pid_, signo);
 }
 
+bool Process::stop_and_wait(int64_t timeout_ms) {
+  signal(SIGSTOP);
+  std::string tasks = "/proc/" + std::to_string(pid_) + "/task";
+  return eventually(
+      [&] {
+        std::error_code ec;
+        bool any = false;
+        for (auto& entry : std::filesystem::directory_iterator(tasks, ec)) {
+          std::ifstream in(entry.path() / "stat");
+          std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+          size_t paren = stat.rfind(')');
+          if (paren == std::string::npos || paren + 2 >= stat.size()) return false;
+          char state = stat[paren + 2];
+          if (state != 'T' && state != 't') return false;
+          any = true;
+        }
+        return any && !ec;
+      },
+      timeout_ms);
+}
+
 int Process::wait(int64_t timeout_ms) {
   if (reaped_) return exit_code_;
   TPC_ASSERT(pid_ > 0);

@@ -78,6 +78,9 @@ class Process {
 
   pid_t pid() const { return pid_; }
   void signal(int signo);
+  // SIGSTOP, and wait until every thread of the process is stopped (SIGSTOP is asynchronous:
+  // a thread may still run a little after kill() returns). False after timeout_ms.
+  bool stop_and_wait(int64_t timeout_ms = 5'000);
   // Waits for the exit; returns the exit code, or 128+signal. -1 when timeout_ms passed.
   int wait(int64_t timeout_ms);
   bool running();

@@ -26,12 +26,13 @@ std::string read_file(const std::string& path) {
 
 // Runs a binary to its exit; returns the exit code and its output.
 int run(const std::vector<std::string>& argv, std::string* output, int64_t timeout_ms = 20'000) {
-  static int n = 0;
-  std::string log = make_temp_dir("tpc-run") + "/out-" + std::to_string(++n) + ".log";
+  std::string dir = make_temp_dir("tpc-run");
+  std::string log = dir + "/out.log";
   auto p = Process::spawn(argv, log);
   REQUIRE_MESSAGE(p.ok(), p.status().to_string());
   int code = (*p)->wait(timeout_ms);
   *output = read_file(log);
+  remove_tree(dir);
   return code;
 }
 

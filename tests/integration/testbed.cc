@@ -73,6 +73,12 @@ Testbed& Testbed::fresh(const Options& opts) {
   return b;
 }
 
+Testbed::~Testbed() {
+  for (auto& a : agents_) a.reset();
+  coordinator_.reset();
+  if (!dir_.empty()) remove_tree(dir_);
+}
+
 void Testbed::reset_databases() {
   for (int i = 0; i < 2; ++i) {
     std::string ci = conninfo(i);

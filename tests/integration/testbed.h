@@ -46,6 +46,7 @@ class Testbed {
   // Fresh tables, decision log and processes. The previous test's processes are killed.
   static Testbed& fresh(const Options& opts);
   static Testbed& fresh() { return fresh(Options{}); }
+  ~Testbed();  // at exit: stops the processes and removes the test's directory
 
   // --- processes -----------------------------------------------------------------------
   void start_coordinator(const std::string& failpoints = "", std::vector<std::string> extra = {});

@@ -80,7 +80,7 @@ TEST_CASE("an agent that does not answer prepare makes the transaction abort") {
   Testbed& t = Testbed::fresh();
   std::string gid = t.begin();
   transfer_legs(t, gid, 100);
-  t.stop_agent(1, SIGSTOP);
+  REQUIRE(t.agent_process(1).stop_and_wait());
   Http c = t.commit(gid);
   t.agent_process(1).signal(SIGCONT);
   INFO(t.logs());
