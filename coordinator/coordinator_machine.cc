@@ -61,8 +61,12 @@ bool CoordinatorMachine::issued(const GidParts& g) const {
 
 void CoordinatorMachine::set_state(Txn& t, TxnState to) {
   if (t.state == to) return;
-  std::string transition = std::string(state_name(t.state)) + "->" + std::string(state_name(to));
   LogLevel level = to == TxnState::heuristic_mixed ? LogLevel::error : LogLevel::info;
+  if (!log_.enabled(level)) {
+    t.state = to;
+    return;
+  }
+  std::string transition = std::string(state_name(t.state)) + "->" + std::string(state_name(to));
   if (!t.reason.empty() && (to == TxnState::aborting || to == TxnState::aborted)) {
     if (t.reason_branch.empty())
       log_.log(level, transition, {{"gid", t.gid}, {"reason", t.reason}});
@@ -392,7 +396,8 @@ Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64
   unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
   schedule(tx, tx.deadline_ms, TimerKind::txn_timeout);
   ++counters_.begun[proto_index(protocol)];
-  log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
+  if (log_.enabled(LogLevel::info))
+    log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
   return view_of(tx);
 }
 
@@ -444,7 +449,8 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   b.participant = std::string(participant);
   b.url = std::string(url);
   t->branches.push_back(std::move(b));
-  log_.debug("enlist", {{"gid", t->gid}, {"branch", participant}, {"url", url}});
+  if (log_.enabled(LogLevel::debug))
+    log_.debug("enlist", {{"gid", t->gid}, {"branch", participant}, {"url", url}});
   r.http_status = 201;
   r.view = view_of(*t);
   return r;
@@ -725,7 +731,8 @@ void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms) {
     finish(t->gid, now_ms);
     return;
   }
-  log_.debug("decision durable", {{"gid", t->gid}});
+  if (log_.enabled(LogLevel::debug))
+    log_.debug("decision durable", {{"gid", t->gid}});
   if (t->one_phase) {
     send_to_all(*t, BranchState::active, MsgKind::commit_one_phase);
   } else if (t->protocol == Protocol::three_phase) {

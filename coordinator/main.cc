@@ -41,6 +41,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"branches-per-txn-max", "branches of one transaction", "64"},
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
+      {"agent-requests-max", "phase-2 requests in flight to one agent; more commits/aborts wait and go batched", "4"},
+      {"batch-max", "messages in one batch to an agent (1: never batch)", "64"},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
@@ -74,7 +76,8 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     int64_t min, max;
     int64_t* out;
   };
-  int64_t threads = 0, body = 0, conns = 0, open_max = 0, branches_max = 0;
+  int64_t threads = 0, body = 0, conns = 0, open_max = 0, branches_max = 0, agent_reqs = 0,
+          batch_max = 0;
   IntOpt ints[] = {
       {"threads", 1, 64, &threads},
       {"prepare-timeout-ms", 1, 3'600'000, &cfg.machine.prepare_timeout_ms},
@@ -91,6 +94,8 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
       {"branches-per-txn-max", 1, 1'000, &branches_max},
       {"body-max-bytes", 1'024, 64 << 20, &body},
       {"connections-max", 1, 100'000, &conns},
+      {"agent-requests-max", 1, 1'024, &agent_reqs},
+      {"batch-max", 1, 1'000, &batch_max},
   };
   for (auto& o : ints) {
     auto v = c.get_int(o.name, o.min, o.max);
@@ -106,6 +111,8 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
   cfg.http.connections_max = static_cast<size_t>(conns);
   cfg.machine.open_txns_max = static_cast<size_t>(open_max);
   cfg.machine.branches_per_txn_max = static_cast<size_t>(branches_max);
+  cfg.agent_requests_max = static_cast<size_t>(agent_reqs);
+  cfg.batch_max = static_cast<size_t>(batch_max);
   return cfg;
 }
 

@@ -250,29 +250,145 @@ void CoordinatorService::send(const Message& m) {
   }
   if (!cfg_.participant_token.empty())
     req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
+  int64_t timeout_ms = m.kind == MsgKind::prepare || m.kind == MsgKind::exec_prepare
+                           ? cfg_.machine.prepare_timeout_ms
+                           : cfg_.message_timeout_ms;
+  Outgoing out{m, std::move(req.target), std::move(req.body), timeout_ms, exec};
+  // Only phase-2 messages are batched: running them never waits on another transaction's vote.
+  // A prepare or a statement may wait on a lock held by a transaction whose own vote would then
+  // be stuck in the same batch's answer — a deadlock until the prepare timeout. They go alone.
+  bool phase2 = m.kind == MsgKind::commit || m.kind == MsgKind::abort ||
+                m.kind == MsgKind::precommit || m.kind == MsgKind::commit_one_phase;
+  if (phase2) {
+    enqueue(url->to_string(), *url, std::move(out));
+    return;
+  }
+  send_alone(*url, std::move(out));
+}
+
+void CoordinatorService::send_alone(const Url& url, Outgoing out) {
+  HttpRequest req;
+  req.method = "POST";
+  req.target = std::move(out.target);
+  req.body = std::move(out.body);
+  if (!cfg_.participant_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   SendOptions opts;
-  opts.timeout_ms = m.kind == MsgKind::prepare || m.kind == MsgKind::exec_prepare
-                        ? cfg_.machine.prepare_timeout_ms
-                        : cfg_.message_timeout_ms;
-  // Statements must never run twice: no automatic retry of an exec.
-  opts.idempotent = !exec;
-  client_.send(*url, std::move(req), opts, [this, m, exec](HttpResult res) {
-    Json results;
-    BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status, &results);
-    if (exec && !results.is_null()) {
-      std::lock_guard lock(runs_mu_);
-      auto it = runs_.find(m.gid);
-      if (it != runs_.end()) it->second.results[m.participant] = std::move(results);
-    }
-    // Fired once a message of the kind has reached its agent (its answer is back).
-    if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
-    if (res.status.ok() && m.kind == MsgKind::precommit)
-      TPC_FAILPOINT("coord.after_first_precommit_sent");
-    if (br.reply == ReplyKind::committed &&
-        (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
-      TPC_FAILPOINT("coord.after_first_branch_committed");
-    with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
+  opts.timeout_ms = out.timeout_ms;
+  opts.idempotent = !out.exec;  // statements must never run twice: no automatic retry
+  client_.send(url, std::move(req), opts, [this, m = std::move(out.m), exec = out.exec](HttpResult res) {
+    deliver(m, exec, res);
   });
+}
+
+void CoordinatorService::deliver(const Message& m, bool exec, const HttpResult& res) {
+  Json results;
+  BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status, &results);
+  if (exec && !results.is_null()) {
+    std::lock_guard lock(runs_mu_);
+    auto it = runs_.find(m.gid);
+    if (it != runs_.end()) it->second.results[m.participant] = std::move(results);
+  }
+  // Fired once a message of the kind has reached its agent (its answer is back).
+  if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
+  if (res.status.ok() && m.kind == MsgKind::precommit)
+    TPC_FAILPOINT("coord.after_first_precommit_sent");
+  if (br.reply == ReplyKind::committed &&
+      (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
+    TPC_FAILPOINT("coord.after_first_branch_committed");
+  with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
+}
+
+void CoordinatorService::enqueue(const std::string& lane_key, const Url& url, Outgoing out) {
+  {
+    std::lock_guard lock(outbox_mu_);
+    Lane& lane = lanes_[lane_key];
+    lane.url = url;
+    lane.queue.push_back(std::move(out));
+  }
+  pump(lane_key);
+}
+
+// Sends what waits in a lane while fewer than agent_requests_max requests are in flight: one
+// message alone, or several in one POST /v1/batch. Under light load every message goes at once;
+// under heavy load they gather while earlier requests are out, and travel together.
+void CoordinatorService::pump(const std::string& lane_key) {
+  for (;;) {
+    std::vector<Outgoing> batch;
+    Url url;
+    {
+      std::lock_guard lock(outbox_mu_);
+      Lane& lane = lanes_[lane_key];
+      if (lane.queue.empty() || lane.in_flight >= cfg_.agent_requests_max) return;
+      size_t n = std::min(lane.queue.size(), cfg_.batch_max);
+      for (size_t i = 0; i < n; ++i) {
+        batch.push_back(std::move(lane.queue.front()));
+        lane.queue.pop_front();
+      }
+      ++lane.in_flight;
+      url = lane.url;
+    }
+    HttpRequest req;
+    req.method = "POST";
+    if (!cfg_.participant_token.empty())
+      req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
+    SendOptions opts;
+    opts.timeout_ms = 0;
+    bool exec = false;
+    for (auto& o : batch) {
+      opts.timeout_ms = std::max(opts.timeout_ms, o.timeout_ms);
+      exec = exec || o.exec;
+    }
+    opts.idempotent = !exec;  // statements must never run twice: no automatic retry
+    if (batch.size() == 1) {
+      req.target = std::move(batch[0].target);
+      req.body = std::move(batch[0].body);
+    } else {
+      req.target = "/v1/batch";
+      std::string body = "{\"requests\":[";
+      for (size_t i = 0; i < batch.size(); ++i) {
+        if (i > 0) body += ",";
+        body += "{\"path\":\"" + batch[i].target + "\",\"body\":" + batch[i].body + "}";
+      }
+      body += "]}";
+      req.body = std::move(body);
+    }
+    auto items = std::make_shared<std::vector<Outgoing>>(std::move(batch));
+    client_.send(url, std::move(req), opts, [this, items, lane_key](HttpResult res) {
+      if (items->size() == 1) {
+        deliver((*items)[0].m, (*items)[0].exec, res);
+      } else {
+        // Split the batch's answer; anything short of a full answer fails every message.
+        std::vector<HttpResult> each(items->size());
+        bool ok = false;
+        if (res.status.ok() && res.http_status == 200) {
+          auto j = parse_json(res.body);
+          if (j.ok() && j->is_object() && j->contains("responses") && (*j)["responses"].is_array() &&
+              (*j)["responses"].size() == items->size()) {
+            ok = true;
+            for (size_t i = 0; i < items->size(); ++i) {
+              const Json& r = (*j)["responses"][i];
+              each[i].status = ok_status();
+              each[i].http_status = r.contains("status") && r["status"].is_number_integer() ? r["status"].get<int>() : 0;
+              each[i].body = r.contains("body") ? dump(r["body"]) : "";
+            }
+          }
+        }
+        for (size_t i = 0; i < items->size(); ++i) {
+          if (!ok) {
+            each[i].status = res.status.ok() ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
+                                             : res.status;
+          }
+          deliver((*items)[i].m, (*items)[i].exec, each[i]);
+        }
+      }
+      {
+        std::lock_guard lock(outbox_mu_);
+        --lanes_[lane_key].in_flight;
+      }
+      pump(lane_key);
+    });
+  }
 }
 
 ClientReply CoordinatorService::from_log(const ClientReply& r) {

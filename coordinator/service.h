@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -48,6 +49,8 @@ struct CoordinatorConfig {
   int64_t tick_ms = 10;
   size_t list_limit_max = 1'000;
   size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
+  size_t agent_requests_max = 4;  // phase-2 requests in flight per agent; more messages wait
+  size_t batch_max = 64;          // messages in one POST /v1/batch (1: never batch)
 };
 
 class CoordinatorService {
@@ -80,6 +83,19 @@ class CoordinatorService {
   void run(Ready ready);
   void persist(std::vector<Persist> items);
   void send(const Message& m);
+  // The outbox for phase-2 messages: per agent, they wait while agent_requests_max requests
+  // are out, then go together.
+  struct Outgoing {
+    Message m;
+    std::string target;
+    std::string body;
+    int64_t timeout_ms = 0;
+    bool exec = false;
+  };
+  void enqueue(const std::string& lane, const Url& url, Outgoing out);
+  void send_alone(const Url& url, Outgoing out);
+  void pump(const std::string& lane);
+  void deliver(const Message& m, bool exec, const HttpResult& res);
   void reply(const ClientReply& r);
   void answer(const ClientReply& r, const Responder& respond);
   ClientReply from_log(const ClientReply& r);
@@ -127,6 +143,14 @@ class CoordinatorService {
   };
   std::mutex runs_mu_;
   std::unordered_map<std::string, RunState> runs_;
+
+  struct Lane {
+    Url url;
+    std::deque<Outgoing> queue;
+    size_t in_flight = 0;
+  };
+  std::mutex outbox_mu_;
+  std::unordered_map<std::string, Lane> lanes_;
   std::atomic<uint64_t> next_waiter_{1};
 
   uint64_t epoch_ = 0;

@@ -92,9 +92,9 @@ AgentMachine::Branch& AgentMachine::create(std::string_view gid, BranchState sta
 
 void AgentMachine::set_state(Branch& b, BranchState to, int64_t now_ms) {
   BranchState from = b.state;
-  if (from != to && from != BranchState::unknown) {
-    LogLevel level = LogLevel::info;
-    if (to == BranchState::active || to == BranchState::enlisting) level = LogLevel::debug;
+  LogLevel level = to == BranchState::active || to == BranchState::enlisting ? LogLevel::debug
+                                                                             : LogLevel::info;
+  if (from != to && from != BranchState::unknown && log_.enabled(level)) {
     if (!b.reason.empty() && (to == BranchState::aborted || to == BranchState::failed))
       log_.log(level, std::string(branch_state_name(from)) + "->" + std::string(branch_state_name(to)),
                {{"gid", b.gid}, {"reason", b.reason}});

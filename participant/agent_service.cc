@@ -686,6 +686,10 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       for (auto& v : views) arr.push_back(encode_view(v));
       return respond(json_response(200, Json{{"branches", std::move(arr)}}));
     }
+    if (parts.size() == 2 && parts[1] == "batch") {
+      if (!post) return respond(method_not_allowed());
+      return batch(req, respond);
+    }
     if (parts.size() == 2 && parts[1] == "failpoints") {
       if (!post) return respond(method_not_allowed());
       return respond(failpoints_endpoint(req.body, &log_));
@@ -723,6 +727,62 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
     }
   }
   respond(error_response(not_found("no such path: " + std::string(path))));
+}
+
+void AgentService::batch(const HttpRequest& req, const Responder& respond) {
+  auto j = parse_object(req.body);
+  if (!j.ok()) return respond(error_response(j.status()));
+  FieldReader r(*j);
+  const Json* items = r.array("requests", true, cfg_.batch_max);
+  if (!r.ok()) return respond(error_response(r.status()));
+  if (items->empty()) return respond(json_response(200, Json{{"responses", Json::array()}}));
+  std::vector<HttpRequest> subs;
+  for (size_t i = 0; i < items->size(); ++i) {
+    const Json& it = (*items)[i];
+    std::string where = "requests[" + std::to_string(i) + "]";
+    if (!it.is_object() || !it.contains("path") || !it["path"].is_string())
+      return respond(error_response(invalid_argument(where + " needs a \"path\" string")));
+    HttpRequest sub;
+    sub.method = "POST";
+    sub.target = it["path"].get<std::string>();
+    if (sub.target.rfind("/v1/branches/", 0) != 0)
+      return respond(error_response(invalid_argument(where + ": only /v1/branches/... requests can be batched")));
+    if (it.contains("body")) {
+      if (!it["body"].is_object()) return respond(error_response(invalid_argument(where + ".body must be an object")));
+      sub.body = dump(it["body"]);
+    }
+    sub.headers = req.headers;  // the batch's authorization covers its requests
+    subs.push_back(std::move(sub));
+  }
+  // Every request is handled as if it had come alone; the answer goes out when all are done.
+  struct Gather {
+    std::mutex mu;
+    std::vector<HttpResponse> out;
+    size_t left;
+    Responder respond;
+  };
+  auto g = std::make_shared<Gather>();
+  g->out.resize(subs.size());
+  g->left = subs.size();
+  g->respond = respond;
+  for (size_t i = 0; i < subs.size(); ++i) {
+    handle(std::move(subs[i]), Responder([g, i](HttpResponse resp) {
+      std::lock_guard lock(g->mu);
+      g->out[i] = std::move(resp);
+      if (--g->left > 0) return;
+      std::string body = "{\"responses\":[";
+      for (size_t k = 0; k < g->out.size(); ++k) {
+        if (k > 0) body += ",";
+        body += "{\"status\":" + std::to_string(g->out[k].status) + ",\"body\":";
+        body += g->out[k].body.empty() ? "{}" : g->out[k].body;
+        body += "}";
+      }
+      body += "]}";
+      HttpResponse all;
+      all.body = std::move(body);
+      g->respond(std::move(all));
+    }));
+  }
 }
 
 void AgentService::list(const HttpRequest& req, const Responder& respond) {

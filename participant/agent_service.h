@@ -70,6 +70,7 @@ struct AgentConfig {
   int64_t tick_ms = 50;
   int64_t coordinator_timeout_ms = 5'000;
   size_t list_limit_max = 1'000;
+  size_t batch_max = 1'000;  // requests in one POST /v1/batch
 };
 
 class AgentService {
@@ -118,6 +119,7 @@ class AgentService {
   void branch_request(const std::string& gid, std::string_view action, const HttpRequest& req,
                       const Responder& respond);
   void list(const HttpRequest& req, const Responder& respond);
+  void batch(const HttpRequest& req, const Responder& respond);
   const std::string* coordinator_url(std::string_view gid) const;
 
   void tick();

@@ -93,7 +93,19 @@ class FakeAgents {
       auto s = HttpServer::start(*loop_, o, [](HttpRequest&& req, Responder respond) {
         std::string_view path = req.path();
         HttpResponse r;
-        if (path.ends_with("/exec"))
+        if (path == "/v1/batch") {
+          // Every batched message here is a commit or an abort: answer each.
+          auto j = parse_json(req.body);
+          std::string body = "{\"responses\":[";
+          size_t n = j.ok() && j->contains("requests") ? (*j)["requests"].size() : 0;
+          for (size_t i = 0; i < n; ++i) {
+            std::string p = (*j)["requests"][i]["path"];
+            body += i ? "," : "";
+            body += p.ends_with("/abort") ? R"({"status":200,"body":{"state":"aborted"}})"
+                                          : R"({"status":200,"body":{"state":"committed"}})";
+          }
+          r.body = body + "]}";
+        } else if (path.ends_with("/exec"))
           r.body = req.body.find("\"commit\":true") != std::string::npos
                        ? R"({"results":[],"state":"committed"})"
                        : R"({"results":[],"state":"prepared","vote":"yes"})";
