@@ -3,9 +3,13 @@
 // and one agent per database, plus a second coordinator whose participants are fakes inside
 // this process, then runs every mode at every concurrency:
 //
-//   raw               2PC driven by hand over libpq (BEGIN; UPDATE; PREPARE TRANSACTION on each
-//                     database in parallel, then COMMIT PREPARED on each): the baseline
-//   local             the same UPDATEs as plain single-phase transactions: the ceiling
+//   raw               2PC driven by hand over libpq the way application code does it: one
+//                     statement per round trip (BEGIN, UPDATE, PREPARE TRANSACTION on each
+//                     database in turn, then COMMIT PREPARED on each): the baseline
+//   raw-pipelined     the same 2PC at the physical limit: BEGIN; UPDATE; PREPARE TRANSACTION
+//                     as one string to both databases at once, then COMMIT PREPARED to both
+//   local             the same UPDATEs as plain single-phase transactions (pipelined, in
+//                     parallel): the ceiling
 //   interactive       begin → exec on each agent (in parallel) → commit, over the HTTP API
 //   oneshot           POST /v1/transactions/run carrying every branch's statement
 //   coordinator-only  oneshot against fake participants that answer at once
@@ -141,7 +145,8 @@ class FakeAgents {
 struct Options {
   std::vector<int> participants = {2, 4};
   std::vector<int> concurrency = {1, 8, 32, 64};
-  std::vector<std::string> modes = {"raw", "local", "interactive", "oneshot", "coordinator-only"};
+  std::vector<std::string> modes = {"raw", "raw-pipelined", "local", "interactive", "oneshot",
+                                    "coordinator-only"};
   int seconds = 5;
   int repeat = 1;
   int accounts = 10'000;
@@ -162,6 +167,7 @@ class Rig {
   Status wait_healthy(const Url& url);
   // One transaction of the mode; returns false on an error.
   bool raw_txn(std::vector<PGconn*>& conns, std::mt19937_64& rng, uint64_t n, bool two_phase, int client);
+  bool raw_sequential_txn(std::vector<PGconn*>& conns, std::mt19937_64& rng, uint64_t n, int client);
   bool http_txn(const std::string& mode, HttpClient& client, std::mt19937_64& rng);
   double coordinator_fsync_ratio(const Url& url, double* fsyncs, double* records);
 
@@ -296,6 +302,27 @@ bool Rig::raw_txn(std::vector<PGconn*>& conns, std::mt19937_64& rng, uint64_t n,
   return ok;
 }
 
+bool exec_ok(PGconn* c, const std::string& sql) {
+  PGresult* r = PQexec(c, sql.c_str());
+  bool ok = PQresultStatus(r) == PGRES_COMMAND_OK || PQresultStatus(r) == PGRES_TUPLES_OK;
+  PQclear(r);
+  return ok;
+}
+
+bool Rig::raw_sequential_txn(std::vector<PGconn*>& conns, std::mt19937_64& rng, uint64_t n, int client) {
+  std::string gid = "raw-" + std::to_string(client) + "-" + std::to_string(n);
+  for (auto* c : conns) {
+    if (!exec_ok(c, "BEGIN")) return false;
+    if (!exec_ok(c, "UPDATE accounts SET balance = balance + 1 WHERE id = " +
+                        std::to_string(rng() % static_cast<uint64_t>(opts_.accounts) + 1)))
+      return false;
+    if (!exec_ok(c, "PREPARE TRANSACTION '" + gid + "'")) return false;
+  }
+  for (auto* c : conns)
+    if (!exec_ok(c, "COMMIT PREPARED '" + gid + "'")) return false;
+  return true;
+}
+
 bool Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64& rng) {
   auto call = [&](const Url& url, std::string target, std::string body) {
     auto p = std::make_shared<std::promise<HttpResult>>();
@@ -370,14 +397,17 @@ Cell Rig::run(const std::string& mode, int concurrency) {
     threads.emplace_back([&, c] {
       std::mt19937_64 rng(static_cast<uint64_t>(c) * 7919 + 1);
       std::vector<PGconn*> conns;
-      if (mode == "raw" || mode == "local")
+      bool sql_mode = mode == "raw" || mode == "raw-pipelined" || mode == "local";
+      if (sql_mode)
         for (auto& pg : pg_) conns.push_back(PQconnectdb(pg->conninfo().c_str()));
       std::vector<int64_t> mine;
       uint64_t n = 0;
       while (!stop) {
         int64_t t0 = now_us();
-        bool ok = mode == "raw" || mode == "local" ? raw_txn(conns, rng, ++n, mode == "raw", c)
-                                                   : http_txn(mode, client, rng);
+        bool ok = mode == "raw"             ? raw_sequential_txn(conns, rng, ++n, c)
+                  : mode == "raw-pipelined" ? raw_txn(conns, rng, ++n, true, c)
+                  : mode == "local"         ? raw_txn(conns, rng, ++n, false, c)
+                                            : http_txn(mode, client, rng);
         if (!measuring) continue;
         if (ok) {
           mine.push_back(now_us() - t0);
@@ -515,7 +545,8 @@ int main(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
       {"participants", "participant counts, comma-separated", "2,4"},
       {"concurrency", "client counts, comma-separated", "1,8,32,64"},
-      {"modes", "raw,local,interactive,oneshot,coordinator-only", "raw,local,interactive,oneshot,coordinator-only"},
+      {"modes", "raw,raw-pipelined,local,interactive,oneshot,coordinator-only",
+       "raw,raw-pipelined,local,interactive,oneshot,coordinator-only"},
       {"seconds", "measured seconds per cell (after 1 s of warm-up)", "5"},
       {"repeat", "runs per cell; figures are medians", "1"},
       {"accounts", "rows per database", "10000"},
@@ -548,7 +579,8 @@ int main(int argc, char** argv) {
     std::stringstream ss(c->get("modes"));
     std::string m;
     while (std::getline(ss, m, ',')) {
-      if (m != "raw" && m != "local" && m != "interactive" && m != "oneshot" && m != "coordinator-only")
+      if (m != "raw" && m != "raw-pipelined" && m != "local" && m != "interactive" && m != "oneshot" &&
+          m != "coordinator-only")
         return die("unknown mode \"" + m + "\"");
       o.modes.push_back(m);
     }
