@@ -17,6 +17,9 @@
 //   tpc-bench [--participants 2,4] [--concurrency 1,8,32,64] [--modes ...] [--seconds 5]
 //             [--repeat 3] [--accounts 10000] [--json] [--recovery 100000]
 //
+// TPC_BENCH_ENV=NAME=VALUE adds one variable to the coordinators' and agents' environment
+// (e.g. LD_PRELOAD of another allocator, to compare).
+//
 // Each cell reports transactions/s, latency p50/p99/max, CPU seconds (the whole machine, from
 // /proc/stat) per 1000 transactions, and the ratio to raw at the same concurrency; with
 // --repeat N every figure is the median of N runs. coordinator-only also reports decisions per
@@ -241,7 +244,9 @@ Status Rig::start() {
                                      "127.0.0.1:" + std::to_string(curl.port), "--data-dir", dir_ + "/coordinator",
                                      "--log-level", "warn"};
     for (auto& part : participants) argv.push_back("--participant=" + part);
-    auto p = Process::spawn(argv, dir_ + "/coordinator.log");
+    std::vector<std::string> env;
+    if (const char* e = getenv("TPC_BENCH_ENV")) env.push_back(e);
+    auto p = Process::spawn(argv, dir_ + "/coordinator.log", env);
     if (!p.ok()) return p.status();
     coordinator_ = std::move(*p);
     TPC_RETURN_IF_ERROR(wait_healthy(coordinator_url_));
@@ -252,7 +257,9 @@ Status Rig::start() {
                                      "a" + std::to_string(i), "--pg", pg_[i]->conninfo(), "--coordinator",
                                      "c1=" + coordinator_url_.to_string(), "--log-level", "warn",
                                      "--branches-max", "160"};
-    auto p = Process::spawn(argv, dir_ + "/agent" + std::to_string(i) + ".log");
+    std::vector<std::string> env;
+    if (const char* e = getenv("TPC_BENCH_ENV")) env.push_back(e);
+    auto p = Process::spawn(argv, dir_ + "/agent" + std::to_string(i) + ".log", env);
     if (!p.ok()) return p.status();
     agents_.push_back(std::move(*p));
     TPC_RETURN_IF_ERROR(wait_healthy(agent_urls_[i]));
