@@ -140,17 +140,20 @@ Json encode_view(const TxnView& v) {
   return j;
 }
 
-HttpResponse encode_reply(const ClientReply& r) {
-  if (!r.error.ok() && r.view.gid.empty()) return error_response(r.error);
+Json encode_reply_body(const ClientReply& r) {
   Json body = encode_view(r.view);
-  int status = r.http_status;
   if (!r.error.ok()) {
     body["error"] = {{"code", std::string(code_name(r.error.code()))}, {"message", r.error.message()}};
-  } else if (status == 409) {
+  } else if (r.http_status == 409) {
     std::string msg = "transaction " + r.view.gid + " is " + std::string(state_name(r.view.state));
     body["error"] = {{"code", "conflict"}, {"message", msg}};
   }
-  return json_response(status, body);
+  return body;
+}
+
+HttpResponse encode_reply(const ClientReply& r) {
+  if (!r.error.ok() && r.view.gid.empty()) return error_response(r.error);
+  return json_response(r.http_status, encode_reply_body(r));
 }
 
 std::string encode_message_body(const Message& m, std::string_view statements) {
@@ -191,9 +194,8 @@ std::string encode_message_body(const Message& m, std::string_view statements) {
 
 namespace {
 
-std::string answer_state(std::string_view body, std::string* vote, std::string* reason) {
-  auto j = parse_json(body);
-  if (!j.ok() || !j->is_object()) return "";
+std::string answer_state(const Json* j, std::string* vote, std::string* reason) {
+  if (!j || !j->is_object()) return "";
   std::string state;
   if (auto it = j->find("state"); it != j->end() && it->is_string()) state = it->get<std::string>();
   if (auto it = j->find("vote"); vote && it != j->end() && it->is_string()) *vote = it->get<std::string>();
@@ -211,6 +213,13 @@ std::string answer_state(std::string_view body, std::string* vote, std::string* 
 
 BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
                                  const Status& transport, Json* results) {
+  if (!transport.ok()) return decode_branch_answer(m, http_status, nullptr, transport, results);
+  auto j = parse_json(body);
+  return decode_branch_answer(m, http_status, j.ok() ? &*j : nullptr, transport, results);
+}
+
+BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
+                                 const Status& transport, Json* results) {
   BranchReply out{m.gid, m.participant, m.kind, ReplyKind::failed, ""};
   if (!transport.ok()) {
     out.reason = transport.to_string();
@@ -220,8 +229,7 @@ BranchReply decode_branch_answer(const Message& m, int http_status, std::string_
   std::string state = answer_state(body, &vote, &reason);
   out.reason = reason;
   if (results && (m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit)) {
-    auto j = parse_json(body);
-    *results = j.ok() && j->is_object() && j->contains("results") ? (*j)["results"] : Json();
+    *results = body && body->is_object() && body->contains("results") ? std::move((*body)["results"]) : Json();
   }
   switch (m.kind) {
     case MsgKind::exec_prepare:

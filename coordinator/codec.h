@@ -48,6 +48,8 @@ Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the
 // outcome is not what was asked).
 HttpResponse encode_reply(const ClientReply& r);
+// The JSON of a reply that has a view (not a bare error).
+Json encode_reply_body(const ClientReply& r);
 
 // The body of a protocol message to an agent; `statements` is the branch's statements array
 // for exec_prepare / exec_commit.
@@ -55,6 +57,9 @@ std::string encode_message_body(const Message& m, std::string_view statements = 
 // The agent's answer to a message → the machine's ReplyKind (failed for anything unusable).
 // For exec_prepare / exec_commit, *results receives the answer's "results" array (or null).
 BranchReply decode_branch_answer(const Message& m, int http_status, std::string_view body,
+                                 const Status& transport, Json* results = nullptr);
+// The same, for an answer already parsed (null when it was not JSON); may move out of *body.
+BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
                                  const Status& transport, Json* results = nullptr);
 
 }  // namespace tpc::coord

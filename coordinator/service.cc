@@ -284,15 +284,19 @@ void CoordinatorService::send_alone(const Url& url, Outgoing out) {
 void CoordinatorService::deliver(const Message& m, bool exec, const HttpResult& res) {
   Json results;
   BranchReply br = decode_branch_answer(m, res.http_status, res.body, res.status, &results);
+  delivered(m, exec, std::move(br), std::move(results), res.status.ok());
+}
+
+void CoordinatorService::delivered(const Message& m, bool exec, BranchReply br, Json results,
+                                   bool answered) {
   if (exec && !results.is_null()) {
     std::lock_guard lock(runs_mu_);
     auto it = runs_.find(m.gid);
     if (it != runs_.end()) it->second.results[m.participant] = std::move(results);
   }
   // Fired once a message of the kind has reached its agent (its answer is back).
-  if (res.status.ok() && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
-  if (res.status.ok() && m.kind == MsgKind::precommit)
-    TPC_FAILPOINT("coord.after_first_precommit_sent");
+  if (answered && m.kind == MsgKind::prepare) TPC_FAILPOINT("coord.after_first_prepare_sent");
+  if (answered && m.kind == MsgKind::precommit) TPC_FAILPOINT("coord.after_first_precommit_sent");
   if (br.reply == ReplyKind::committed &&
       (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
     TPC_FAILPOINT("coord.after_first_branch_committed");
@@ -359,27 +363,26 @@ void CoordinatorService::pump(const std::string& lane_key) {
         deliver((*items)[0].m, (*items)[0].exec, res);
       } else {
         // Split the batch's answer; anything short of a full answer fails every message.
-        std::vector<HttpResult> each(items->size());
-        bool ok = false;
-        if (res.status.ok() && res.http_status == 200) {
-          auto j = parse_json(res.body);
-          if (j.ok() && j->is_object() && j->contains("responses") && (*j)["responses"].is_array() &&
-              (*j)["responses"].size() == items->size()) {
-            ok = true;
-            for (size_t i = 0; i < items->size(); ++i) {
-              const Json& r = (*j)["responses"][i];
-              each[i].status = ok_status();
-              each[i].http_status = r.contains("status") && r["status"].is_number_integer() ? r["status"].get<int>() : 0;
-              each[i].body = r.contains("body") ? dump(r["body"]) : "";
-            }
-          }
-        }
+        Result<Json> j = unavailable("");
+        if (res.status.ok() && res.http_status == 200) j = parse_json(res.body);
+        bool ok = j.ok() && j->is_object() && j->contains("responses") && (*j)["responses"].is_array() &&
+                  (*j)["responses"].size() == items->size();
+        Status failure = res.status.ok() ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
+                                         : res.status;
         for (size_t i = 0; i < items->size(); ++i) {
+          const Message& m = (*items)[i].m;
+          bool exec = (*items)[i].exec;
           if (!ok) {
-            each[i].status = res.status.ok() ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
-                                             : res.status;
+            Json none;
+            delivered(m, exec, decode_branch_answer(m, 0, nullptr, failure, &none), Json(), false);
+            continue;
           }
-          deliver((*items)[i].m, (*items)[i].exec, each[i]);
+          Json& r = (*j)["responses"][i];
+          int status = r.contains("status") && r["status"].is_number_integer() ? r["status"].get<int>() : 0;
+          Json* body = r.contains("body") ? &r["body"] : nullptr;
+          Json results;
+          BranchReply br = decode_branch_answer(m, status, body, ok_status(), &results);
+          delivered(m, exec, std::move(br), std::move(results), true);
         }
       }
       {
@@ -445,15 +448,13 @@ void CoordinatorService::reply(const ClientReply& r) {
         runs_.erase(it);
       }
     }
-    HttpResponse resp = encode_reply(r);
-    if (r.error.ok() || !r.view.gid.empty()) {
-      auto j = parse_json(resp.body);
-      if (j.ok()) {
-        (*j)["results"] = std::move(results);
-        resp.body = dump(*j);
-      }
+    if (!r.error.ok() && r.view.gid.empty()) {
+      p.respond(encode_reply(r));
+      return;
     }
-    p.respond(std::move(resp));
+    Json body = encode_reply_body(r);
+    body["results"] = std::move(results);
+    p.respond(json_response(r.http_status, body));
     return;
   }
   answer(r, p.respond);

@@ -96,6 +96,7 @@ class CoordinatorService {
   void send_alone(const Url& url, Outgoing out);
   void pump(const std::string& lane);
   void deliver(const Message& m, bool exec, const HttpResult& res);
+  void delivered(const Message& m, bool exec, BranchReply br, Json results, bool answered);
   void reply(const ClientReply& r);
   void answer(const ClientReply& r, const Responder& respond);
   ClientReply from_log(const ClientReply& r);

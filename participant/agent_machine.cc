@@ -336,7 +336,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         op.kind = OpKind::exec;
         op.then_prepare = req.prepare;
         op.then_commit = req.one_phase;
-        op.statements = req.statements;
+        op.statements = std::move(req.statements);  // the reply does not need them
         if (req.prepare) {
           b.protocol = req.protocol;
           b.peers = req.peers;

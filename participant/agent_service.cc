@@ -149,7 +149,7 @@ void AgentService::schedule(int64_t delay_ms, std::function<void()> fn) {
 
 void AgentService::run(Ready ready) {
   for (auto& op : ready.ops) {
-    submit([this, op = std::move(op)] {
+    submit([this, op = std::move(op)]() mutable {
       int64_t started = monotonic_ms();
       OpResult res = execute(op);
       if (op_latency_) op_latency_->observe(static_cast<double>(monotonic_ms() - started) / 1000.0);
@@ -393,7 +393,7 @@ void AgentService::prepare_branch(const PgOp& op, const std::string& pgg, const 
   if (op.protocol == 3 && p->vote != pg::Vote::yes) forget_3pc(pgg);
 }
 
-OpResult AgentService::execute(const PgOp& op) {
+OpResult AgentService::execute(PgOp& op) {
   auto parts = parse_gid(op.gid);
   TPC_ASSERT(parts.has_value());  // validated at the HTTP edge
   const std::string pgg = pg::pg_gid(cfg_.machine.name, op.gid);
@@ -439,9 +439,12 @@ OpResult AgentService::execute(const PgOp& op) {
       }
       std::vector<pg::PipelineStep> steps;
       steps.reserve(op.statements.size());
-      for (const Statement& st : op.statements) steps.push_back(pg::PipelineStep{st.sql, st.params, true});
+      for (Statement& st : op.statements)
+        steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
       if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
-      pg::BranchRun run = pg::run_branch(*conn, begin, steps, finish, pgg, parts->coordinator, epoch, seq);
+      size_t statement_count = steps.size();
+      pg::BranchRun run =
+          pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts->coordinator, epoch, seq);
       {
         std::lock_guard lock(cancel_mu_);
         running_.erase(op.gid);
@@ -452,7 +455,7 @@ OpResult AgentService::execute(const PgOp& op) {
       res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
       if (!run.status.ok()) {
         if (run.status.code() == Code::unavailable) return failed(run.status);  // the session died
-        std::string msg = op.statements.size() > 1
+        std::string msg = statement_count > 1
                               ? "statement " + std::to_string(run.failed_statement + 1) + ": " + run.status.message()
                               : run.status.message();
         res.status = Status(run.status.code(), msg);

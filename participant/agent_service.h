@@ -102,7 +102,7 @@ class AgentService {
   // PostgreSQL work, on the pool.
   void submit(std::function<void()> job);
   void worker_loop();
-  OpResult execute(const PgOp& op);
+  OpResult execute(PgOp& op);  // moves the statements out of op
   void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
                       pg::PgConn& conn, OpResult* res);
   Status record_3pc(const PgOp& op, const std::string& pgg);

@@ -188,7 +188,7 @@ std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& st
 
 }  // namespace
 
-BranchRun run_branch(PgConn& c, bool begin, const std::vector<PipelineStep>& statements,
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
                      Finish finish, std::string_view pg_gid, std::string_view coordinator,
                      int64_t epoch, int64_t seq) {
   BranchRun run;
@@ -210,7 +210,7 @@ BranchRun run_branch(PgConn& c, bool begin, const std::vector<PipelineStep>& sta
   steps.reserve(statements.size() + 4);
   if (begin) steps.push_back(PipelineStep{"BEGIN", {}, true});
   size_t first = steps.size();
-  for (auto& st : statements) steps.push_back(st);
+  for (auto& st : statements) steps.push_back(std::move(st));
   size_t finish_at = steps.size();
   std::vector<Value> marker = {std::string(pg_gid), std::string(coordinator), std::to_string(epoch),
                                std::to_string(seq)};

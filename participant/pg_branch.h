@@ -80,7 +80,7 @@ struct BranchRun {
 // PREPARE TRANSACTION (as prepare() below), or for Finish::commit the marker and COMMIT (as
 // commit_one_phase() below). After a failed statement the block is left open for the caller
 // to roll back when nothing follows (Finish::none), and rolled back otherwise.
-BranchRun run_branch(PgConn& c, bool begin, const std::vector<PipelineStep>& statements,
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
                      Finish finish, std::string_view pg_gid, std::string_view coordinator,
                      int64_t epoch, int64_t seq);
 
