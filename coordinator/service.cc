@@ -276,9 +276,17 @@ void CoordinatorService::send_alone(const Url& url, Outgoing out) {
   SendOptions opts;
   opts.timeout_ms = out.timeout_ms;
   opts.idempotent = !out.exec;  // statements must never run twice: no automatic retry
-  client_.send(url, std::move(req), opts, [this, m = std::move(out.m), exec = out.exec](HttpResult res) {
+  transmit(url, std::move(req), opts, [this, m = std::move(out.m), exec = out.exec](HttpResult res) {
     deliver(m, exec, res);
   });
+}
+
+void CoordinatorService::transmit(const Url& url, HttpRequest req, SendOptions opts,
+                                  std::function<void(HttpResult)> done) {
+  if (cfg_.transport)
+    cfg_.transport(url, std::move(req), opts, std::move(done));
+  else
+    client_.send(url, std::move(req), opts, std::move(done));
 }
 
 void CoordinatorService::deliver(const Message& m, bool exec, const HttpResult& res) {
@@ -358,7 +366,7 @@ void CoordinatorService::pump(const std::string& lane_key) {
       req.body = std::move(body);
     }
     auto items = std::make_shared<std::vector<Outgoing>>(std::move(batch));
-    client_.send(url, std::move(req), opts, [this, items, lane_key](HttpResult res) {
+    transmit(url, std::move(req), opts, [this, items, lane_key](HttpResult res) {
       if (items->size() == 1) {
         deliver((*items)[0].m, (*items)[0].exec, res);
       } else {

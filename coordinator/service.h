@@ -35,6 +35,11 @@
 
 namespace tpc::coord {
 
+// How protocol messages reach the agents. Empty: HTTP (the HttpClient). The benchmark plugs in
+// participants that answer at once, to measure the coordinator alone.
+using Transport = std::function<void(const Url& url, HttpRequest request, SendOptions opts,
+                                     std::function<void(HttpResult)> done)>;
+
 struct CoordinatorConfig {
   HttpServerOptions http;
   int threads = 2;
@@ -51,6 +56,7 @@ struct CoordinatorConfig {
   size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
   size_t agent_requests_max = 4;  // phase-2 requests in flight per agent; more messages wait
   size_t batch_max = 64;          // messages in one POST /v1/batch (1: never batch)
+  Transport transport;            // empty: HTTP
 };
 
 class CoordinatorService {
@@ -96,6 +102,7 @@ class CoordinatorService {
   void send_alone(const Url& url, Outgoing out);
   void pump(const std::string& lane);
   void deliver(const Message& m, bool exec, const HttpResult& res);
+  void transmit(const Url& url, HttpRequest req, SendOptions opts, std::function<void(HttpResult)> done);
   void delivered(const Message& m, bool exec, BranchReply br, Json results, bool answered);
   void reply(const ClientReply& r);
   void answer(const ClientReply& r, const Responder& respond);

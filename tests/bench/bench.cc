@@ -12,7 +12,9 @@
 //                     parallel): the ceiling
 //   interactive       begin → exec on each agent (in parallel) → commit, over the HTTP API
 //   oneshot           POST /v1/transactions/run carrying every branch's statement
-//   coordinator-only  oneshot against fake participants that answer at once
+//   coordinator-only  oneshot against a coordinator in this process whose participants are
+//                     in-process fakes answering at once: the coordinator's own ceiling (its
+//                     HTTP API, state machine and group-committed decision log)
 //
 //   tpc-bench [--participants 2,4] [--concurrency 1,8,32,64] [--modes ...] [--seconds 5]
 //             [--repeat 3] [--accounts 10000] [--json] [--recovery 100000]
@@ -45,6 +47,8 @@
 #include "common/http_client.h"
 #include "common/http_server.h"
 #include "common/json.h"
+#include "common/log.h"
+#include "coordinator/service.h"
 #include "tests/harness/harness.h"
 #include "wal/decision_log.h"
 
@@ -165,8 +169,7 @@ class Rig {
   void stop();
 
  private:
-  Status start_coordinator(std::unique_ptr<Process>* p, Url* url, const std::string& dir,
-                           const std::vector<std::string>& participants);
+  Status start_in_process_coordinator();
   Status wait_healthy(const Url& url);
   // One transaction of the mode; returns false on an error.
   bool raw_txn(std::vector<PGconn*>& conns, std::mt19937_64& rng, uint64_t n, bool two_phase, int client);
@@ -180,9 +183,11 @@ class Rig {
   std::vector<std::unique_ptr<PgCluster>> pg_;
   std::vector<std::unique_ptr<Process>> agents_;
   std::vector<Url> agent_urls_;
-  std::unique_ptr<Process> coordinator_, fake_coordinator_;
+  std::unique_ptr<Process> coordinator_;
   Url coordinator_url_, fake_coordinator_url_;
-  FakeAgents fakes_;
+  StderrSink sink_;
+  std::unique_ptr<Logger> logger_;
+  std::unique_ptr<coord::CoordinatorService> in_process_;
   std::unique_ptr<EventLoop> client_loop_;
 };
 
@@ -193,20 +198,6 @@ Status Rig::wait_healthy(const Url& url) {
     sleep_ms(50);
   }
   return unavailable("no healthy answer from " + url.to_string());
-}
-
-Status Rig::start_coordinator(std::unique_ptr<Process>* p, Url* url, const std::string& dir,
-                              const std::vector<std::string>& participants) {
-  url->host = "127.0.0.1";
-  url->port = testing::free_port();
-  std::vector<std::string> argv = {testing::bin_dir() + "/tpc-coordinator", "--listen",
-                                   "127.0.0.1:" + std::to_string(url->port), "--data-dir", dir,
-                                   "--log-level", "warn"};
-  for (auto& part : participants) argv.push_back("--participant=" + part);
-  auto proc = Process::spawn(argv, dir + ".log");
-  if (!proc.ok()) return proc.status();
-  *p = std::move(*proc);
-  return wait_healthy(*url);
 }
 
 Status Rig::start() {
@@ -264,18 +255,68 @@ Status Rig::start() {
     agents_.push_back(std::move(*p));
     TPC_RETURN_IF_ERROR(wait_healthy(agent_urls_[i]));
   }
-  TPC_RETURN_IF_ERROR(fakes_.start(n_));
-  std::vector<std::string> fake_parts;
-  for (int i = 0; i < n_; ++i) fake_parts.push_back("a" + std::to_string(i) + "=" + fakes_.url(i));
-  TPC_RETURN_IF_ERROR(start_coordinator(&fake_coordinator_, &fake_coordinator_url_, dir_ + "/fake-coordinator", fake_parts));
+  TPC_RETURN_IF_ERROR(start_in_process_coordinator());
   client_loop_ = std::make_unique<EventLoop>(1);
   client_loop_->start();
   return ok_status();
 }
 
+// Participants that answer every message at once, without a network: what is left is the
+// coordinator's own work.
+void fake_participant(const Url&, HttpRequest req, SendOptions, std::function<void(HttpResult)> done) {
+  HttpResult r;
+  r.http_status = 200;
+  std::string_view path = req.target;
+  if (path == "/v1/batch") {
+    auto j = parse_json(req.body);
+    std::string body = "{\"responses\":[";
+    size_t n = j.ok() && j->contains("requests") ? (*j)["requests"].size() : 0;
+    for (size_t i = 0; i < n; ++i) {
+      std::string p = (*j)["requests"][i]["path"];
+      body += i ? "," : "";
+      body += p.ends_with("/abort") ? R"({"status":200,"body":{"state":"aborted"}})"
+                                    : R"({"status":200,"body":{"state":"committed"}})";
+    }
+    r.body = body + "]}";
+  } else if (path.ends_with("/exec")) {
+    r.body = req.body.find("\"commit\":true") != std::string::npos
+                 ? R"({"results":[],"state":"committed"})"
+                 : R"({"results":[],"state":"prepared","vote":"yes"})";
+  } else if (path.ends_with("/prepare")) {
+    r.body = R"({"state":"prepared","vote":"yes"})";
+  } else if (path.ends_with("/precommit")) {
+    r.body = R"({"state":"precommitted"})";
+  } else if (path.ends_with("/abort")) {
+    r.body = R"({"state":"aborted"})";
+  } else {
+    r.body = R"({"state":"committed"})";
+  }
+  done(std::move(r));
+}
+
+Status Rig::start_in_process_coordinator() {
+  logger_ = std::make_unique<Logger>(&sink_, LogFormat::text, LogLevel::warn);
+  coord::CoordinatorConfig cfg;
+  cfg.http.port = 0;
+  cfg.machine.coordinator_id = "c1";
+  for (int i = 0; i < n_; ++i) cfg.participants["a" + std::to_string(i)] = "http://127.0.0.1:1";
+  cfg.transport = fake_participant;
+  wal::LevelDbOptions lo;
+  lo.dir = dir_ + "/in-process-coordinator";
+  auto log = wal::open_leveldb_log(lo);
+  if (!log.ok()) return log.status();
+  auto svc = coord::CoordinatorService::start(cfg, std::move(*log), *logger_);
+  if (!svc.ok()) return svc.status();
+  in_process_ = std::move(*svc);
+  fake_coordinator_url_.host = "127.0.0.1";
+  fake_coordinator_url_.port = in_process_->port();
+  return wait_healthy(fake_coordinator_url_);
+}
+
 void Rig::stop() {
   coordinator_.reset();
-  fake_coordinator_.reset();
+  if (in_process_) in_process_->shutdown(1'000);
+  in_process_.reset();
   agents_.clear();
   if (client_loop_) client_loop_->stop();
   pg_.clear();
