@@ -79,8 +79,36 @@ void CoordinatorMachine::set_state(Txn& t, TxnState to) {
   t.state = to;
 }
 
-void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch) {
-  timers_.push(Timer{at_ms, t.gid, kind, branch});
+namespace {
+int lane_of(TimerKind kind) {
+  switch (kind) {
+    case TimerKind::txn_timeout: return 0;
+    case TimerKind::prepare_timeout: return 1;
+    case TimerKind::wait_timeout: return 2;
+    case TimerKind::resend: break;
+  }
+  return -1;
+}
+}  // namespace
+
+void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch, bool fixed) {
+  int lane = fixed ? lane_of(kind) : -1;
+  if (lane >= 0)
+    timer_lanes_[lane].push_back(Timer{at_ms, t.gid, kind, branch});
+  else
+    timers_.push(Timer{at_ms, t.gid, kind, branch});
+}
+
+int CoordinatorMachine::next_timer_source() const {
+  int best = timers_.empty() ? -1 : 3;
+  for (int i = 0; i < 3; ++i)
+    if (!timer_lanes_[i].empty() && (best < 0 || timer_lanes_[i].front().at_ms < timer_at(best).at_ms))
+      best = i;
+  return best;
+}
+
+const CoordinatorMachine::Timer& CoordinatorMachine::timer_at(int source) const {
+  return source == 3 ? timers_.top() : timer_lanes_[source].front();
 }
 
 void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
@@ -376,6 +404,13 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
 
 Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64_t> timeout_ms,
                                           int64_t now_ms) {
+  return begin_txn(protocol, timeout_ms, true, now_ms);
+}
+
+// `expires`: whether the transaction's timeout is armed. A one-shot transaction is committed in
+// the same step it begins, so it never waits as active and needs no timer.
+Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<int64_t> timeout_ms,
+                                              bool expires, int64_t now_ms) {
   TPC_ASSERT(epoch_ > 0);
   if (live_.size() >= opts_.open_txns_max)
     return unavailable("too many open transactions (open_txns_max=" +
@@ -394,7 +429,8 @@ Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64
   std::string gid = t.gid;
   Txn& tx = live_.emplace(gid, std::move(t)).first->second;
   unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
-  schedule(tx, tx.deadline_ms, TimerKind::txn_timeout);
+  if (expires)
+    schedule(tx, tx.deadline_ms, TimerKind::txn_timeout, 0, !timeout_ms.has_value());
   ++counters_.begun[proto_index(protocol)];
   if (log_.enabled(LogLevel::info))
     log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
@@ -472,7 +508,7 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
   if (t->decision == Decision::commit && t->decision_durable && opts.wait_decision_only)
     return reply_for(*t, RequestKind::commit, waiter);
   t->waiters.push_back(Waiter{waiter, RequestKind::commit, opts.wait_decision_only});
-  schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout);
+  schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
   if (t->state != TxnState::active || t->decision != Decision::none)
     return std::nullopt;  // joins the commit in progress
 
@@ -496,7 +532,7 @@ Result<std::string> CoordinatorMachine::run(Protocol protocol, const std::vector
     for (size_t j = 0; j < i; ++j)
       if (branches[i].participant == branches[j].participant)
         return invalid_argument("participant " + branches[i].participant + " appears twice");
-  auto view = begin(protocol, std::nullopt, now_ms);
+  auto view = begin_txn(protocol, std::nullopt, false, now_ms);
   if (!view.ok()) return view.status();
   Txn& t = *find(view->gid);
   t.oneshot = true;
@@ -655,7 +691,7 @@ GidParts CoordinatorMachine::finished_below() const {
 void CoordinatorMachine::start_prepare(Txn& t, int64_t now_ms) {
   set_state(t, TxnState::preparing);
   t.prepare_deadline_ms = now_ms + opts_.prepare_timeout_ms;
-  schedule(t, t.prepare_deadline_ms, TimerKind::prepare_timeout);
+  schedule(t, t.prepare_deadline_ms, TimerKind::prepare_timeout, 0, true);
   send_to_all(t, BranchState::active, MsgKind::prepare);
 }
 
@@ -933,9 +969,15 @@ void CoordinatorMachine::answer_waiters(Txn& t, bool only_decision_waiters) {
 // --- time ----------------------------------------------------------------------------------
 
 void CoordinatorMachine::tick(int64_t now_ms) {
-  while (!timers_.empty() && timers_.top().at_ms <= now_ms) {
-    Timer timer = timers_.top();
-    timers_.pop();
+  for (int source; (source = next_timer_source()) >= 0 && timer_at(source).at_ms <= now_ms;) {
+    Timer timer;
+    if (source == 3) {
+      timer = timers_.top();
+      timers_.pop();
+    } else {
+      timer = std::move(timer_lanes_[source].front());
+      timer_lanes_[source].pop_front();
+    }
     on_timer(timer, now_ms);
   }
 }
@@ -978,7 +1020,8 @@ void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
     case TimerKind::wait_timeout: {
       // Commit requests still waiting get 202 "committing" once the decision is commit.
       if (t->decision != Decision::commit || !t->decision_durable) {
-        if (t->decision == Decision::none) schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout);
+        if (t->decision == Decision::none)
+          schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
         return;
       }
       answer_waiters(*t, false);
@@ -988,8 +1031,9 @@ void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
 }
 
 std::optional<int64_t> CoordinatorMachine::next_deadline_ms() const {
-  if (timers_.empty()) return std::nullopt;
-  return timers_.top().at_ms;
+  int source = next_timer_source();
+  if (source < 0) return std::nullopt;
+  return timer_at(source).at_ms;
 }
 
 Ready CoordinatorMachine::take_ready() {

@@ -18,7 +18,9 @@
 // Threads: not thread-safe; the driver serialises every call (one mutex).
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <optional>
 #include <queue>
@@ -171,7 +173,14 @@ class CoordinatorMachine {
   void send(Txn& t, size_t branch, MsgKind kind);
   void send_to_all(Txn& t, BranchState from, MsgKind kind);
   void force_pending(Txn& t, BranchState to);
-  void schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch = 0);
+  // `fixed` timers are all set the same delay ahead, so they fire in the order they were set:
+  // they go into a FIFO lane per kind (constant cost) instead of the heap.
+  void schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch = 0, bool fixed = false);
+  // The lane (0..2) or the heap (3) whose next timer is the earliest; -1 when there are none.
+  int next_timer_source() const;
+  const Timer& timer_at(int source) const;
+  Result<TxnView> begin_txn(Protocol protocol, std::optional<int64_t> timeout_ms, bool expires,
+                            int64_t now_ms);
   void schedule_resend(Txn& t, size_t branch, int64_t now_ms);
   void maybe_finish(Txn& t, int64_t now_ms);
   void finish(const std::string& gid, int64_t now_ms);
@@ -199,6 +208,7 @@ class CoordinatorMachine {
   std::map<uint64_t, TxnView> finished_by_serial_;
   std::unordered_map<std::string, uint64_t> finished_index_;
   std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
+  std::array<std::deque<Timer>, 3> timer_lanes_;  // by TimerKind: txn, prepare, wait timeouts
   // Unfinished gids ordered by (epoch, seq), for finished_below().
   std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
 

@@ -413,6 +413,49 @@ TEST_CASE("an active transaction past its timeout aborts") {
   CHECK(f.m->lookup(v->gid).view.reason == "timeout");
 }
 
+TEST_CASE("timers fire by deadline whether set with the default delay or their own") {
+  MachineOptions o;
+  o.txn_timeout_default_ms = 10'000;
+  Fixture f(o);
+  // The default-timeout transaction begins first but expires last; the own-timeout ones sit
+  // in the heap and must still fire first, in deadline order.
+  std::string slow = f.begin_with({"a1"});
+  auto late = f.m->begin(Protocol::two_phase, 8'000, f.now);
+  auto early = f.m->begin(Protocol::two_phase, 3'000, f.now);
+  REQUIRE(late.ok());
+  REQUIRE(early.ok());
+  CHECK(f.m->next_deadline_ms() == f.now + 3'000);
+  f.m->tick(f.now + 3'000);
+  CHECK(f.state(early->gid) != TxnState::active);
+  CHECK(f.state(late->gid) == TxnState::active);
+  CHECK(f.state(slow) == TxnState::active);
+  CHECK(f.m->next_deadline_ms() == f.now + 8'000);
+  f.m->tick(f.now + 9'999);
+  CHECK(f.state(late->gid) != TxnState::active);
+  CHECK(f.state(slow) == TxnState::active);
+  CHECK(f.m->next_deadline_ms() == f.now + 10'000);
+  f.m->tick(f.now + 10'000);
+  CHECK(f.m->lookup(slow).view.reason == "timeout");
+}
+
+TEST_CASE("a one-shot transaction arms no transaction timeout; its prepare timeout still applies") {
+  MachineOptions o;
+  o.txn_timeout_default_ms = 60'000;
+  o.prepare_timeout_ms = 500;
+  Fixture f(o);
+  auto gid = f.m->run(Protocol::two_phase, {{"a1", "http://h:1"}, {"a2", "http://h:2"}}, 7, {}, f.now);
+  REQUIRE(gid.ok());
+  f.ready();
+  CHECK(f.m->next_deadline_ms() == f.now + 500);
+  f.m->tick(f.now + 500);
+  CHECK(f.m->lookup(*gid).view.reason == "prepare_timeout");
+  // Nothing is left waiting for the 60 s transaction timeout.
+  for (auto next = f.m->next_deadline_ms(); next; next = f.m->next_deadline_ms()) {
+    CHECK(*next < f.now + 60'000);
+    f.m->tick(*next);
+  }
+}
+
 TEST_CASE("a commit not finished within commit_wait_ms is answered 202 committing") {
   Fixture f;
   std::string gid = f.begin_with({"a1", "a2"});

@@ -322,6 +322,8 @@ Result<std::unique_ptr<DecisionLog>> open_leveldb_log(const LevelDbOptions& opts
   lo.paranoid_checks = true;
   lo.block_cache = cache.get();
   lo.write_buffer_size = opts.write_buffer_bytes;
+  // Records are short and mostly distinct ids: Snappy saves little and costs CPU on every write.
+  lo.compression = leveldb::kNoCompression;
 
   leveldb::DB* raw = nullptr;
   const leveldb::Status s = leveldb::DB::Open(lo, opts.dir, &raw);
