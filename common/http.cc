@@ -150,4 +150,28 @@ Result<Url> parse_url(std::string_view text) {
   return u;
 }
 
+std::vector<std::string_view> split_path(std::string_view path) {
+  std::vector<std::string_view> parts;
+  while (!path.empty()) {
+    if (path[0] == '/') {
+      path.remove_prefix(1);
+      continue;
+    }
+    size_t slash = path.find('/');
+    parts.push_back(path.substr(0, slash));
+    path = slash == std::string_view::npos ? std::string_view() : path.substr(slash);
+  }
+  return parts;
+}
+
+bool has_bearer_token(const HttpRequest& req, std::string_view token) {
+  std::string_view got = req.header("authorization");
+  constexpr std::string_view kBearer = "Bearer ";
+  if (got.size() != kBearer.size() + token.size() || !got.starts_with(kBearer)) return false;
+  got.remove_prefix(kBearer.size());
+  unsigned char diff = 0;
+  for (size_t i = 0; i < token.size(); ++i) diff |= static_cast<unsigned char>(got[i] ^ token[i]);
+  return diff == 0;
+}
+
 }  // namespace tpc

@@ -76,4 +76,10 @@ Result<Url> parse_url(std::string_view text);
 // "%XX" decoding for path segments and query values; nullopt on a malformed escape.
 std::optional<std::string> percent_decode(std::string_view s);
 
+// The non-empty segments of a path: "/v1/transactions/x" → {"v1", "transactions", "x"}.
+std::vector<std::string_view> split_path(std::string_view path);
+
+// Whether the request carries "Authorization: Bearer <token>", compared in constant time.
+bool has_bearer_token(const HttpRequest& req, std::string_view token);
+
 }  // namespace tpc

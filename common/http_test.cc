@@ -765,5 +765,23 @@ TEST_CASE("throughput of the client against the server on loopback" * doctest::s
       n * 1000.0 / static_cast<double>(ms), cpu_per_req, failed.load());
 }
 
+TEST_CASE("split_path keeps the non-empty segments; the bearer check wants the exact token") {
+  CHECK(split_path("/v1/transactions/c1-9-1/commit") ==
+        std::vector<std::string_view>{"v1", "transactions", "c1-9-1", "commit"});
+  CHECK(split_path("//v1//x/") == std::vector<std::string_view>{"v1", "x"});
+  CHECK(split_path("/").empty());
+
+  HttpRequest req;
+  CHECK_FALSE(has_bearer_token(req, "s3cret"));
+  req.headers = {{"authorization", "Bearer s3cret"}};
+  CHECK(has_bearer_token(req, "s3cret"));
+  CHECK_FALSE(has_bearer_token(req, "s3cre"));
+  CHECK_FALSE(has_bearer_token(req, "s3creT"));
+  req.headers = {{"authorization", "Basic s3cret"}};
+  CHECK_FALSE(has_bearer_token(req, "s3cret"));
+  req.headers = {{"authorization", "Bearer s3cret "}};
+  CHECK_FALSE(has_bearer_token(req, "s3cret"));
+}
+
 }  // namespace
 }  // namespace tpc

@@ -149,4 +149,8 @@ HttpResponse json_response(int http_status, const Json& body) {
   return r;
 }
 
+HttpResponse method_not_allowed() {
+  return error_response(405, "method_not_allowed", "method not allowed on this path");
+}
+
 }  // namespace tpc

@@ -59,5 +59,7 @@ HttpResponse error_response(const Status& s, const Json& extra = Json::object())
 HttpResponse error_response(int http_status, std::string_view code, std::string_view message,
                             const Json& extra = Json::object());
 HttpResponse json_response(int http_status, const Json& body);
+// 405 with the error body every service uses.
+HttpResponse method_not_allowed();
 
 }  // namespace tpc

@@ -13,31 +13,6 @@ namespace {
 constexpr char kEpochKey[] = "epoch";
 constexpr char kForgottenKey[] = "forgotten_below";
 
-std::vector<std::string_view> split_path(std::string_view path) {
-  std::vector<std::string_view> parts;
-  while (!path.empty()) {
-    if (path[0] == '/') {
-      path.remove_prefix(1);
-      continue;
-    }
-    size_t slash = path.find('/');
-    parts.push_back(path.substr(0, slash));
-    path = slash == std::string_view::npos ? std::string_view() : path.substr(slash);
-  }
-  return parts;
-}
-
-bool constant_time_equal(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
-
-HttpResponse method_not_allowed() {
-  return error_response(405, "method_not_allowed", "method not allowed on this path");
-}
-
 std::optional<GidParts> parse_horizon(const std::string& text) {
   size_t colon = text.find(':');
   if (colon == std::string::npos) return std::nullopt;
@@ -480,8 +455,7 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
       respond(error_response(unavailable("recovering: replaying and finishing decided transactions")));
     return;
   }
-  if (!cfg_.token.empty() &&
-      !constant_time_equal(req.header("authorization"), "Bearer " + cfg_.token)) {
+  if (!cfg_.token.empty() && !has_bearer_token(req, cfg_.token)) {
     respond(error_response(Status(Code::unauthorized, "missing or wrong bearer token")));
     return;
   }

@@ -11,31 +11,6 @@
 namespace tpc::agent {
 namespace {
 
-std::vector<std::string_view> split_path(std::string_view path) {
-  std::vector<std::string_view> parts;
-  while (!path.empty()) {
-    if (path[0] == '/') {
-      path.remove_prefix(1);
-      continue;
-    }
-    size_t slash = path.find('/');
-    parts.push_back(path.substr(0, slash));
-    path = slash == std::string_view::npos ? std::string_view() : path.substr(slash);
-  }
-  return parts;
-}
-
-bool constant_time_equal(std::string_view a, std::string_view b) {
-  if (a.size() != b.size()) return false;
-  unsigned char diff = 0;
-  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
-  return diff == 0;
-}
-
-HttpResponse method_not_allowed() {
-  return error_response(405, "method_not_allowed", "method not allowed on this path");
-}
-
 OpResult failed(Status s, std::string sqlstate = "") {
   OpResult r;
   r.status = std::move(s);
@@ -664,8 +639,7 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
     respond(json_response(200, Json{{"status", "ok"}, {"name", cfg_.machine.name}}));
     return;
   }
-  if (!cfg_.token.empty() &&
-      !constant_time_equal(req.header("authorization"), "Bearer " + cfg_.token)) {
+  if (!cfg_.token.empty() && !has_bearer_token(req, cfg_.token)) {
     respond(error_response(Status(Code::unauthorized, "missing or wrong bearer token")));
     return;
   }

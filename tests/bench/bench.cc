@@ -92,6 +92,31 @@ double median(std::vector<double> v) {
 
 // --- fake participants -----------------------------------------------------------------------
 
+// What a participant that agrees to everything at once answers: exec with prepare votes yes,
+// with commit commits; a batch of commits and aborts gets each acknowledged.
+std::string fake_answer(std::string_view path, const std::string& body) {
+  if (path == "/v1/batch") {
+    auto j = parse_json(body);
+    std::string out = "{\"responses\":[";
+    size_t n = j.ok() && j->contains("requests") ? (*j)["requests"].size() : 0;
+    for (size_t i = 0; i < n; ++i) {
+      std::string p = (*j)["requests"][i]["path"];
+      out += i ? "," : "";
+      out += p.ends_with("/abort") ? R"({"status":200,"body":{"state":"aborted"}})"
+                                   : R"({"status":200,"body":{"state":"committed"}})";
+    }
+    return out + "]}";
+  }
+  if (path.ends_with("/exec"))
+    return body.find("\"commit\":true") != std::string::npos ? R"({"results":[],"state":"committed"})"
+                                                             : R"({"results":[],"state":"prepared","vote":"yes"})";
+  if (path.ends_with("/prepare")) return R"({"state":"prepared","vote":"yes"})";
+  if (path.ends_with("/precommit")) return R"({"state":"precommitted"})";
+  if (path.ends_with("/commit")) return R"({"state":"committed"})";
+  if (path.ends_with("/abort")) return R"({"state":"aborted"})";
+  return R"({"status":"ok"})";
+}
+
 // Answers every agent request at once: exec with prepare votes yes, with commit commits.
 class FakeAgents {
  public:
@@ -102,32 +127,8 @@ class FakeAgents {
       HttpServerOptions o;
       o.port = 0;
       auto s = HttpServer::start(*loop_, o, [](HttpRequest&& req, Responder respond) {
-        std::string_view path = req.path();
         HttpResponse r;
-        if (path == "/v1/batch") {
-          // Every batched message here is a commit or an abort: answer each.
-          auto j = parse_json(req.body);
-          std::string body = "{\"responses\":[";
-          size_t n = j.ok() && j->contains("requests") ? (*j)["requests"].size() : 0;
-          for (size_t i = 0; i < n; ++i) {
-            std::string p = (*j)["requests"][i]["path"];
-            body += i ? "," : "";
-            body += p.ends_with("/abort") ? R"({"status":200,"body":{"state":"aborted"}})"
-                                          : R"({"status":200,"body":{"state":"committed"}})";
-          }
-          r.body = body + "]}";
-        } else if (path.ends_with("/exec"))
-          r.body = req.body.find("\"commit\":true") != std::string::npos
-                       ? R"({"results":[],"state":"committed"})"
-                       : R"({"results":[],"state":"prepared","vote":"yes"})";
-        else if (path.ends_with("/prepare"))
-          r.body = R"({"state":"prepared","vote":"yes"})";
-        else if (path.ends_with("/commit"))
-          r.body = R"({"state":"committed"})";
-        else if (path.ends_with("/abort"))
-          r.body = R"({"state":"aborted"})";
-        else
-          r.body = R"({"status":"ok"})";
+        r.body = fake_answer(req.path(), req.body);
         respond(std::move(r));
       });
       if (!s.ok()) return s.status();
@@ -268,31 +269,7 @@ Status Rig::start() {
 void fake_participant(const Url&, HttpRequest req, SendOptions, std::function<void(HttpResult)> done) {
   HttpResult r;
   r.http_status = 200;
-  std::string_view path = req.target;
-  if (path == "/v1/batch") {
-    auto j = parse_json(req.body);
-    std::string body = "{\"responses\":[";
-    size_t n = j.ok() && j->contains("requests") ? (*j)["requests"].size() : 0;
-    for (size_t i = 0; i < n; ++i) {
-      std::string p = (*j)["requests"][i]["path"];
-      body += i ? "," : "";
-      body += p.ends_with("/abort") ? R"({"status":200,"body":{"state":"aborted"}})"
-                                    : R"({"status":200,"body":{"state":"committed"}})";
-    }
-    r.body = body + "]}";
-  } else if (path.ends_with("/exec")) {
-    r.body = req.body.find("\"commit\":true") != std::string::npos
-                 ? R"({"results":[],"state":"committed"})"
-                 : R"({"results":[],"state":"prepared","vote":"yes"})";
-  } else if (path.ends_with("/prepare")) {
-    r.body = R"({"state":"prepared","vote":"yes"})";
-  } else if (path.ends_with("/precommit")) {
-    r.body = R"({"state":"precommitted"})";
-  } else if (path.ends_with("/abort")) {
-    r.body = R"({"state":"aborted"})";
-  } else {
-    r.body = R"({"state":"committed"})";
-  }
+  r.body = fake_answer(req.target, req.body);
   done(std::move(r));
 }
 
