@@ -199,13 +199,12 @@ void CoordinatorService::send(const Message& m) {
     });
     return;
   }
-  HttpRequest req;
-  req.method = "POST";
   bool exec = m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit;
   std::string action = m.kind == MsgKind::commit_one_phase ? "commit"
                        : exec                              ? "exec"
                                                            : std::string(msg_name(m.kind));
-  req.target = "/v1/branches/" + m.gid + "/" + action;
+  std::string target = "/v1/branches/" + m.gid + "/" + action;
+  std::string body;
   if (exec) {
     std::string statements;
     {
@@ -219,16 +218,14 @@ void CoordinatorService::send(const Message& m) {
         }
       }
     }
-    req.body = encode_message_body(m, statements);
+    body = encode_message_body(m, statements);
   } else {
-    req.body = encode_message_body(m);
+    body = encode_message_body(m);
   }
-  if (!cfg_.participant_token.empty())
-    req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   int64_t timeout_ms = m.kind == MsgKind::prepare || m.kind == MsgKind::exec_prepare
                            ? cfg_.machine.prepare_timeout_ms
                            : cfg_.message_timeout_ms;
-  Outgoing out{m, std::move(req.target), std::move(req.body), timeout_ms, exec};
+  Outgoing out{m, std::move(target), std::move(body), timeout_ms, exec};
   // Only phase-2 messages are batched: running them never waits on another transaction's vote.
   // A prepare or a statement may wait on a lock held by a transaction whose own vote would then
   // be stuck in the same batch's answer — a deadlock until the prepare timeout. They go alone.
@@ -243,11 +240,8 @@ void CoordinatorService::send(const Message& m) {
 
 void CoordinatorService::send_alone(const Url& url, Outgoing out) {
   HttpRequest req;
-  req.method = "POST";
   req.target = std::move(out.target);
   req.body = std::move(out.body);
-  if (!cfg_.participant_token.empty())
-    req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   SendOptions opts;
   opts.timeout_ms = out.timeout_ms;
   opts.idempotent = !out.exec;  // statements must never run twice: no automatic retry
@@ -256,8 +250,12 @@ void CoordinatorService::send_alone(const Url& url, Outgoing out) {
   });
 }
 
+// Every request to an agent is a POST, with the participants' token when there is one.
 void CoordinatorService::transmit(const Url& url, HttpRequest req, SendOptions opts,
                                   std::function<void(HttpResult)> done) {
+  req.method = "POST";
+  if (!cfg_.participant_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   if (cfg_.transport)
     cfg_.transport(url, std::move(req), opts, std::move(done));
   else
@@ -316,9 +314,6 @@ void CoordinatorService::pump(const std::string& lane_key) {
       url = lane.url;
     }
     HttpRequest req;
-    req.method = "POST";
-    if (!cfg_.participant_token.empty())
-      req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
     SendOptions opts;
     opts.timeout_ms = 0;
     bool exec = false;

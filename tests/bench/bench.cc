@@ -565,13 +565,7 @@ Status recovery_benchmark(int64_t count, Json* out) {
     if (!healthy) sleep_ms(5);
   }
   int64_t t1 = now_us();
-  std::string log_text;
-  {
-    std::ifstream in(dir + "/coordinator.log");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    log_text = ss.str();
-  }
+  std::string log_text = testing::read_file(dir + "/coordinator.log");
   bool all_finished = log_text.find("recovery still driving") == std::string::npos;
   *out = Json{{"transactions", count},
               {"seconds_to_healthy", static_cast<double>(t1 - t0) / 1e6},

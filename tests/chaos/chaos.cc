@@ -42,6 +42,7 @@ namespace {
 
 using testing::PgCluster;
 using testing::Process;
+using testing::read_file;
 
 constexpr int kAccounts = 20;
 constexpr int64_t kInitial = 10'000;
@@ -66,13 +67,6 @@ int64_t now_ms() {
 }
 
 void sleep_ms(int64_t ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 std::string json_string(const Json& j, const char* key) {
   return j.is_object() && j.contains(key) && j[key].is_string() ? j[key].get<std::string>() : "";

@@ -355,6 +355,8 @@ Result<PGconn*> open_conn(PgHandle& h, const std::string& conninfo) {
 
 }  // namespace
 
+std::string read_file(const std::string& path) { return read_file_from(path, 0); }
+
 uint16_t free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   TPC_ASSERT_MSG(fd >= 0, "socket() failed");

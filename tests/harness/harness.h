@@ -26,6 +26,8 @@ uint16_t free_port();
 std::string make_temp_dir(std::string_view prefix);
 // rm -rf
 void remove_tree(const std::string& path);
+// The whole content of a file; empty when it cannot be read.
+std::string read_file(const std::string& path);
 // The directory holding the project's binaries (build/bin), from the TPC_BIN_DIR definition.
 std::string bin_dir();
 

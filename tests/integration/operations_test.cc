@@ -17,13 +17,6 @@ using namespace tpc::testing;
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 // Runs a binary to its exit; returns the exit code and its output.
 int run(const std::vector<std::string>& argv, std::string* output, int64_t timeout_ms = 20'000) {
   std::string dir = make_temp_dir("tpc-run");

@@ -16,13 +16,6 @@ using namespace tpc::testing;
 
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 Testbed::Options three_pc_options() {
   Testbed::Options o;
   o.agent_args = {"--precommit-timeout-ms", "1000", "--commit-timeout-ms", "1000"};
@@ -32,6 +25,16 @@ Testbed::Options three_pc_options() {
 void legs(Testbed& t, const std::string& gid, int64_t amount) {
   REQUIRE(t.move(0, gid, 1, -amount).status == 200);
   REQUIRE(t.move(1, gid, 1, amount).status == 200);
+}
+
+// Begins a 3PC transfer of 100, commits it, and waits for the coordinator to die at the
+// failpoint it was started with; returns the gid.
+std::string transfer_until_coordinator_dies(Testbed& t) {
+  std::string gid = t.begin("3pc");
+  legs(t, gid, 100);
+  CHECK_FALSE(t.commit(gid).transport.ok());
+  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  return gid;
 }
 
 int64_t state_rows(Testbed& t, int bank) {
@@ -81,10 +84,7 @@ TEST_CASE("3PC: coordinator killed after the pre-commit decision is logged: reco
   Testbed::Options o = three_pc_options();
   o.coordinator_failpoints = "coord.after_precommit_logged=crash";
   Testbed& t = Testbed::fresh(o);
-  std::string gid = t.begin("3pc");
-  legs(t, gid, 100);
-  CHECK_FALSE(t.commit(gid).transport.ok());
-  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  std::string gid = transfer_until_coordinator_dies(t);
   t.start_coordinator();
   INFO(t.logs());
   CHECK(t.wait_state(gid, "committed"));
@@ -97,10 +97,7 @@ TEST_CASE("3PC: coordinator killed after the first pre-commit and gone: the agen
   Testbed::Options o = three_pc_options();
   o.coordinator_failpoints = "coord.after_first_precommit_sent=crash";
   Testbed& t = Testbed::fresh(o);
-  std::string gid = t.begin("3pc");
-  legs(t, gid, 100);
-  CHECK_FALSE(t.commit(gid).transport.ok());
-  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  std::string gid = transfer_until_coordinator_dies(t);
   INFO(t.logs());
   // No coordinator: each agent times out, asks its peer, and at least one of them is
   // pre-committed, so both commit.
@@ -118,10 +115,7 @@ TEST_CASE("3PC: coordinator killed before its decision and gone: the agents abor
   Testbed::Options o = three_pc_options();
   o.coordinator_failpoints = "coord.before_decision_log=crash";
   Testbed& t = Testbed::fresh(o);
-  std::string gid = t.begin("3pc");
-  legs(t, gid, 100);
-  CHECK_FALSE(t.commit(gid).transport.ok());
-  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  std::string gid = transfer_until_coordinator_dies(t);
   INFO(t.logs());
   CHECK(eventually([&] { return t.prepared(0) == 0 && t.prepared(1) == 0; }, 20'000));
   CHECK(t.balance(0, 1) == 1000);
