@@ -138,6 +138,15 @@ void AgentService::run(Ready ready) {
   for (auto& r : ready.replies) reply(r);
 }
 
+HttpRequest AgentService::coordinator_request(std::string method, std::string target) const {
+  HttpRequest req;
+  req.method = std::move(method);
+  req.target = std::move(target);
+  if (!cfg_.coordinator_token.empty())
+    req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+  return req;
+}
+
 const std::string* AgentService::coordinator_url(std::string_view gid) const {
   auto parts = parse_gid(gid);
   if (!parts) return nullptr;
@@ -206,12 +215,8 @@ void AgentService::enlist(const std::string& gid) {
     with_machine([&](AgentMachine& m) { m.on_enlisted(gid, not_found(url.status().message()), 0, wall_ms()); });
     return;
   }
-  HttpRequest req;
-  req.method = "POST";
-  req.target = "/v1/transactions/" + gid + "/branches";
+  HttpRequest req = coordinator_request("POST", "/v1/transactions/" + gid + "/branches");
   req.body = dump(Json{{"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}});
-  if (!cfg_.coordinator_token.empty())
-    req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
   SendOptions opts;
   opts.timeout_ms = cfg_.coordinator_timeout_ms;
   client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
@@ -236,11 +241,7 @@ void AgentService::ask(const std::string& gid) {
     });
     return;
   }
-  HttpRequest req;
-  req.method = "GET";
-  req.target = "/v1/transactions/" + gid;
-  if (!cfg_.coordinator_token.empty())
-    req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+  HttpRequest req = coordinator_request("GET", "/v1/transactions/" + gid);
   SendOptions opts;
   opts.timeout_ms = cfg_.coordinator_timeout_ms;
   client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
@@ -589,11 +590,7 @@ void AgentService::purge() {
   for (auto& [id, base] : cfg_.coordinators) {
     auto url = parse_url(base);
     if (!url.ok()) continue;
-    HttpRequest req;
-    req.method = "GET";
-    req.target = "/v1/status";
-    if (!cfg_.coordinator_token.empty())
-      req.headers.emplace_back("authorization", "Bearer " + cfg_.coordinator_token);
+    HttpRequest req = coordinator_request("GET", "/v1/status");
     SendOptions opts;
     opts.timeout_ms = cfg_.coordinator_timeout_ms;
     client_.send(*url, std::move(req), opts, [this, id = id](HttpResult res) {

@@ -121,6 +121,8 @@ class AgentService {
   void list(const HttpRequest& req, const Responder& respond);
   void batch(const HttpRequest& req, const Responder& respond);
   const std::string* coordinator_url(std::string_view gid) const;
+  // A request to the coordinator, with its token when there is one.
+  HttpRequest coordinator_request(std::string method, std::string target) const;
 
   void tick();
   void schedule(int64_t delay_ms, std::function<void()> fn);
