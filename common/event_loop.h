@@ -44,4 +44,27 @@ int64_t monotonic_ms();
 // Milliseconds since the Unix epoch.
 int64_t wall_ms();
 
+// The time a service gives its protocol machine: the wall clock as it read at start, then
+// advancing with the monotonic clock. A step of the wall clock (NTP, an operator, a VM
+// restore) moves no timer and ages no outcome while the process runs; the values stay close
+// enough to the wall clock to be shown as times and written into records. Across a restart
+// the new start's wall clock is the anchor: time spent down is measured by it.
+// Thread-safe (immutable after construction).
+class ServiceClock {
+ public:
+  ServiceClock() : anchor_wall_ms_(wall_ms()), anchor_monotonic_ms_(monotonic_ms()) {}
+  // For tests: anchored at the given readings.
+  ServiceClock(int64_t anchor_wall_ms, int64_t anchor_monotonic_ms)
+      : anchor_wall_ms_(anchor_wall_ms), anchor_monotonic_ms_(anchor_monotonic_ms) {}
+
+  int64_t now_ms() const { return at(monotonic_ms()); }
+  int64_t at(int64_t monotonic_now_ms) const {
+    return anchor_wall_ms_ + (monotonic_now_ms - anchor_monotonic_ms_);
+  }
+
+ private:
+  int64_t anchor_wall_ms_;
+  int64_t anchor_monotonic_ms_;
+};
+
 }  // namespace tpc

@@ -218,6 +218,26 @@ BranchReply decode_branch_answer(const Message& m, int http_status, std::string_
   return decode_branch_answer(m, http_status, j.ok() ? &*j : nullptr, transport, results);
 }
 
+// An answer that proves the agent did nothing with the request: it was refused as it arrived
+// (malformed, unauthorised, unknown path or coordinator, too large). Not 408/425/429 (try
+// again), 409/422 (they carry the branch's state or SQL error) or 5xx (anything may have
+// happened).
+static bool refused_before_acting(int http_status) {
+  switch (http_status) {
+    case 400:
+    case 401:
+    case 403:
+    case 404:
+    case 405:
+    case 411:
+    case 413:
+    case 414:
+    case 415:
+    case 431: return true;
+    default: return false;
+  }
+}
+
 BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
                                  const Status& transport, Json* results) {
   BranchReply out{m.gid, m.participant, m.kind, ReplyKind::failed, ""};
@@ -231,8 +251,10 @@ BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
   if (results && (m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit)) {
     *results = body && body->is_object() && body->contains("results") ? std::move((*body)["results"]) : Json();
   }
+  bool refused = refused_before_acting(http_status);
   switch (m.kind) {
     case MsgKind::exec_prepare:
+      if (refused) out.reply = ReplyKind::vote_no;
       if (http_status == 200) {
         if (vote == "yes") out.reply = ReplyKind::vote_yes;
         if (vote == "no") out.reply = ReplyKind::vote_no;
@@ -241,10 +263,13 @@ BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
       if (http_status == 422 || http_status == 409) out.reply = ReplyKind::vote_no;  // the statements failed
       break;
     case MsgKind::exec_commit:
+      // The statements travel only with the first attempt: a refusal of it is final.
+      if (refused) out.reply = ReplyKind::aborted;
       if (http_status == 200 && state == "committed") out.reply = ReplyKind::committed;
       if ((http_status == 409 || http_status == 422) && state == "aborted") out.reply = ReplyKind::aborted;
       break;
     case MsgKind::prepare:
+      if (refused) out.reply = ReplyKind::vote_no;
       if (http_status == 200) {
         if (vote == "yes") out.reply = ReplyKind::vote_yes;
         if (vote == "no") out.reply = ReplyKind::vote_no;
@@ -258,11 +283,17 @@ BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
       break;
     case MsgKind::commit:
     case MsgKind::commit_one_phase:
+      // A first one-phase commit refused as it arrived never committed the unprepared branch
+      // (which cannot commit without it); a resend may follow one that did.
+      if (refused && m.kind == MsgKind::commit_one_phase && m.attempt == 1) out.reply = ReplyKind::aborted;
       if (http_status == 200 && (state == "committed" || state == "read_only"))
         out.reply = ReplyKind::committed;
       if (http_status == 409 && state == "aborted") out.reply = ReplyKind::aborted;
       break;
     case MsgKind::abort:
+      // Presumed abort: an agent that refuses the abort and later finds the branch prepared
+      // asks, and a gid without a record reads aborted. A commit refused this way is retried.
+      if (refused) out.reply = ReplyKind::aborted;
       if (http_status == 200 && (state == "aborted" || state == "read_only"))
         out.reply = ReplyKind::aborted;
       if (http_status == 409 && state == "committed") out.reply = ReplyKind::committed;

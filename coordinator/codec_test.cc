@@ -145,6 +145,43 @@ TEST_CASE("agents' answers map to replies; anything unusable is failed") {
         ReplyKind::aborted);
 }
 
+TEST_CASE("an answer that proves the agent did nothing is final where it can be") {
+  const char* refusal = R"({"error":{"code":"not_found","message":"no coordinator configured for gid"}})";
+  auto msg = [](MsgKind k, uint32_t attempt) {
+    return Message{"c1-1-1", "a1", "http://h:1", k, attempt, Protocol::two_phase, {}};
+  };
+  for (int status : {400, 401, 403, 404, 413}) {
+    CAPTURE(status);
+    // Before the decision: a vote no.
+    CHECK(decode_branch_answer(msg(MsgKind::prepare, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::vote_no);
+    CHECK(decode_branch_answer(msg(MsgKind::exec_prepare, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::vote_no);
+    // A one-phase commit whose first attempt was refused never committed.
+    CHECK(decode_branch_answer(msg(MsgKind::exec_commit, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::aborted);
+    CHECK(decode_branch_answer(msg(MsgKind::commit_one_phase, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::aborted);
+    // Presumed abort lets an abort end on it.
+    CHECK(decode_branch_answer(msg(MsgKind::abort, 3), status, refusal, ok_status()).reply ==
+          ReplyKind::aborted);
+    // A resent one-phase commit may follow one that committed; a decided commit never gives up.
+    CHECK(decode_branch_answer(msg(MsgKind::commit_one_phase, 2), status, refusal, ok_status()).reply ==
+          ReplyKind::failed);
+    CHECK(decode_branch_answer(msg(MsgKind::commit, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::failed);
+    CHECK(decode_branch_answer(msg(MsgKind::precommit, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::failed);
+  }
+  for (int status : {408, 425, 429, 500, 502, 503}) {
+    CAPTURE(status);
+    CHECK(decode_branch_answer(msg(MsgKind::exec_commit, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::failed);
+    CHECK(decode_branch_answer(msg(MsgKind::abort, 1), status, refusal, ok_status()).reply ==
+          ReplyKind::failed);
+  }
+}
+
 TEST_CASE("message bodies say the protocol at prepare and one_phase at a one-phase commit") {
   Message m{"c1-1-1", "a1", "u", MsgKind::prepare, 1, Protocol::three_phase,
             {{"a1", "http://h:1"}, {"a2", "http://h:2"}}};

@@ -439,7 +439,6 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
 
 ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view participant,
                                        std::string_view url, int64_t now_ms) {
-  (void)now_ms;
   ClientReply r;
   if (!valid_participant_name(participant)) {
     r.http_status = 400;
@@ -462,6 +461,7 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
     r.http_status = 409;
     r.error = conflict("transaction " + t->gid + " is " + std::string(state_name(t->state)) +
                        "; branches enlist only while it is active");
+    refuse_enlist(*t, participant, now_ms);
     return r;
   }
   for (auto& b : t->branches) {
@@ -469,6 +469,7 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
     if (b.url != url) {
       r.http_status = 409;
       r.error = conflict("participant " + b.participant + " is enlisted with url " + b.url);
+      refuse_enlist(*t, participant, now_ms);
       return r;
     }
     r.http_status = 200;
@@ -479,6 +480,7 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
     r.http_status = 413;
     r.error = Status(Code::too_large, "a transaction has at most " +
                                           std::to_string(opts_.branches_per_txn_max) + " branches");
+    refuse_enlist(*t, participant, now_ms);
     return r;
   }
   BranchSlot b;
@@ -490,6 +492,22 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   r.http_status = 201;
   r.view = view_of(*t);
   return r;
+}
+
+// A branch the transaction could not take holds writes the client meant to commit: the
+// transaction can only roll back. Before the decision that is final (rollback-only while
+// active; an abort at once while votes are out); after it, the refused branch never ran.
+void CoordinatorMachine::refuse_enlist(Txn& t, std::string_view participant, int64_t now_ms) {
+  if (t.decision != Decision::none || t.rollback_only) return;
+  log_.warn("enlist refused: the transaction can only roll back",
+            {{"gid", t.gid}, {"branch", participant}, {"state", state_name(t.state)}});
+  if (t.state != TxnState::active) {
+    decide_abort(t, "enlist_refused", participant, now_ms);
+    return;
+  }
+  t.rollback_only = true;
+  t.reason = "enlist_refused";
+  t.reason_branch = std::string(participant);
 }
 
 std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint64_t waiter,
@@ -511,6 +529,12 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
   schedule(*t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
   if (t->state != TxnState::active || t->decision != Decision::none)
     return std::nullopt;  // joins the commit in progress
+
+  if (t->rollback_only) {
+    std::string branch = t->reason_branch;
+    decide_abort(*t, "enlist_refused", branch, now_ms);
+    return std::nullopt;
+  }
 
   if (t->branches.empty()) {
     commit_without_phase2(*t, now_ms);

@@ -169,6 +169,7 @@ class CoordinatorMachine {
   void decide_commit(Txn& t, int64_t now_ms);
   void commit_without_phase2(Txn& t, int64_t now_ms);
   void decide_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
+  void refuse_enlist(Txn& t, std::string_view participant, int64_t now_ms);
   void after_votes(Txn& t, int64_t now_ms);
   void send(Txn& t, size_t branch, MsgKind kind);
   void send_to_all(Txn& t, BranchState from, MsgKind kind);

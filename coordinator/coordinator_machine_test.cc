@@ -113,10 +113,65 @@ TEST_CASE("enlist: new, repeated, conflicting, too many, unknown and not active"
   CHECK(f.m->enlist(gid, "bad name", "http://h:3", f.now).http_status == 400);
   CHECK(f.m->enlist("c9-1-1", "a1", "http://h:1", f.now).http_status == 404);
   CHECK(f.m->enlist("c1-1-99", "a1", "http://h:1", f.now).http_status == 404);  // never issued
-  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
-  auto late = f.m->enlist(gid, "a3", "http://h:3", f.now);
+  Fixture g;
+  std::string other = g.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(g.m->commit(other, 1, {}, g.now).has_value());
+  auto late = g.m->enlist(other, "a3", "http://h:3", g.now);
   CHECK(late.http_status == 409);
   CHECK(late.error.message().find("preparing") != std::string::npos);
+}
+
+TEST_CASE("a refused enlist makes the transaction rollback-only: its commit answers aborted") {
+  for (int refusal = 0; refusal < 2; ++refusal) {
+    CAPTURE(refusal);
+    MachineOptions o;
+    o.branches_per_txn_max = 2;
+    Fixture f(o);
+    std::string gid = f.begin_with({"a1", "a2"});
+    if (refusal == 0) {
+      CHECK(f.m->enlist(gid, "a1", "http://elsewhere:1", f.now).http_status == 409);
+    } else {
+      CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 413);
+    }
+    CHECK(f.state(gid) == TxnState::active);  // the client may still abort it itself
+    REQUIRE_FALSE(f.m->commit(gid, 7, {}, f.now).has_value());
+    Ready r = f.ready();
+    CHECK(Fixture::of_kind(r, MsgKind::prepare).empty());
+    CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 2);
+    REQUIRE(r.replies.size() == 1);
+    CHECK(r.replies[0].waiter == 7);
+    CHECK(r.replies[0].http_status == 409);
+    CHECK(r.replies[0].view.state != TxnState::committed);
+    CHECK(r.replies[0].view.reason == "enlist_refused");
+    CHECK(r.replies[0].view.reason_branch == (refusal == 0 ? "a1" : "a3"));
+  }
+}
+
+TEST_CASE("an enlist refused while votes are out aborts the transaction at once") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
+  f.ready();
+  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 409);
+  Ready r = f.ready();
+  CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 2);
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].view.reason == "enlist_refused");
+  CHECK(r.replies[0].view.reason_branch == "a3");
+  // Late yes votes change nothing: the decision is abort.
+  f.reply(gid, "a1", MsgKind::prepare, ReplyKind::vote_yes);
+  f.reply(gid, "a2", MsgKind::prepare, ReplyKind::vote_yes);
+  CHECK(Fixture::of_kind(f.ready(), MsgKind::commit).empty());
+}
+
+TEST_CASE("an enlist refused after the commit decision leaves the decision alone") {
+  Fixture f;
+  std::string gid = f.begin_with({"a1", "a2"});
+  Ready d = f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  REQUIRE(d.persist.size() == 1);
+  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 409);
+  f.m->on_persisted(gid, f.now);
+  CHECK(Fixture::of_kind(f.ready(), MsgKind::commit).size() == 2);
 }
 
 TEST_CASE("2PC: the commit decision is durable before any commit is sent") {

@@ -39,7 +39,7 @@ CoordinatorService::~CoordinatorService() { shutdown(0); }
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
   std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger));
-  s->started_ms_ = wall_ms();
+  s->started_ms_ = s->clock_.now_ms();
   TPC_RETURN_IF_ERROR(s->recover());
   s->register_metrics();
   s->loop_.start();
@@ -107,7 +107,7 @@ Status CoordinatorService::recover() {
                                       {"unfinished", static_cast<uint64_t>(unfinished.size())},
                                       {"ended", ended}});
   std::lock_guard lock(mu_);
-  machine_.recover(epoch_, forgotten, std::move(unfinished), wall_ms());
+  machine_.recover(epoch_, forgotten, std::move(unfinished), clock_.now_ms());
   recovering_at_start_ = machine_.recovering();
   return ok_status();
 }
@@ -183,7 +183,7 @@ void CoordinatorService::persist(std::vector<Persist> items) {
     if (notify.empty()) return;
     TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
     with_machine([&](CoordinatorMachine& m) {
-      int64_t now = wall_ms();
+      int64_t now = clock_.now_ms();
       for (auto& gid : notify) m.on_persisted(gid, now);
     });
   });
@@ -195,7 +195,7 @@ void CoordinatorService::send(const Message& m) {
     with_machine([&](CoordinatorMachine& mach) {
       mach.on_reply(BranchReply{m.gid, m.participant, m.kind, ReplyKind::failed,
                                 url.status().message()},
-                    wall_ms());
+                    clock_.now_ms());
     });
     return;
   }
@@ -281,7 +281,7 @@ void CoordinatorService::delivered(const Message& m, bool exec, BranchReply br, 
   if (br.reply == ReplyKind::committed &&
       (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
     TPC_FAILPOINT("coord.after_first_branch_committed");
-  with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, wall_ms()); });
+  with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, clock_.now_ms()); });
 }
 
 void CoordinatorService::enqueue(const std::string& lane_key, const Url& url, Outgoing out) {
@@ -415,7 +415,7 @@ void CoordinatorService::reply(const ClientReply& r) {
     waiters_.erase(it);
   }
   if (commit_latency_ && r.kind == RequestKind::commit)
-    commit_latency_->observe(static_cast<double>(wall_ms() - p.started_ms) / 1000.0);
+    commit_latency_->observe(static_cast<double>(clock_.now_ms() - p.started_ms) / 1000.0);
   if (p.run) {
     Json results = Json::object();
     {
@@ -514,7 +514,7 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
     return;
   }
   Result<TxnView> view = unavailable("");
-  with_machine([&](CoordinatorMachine& m) { view = m.begin(body->protocol, body->timeout_ms, wall_ms()); });
+  with_machine([&](CoordinatorMachine& m) { view = m.begin(body->protocol, body->timeout_ms, clock_.now_ms()); });
   if (!view.ok()) return respond(error_response(view.status()));
   respond(json_response(201, encode_view(*view)));
 }
@@ -534,7 +534,7 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
           "unknown participant \"" + b.participant + "\" (name it with --participant NAME=URL)")));
     branches.push_back(Peer{b.participant, it->second});
   }
-  int64_t now = wall_ms();
+  int64_t now = clock_.now_ms();
   uint64_t waiter = next_waiter_++;
   {
     std::lock_guard lock(waiters_mu_);
@@ -596,7 +596,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
                                             "\" (want <coordinator>-<epoch>-<seq>)")));
     return;
   }
-  int64_t now = wall_ms();
+  int64_t now = clock_.now_ms();
   if (action.empty()) {
     Lookup l;
     {
@@ -700,7 +700,7 @@ void CoordinatorService::status(const Responder& respond) {
 
 void CoordinatorService::in_doubt(const Responder& respond) {
   std::vector<TxnView> views;
-  int64_t now = wall_ms();
+  int64_t now = clock_.now_ms();
   {
     std::lock_guard lock(mu_);
     views = machine_.in_doubt(now, cfg_.list_limit_max);
@@ -718,7 +718,7 @@ void CoordinatorService::in_doubt(const Responder& respond) {
 
 void CoordinatorService::tick() {
   if (stopping_) return;
-  int64_t now = wall_ms();
+  int64_t now = clock_.now_ms();
   size_t recovering = 0;
   with_machine([&](CoordinatorMachine& m) {
     m.tick(now);
@@ -751,11 +751,12 @@ void CoordinatorService::compaction_loop() {
 }
 
 void CoordinatorService::compact_once() {
-  int64_t cutoff = wall_ms() - cfg_.retention_ms;
+  int64_t cutoff = clock_.now_ms() - cfg_.retention_ms;
   std::vector<std::string> erase;
   std::optional<GidParts> highest;
   Status st = wal_->for_each([&](wal::TxnRecord&& r) {
-    if (!r.ended || r.ended_wall_ms >= cutoff) return;
+    // A heuristic outcome stays until an operator clears it, whatever its age.
+    if (!r.ended || r.heuristic_mixed || r.ended_wall_ms >= cutoff) return;
     auto parts = parse_gid(r.gid);
     if (!parts) return;
     if (!highest || *highest < *parts) highest = parts;
@@ -765,6 +766,7 @@ void CoordinatorService::compact_once() {
     log_.error("compaction could not read the decision log", {{"error", st.to_string()}});
     return;
   }
+  compaction_passes_.fetch_add(1, std::memory_order_relaxed);
   if (erase.empty()) return;
   GidParts below{cfg_.machine.coordinator_id, highest->epoch, highest->seq + 1};
   // The horizon goes first: a gid below it without a record then reads as forgotten, never
@@ -839,6 +841,9 @@ void CoordinatorService::register_metrics() {
   metrics_.counter_fn("tpc_coordinator_log_records_synced_total",
                       "records written in synced batches (decisions per fsync = this / fsyncs)",
                       [this] { return static_cast<double>(wal_->stats().records_synced); });
+  metrics_.counter_fn("tpc_coordinator_compaction_passes_total",
+                      "passes of compaction over the decision log",
+                      [this] { return static_cast<double>(compaction_passes_.load()); });
   commit_latency_ = &metrics_.histogram("tpc_coordinator_commit_seconds",
                                         "commit requests, from arrival to answer", latency_buckets());
 }

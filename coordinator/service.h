@@ -125,6 +125,8 @@ class CoordinatorService {
 
   CoordinatorConfig cfg_;
   Logger& log_;
+  // Every time the machine sees: monotonic, anchored at the wall clock at start.
+  const ServiceClock clock_;
   std::unique_ptr<wal::DecisionLog> wal_;
   EventLoop loop_;
   HttpClient client_;
@@ -167,6 +169,7 @@ class CoordinatorService {
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> tick_timer_{0};
 
+  std::atomic<uint64_t> compaction_passes_{0};  // reads of the log by compaction
   std::mutex compaction_mu_;
   std::condition_variable compaction_cv_;
   std::thread compaction_thread_;

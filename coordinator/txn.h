@@ -185,6 +185,7 @@ struct Txn {
   bool nothing_to_drive = false;  // committed with no writing branch: one synced record
   bool recovered = false;
   bool heuristic_mixed = false;
+  bool rollback_only = false;     // a branch's enlist was refused: commit answers aborted
   int64_t created_ms = 0;
   int64_t deadline_ms = 0;        // active timeout
   int64_t prepare_deadline_ms = 0;

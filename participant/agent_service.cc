@@ -128,7 +128,7 @@ void AgentService::run(Ready ready) {
       int64_t started = monotonic_ms();
       OpResult res = execute(op);
       if (op_latency_) op_latency_->observe(static_cast<double>(monotonic_ms() - started) / 1000.0);
-      with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), wall_ms()); });
+      with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), clock_.now_ms()); });
     });
   }
   for (auto& q : ready.peer_queries) query_peers(q);
@@ -182,7 +182,7 @@ void AgentService::query_peers(const PeerQuery& q) {
       if (--g->left > 0) return;
       all = std::move(g->answers);
     }
-    with_machine([&](AgentMachine& m) { m.on_peer_states(gid, std::move(all), wall_ms()); });
+    with_machine([&](AgentMachine& m) { m.on_peer_states(gid, std::move(all), clock_.now_ms()); });
   };
   for (auto& peer : q.peers) {
     auto url = parse_url(peer.url);
@@ -212,7 +212,7 @@ void AgentService::enlist(const std::string& gid) {
   const std::string* base = coordinator_url(gid);
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator for " + gid));
   if (!url.ok()) {
-    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, not_found(url.status().message()), 0, wall_ms()); });
+    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, not_found(url.status().message()), 0, clock_.now_ms()); });
     return;
   }
   HttpRequest req = coordinator_request("POST", "/v1/transactions/" + gid + "/branches");
@@ -222,14 +222,14 @@ void AgentService::enlist(const std::string& gid) {
   client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
     int64_t expires = 0;
     Status st = decode_enlist_answer(res.http_status, res.body, res.status, &expires);
-    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, st, expires, wall_ms()); });
+    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, st, expires, clock_.now_ms()); });
   });
 }
 
 void AgentService::ask(const std::string& gid) {
   if (TPC_FAILPOINT("agent.partition")) {
     with_machine([&](AgentMachine& m) {
-      m.on_outcome(gid, Outcome::unreachable, "partitioned (failpoint)", wall_ms());
+      m.on_outcome(gid, Outcome::unreachable, "partitioned (failpoint)", clock_.now_ms());
     });
     return;
   }
@@ -237,7 +237,7 @@ void AgentService::ask(const std::string& gid) {
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator configured"));
   if (!url.ok()) {
     with_machine([&](AgentMachine& m) {
-      m.on_outcome(gid, Outcome::unknown, "no coordinator configured for this gid", wall_ms());
+      m.on_outcome(gid, Outcome::unknown, "no coordinator configured for this gid", clock_.now_ms());
     });
     return;
   }
@@ -247,7 +247,7 @@ void AgentService::ask(const std::string& gid) {
   client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
     std::string answer;
     Outcome o = decode_outcome_answer(res.http_status, res.body, res.status, &answer);
-    with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, wall_ms()); });
+    with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, clock_.now_ms()); });
   });
 }
 
@@ -552,7 +552,7 @@ OpResult AgentService::execute(PgOp& op) {
 }
 
 Status AgentService::scan_once() {
-  int64_t started = wall_ms();
+  int64_t started = clock_.now_ms();
   auto c = acquire();
   if (!c.ok()) return c.status();
   TPC_FAILPOINT("agent.during_scan");
@@ -574,7 +574,7 @@ Status AgentService::scan_once() {
     entries.push_back(std::move(e));
   }
   release(std::move(*c));
-  with_machine([&](AgentMachine& m) { m.on_scan(std::move(entries), started, wall_ms()); });
+  with_machine([&](AgentMachine& m) { m.on_scan(std::move(entries), started, clock_.now_ms()); });
   return ok_status();
 }
 
@@ -654,7 +654,7 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       std::vector<BranchView> views;
       {
         std::lock_guard lock(mu_);
-        views = machine_.in_doubt(wall_ms());
+        views = machine_.in_doubt(clock_.now_ms());
       }
       Json arr = Json::array();
       for (auto& v : views) arr.push_back(encode_view(v));
@@ -777,7 +777,7 @@ void AgentService::list(const HttpRequest& req, const Responder& respond) {
   std::vector<BranchView> views;
   {
     std::lock_guard lock(mu_);
-    views = machine_.list(state, limit, wall_ms());
+    views = machine_.list(state, limit, clock_.now_ms());
   }
   Json arr = Json::array();
   for (auto& v : views) arr.push_back(encode_view(v));
@@ -795,7 +795,7 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
     std::optional<BranchView> v;
     {
       std::lock_guard lock(mu_);
-      v = machine_.view(gid, wall_ms());
+      v = machine_.view(gid, clock_.now_ms());
     }
     if (!v) return respond(error_response(not_found("no branch " + gid + " in memory")));
     return respond(json_response(200, encode_view(*v)));
@@ -827,14 +827,14 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
     std::lock_guard lock(waiters_mu_);
     waiters_[q.id] = respond;
   }
-  with_machine([&](AgentMachine& m) { m.request(gid, std::move(q), wall_ms()); });
+  with_machine([&](AgentMachine& m) { m.request(gid, std::move(q), clock_.now_ms()); });
 }
 
 // --- time ----------------------------------------------------------------------------------
 
 void AgentService::tick() {
   if (stopping_) return;
-  with_machine([&](AgentMachine& m) { m.tick(wall_ms()); });
+  with_machine([&](AgentMachine& m) { m.tick(clock_.now_ms()); });
   schedule(cfg_.tick_ms, [this] { tick(); });
 }
 
@@ -879,7 +879,7 @@ void AgentService::register_metrics() {
   });
   metrics_.gauge("tpc_agent_oldest_prepared_seconds", "age of the oldest prepared branch", [this] {
     std::lock_guard lock(mu_);
-    return static_cast<double>(machine_.oldest_prepared_age_ms(wall_ms())) / 1000.0;
+    return static_cast<double>(machine_.oldest_prepared_age_ms(clock_.now_ms())) / 1000.0;
   });
   metrics_.counter_fn("tpc_agent_pg_connections_opened_total", "PostgreSQL connections opened",
                       [this] { return static_cast<double>(connections_opened_.load()); });

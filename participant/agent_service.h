@@ -129,6 +129,8 @@ class AgentService {
 
   AgentConfig cfg_;
   Logger& log_;
+  // Every time the machine sees: monotonic, anchored at the wall clock at start.
+  const ServiceClock clock_;
   EventLoop loop_;
   HttpClient client_;
   std::unique_ptr<HttpServer> server_;

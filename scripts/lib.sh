@@ -41,6 +41,7 @@ TPC_DEB_PACKAGES=(
   libpq-dev libleveldb-dev doctest-dev
   postgresql-15 postgresql-client-15
   curl jq
+  faketime
 )
 
 TPC_PORTS_GIVEN=" "            # ports handed out by tpc_free_port in this shell

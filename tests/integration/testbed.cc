@@ -147,7 +147,7 @@ void Testbed::wait_healthy(Process& p, const Url& url) {
 }
 
 void Testbed::start_coordinator(const std::string& failpoints, std::vector<std::string> extra) {
-  std::vector<std::string> env;
+  std::vector<std::string> env = opts_.coordinator_env;
   if (!failpoints.empty()) env.push_back("FAILPOINTS=" + failpoints);
   auto p = Process::spawn(coordinator_argv(std::move(extra)),
                           dir_ + "/coordinator-" + std::to_string(++starts_) + ".log", env);

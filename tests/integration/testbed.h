@@ -38,6 +38,7 @@ class Testbed {
   struct Options {
     std::vector<std::string> coordinator_args;  // extra flags for tpc-coordinator
     std::vector<std::string> agent_args;        // extra flags for both agents
+    std::vector<std::string> coordinator_env;   // NAME=VALUE for every coordinator start
     std::string coordinator_failpoints;         // FAILPOINTS for the first coordinator start
     std::string agent_failpoints[2];            // FAILPOINTS for the first start of each agent
     bool start = true;                          // start the processes
