@@ -38,24 +38,30 @@ Status check_identity(pg::PgConn& c, const std::string& name, Logger& log) {
   auto foreign = pg::foreign_prepared_agents(c, name);
   if (!foreign.ok()) return foreign.status();
   if (!foreign->empty())
-    return invalid_argument("the database holds prepared transactions of agent " + joined(*foreign) +
-                               ", not of --name " + name + ": --name or --pg points at another agent's database");
+    return invalid_argument("the database holds prepared transactions of agent " +
+                            joined(*foreign) + ", not of --name " + name +
+                            ": --name or --pg points at another agent's database");
   auto id = pg::claim_identity(c, name);
   if (!id.ok()) return id.status();
   if (id->agent != name)
-    return invalid_argument("the database belongs to agent " + id->agent + " (tpc_agent_identity), not to --name " +
-                               name + ": --name or --pg points at another agent's database");
+    return invalid_argument("the database belongs to agent " + id->agent +
+                            " (tpc_agent_identity), not to --name " + name +
+                            ": --name or --pg points at another agent's database");
   auto sysid = pg::system_identifier(c);
   if (!sysid.ok()) return sysid.status();
-  if (!*sysid) log.warn("system identifier unavailable: no EXECUTE on pg_control_system()", {{"agent", name}});
+  if (!*sysid)
+    log.warn("system identifier unavailable: no EXECUTE on pg_control_system()", {{"agent", name}});
   if (*sysid && id->system_identifier && *id->system_identifier != **sysid) {
-    log.warn("database copied to another cluster: prepared transactions from before the copy are gone",
-             {{"agent", name}, {"recorded_system_identifier", *id->system_identifier},
-              {"system_identifier", **sysid}});
+    log.warn(
+        "database copied to another cluster: prepared transactions from before the copy are gone",
+        {{"agent", name},
+         {"recorded_system_identifier", *id->system_identifier},
+         {"system_identifier", **sysid}});
     TPC_RETURN_IF_ERROR(pg::update_system_identifier(c, **sysid));
   }
-  log.info(id->created ? "identity recorded" : "identity checked",
-           {{"agent", name}, {"database", id->database}, {"system_identifier", sysid->value_or("")}});
+  log.info(
+      id->created ? "identity recorded" : "identity checked",
+      {{"agent", name}, {"database", id->database}, {"system_identifier", sysid->value_or("")}});
   return ok_status();
 }
 
@@ -104,9 +110,11 @@ Status AgentService::check_postgres() {
         "above 0 (for example to max_connections) in postgresql.conf and restart PostgreSQL");
   if (static_cast<size_t>(*mpt) < cfg_.machine.branches_max)
     log_.warn("max_prepared_transactions is below --branches-max: prepares past it are voted no",
-              {{"max_prepared_transactions", *mpt}, {"branches_max", static_cast<uint64_t>(cfg_.machine.branches_max)}});
+              {{"max_prepared_transactions", *mpt},
+               {"branches_max", static_cast<uint64_t>(cfg_.machine.branches_max)}});
   auto missing = pg::missing_privileges(**conn);
-  if (!missing.ok()) return unavailable("cannot check the agent's privileges: " + missing.status().message());
+  if (!missing.ok())
+    return unavailable("cannot check the agent's privileges: " + missing.status().message());
   if (!missing->empty())
     return invalid_argument("the PostgreSQL role lacks " + joined(*missing) + " in this database");
   Status st = pg::ensure_schema(**conn);

@@ -105,7 +105,8 @@ Status ensure_schema(PgConn& c) {
       "created_at timestamptz DEFAULT now(), aborted boolean NOT NULL DEFAULT false)",
       // Tables created before the tombstone column existed. Only when it is missing: ALTER
       // TABLE takes a lock that prepared transactions holding marker rows would block.
-      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'tpc_marker'::regclass "
+      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
+      "'tpc_marker'::regclass "
       "AND attname = 'aborted' AND NOT attisdropped) THEN "
       "ALTER TABLE tpc_marker ADD COLUMN aborted boolean NOT NULL DEFAULT false; END IF; END $$",
       "CREATE TABLE IF NOT EXISTS tpc_agent_state ("
@@ -156,7 +157,8 @@ constexpr TableNeeds kTableNeeds[] = {
     {"tpc_agent_identity", {"SELECT", "INSERT", "UPDATE", ""}},
 };
 
-Result<bool> ask_bool(PgConn& c, const std::string& sql, std::vector<Value> params, std::string_view what) {
+Result<bool> ask_bool(PgConn& c, const std::string& sql, std::vector<Value> params,
+                      std::string_view what) {
   ExecResult r = c.exec(sql, std::move(params));
   if (!r.status.ok()) return with_sqlstate(r, what);
   if (r.result.rows.size() != 1 || r.result.rows[0].size() != 1)
@@ -170,10 +172,12 @@ Result<std::vector<std::string>> missing_privileges(PgConn& c) {
   std::vector<std::string> missing;
   ExecResult schema = c.exec("SELECT current_schema()");
   if (!schema.status.ok()) return with_sqlstate(schema, "reading current_schema()");
-  std::optional<std::string> current = schema.result.rows.empty() ? std::nullopt : schema.result.rows[0][0];
+  std::optional<std::string> current =
+      schema.result.rows.empty() ? std::nullopt : schema.result.rows[0][0];
   std::vector<std::string> to_create;
   for (const TableNeeds& t : kTableNeeds) {
-    auto exists = ask_bool(c, "SELECT to_regclass($1) IS NOT NULL", {std::string(t.table)}, "looking up the tpc tables");
+    auto exists = ask_bool(c, "SELECT to_regclass($1) IS NOT NULL", {std::string(t.table)},
+                           "looking up the tpc tables");
     if (!exists.ok()) return exists.status();
     if (!*exists) {
       to_create.emplace_back(t.table);
@@ -194,13 +198,14 @@ Result<std::vector<std::string>> missing_privileges(PgConn& c) {
     if (!current) {
       missing.push_back("a schema in search_path to create " + tables + " in");
     } else {
-      auto can = ask_bool(c, "SELECT has_schema_privilege($1, 'CREATE')", {*current}, "checking schema privileges");
+      auto can = ask_bool(c, "SELECT has_schema_privilege($1, 'CREATE')", {*current},
+                          "checking schema privileges");
       if (!can.ok()) return can.status();
       if (!*can) missing.push_back("CREATE on schema " + *current + " (to create " + tables + ")");
     }
   }
-  auto sees = ask_bool(c, "SELECT has_table_privilege('pg_catalog.pg_prepared_xacts', 'SELECT')", {},
-                       "checking pg_prepared_xacts privileges");
+  auto sees = ask_bool(c, "SELECT has_table_privilege('pg_catalog.pg_prepared_xacts', 'SELECT')",
+                       {}, "checking pg_prepared_xacts privileges");
   if (!sees.ok()) return sees.status();
   if (!*sees) missing.push_back("SELECT on pg_catalog.pg_prepared_xacts");
   return missing;
@@ -208,13 +213,15 @@ Result<std::vector<std::string>> missing_privileges(PgConn& c) {
 
 Result<std::optional<std::string>> system_identifier(PgConn& c) {
   // pg_control_system() is executable by PUBLIC in stock PostgreSQL, but a site may revoke it.
-  auto allowed = ask_bool(c, "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')", {},
-                          "checking pg_control_system() privileges");
+  auto allowed =
+      ask_bool(c, "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')", {},
+               "checking pg_control_system() privileges");
   if (!allowed.ok()) return allowed.status();
   if (!*allowed) return std::optional<std::string>();
   ExecResult r = c.exec("SELECT system_identifier::text FROM pg_control_system()");
   if (!r.status.ok()) return with_sqlstate(r, "reading pg_control_system()");
-  if (r.result.rows.size() != 1) return internal_error("pg_control_system(): unexpected result shape");
+  if (r.result.rows.size() != 1)
+    return internal_error("pg_control_system(): unexpected result shape");
   return r.result.rows[0][0];
 }
 
@@ -240,7 +247,8 @@ Result<Identity> claim_identity(PgConn& c, std::string_view agent) {
 }
 
 Status update_system_identifier(PgConn& c, std::string_view system_identifier) {
-  ExecResult r = c.exec("UPDATE tpc_agent_identity SET system_identifier = $1", {std::string(system_identifier)});
+  ExecResult r = c.exec("UPDATE tpc_agent_identity SET system_identifier = $1",
+                        {std::string(system_identifier)});
   if (!r.status.ok()) return with_sqlstate(r, "updating tpc_agent_identity");
   return ok_status();
 }

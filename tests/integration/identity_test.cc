@@ -12,10 +12,19 @@ namespace {
 
 constexpr int64_t kExitWaitMs = 20'000;  // an agent that refuses exits right after connecting
 
-std::unique_ptr<Process> spawn_agent(const std::string& dir, const std::string& name, const std::string& conninfo,
-                                     const std::string& coordinator_url, std::vector<std::string> extra = {}) {
-  std::vector<std::string> argv = {bin_dir() + "/tpc-agent", "--listen", "127.0.0.1:" + std::to_string(free_port()),
-                                   "--name", name, "--pg", conninfo, "--coordinator", "c1=" + coordinator_url};
+std::unique_ptr<Process> spawn_agent(const std::string& dir, const std::string& name,
+                                     const std::string& conninfo,
+                                     const std::string& coordinator_url,
+                                     std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv = {bin_dir() + "/tpc-agent",
+                                   "--listen",
+                                   "127.0.0.1:" + std::to_string(free_port()),
+                                   "--name",
+                                   name,
+                                   "--pg",
+                                   conninfo,
+                                   "--coordinator",
+                                   "c1=" + coordinator_url};
   for (auto& a : extra) argv.push_back(a);
   auto p = Process::spawn(argv, dir + "/agent-" + name + ".log");
   REQUIRE_MESSAGE(p.ok(), p.status().to_string());
@@ -40,11 +49,14 @@ std::optional<std::string> value(const std::string& conninfo, const std::string&
 
 }  // namespace
 
-TEST_CASE("an agent records its identity at first start and refuses a database recorded for another name") {
+TEST_CASE(
+    "an agent records its identity at first start and refuses a database recorded for another "
+    "name") {
   Testbed& t = Testbed::fresh();
   std::string db = t.conninfo(1);
   CHECK(value(db, "SELECT agent FROM tpc_agent_identity") == std::optional<std::string>("a1"));
-  CHECK(value(db, "SELECT database = current_database() FROM tpc_agent_identity") == std::optional<std::string>("t"));
+  CHECK(value(db, "SELECT database = current_database() FROM tpc_agent_identity") ==
+        std::optional<std::string>("t"));
   CHECK(value(db, "SELECT system_identifier FROM tpc_agent_identity") ==
         value(db, "SELECT system_identifier::text FROM pg_control_system()"));
 
@@ -98,15 +110,19 @@ TEST_CASE("an agent whose role lacks CREATE on the schema refuses and names the 
 
   auto agent = spawn_agent(t.dir(), "lim", limited, t.coordinator_url().to_string());
   expect_refused(*agent, "the PostgreSQL role lacks CREATE on schema public (to create tpc_marker");
-  CHECK(value(admin, "SELECT to_regclass('tpc_marker') IS NULL") == std::optional<std::string>("t"));
+  CHECK(value(admin, "SELECT to_regclass('tpc_marker') IS NULL") ==
+        std::optional<std::string>("t"));
 
   // With the tables created by their owner but no rights on them, each missing right is named.
-  REQUIRE(query(admin, "CREATE TABLE tpc_marker (pg_gid text PRIMARY KEY, coordinator text, epoch bigint, "
-                       "seq bigint, created_at timestamptz DEFAULT now(), aborted boolean NOT NULL DEFAULT false)")
+  REQUIRE(query(admin,
+                "CREATE TABLE tpc_marker (pg_gid text PRIMARY KEY, coordinator text, epoch bigint, "
+                "seq bigint, created_at timestamptz DEFAULT now(), aborted boolean NOT NULL "
+                "DEFAULT false)")
               .ok());
   REQUIRE(query(admin, "GRANT SELECT, INSERT ON tpc_marker TO tpc_limited").ok());
   auto again = spawn_agent(t.dir(), "lim", limited, t.coordinator_url().to_string());
-  expect_refused(*again, "lacks DELETE on tpc_marker, CREATE on schema public (to create tpc_agent_state");
+  expect_refused(*again,
+                 "lacks DELETE on tpc_marker, CREATE on schema public (to create tpc_agent_state");
   t.check_invariants();
 }
 
@@ -116,7 +132,8 @@ TEST_CASE("max_prepared_transactions below --branches-max is a warning, not a re
   auto pg = PgCluster::create(po);
   REQUIRE_MESSAGE(pg.ok(), pg.status().to_string());
   std::string dir = make_temp_dir("tpc-identity");
-  auto agent = spawn_agent(dir, "small", (*pg)->conninfo(), "http://127.0.0.1:1", {"--branches-max", "8"});
+  auto agent =
+      spawn_agent(dir, "small", (*pg)->conninfo(), "http://127.0.0.1:1", {"--branches-max", "8"});
   bool warned = eventually(
       [&] {
         std::string log = read_file(agent->log_path());
