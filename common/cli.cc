@@ -35,6 +35,18 @@ Result<std::pair<std::string, uint16_t>> parse_listen(std::string_view text) {
   return std::make_pair(host, static_cast<uint16_t>(port));
 }
 
+void add_version_option(std::vector<OptionSpec>* specs) {
+  specs->push_back({"version", "print the version and exit", "", false, true});
+}
+
+std::string version_line(std::string_view program) {
+  std::string line(program);
+  line += " " TPC_VERSION;
+  std::string_view describe = TPC_GIT_DESCRIBE;
+  if (!describe.empty()) line += " (" + std::string(describe) + ")";
+  return line;
+}
+
 void add_logging_options(std::vector<OptionSpec>* specs) {
   specs->push_back({"log-format", "text or json", "text"});
   specs->push_back({"log-level", "debug, info, warn or error", "info"});

@@ -21,6 +21,12 @@ int fail(std::string_view program, std::string_view message, int code = 1);
 // "HOST:PORT" (IPv4, a name, or "[v6]:PORT").
 Result<std::pair<std::string, uint16_t>> parse_listen(std::string_view text);
 
+// The --version switch every binary has.
+void add_version_option(std::vector<OptionSpec>* specs);
+// "<program> <version>", the version from CMake's project(), followed by " (<git describe>)"
+// when the build was configured inside a git checkout.
+std::string version_line(std::string_view program);
+
 // The option specs every service shares: log-format, log-level.
 void add_logging_options(std::vector<OptionSpec>* specs);
 

@@ -43,9 +43,11 @@ std::vector<tpc::OptionSpec> specs() {
       {"connections-max", "concurrent client connections", "1024"},
       {"agent-requests-max", "phase-2 requests in flight to one agent; more commits/aborts wait and go batched", "4"},
       {"batch-max", "messages in one batch to an agent (1: never batch)", "64"},
+      {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
+  tpc::add_version_option(&s);
   return s;
 }
 
@@ -123,6 +125,10 @@ int main(int argc, char** argv) {
   auto parsed = tpc::Config::parse(spec, argc, argv, environ);
   if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
   const tpc::Config& c = *parsed;
+  if (c.flag("version")) {
+    std::cout << tpc::version_line(kProgram) << "\n";
+    return 0;
+  }
   if (c.flag("help")) {
     std::cout << "usage: " << kProgram << " --data-dir DIR [options]\n" << tpc::Config::usage(spec);
     return 0;
@@ -134,6 +140,7 @@ int main(int argc, char** argv) {
   if (!cfg.ok()) return tpc::fail(kProgram, cfg.status().message(), 2);
   auto logging = tpc::make_logging(c);
   if (!logging.ok()) return tpc::fail(kProgram, logging.status().message(), 2);
+  if (c.flag("check-config")) return 0;  // every option parsed and validated; nothing started
   tpc::Logger& log = *(*logging)->logger;
   if (auto st = tpc::configure_failpoints_from_env(&log); !st.ok())
     return tpc::fail(kProgram, st.message(), 2);

@@ -18,6 +18,53 @@ OpResult failed(Status s, std::string sqlstate = "") {
   return r;
 }
 
+std::string joined(const std::vector<std::string>& items) {
+  std::string out;
+  for (auto& i : items) out += (out.empty() ? "" : ", ") + i;
+  return out;
+}
+
+// Whose records the database holds. Prepared transactions named after another agent, or an
+// identity row naming another agent, mean --name or --pg points at another agent's database:
+// answering that agent's coordinators from here would report its prepared branches as
+// aborted, so the agent refuses to start.
+//
+// A different system identifier only warns (and the row takes the new one): a physical copy
+// (pg_basebackup, a promoted replica) keeps the identifier, so a different one means a logical
+// copy (pg_dump and restore into another cluster), and no prepared transaction survives that.
+// Refusing would not bring a lost branch back; the coordinator treats a definite "aborted"
+// from a branch that voted yes as a heuristic outcome.
+Status check_identity(pg::PgConn& c, const std::string& name, Logger& log) {
+  auto foreign = pg::foreign_prepared_agents(c, name);
+  if (!foreign.ok()) return foreign.status();
+  if (!foreign->empty())
+    return invalid_argument("the database holds prepared transactions of agent " +
+                            joined(*foreign) + ", not of --name " + name +
+                            ": --name or --pg points at another agent's database");
+  auto id = pg::claim_identity(c, name);
+  if (!id.ok()) return id.status();
+  if (id->agent != name)
+    return invalid_argument("the database belongs to agent " + id->agent +
+                            " (tpc_agent_identity), not to --name " + name +
+                            ": --name or --pg points at another agent's database");
+  auto sysid = pg::system_identifier(c);
+  if (!sysid.ok()) return sysid.status();
+  if (!*sysid)
+    log.warn("system identifier unavailable: no EXECUTE on pg_control_system()", {{"agent", name}});
+  if (*sysid && id->system_identifier && *id->system_identifier != **sysid) {
+    log.warn(
+        "database copied to another cluster: prepared transactions from before the copy are gone",
+        {{"agent", name},
+         {"recorded_system_identifier", *id->system_identifier},
+         {"system_identifier", **sysid}});
+    TPC_RETURN_IF_ERROR(pg::update_system_identifier(c, **sysid));
+  }
+  log.info(
+      id->created ? "identity recorded" : "identity checked",
+      {{"agent", name}, {"database", id->database}, {"system_identifier", sysid->value_or("")}});
+  return ok_status();
+}
+
 }  // namespace
 
 AgentService::AgentService(const AgentConfig& cfg, Logger& logger)
@@ -61,8 +108,19 @@ Status AgentService::check_postgres() {
     return invalid_argument(
         "PostgreSQL has max_prepared_transactions = 0, so PREPARE TRANSACTION cannot work; set it "
         "above 0 (for example to max_connections) in postgresql.conf and restart PostgreSQL");
+  if (static_cast<size_t>(*mpt) < cfg_.machine.branches_max)
+    log_.warn("max_prepared_transactions is below --branches-max: prepares past it are voted no",
+              {{"max_prepared_transactions", *mpt},
+               {"branches_max", static_cast<uint64_t>(cfg_.machine.branches_max)}});
+  auto missing = pg::missing_privileges(**conn);
+  if (!missing.ok())
+    return unavailable("cannot check the agent's privileges: " + missing.status().message());
+  if (!missing->empty())
+    return invalid_argument("the PostgreSQL role lacks " + joined(*missing) + " in this database");
   Status st = pg::ensure_schema(**conn);
   if (!st.ok()) return Status(st.code(), "cannot create the agent's tables: " + st.message());
+  st = check_identity(**conn, cfg_.machine.name, log_);
+  if (!st.ok()) return Status(st.code(), "identity check: " + st.message());
   log_.info("postgres ready", {{"max_prepared_transactions", *mpt},
                                {"server_version", (*conn)->server_version()}});
   release(std::move(*conn));

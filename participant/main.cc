@@ -40,9 +40,11 @@ std::vector<tpc::OptionSpec> specs() {
       {"result-rows-max", "rows one statement may return", "10000"},
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
+      {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
+  tpc::add_version_option(&s);
   return s;
 }
 
@@ -131,6 +133,10 @@ int main(int argc, char** argv) {
   auto parsed = tpc::Config::parse(spec, argc, argv, environ);
   if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
   const tpc::Config& c = *parsed;
+  if (c.flag("version")) {
+    std::cout << tpc::version_line(kProgram) << "\n";
+    return 0;
+  }
   if (c.flag("help")) {
     std::cout << "usage: " << kProgram << " --name NAME --pg CONNINFO --coordinator ID=URL [options]\n"
               << tpc::Config::usage(spec);
@@ -142,6 +148,7 @@ int main(int argc, char** argv) {
   if (!cfg.ok()) return tpc::fail(kProgram, cfg.status().message(), 2);
   auto logging = tpc::make_logging(c);
   if (!logging.ok()) return tpc::fail(kProgram, logging.status().message(), 2);
+  if (c.flag("check-config")) return 0;  // every option parsed and validated; nothing started
   tpc::Logger& log = *(*logging)->logger;
   if (auto st = tpc::configure_failpoints_from_env(&log); !st.ok())
     return tpc::fail(kProgram, st.message(), 2);

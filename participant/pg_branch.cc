@@ -105,12 +105,16 @@ Status ensure_schema(PgConn& c) {
       "created_at timestamptz DEFAULT now(), aborted boolean NOT NULL DEFAULT false)",
       // Tables created before the tombstone column existed. Only when it is missing: ALTER
       // TABLE takes a lock that prepared transactions holding marker rows would block.
-      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'tpc_marker'::regclass "
+      "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
+      "'tpc_marker'::regclass "
       "AND attname = 'aborted' AND NOT attisdropped) THEN "
       "ALTER TABLE tpc_marker ADD COLUMN aborted boolean NOT NULL DEFAULT false; END IF; END $$",
       "CREATE TABLE IF NOT EXISTS tpc_agent_state ("
       "pg_gid text PRIMARY KEY, state text NOT NULL, detail text, "
       "updated_at timestamptz DEFAULT now())",
+      "CREATE TABLE IF NOT EXISTS tpc_agent_identity ("
+      "singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), agent text NOT NULL, "
+      "system_identifier text, database text NOT NULL, created_at timestamptz DEFAULT now())",
   };
   if (c.in_transaction()) return internal_error("ensure_schema inside a transaction block");
   for (std::string_view sql : kTables) {
@@ -138,6 +142,128 @@ Result<int> max_prepared_transactions(PgConn& c) {
   auto v = parse_int(r.result.rows[0][0], "max_prepared_transactions");
   if (!v.ok()) return v.status();
   return static_cast<int>(*v);
+}
+
+namespace {
+
+// The agent's tables and the privileges its statements on each need.
+struct TableNeeds {
+  std::string_view table;
+  std::string_view privileges[4];
+};
+constexpr TableNeeds kTableNeeds[] = {
+    {"tpc_marker", {"SELECT", "INSERT", "DELETE", ""}},
+    {"tpc_agent_state", {"SELECT", "INSERT", "UPDATE", "DELETE"}},
+    {"tpc_agent_identity", {"SELECT", "INSERT", "UPDATE", ""}},
+};
+
+Result<bool> ask_bool(PgConn& c, const std::string& sql, std::vector<Value> params,
+                      std::string_view what) {
+  ExecResult r = c.exec(sql, std::move(params));
+  if (!r.status.ok()) return with_sqlstate(r, what);
+  if (r.result.rows.size() != 1 || r.result.rows[0].size() != 1)
+    return internal_error(std::string(what) + ": unexpected result shape");
+  return r.result.rows[0][0] == std::optional<std::string>("t");
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> missing_privileges(PgConn& c) {
+  std::vector<std::string> missing;
+  ExecResult schema = c.exec("SELECT current_schema()");
+  if (!schema.status.ok()) return with_sqlstate(schema, "reading current_schema()");
+  std::optional<std::string> current =
+      schema.result.rows.empty() ? std::nullopt : schema.result.rows[0][0];
+  std::vector<std::string> to_create;
+  for (const TableNeeds& t : kTableNeeds) {
+    auto exists = ask_bool(c, "SELECT to_regclass($1) IS NOT NULL", {std::string(t.table)},
+                           "looking up the tpc tables");
+    if (!exists.ok()) return exists.status();
+    if (!*exists) {
+      to_create.emplace_back(t.table);
+      continue;
+    }
+    for (std::string_view priv : t.privileges) {
+      if (priv.empty()) continue;
+      // The oid form: NULL rather than an error if the table vanished meanwhile.
+      auto has = ask_bool(c, "SELECT coalesce(has_table_privilege(to_regclass($1), $2), false)",
+                          {std::string(t.table), std::string(priv)}, "checking table privileges");
+      if (!has.ok()) return has.status();
+      if (!*has) missing.push_back(std::string(priv) + " on " + std::string(t.table));
+    }
+  }
+  if (!to_create.empty()) {
+    std::string tables;
+    for (auto& t : to_create) tables += (tables.empty() ? "" : ", ") + t;
+    if (!current) {
+      missing.push_back("a schema in search_path to create " + tables + " in");
+    } else {
+      auto can = ask_bool(c, "SELECT has_schema_privilege($1, 'CREATE')", {*current},
+                          "checking schema privileges");
+      if (!can.ok()) return can.status();
+      if (!*can) missing.push_back("CREATE on schema " + *current + " (to create " + tables + ")");
+    }
+  }
+  auto sees = ask_bool(c, "SELECT has_table_privilege('pg_catalog.pg_prepared_xacts', 'SELECT')",
+                       {}, "checking pg_prepared_xacts privileges");
+  if (!sees.ok()) return sees.status();
+  if (!*sees) missing.push_back("SELECT on pg_catalog.pg_prepared_xacts");
+  return missing;
+}
+
+Result<std::optional<std::string>> system_identifier(PgConn& c) {
+  // pg_control_system() is executable by PUBLIC in stock PostgreSQL, but a site may revoke it.
+  auto allowed =
+      ask_bool(c, "SELECT has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')", {},
+               "checking pg_control_system() privileges");
+  if (!allowed.ok()) return allowed.status();
+  if (!*allowed) return std::optional<std::string>();
+  ExecResult r = c.exec("SELECT system_identifier::text FROM pg_control_system()");
+  if (!r.status.ok()) return with_sqlstate(r, "reading pg_control_system()");
+  if (r.result.rows.size() != 1)
+    return internal_error("pg_control_system(): unexpected result shape");
+  return r.result.rows[0][0];
+}
+
+Result<Identity> claim_identity(PgConn& c, std::string_view agent) {
+  auto sysid = system_identifier(c);
+  if (!sysid.ok()) return sysid.status();
+  ExecResult ins = c.exec(
+      "INSERT INTO tpc_agent_identity (agent, system_identifier, database) "
+      "VALUES ($1, $2, current_database()) ON CONFLICT (singleton) DO NOTHING",
+      {std::string(agent), *sysid});
+  if (!ins.status.ok()) return with_sqlstate(ins, "writing tpc_agent_identity");
+  ExecResult r = c.exec("SELECT agent, system_identifier, database FROM tpc_agent_identity");
+  if (!r.status.ok()) return with_sqlstate(r, "reading tpc_agent_identity");
+  if (r.result.rows.size() != 1 || r.result.rows[0].size() != 3)
+    return internal_error("tpc_agent_identity: expected one row");
+  const std::vector<Value>& row = r.result.rows[0];
+  Identity id;
+  id.agent = row[0].value_or("");
+  id.system_identifier = row[1];
+  id.database = row[2].value_or("");
+  id.created = ins.result.affected == 1;
+  return id;
+}
+
+Status update_system_identifier(PgConn& c, std::string_view system_identifier) {
+  ExecResult r = c.exec("UPDATE tpc_agent_identity SET system_identifier = $1",
+                        {std::string(system_identifier)});
+  if (!r.status.ok()) return with_sqlstate(r, "updating tpc_agent_identity");
+  return ok_status();
+}
+
+Result<std::vector<std::string>> foreign_prepared_agents(PgConn& c, std::string_view agent) {
+  // Agent names never hold ':', so the second field of "tpc:<agent>:<gid>" is the name.
+  ExecResult r = c.exec(
+      "SELECT DISTINCT split_part(gid, ':', 2) FROM pg_prepared_xacts"
+      " WHERE database = current_database() AND left(gid, length($1::text)) = $1::text"
+      " AND split_part(gid, ':', 2) <> $2 ORDER BY 1",
+      {std::string(kGidPrefix), std::string(agent)});
+  if (!r.status.ok()) return with_sqlstate(r, "listing pg_prepared_xacts");
+  std::vector<std::string> out;
+  for (const auto& row : r.result.rows) out.push_back(row[0].value_or(""));
+  return out;
 }
 
 Status begin(PgConn& c) {

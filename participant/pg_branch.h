@@ -29,7 +29,8 @@ std::string pg_gid(std::string_view agent, std::string_view gid);
 // The inverse, for rows of pg_prepared_xacts: the global gid if `pg_gid` belongs to `agent`.
 std::optional<std::string> global_gid(std::string_view agent, std::string_view pg_gid);
 
-// Creates tpc_marker and tpc_agent_state if missing. Run once at start on any connection.
+// Creates tpc_marker, tpc_agent_state and tpc_agent_identity if missing. Run once at start on any
+// connection.
 //   tpc_marker(pg_gid text primary key, coordinator text, epoch bigint, seq bigint,
 //              created_at timestamptz default now(), aborted boolean default false)
 // (a row with aborted = true is a tombstone, see put_tombstone)
@@ -38,6 +39,35 @@ std::optional<std::string> global_gid(std::string_view agent, std::string_view p
 Status ensure_schema(PgConn& c);
 // SHOW max_prepared_transactions.
 Result<int> max_prepared_transactions(PgConn& c);
+
+// The privileges the agent lacks in the current database, as readable items such as
+// "CREATE on schema public (to create tpc_marker)" or "UPDATE on tpc_agent_state"; empty when
+// it has them all. A table that does not exist yet needs CREATE on the current schema; an
+// existing one needs the statements the agent runs on it. Run before ensure_schema().
+Result<std::vector<std::string>> missing_privileges(PgConn& c);
+
+// tpc_agent_identity: the one row saying whose records this database holds, written at the
+// agent's first start (ensure_schema creates the table):
+//   tpc_agent_identity(singleton boolean primary key, agent text, system_identifier text,
+//                      database text, created_at timestamptz default now())
+// system_identifier is pg_control_system()'s, NULL when the role may not execute it.
+struct Identity {
+  std::string agent;
+  std::optional<std::string> system_identifier;
+  std::string database;
+  bool created = false;  // written by this call
+};
+// Inserts this agent's row if there is none (a concurrent first start of another agent loses
+// or wins on the primary key), then returns the row that stands.
+Result<Identity> claim_identity(PgConn& c, std::string_view agent);
+// The cluster's system identifier now; nullopt when the role may not execute
+// pg_control_system().
+Result<std::optional<std::string>> system_identifier(PgConn& c);
+// Stores `system_identifier` in the identity row (the database now lives in another cluster).
+Status update_system_identifier(PgConn& c, std::string_view system_identifier);
+// The agent names of prepared transactions in the current database whose gid has the form
+// "tpc:<name>:..." with a name other than `agent`, each once, sorted.
+Result<std::vector<std::string>> foreign_prepared_agents(PgConn& c, std::string_view agent);
 
 Status begin(PgConn& c);   // BEGIN
 Status rollback(PgConn& c);  // ROLLBACK (a no-op outside a block)

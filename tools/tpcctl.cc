@@ -22,7 +22,7 @@ namespace {
 constexpr char kProgram[] = "tpcctl";
 
 std::vector<tpc::OptionSpec> specs() {
-  return {
+  std::vector<tpc::OptionSpec> s = {
       {"coordinator", "URL of a coordinator", ""},
       {"agent", "URL of an agent", ""},
       {"token", "bearer token", ""},
@@ -32,6 +32,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"json", "print the raw JSON answer", "", false, true},
       {"help", "print this help", "", false, true},
   };
+  tpc::add_version_option(&s);
+  return s;
 }
 
 std::string cell(const tpc::Json& j, const char* key) {
@@ -86,6 +88,10 @@ int main(int argc, char** argv) {
   auto parsed = tpc::Config::parse(spec, argc, argv, environ);
   if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
   const tpc::Config& c = *parsed;
+  if (c.flag("version")) {
+    std::cout << tpc::version_line(kProgram) << "\n";
+    return 0;
+  }
   if (c.flag("help")) {
     std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve GID commit|abort>\n"
               << tpc::Config::usage(spec);
