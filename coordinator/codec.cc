@@ -110,6 +110,23 @@ Result<bool> decode_resolve(std::string_view body) {
   return outcome == "commit";
 }
 
+Result<BranchReport> decode_branch_report(std::string_view body) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  BranchReport out;
+  std::string state;
+  r.string("participant", &out.participant, true, 64);
+  r.string("state", &state, true, 16);
+  if (!r.ok()) return r.status();
+  if (!valid_participant_name(out.participant))
+    return invalid_argument("participant name must match [A-Za-z0-9_-]{1,32}");
+  if (state != "committed" && state != "aborted")
+    return invalid_argument("\"state\" must be \"committed\" or \"aborted\"");
+  out.committed = state == "committed";
+  return out;
+}
+
 Json encode_view(const TxnView& v) {
   Json j = {{"gid", v.gid}, {"protocol", std::string(protocol_name(v.protocol))},
             {"state", std::string(state_name(v.state))}};

@@ -43,6 +43,12 @@ Result<RunRequest> decode_run(std::string_view body, size_t statements_max);
 Result<CommitOptions> decode_commit(std::string_view body);
 // {"outcome":"commit"|"abort"} → true for commit.
 Result<bool> decode_resolve(std::string_view body);
+// POST /v1/transactions/{gid}/heuristic: what an agent's branch of a finished transaction did.
+struct BranchReport {
+  std::string participant;
+  bool committed = false;
+};
+Result<BranchReport> decode_branch_report(std::string_view body);
 
 Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the

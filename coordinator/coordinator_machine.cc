@@ -33,6 +33,16 @@ BranchState state_of(wal::BranchOutcome o, bool commit_decision) {
   return commit_decision ? BranchState::committing : BranchState::aborting;
 }
 
+// A branch outcome opposite to the record's decision (a one-phase record has no decision of
+// its own: its branch's answer is the outcome).
+bool against_decision(const wal::TxnRecord& rec, wal::BranchOutcome o) {
+  switch (rec.decision) {
+    case wal::Decision::one_phase: return false;
+    case wal::Decision::aborted: return o == wal::BranchOutcome::committed;
+    default: return o == wal::BranchOutcome::aborted;
+  }
+}
+
 }  // namespace
 
 CoordinatorMachine::CoordinatorMachine(MachineOptions opts, Logger& log)
@@ -268,7 +278,7 @@ TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
   v.decision = commit ? Decision::commit : Decision::abort;
   for (auto& b : rec.branches)
     v.branches.push_back({b.participant, b.url, state_of(b.outcome, commit), 0, "",
-                          false, b.outcome == wal::BranchOutcome::forced});
+                          against_decision(rec, b.outcome), b.outcome == wal::BranchOutcome::forced});
   if (rec.heuristic_mixed) {
     v.state = TxnState::heuristic_mixed;
   } else if (!rec.ended) {
@@ -686,10 +696,12 @@ std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) 
   std::vector<std::pair<uint64_t, TxnView>> all;
   for (auto& [gid, t] : live_)
     if (t.decision != Decision::none) all.emplace_back(t.serial, view_of(t));
-  for (auto& [serial, v] : finished_by_serial_)
-    if (v.state == TxnState::heuristic_mixed) all.emplace_back(serial, v);
   std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first < b.first; });
   std::vector<TxnView> out;
+  for (auto& [key, v] : heuristics_) {
+    if (out.size() >= limit) break;
+    out.push_back(v);
+  }
   for (auto& [serial, v] : all) {
     if (out.size() >= limit) break;
     out.push_back(std::move(v));
@@ -965,6 +977,7 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
   auto it = unfinished_order_.find(key);
   if (it != unfinished_order_.end() && --it->second == 0) unfinished_order_.erase(it);
   remember_finished(view_of(t), t.serial);
+  if (t.heuristic_mixed) heuristics_[key] = view_of(t);
   live_.erase(gid);
 }
 
@@ -988,6 +1001,89 @@ void CoordinatorMachine::answer_waiters(Txn& t, bool only_decision_waiters) {
     ready_.replies.push_back(reply_for(t, w.kind, w.id));
   }
   t.waiters = std::move(keep);
+}
+
+// --- heuristic outcomes --------------------------------------------------------------------
+
+void CoordinatorMachine::remember_heuristic(const wal::TxnRecord& rec) {
+  auto parts = parse_gid(rec.gid);
+  if (!parts || !rec.ended || !rec.heuristic_mixed) return;
+  heuristics_[{parts->epoch, parts->seq}] = view_from_record(rec);
+}
+
+void CoordinatorMachine::on_record_rewritten(const wal::TxnRecord& rec) {
+  auto parts = parse_gid(rec.gid);
+  if (!parts) return;
+  TxnView view = view_from_record(rec);
+  auto it = finished_index_.find(rec.gid);
+  if (it != finished_index_.end()) finished_by_serial_[it->second] = view;
+  auto key = std::make_pair(parts->epoch, parts->seq);
+  bool was = heuristics_.count(key) > 0;
+  if (rec.heuristic_mixed) {
+    heuristics_[key] = view;
+    if (!was) log_mixed_record(rec);
+  } else if (was) {
+    heuristics_.erase(key);
+    log_.info("heuristic outcome cleared", {{"gid", rec.gid}, {"state", state_name(view.state)}});
+  }
+}
+
+void CoordinatorMachine::log_mixed_record(const wal::TxnRecord& rec) {
+  TxnView v = view_from_record(rec);
+  std::string outcomes;
+  for (auto& b : v.branches) {
+    if (!outcomes.empty()) outcomes += ",";
+    outcomes += b.participant + ":" + std::string(branch_state_name(b.state));
+  }
+  log_.error("heuristic outcome: branches disagree",
+             {{"gid", rec.gid},
+              {"decision", v.decision == Decision::commit ? "commit" : "abort"},
+              {"branches", outcomes},
+              {"reported", "by a branch after the transaction ended"}});
+  ++counters_.heuristic_mixed;
+}
+
+bool CoordinatorMachine::record_commits(const wal::TxnRecord& rec) {
+  switch (rec.decision) {
+    case wal::Decision::aborted: return false;
+    case wal::Decision::one_phase:
+      return !rec.branches.empty() && (rec.branches[0].outcome == wal::BranchOutcome::committed ||
+                                       rec.branches[0].outcome == wal::BranchOutcome::forced);
+    default: return true;
+  }
+}
+
+std::optional<wal::TxnRecord> CoordinatorMachine::apply_branch_report(
+    std::optional<wal::TxnRecord> rec, std::string_view gid, std::string_view participant,
+    bool committed, int64_t now_ms) {
+  if (!rec) {
+    if (!committed) return std::nullopt;  // agrees with the presumed abort
+    // A branch committed a transaction the coordinator never decided: record the abort it
+    // answers with, and the branch that disagrees.
+    wal::TxnRecord r;
+    r.gid = std::string(gid);
+    r.decision = wal::Decision::aborted;
+    r.ended = true;
+    r.decided_wall_ms = now_ms;
+    r.ended_wall_ms = now_ms;
+    rec = std::move(r);
+  }
+  wal::TxnRecord r = std::move(*rec);
+  auto outcome = committed ? wal::BranchOutcome::committed : wal::BranchOutcome::aborted;
+  auto b = std::find_if(r.branches.begin(), r.branches.end(),
+                        [&](const wal::BranchRecord& x) { return x.participant == participant; });
+  if (b == r.branches.end()) {
+    r.branches.push_back({std::string(participant), "", outcome});
+  } else if (b->outcome == outcome) {
+    return std::nullopt;  // already known
+  } else {
+    b->outcome = outcome;
+  }
+  bool mixed = false;
+  for (auto& x : r.branches)
+    mixed = mixed || against_decision(r, x.outcome) || x.outcome == wal::BranchOutcome::forced;
+  r.heuristic_mixed = mixed;
+  return r;
 }
 
 // --- time ----------------------------------------------------------------------------------

@@ -124,6 +124,25 @@ class CoordinatorMachine {
   // Decided but unfinished transactions and heuristic outcomes, oldest first.
   std::vector<TxnView> in_doubt(int64_t now_ms, size_t limit) const;
 
+  // --- heuristic outcomes ------------------------------------------------------------------
+  // Ended transactions whose branches disagree with the decision stay listed by in_doubt()
+  // and counted until an operator clears them (forget), across restarts: the driver passes
+  // every ended heuristic record at start.
+  void remember_heuristic(const wal::TxnRecord& rec);
+  // The record of a finished transaction was rewritten (a branch's report, or forget): the
+  // in-memory view and the heuristic list follow it.
+  void on_record_rewritten(const wal::TxnRecord& rec);
+  size_t heuristic_outcomes() const { return heuristics_.size(); }
+  // An agent reports what its branch of a finished transaction did (committed or not). `rec`
+  // is the transaction's record, nullopt when it has none (presumed aborted). Returns the
+  // record to write (synced) before answering, or nullopt when the report changes nothing.
+  static std::optional<wal::TxnRecord> apply_branch_report(std::optional<wal::TxnRecord> rec,
+                                                           std::string_view gid,
+                                                           std::string_view participant,
+                                                           bool committed, int64_t now_ms);
+  // Whether a record's outcome is commit (for a one-phase record: its branch's answer).
+  static bool record_commits(const wal::TxnRecord& rec);
+
   // --- branch replies and log completions -------------------------------------------------
   void on_reply(const BranchReply& reply, int64_t now_ms);
   // The synced write of gid's decision record is durable.
@@ -195,6 +214,7 @@ class CoordinatorMachine {
   void remember_finished(TxnView view, uint64_t serial);
   void on_timer(const Timer& timer, int64_t now_ms);
   void log_mixed(const Txn& t);
+  void log_mixed_record(const wal::TxnRecord& rec);
 
   MachineOptions opts_;
   Logger& log_;
@@ -210,6 +230,8 @@ class CoordinatorMachine {
   std::unordered_map<std::string, uint64_t> finished_index_;
   std::priority_queue<Timer, std::vector<Timer>, std::greater<Timer>> timers_;
   std::array<std::deque<Timer>, 3> timer_lanes_;  // by TimerKind: txn, prepare, wait timeouts
+  // Uncleared heuristic outcomes of finished transactions, by (epoch, seq).
+  std::map<std::pair<uint64_t, uint64_t>, TxnView> heuristics_;
   // Unfinished gids ordered by (epoch, seq), for finished_below().
   std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
 

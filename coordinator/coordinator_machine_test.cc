@@ -852,3 +852,90 @@ TEST_CASE("one-shot: a failed statement is a vote of no; bad branch lists are re
   CHECK(f.m->run(Protocol::two_phase, {{"a1", "u"}, {"a1", "u"}}, 3, {}, f.now).status().code() ==
         Code::invalid_argument);
 }
+
+TEST_CASE("a branch's report of what it did records a disagreement, and a true one corrects it") {
+  // Presumed abort, but the branch committed (an operator's resolve): recorded as heuristic.
+  auto rec = CoordinatorMachine::apply_branch_report(std::nullopt, "c1-1-5", "a1", true, 77);
+  REQUIRE(rec.has_value());
+  CHECK(rec->gid == "c1-1-5");
+  CHECK(rec->decision == wal::Decision::aborted);
+  CHECK(rec->ended);
+  CHECK(rec->heuristic_mixed);
+  auto view = CoordinatorMachine::view_from_record(*rec);
+  CHECK(view.state == TxnState::heuristic_mixed);
+  CHECK(view.decision == Decision::abort);
+  REQUIRE(view.branches.size() == 1);
+  CHECK(view.branches[0].heuristic);
+  // The same report again changes nothing; an abort agrees with the presumption.
+  CHECK_FALSE(CoordinatorMachine::apply_branch_report(rec, "c1-1-5", "a1", true, 78).has_value());
+  CHECK_FALSE(CoordinatorMachine::apply_branch_report(std::nullopt, "c1-1-6", "a1", false, 78).has_value());
+
+  // A commit record with a branch that answered aborted (a misdirected agent)...
+  wal::TxnRecord c;
+  c.gid = "c1-1-7";
+  c.decision = wal::Decision::commit;
+  c.ended = true;
+  c.heuristic_mixed = true;
+  c.branches = {{"a1", "http://h:1", wal::BranchOutcome::committed},
+                {"a2", "http://h:2", wal::BranchOutcome::aborted}};
+  // ...is corrected when the right agent reports the branch committed.
+  auto fixed = CoordinatorMachine::apply_branch_report(c, "c1-1-7", "a2", true, 80);
+  REQUIRE(fixed.has_value());
+  CHECK_FALSE(fixed->heuristic_mixed);
+  CHECK(CoordinatorMachine::view_from_record(*fixed).state == TxnState::committed);
+  // A branch reporting an abort against a commit makes it heuristic.
+  c.heuristic_mixed = false;
+  c.branches[1].outcome = wal::BranchOutcome::committed;
+  auto broken = CoordinatorMachine::apply_branch_report(c, "c1-1-7", "a1", false, 80);
+  REQUIRE(broken.has_value());
+  CHECK(broken->heuristic_mixed);
+}
+
+TEST_CASE("heuristic outcomes stay in in-doubt across restarts until a rewrite clears them") {
+  Fixture f;
+  wal::TxnRecord h;
+  h.gid = "c1-1-3";
+  h.decision = wal::Decision::commit;
+  h.ended = true;
+  h.heuristic_mixed = true;
+  h.branches = {{"a1", "http://h:1", wal::BranchOutcome::committed},
+                {"a2", "http://h:2", wal::BranchOutcome::aborted}};
+  f.restart(2);
+  f.m->remember_heuristic(h);
+  CHECK(f.m->heuristic_outcomes() == 1);
+  auto listed = f.m->in_doubt(f.now, 10);
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].gid == "c1-1-3");
+  CHECK(listed[0].state == TxnState::heuristic_mixed);
+  h.heuristic_mixed = false;
+  f.m->on_record_rewritten(h);
+  CHECK(f.m->heuristic_outcomes() == 0);
+  CHECK(f.m->in_doubt(f.now, 10).empty());
+  // A report that makes a finished transaction heuristic is logged and counted.
+  h.heuristic_mixed = true;
+  uint64_t before = f.m->counters().heuristic_mixed;
+  f.m->on_record_rewritten(h);
+  CHECK(f.m->counters().heuristic_mixed == before + 1);
+  CHECK_FALSE(f.sink.find("heuristic outcome: branches disagree", LogLevel::error).empty());
+}
+
+TEST_CASE("a transaction that ends heuristic is listed beyond the finished views kept") {
+  MachineOptions o;
+  o.finished_kept_max = 1;
+  Fixture f(o);
+  std::string gid = f.begin_with({"a1", "a2"});
+  f.commit_to_decision(gid, {"a1", "a2"}, 1);
+  f.m->on_persisted(gid, f.now);
+  f.ready();
+  f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
+  f.reply(gid, "a2", MsgKind::commit, ReplyKind::aborted);
+  CHECK(f.m->heuristic_outcomes() == 1);
+  // Later transactions push it out of the finished views, not out of in-doubt.
+  for (int i = 0; i < 3; ++i) {
+    std::string g = f.begin();
+    f.m->abort(g, 100 + i, f.now);
+  }
+  auto listed = f.m->in_doubt(f.now, 10);
+  REQUIRE(listed.size() == 1);
+  CHECK(listed[0].gid == gid);
+}

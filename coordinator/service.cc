@@ -1,5 +1,7 @@
 #include "coordinator/service.h"
 
+#include <future>
+
 #include <cstdlib>
 
 #include "common/cli.h"
@@ -94,13 +96,13 @@ Status CoordinatorService::recover() {
     forgotten->coordinator = cfg_.machine.coordinator_id;
   }
 
-  std::vector<wal::TxnRecord> unfinished;
+  std::vector<wal::TxnRecord> unfinished, heuristic;
   uint64_t ended = 0;
   Status st = wal_->for_each([&](wal::TxnRecord&& r) {
-    if (r.ended)
-      ++ended;
-    else
+    if (!r.ended)
       unfinished.push_back(std::move(r));
+    else if (++ended; r.heuristic_mixed)
+      heuristic.push_back(std::move(r));
   });
   if (!st.ok()) return Status(st.code(), "cannot replay the decision log: " + st.message());
   log_.info("decision log replayed", {{"epoch", epoch_},
@@ -108,6 +110,7 @@ Status CoordinatorService::recover() {
                                       {"ended", ended}});
   std::lock_guard lock(mu_);
   machine_.recover(epoch_, forgotten, std::move(unfinished), clock_.now_ms());
+  for (auto& r : heuristic) machine_.remember_heuristic(r);
   recovering_at_start_ = machine_.recovering();
   return ok_status();
 }
@@ -661,6 +664,19 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     }
     return;
   }
+  if (action == "heuristic") {
+    auto report = decode_branch_report(req.body);
+    if (!report.ok()) return respond(error_response(report.status()));
+    return rewrite_finished(gid, respond, [&](std::optional<wal::TxnRecord> rec) {
+      return Result<std::optional<wal::TxnRecord>>(CoordinatorMachine::apply_branch_report(
+          std::move(rec), gid, report->participant, report->committed, now));
+    });
+  }
+  if (action == "forget") {
+    auto o = parse_object(req.body);
+    if (!o.ok()) return respond(error_response(o.status()));
+    return forget(gid, respond);
+  }
   if (action == "resolve") {
     auto outcome = decode_resolve(req.body);
     if (!outcome.ok()) return respond(error_response(outcome.status()));
@@ -679,6 +695,55 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     return respond(encode_reply(r));
   }
   respond(error_response(not_found("no such action: " + std::string(action))));
+}
+
+// Heuristic reports and forget change the record of a finished transaction: one at a time,
+// after every queued write is applied (the end record of a transaction that just finished),
+// synced before the answer.
+void CoordinatorService::rewrite_finished(
+    const std::string& gid, const Responder& respond,
+    const std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>& change) {
+  Lookup l;
+  {
+    std::lock_guard lock(mu_);
+    l = machine_.lookup(gid);
+  }
+  if (l.kind == LookupKind::live && !terminal(l.view.state))
+    return respond(error_response(conflict("transaction " + gid + " has not ended; report again once it has")));
+  if (l.kind == LookupKind::not_ours) return respond(error_response(not_found("no transaction " + gid)));
+  std::lock_guard rewrite(rewrite_mu_);
+  wal_->flush();
+  auto rec = wal_->get(gid);
+  if (!rec.ok()) return respond(error_response(rec.status()));
+  if (!rec->has_value() && l.kind == LookupKind::in_log && l.forgotten_if_absent)
+    return respond(error_response(not_found("the outcome of " + gid + " was forgotten")));
+  auto changed = change(*rec);
+  if (!changed.ok()) return respond(error_response(changed.status()));
+  std::optional<wal::TxnRecord> next = std::move(*changed);
+  if (!next) {
+    ClientReply r = rec->has_value() ? CoordinatorMachine::reply_from_record(**rec, RequestKind::get)
+                                     : CoordinatorMachine::reply_without_record(gid, RequestKind::get, false);
+    return respond(encode_reply(r));
+  }
+  std::promise<Status> written;
+  wal_->write({wal::LogWrite::put(*next)}, true, [&](Status s) { written.set_value(s); });
+  Status st = written.get_future().get();
+  if (!st.ok()) {
+    log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
+    std::_Exit(3);
+  }
+  with_machine([&](CoordinatorMachine& m) { m.on_record_rewritten(*next); });
+  respond(encode_reply(CoordinatorMachine::reply_from_record(*next, RequestKind::get)));
+}
+
+void CoordinatorService::forget(const std::string& gid, const Responder& respond) {
+  rewrite_finished(gid, respond, [&](std::optional<wal::TxnRecord> rec) -> Result<std::optional<wal::TxnRecord>> {
+    if (!rec || !rec->heuristic_mixed)
+      return conflict("transaction " + gid + " has no heuristic outcome to forget");
+    rec->heuristic_mixed = false;
+    log_.warn("heuristic outcome forgotten by an operator", {{"gid", gid}});
+    return rec;
+  });
 }
 
 void CoordinatorService::status(const Responder& respond) {
@@ -816,6 +881,11 @@ void CoordinatorService::register_metrics() {
   }
   counter("tpc_coordinator_heuristic_mixed_total", "transactions whose branches disagreed", {},
           [](const MachineCounters& c) { return c.heuristic_mixed; });
+  metrics_.gauge("tpc_coordinator_heuristic_outcomes",
+                 "heuristic outcomes not yet forgotten by an operator (kept across restarts)", [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.heuristic_outcomes());
+                 });
   counter("tpc_coordinator_one_phase_total", "single-branch transactions committed in one phase", {},
           [](const MachineCounters& c) { return c.one_phase; });
   counter("tpc_coordinator_read_only_branches_total", "branches that voted read_only", {},

@@ -120,6 +120,10 @@ class CoordinatorService {
   void in_doubt(const Responder& respond);
 
   void tick();
+  void rewrite_finished(
+      const std::string& gid, const Responder& respond,
+      const std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>& change);
+  void forget(const std::string& gid, const Responder& respond);
   void compaction_loop();
   void compact_once();
 
@@ -170,6 +174,7 @@ class CoordinatorService {
   std::atomic<uint64_t> tick_timer_{0};
 
   std::atomic<uint64_t> compaction_passes_{0};  // reads of the log by compaction
+  std::mutex rewrite_mu_;  // one rewrite of a finished record at a time
   std::mutex compaction_mu_;
   std::condition_variable compaction_cv_;
   std::thread compaction_thread_;
