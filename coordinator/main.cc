@@ -150,6 +150,7 @@ int main(int argc, char** argv) {
     return tpc::fail(kProgram, "cannot create --data-dir " + dir + ": " + std::strerror(errno));
   tpc::wal::LevelDbOptions lo;
   lo.dir = dir;
+  lo.coordinator_id = cfg->machine.coordinator_id;
   auto wal = tpc::wal::open_leveldb_log(lo);
   if (!wal.ok()) return tpc::fail(kProgram, wal.status().message());
 

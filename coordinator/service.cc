@@ -1,8 +1,9 @@
 #include "coordinator/service.h"
 
-#include <future>
-
+#include <algorithm>
 #include <cstdlib>
+#include <future>
+#include <random>
 
 #include "common/cli.h"
 #include "common/failpoint.h"
@@ -25,7 +26,18 @@ std::optional<GidParts> parse_horizon(const std::string& text) {
   }
 }
 
+// kEpochRandomBits bits from the OS's random source (getrandom through std::random_device).
+uint64_t random_epoch_bits() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
+
 }  // namespace
+
+uint64_t next_epoch(uint64_t previous, uint64_t wall_seconds, uint64_t random) {
+  const uint64_t high = std::max<uint64_t>((previous >> kEpochRandomBits) + 1, wall_seconds);
+  return (high << kEpochRandomBits) | (random & ((uint64_t{1} << kEpochRandomBits) - 1));
+}
 
 CoordinatorService::CoordinatorService(const CoordinatorConfig& cfg,
                                        std::unique_ptr<wal::DecisionLog> log, Logger& logger)
@@ -82,9 +94,11 @@ Status CoordinatorService::recover() {
       return corruption("the decision log's epoch is not a number: \"" + **epoch_text + "\"");
     }
   }
-  // The epoch never repeats: it grows by one per start, and never falls behind the wall clock
-  // in seconds, so even a coordinator whose log was lost (a new data dir) issues new gids.
-  epoch_ = std::max<uint64_t>(previous + 1, static_cast<uint64_t>(wall_ms() / 1000));
+  // The epoch grows at every start of the same log (agents roll back unprepared branches of
+  // older epochs), and its random low bits keep it unique without trusting the clock: a
+  // coordinator whose log was lost and whose clock is back at an earlier start's second still
+  // issues new gids.
+  epoch_ = next_epoch(previous, static_cast<uint64_t>(wall_ms() / 1000), random_epoch_bits());
   TPC_RETURN_IF_ERROR(wal_->put_meta(kEpochKey, std::to_string(epoch_)));
 
   std::optional<GidParts> forgotten;

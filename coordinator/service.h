@@ -59,6 +59,15 @@ struct CoordinatorConfig {
   Transport transport;            // empty: HTTP
 };
 
+// Random low bits of every epoch: two starts at the same wall second, even with a lost log,
+// draw different epochs (collision chance 2^-20). Epochs stay below 2^53 (JSON-safe) until
+// the year 2242 and take at most 16 decimal digits of the gid.
+inline constexpr unsigned kEpochRandomBits = 20;
+
+// The epoch of a start: greater than `previous` (the last start's, from the log), and at least
+// wall_seconds in the high bits, with `random` (its low kEpochRandomBits used) in the low bits.
+uint64_t next_epoch(uint64_t previous, uint64_t wall_seconds, uint64_t random);
+
 class CoordinatorService {
  public:
   // Replays `log` and starts serving. `logger` must outlive the service.

@@ -75,14 +75,25 @@ class DecisionLog {
 
 struct LevelDbOptions {
   std::string dir;
+  // The coordinator whose log this is; written into DIR/IDENTITY at the first open and
+  // checked at every later one.
+  std::string coordinator_id = "c1";
+  // How often, at most, the count of acknowledged synced writes is copied into DIR/IDENTITY
+  // (one fsync + rename off the commit path). Synced writes lost after being acknowledged
+  // are detected at open if they were acknowledged more than about this long before the stop.
+  int64_t identity_sync_interval_ms = 100;
   size_t batch_records_max = 4096;   // a group-commit batch carries at most this many writes
   size_t queue_max = 1'000'000;      // writes waiting; past it write() fails with unavailable
   size_t block_cache_bytes = 8 << 20;
   size_t write_buffer_bytes = 16 << 20;
 };
 
-// Opens (creating if needed) the LevelDB store in opts.dir. io_error with a clear message when
-// the directory cannot be created or written, or is locked by another process.
+// Opens the LevelDB store in opts.dir, creating it only in a directory that holds neither a
+// store nor an IDENTITY file. io_error with a clear message when the directory cannot be
+// created or written, or is locked by another process; corruption (one line naming the
+// problem) when the store fails its checks: LevelDB files without IDENTITY, IDENTITY without
+// an openable store (e.g. CURRENT deleted), IDENTITY naming another coordinator id or
+// malformed, a damaged record, or fewer synced writes in the store than IDENTITY counted.
 Result<std::unique_ptr<DecisionLog>> open_leveldb_log(const LevelDbOptions& opts);
 
 // The in-memory log. crash() forgets every write whose batch was not synced, as a machine

@@ -8,11 +8,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <iterator>
 #include <mutex>
 #include <thread>
 
@@ -830,6 +833,298 @@ TEST_CASE("leveldb log: a write error reaches every callback of its batch as io_
     CHECK(s.message().find("decision log") != std::string::npos);
   }
   CHECK(!log->get("x1")->has_value());
+}
+
+// ---- integrity: damaged, truncated or replaced stores are refused ------------------------
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  REQUIRE(f.good());
+}
+
+// The newest (highest-numbered) LevelDB .log file in dir: the one written last.
+std::string newest_log_file(const std::string& dir) {
+  std::string best;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() != ".log") continue;
+    if (best.empty() || e.path().filename().string() > fs::path(best).filename().string())
+      best = e.path().string();
+  }
+  REQUIRE(!best.empty());
+  return best;
+}
+
+// Offsets of the physical record headers in a LevelDB .log (32 KiB blocks; a header is
+// crc32c:4, length:2 little-endian, type:1; a block's last < 7 bytes are zero padding).
+std::vector<size_t> log_record_offsets(const std::string& bytes) {
+  constexpr size_t kBlockBytes = 32768, kHeaderBytes = 7;
+  std::vector<size_t> out;
+  size_t pos = 0;
+  while (pos + kHeaderBytes <= bytes.size()) {
+    const size_t left = kBlockBytes - pos % kBlockBytes;
+    if (left < kHeaderBytes) {
+      pos += left;
+      continue;
+    }
+    const size_t len = static_cast<uint8_t>(bytes[pos + 4]) |
+                       (static_cast<size_t>(static_cast<uint8_t>(bytes[pos + 5])) << 8);
+    out.push_back(pos);
+    pos += kHeaderBytes + len;
+  }
+  return out;
+}
+
+std::string identity_text(const TempDir& dir) {
+  return read_bytes(dir.sub("IDENTITY"));
+}
+
+// A store with `n` synced records c1-1-1..c1-1-n, closed cleanly.
+void fill(const std::string& dir, int n) {
+  auto log = open_log(dir);
+  for (int i = 1; i <= n; ++i)
+    REQUIRE(put_wait(*log, small_record("c1-1-" + std::to_string(i))).ok());
+}
+
+Status open_status(const std::string& dir, std::string id = "c1") {
+  LevelDbOptions o;
+  o.dir = dir;
+  o.coordinator_id = std::move(id);
+  auto r = open_leveldb_log(o);
+  return r.ok() ? ok_status() : r.status();
+}
+
+void check_refused(const Status& s, const std::string& needle) {
+  CHECK(s.code() == Code::corruption);
+  CHECK_MESSAGE(s.message().find(needle) != std::string::npos, s.message());
+  CHECK(s.message().find('\n') == std::string::npos);
+}
+
+TEST_CASE("leveldb log: the first open writes IDENTITY with the coordinator id and the count") {
+  TempDir dir;
+  fill(dir.str(), 3);
+  const std::string text = identity_text(dir);
+  CHECK(text.rfind("tpc-decision-log 1\ncoordinator c1\ncreated_ms ", 0) == 0);
+  CHECK(text.find("\nsynced_writes 3\n") != std::string::npos);
+  CHECK(open_status(dir.str()).ok());
+}
+
+TEST_CASE("leveldb log: a length byte flipped in the last .log record is refused") {
+  TempDir dir;
+  fill(dir.str(), 20);
+  const std::string path = newest_log_file(dir.str());
+  std::string bytes = read_bytes(path);
+  const auto offsets = log_record_offsets(bytes);
+  REQUIRE(offsets.size() >= 20);
+  // The length now points past the end of the file: LevelDB alone takes the record for a torn
+  // write and drops it without a report.
+  bytes[offsets.back() + 5] ^= 0x40;
+  write_bytes(path, bytes);
+  check_refused(
+      open_status(dir.str()),
+      "synced writes were lost: the store ends at synced write 19 but write 20 was acknowledged");
+}
+
+TEST_CASE("leveldb log: a .log cut short in its last record is refused") {
+  TempDir dir;
+  fill(dir.str(), 20);
+  const std::string path = newest_log_file(dir.str());
+  fs::resize_file(path, fs::file_size(path) - 3);
+  check_refused(open_status(dir.str()), "synced writes were lost");
+}
+
+TEST_CASE("leveldb log: a .log cut back to an earlier record boundary is refused") {
+  TempDir dir;
+  fill(dir.str(), 20);
+  const std::string path = newest_log_file(dir.str());
+  const auto offsets = log_record_offsets(read_bytes(path));
+  REQUIRE(offsets.size() >= 20);
+  fs::resize_file(path, offsets[offsets.size() - 5]);  // the last five batches gone, cleanly
+  check_refused(open_status(dir.str()), "the store ends at synced write 15 but write 20");
+}
+
+TEST_CASE("leveldb log: a payload byte flipped in the last .log record is refused") {
+  TempDir dir;
+  fill(dir.str(), 20);
+  const std::string path = newest_log_file(dir.str());
+  std::string bytes = read_bytes(path);
+  const auto offsets = log_record_offsets(bytes);
+  bytes[offsets.back() + 7 + 3] ^= 0x01;
+  write_bytes(path, bytes);
+  const Status s = open_status(dir.str());
+  CHECK(s.code() == Code::corruption);
+  CHECK_MESSAGE(s.message().find("checksum mismatch") != std::string::npos, s.message());
+}
+
+// The names of the store's .ldb and .log files, sorted.
+std::vector<std::string> data_files(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() == ".ldb" || e.path().extension() == ".log")
+      out.push_back(e.path().filename().string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST_CASE("leveldb log: a deleted CURRENT is refused, and the tables are left in place") {
+  TempDir dir;
+  {
+    LevelDbOptions o;
+    o.dir = dir.str();
+    o.write_buffer_bytes = 64 << 10;  // small, so that records reach table files
+    auto log = open_leveldb_log(o);
+    REQUIRE(log.ok());
+    for (int i = 1; i <= 600; ++i)
+      REQUIRE(put_wait(**log, full_record("c1-1-" + std::to_string(i))).ok());
+  }
+  fs::remove(dir.sub("CURRENT"));
+  const std::vector<std::string> before = data_files(dir.str());
+  CHECK(before.size() >= 2);  // tables and the .log
+  check_refused(open_status(dir.str()), "it has an IDENTITY file but its LevelDB store is missing");
+  CHECK(data_files(dir.str()) == before);
+  CHECK(!fs::exists(dir.sub("CURRENT")));
+}
+
+TEST_CASE("leveldb log: LevelDB files without IDENTITY are refused") {
+  TempDir dir;
+  fill(dir.str(), 2);
+  fs::remove(dir.sub("IDENTITY"));
+  check_refused(open_status(dir.str()), "it holds LevelDB files but no IDENTITY file");
+  CHECK(!fs::exists(dir.sub("IDENTITY")));
+}
+
+TEST_CASE("leveldb log: a malformed IDENTITY is refused") {
+  TempDir dir;
+  fill(dir.str(), 2);
+  std::string text = identity_text(dir);
+  SUBCASE("garbage") {
+    text = "hello\n";
+  }
+  SUBCASE("a count that is not a number") {
+    text.replace(text.find("synced_writes 2"), 15, "synced_writes x");
+  }
+  SUBCASE("empty") {
+    text.clear();
+  }
+  write_bytes(dir.sub("IDENTITY"), text);
+  check_refused(open_status(dir.str()), "its IDENTITY file is malformed");
+}
+
+TEST_CASE("leveldb log: a count in IDENTITY beyond the store's is refused") {
+  TempDir dir;
+  fill(dir.str(), 2);
+  std::string text = identity_text(dir);
+  text.replace(text.find("synced_writes 2"), 15, "synced_writes 9");
+  write_bytes(dir.sub("IDENTITY"), text);
+  check_refused(open_status(dir.str()), "the store ends at synced write 2 but write 9");
+}
+
+TEST_CASE("leveldb log: a store of another coordinator id is refused") {
+  TempDir dir;
+  fill(dir.str(), 2);
+  check_refused(open_status(dir.str(), "c2"), "its IDENTITY names coordinator \"c1\", not \"c2\"");
+  CHECK(open_status(dir.str(), "c1").ok());
+}
+
+TEST_CASE("leveldb log: an IDENTITY without a store is refused, not recreated") {
+  TempDir dir;
+  fill(dir.str(), 2);
+  for (const auto& e : fs::directory_iterator(dir.str()))
+    if (e.path().filename() != "IDENTITY") fs::remove(e.path());
+  check_refused(open_status(dir.str()), "its LevelDB store is missing");
+  CHECK(!fs::exists(dir.sub("CURRENT")));
+}
+
+TEST_CASE("leveldb log: put_meta is a counted synced write") {
+  TempDir dir;
+  {
+    auto log = open_log(dir.str());
+    CHECK(log->put_meta("epoch", "7").ok());
+    CHECK(log->stats().synced_batches == 1);
+  }
+  CHECK(identity_text(dir).find("\nsynced_writes 1\n") != std::string::npos);
+  auto log = open_log(dir.str());
+  CHECK(log->get_meta("epoch")->value() == "7");
+}
+
+TEST_CASE("leveldb log: reopens keep working across compaction into tables and many writes") {
+  TempDir dir;
+  LevelDbOptions o;
+  o.dir = dir.str();
+  o.write_buffer_bytes = 64 << 10;
+  constexpr int kRounds = 3, kPerRound = 1000;
+  for (int round = 0; round < kRounds; ++round) {
+    auto log = open_leveldb_log(o);
+    REQUIRE_MESSAGE(log.ok(), log.status().to_string());
+    for (int i = 0; i < kPerRound; ++i) {
+      REQUIRE(
+          put_wait(**log, full_record("c1-" + std::to_string(round + 1) + "-" + std::to_string(i)))
+              .ok());
+    }
+    CHECK(read_all(**log).size() == static_cast<size_t>((round + 1) * kPerRound));
+  }
+  bool tables = false;
+  for (const auto& e : fs::directory_iterator(dir.str()))
+    tables = tables || e.path().extension() == ".ldb";
+  CHECK(tables);
+  CHECK(identity_text(dir).find("\nsynced_writes " + std::to_string(kRounds * kPerRound) + "\n") !=
+        std::string::npos);
+  auto log = open_leveldb_log(o);
+  REQUIRE_MESSAGE(log.ok(), log.status().to_string());
+  CHECK(read_all(**log).size() == static_cast<size_t>(kRounds * kPerRound));
+}
+
+// The count in IDENTITY, polled until it reaches `want` (the checkpoint thread's interval).
+bool wait_identity_count(const TempDir& dir, uint64_t want) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  const std::string needle = "\nsynced_writes " + std::to_string(want) + "\n";
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (identity_text(dir).find(needle) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // polling a file, with a deadline
+  }
+  return false;
+}
+
+TEST_CASE("leveldb log: a process killed after synced writes reopens; then a cut tail is refused") {
+  TempDir dir;
+  std::fflush(nullptr);
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    LevelDbOptions o;
+    o.dir = dir.str();
+    auto log = open_leveldb_log(o);
+    if (!log.ok()) _exit(2);
+    for (int i = 1; i <= 30; ++i)
+      if (!put_wait(**log, small_record("c1-1-" + std::to_string(i))).ok()) _exit(3);
+    if (!wait_identity_count(dir, 30)) _exit(4);
+    ::kill(::getpid(), SIGKILL);  // no destructor, no final checkpoint
+  }
+  int status = 0;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  REQUIRE(WIFSIGNALED(status));
+  TempDir copy;
+  fs::copy(dir.str(), copy.str(),
+           fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  fs::remove(copy.sub("LOCK"));
+
+  // The store as the killed process left it opens with every record.
+  {
+    auto log = open_log(dir.str());
+    CHECK(read_all(*log).size() == 30);
+  }
+  // The same store with its last synced batch cut off is refused, and stays refused (the
+  // failed open may already have moved the .log into a table).
+  const std::string path = newest_log_file(copy.str());
+  fs::resize_file(path, log_record_offsets(read_bytes(path)).back());
+  check_refused(open_status(copy.str()), "the store ends at synced write 29 but write 30");
+  check_refused(open_status(copy.str()), "the store ends at synced write 29 but write 30");
 }
 
 }  // namespace

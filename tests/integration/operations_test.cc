@@ -3,6 +3,7 @@
 // operator resolving in-doubt branches by hand and the coordinator reporting a heuristic mix.
 #include <doctest/doctest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -262,4 +263,69 @@ TEST_CASE("outcomes past the retention window are reported as forgotten, never g
   CHECK(a.state() == "aborted");
   CHECK(a.body["presumed"] == true);
   t.check_invariants();
+}
+
+namespace {
+
+// The number after "name " on its line of `text`, or -1.
+int64_t number_after(const std::string& text, const std::string& name) {
+  size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stoll(text.substr(at + name.size() + 2));
+}
+
+// The offset of the second physical record header of a LevelDB .log (32 KiB blocks, 7-byte
+// headers: crc32c:4, length:2 little-endian, type:1); the first is the start's epoch write.
+size_t second_log_record(const std::string& bytes) {
+  size_t pos = 0, last = 0, seen = 0;
+  while (pos + 7 <= bytes.size()) {
+    if (32768 - pos % 32768 < 7) {
+      pos += 32768 - pos % 32768;
+      continue;
+    }
+    last = pos;
+    if (++seen == 2) break;
+    pos += 7 + (static_cast<uint8_t>(bytes[pos + 4]) |
+                (static_cast<size_t>(static_cast<uint8_t>(bytes[pos + 5])) << 8));
+  }
+  return last;
+}
+
+}  // namespace
+
+TEST_CASE("a coordinator whose .log lost its synced tail after a kill refuses to restart") {
+  Testbed& t = Testbed::fresh();
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -5).status == 200);
+  REQUIRE(t.move(1, gid, 1, 5).status == 200);
+  REQUIRE(t.commit(gid).status == 200);
+  const std::string dir = t.dir() + "/decision-log";
+  // Every acknowledged fsync has reached IDENTITY (it is checkpointed every 100 ms).
+  REQUIRE(eventually(
+      [&] {
+        const int64_t fsyncs =
+            number_after("\n" + t.coord("GET", "/metrics").raw, "tpc_coordinator_log_fsyncs_total");
+        return fsyncs > 0 && number_after(read_file(dir + "/IDENTITY"), "synced_writes") >= fsyncs;
+      },
+      10'000));
+  t.stop_coordinator(SIGKILL);
+  std::string newest;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ".log" && e.path().string() > newest) newest = e.path().string();
+  REQUIRE(!newest.empty());
+  // Everything after the epoch write is cut: the synced commit decision with it.
+  std::filesystem::resize_file(newest, second_log_record(read_file(newest)));
+
+  std::string out;
+  int code = run({bin_dir() + "/tpc-coordinator", "--data-dir", dir, "--listen",
+                  "127.0.0.1:" + std::to_string(free_port())},
+                 &out);
+  CHECK(code != 0);
+  CHECK(code != -1);
+  CHECK_MESSAGE(out.find("tpc-coordinator: refusing to open the decision log in " + dir +
+                         ": synced writes were lost") != std::string::npos,
+                out);
+  // Nothing was rolled back: both branches stay committed.
+  CHECK(t.balance(0, 1) == 995);
+  CHECK(t.balance(1, 1) == 1005);
 }
