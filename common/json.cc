@@ -268,8 +268,9 @@ HttpResponse json_response(int http_status, const Json& body) {
 }
 
 HttpResponse method_not_allowed(std::string_view allow) {
-  HttpResponse r = error_response(405, "method_not_allowed",
-                                  "method not allowed on this path (allowed: " + std::string(allow) + ")");
+  HttpResponse r =
+      error_response(405, "method_not_allowed",
+                     "method not allowed on this path (allowed: " + std::string(allow) + ")");
   r.headers.emplace_back("allow", std::string(allow));
   return r;
 }

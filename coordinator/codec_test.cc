@@ -203,23 +203,30 @@ TEST_CASE("every coordinator body refuses unknown fields and repeated keys, nami
     CHECK(s.code() == Code::invalid_argument);
     CHECK(s.message().find(field) != std::string::npos);
   };
-  named(decode_begin(R"({"protocol":"2pc","protocol":"3pc"})", 1000).status(), "duplicate key \"protocol\"");
+  named(decode_begin(R"({"protocol":"2pc","protocol":"3pc"})", 1000).status(),
+        "duplicate key \"protocol\"");
   named(decode_enlist(R"({"participant":"a1","url":"http://h:1","urls":1})").status(), "\"urls\"");
   named(decode_commit(R"({"wiat":"decision"})").status(), "\"wiat\"");
   named(decode_resolve(R"({"outcome":"commit","force":true})").status(), "\"force\"");
   named(decode_run(R"({"branches":[],"protocl":"3pc"})", 10).status(), "\"protocl\"");
-  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a"}],"x":1}]})", 10).status(),
+  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a"}],"x":1}]})", 10)
+            .status(),
         "branches[0]: unknown field \"x\"");
-  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","parms":[1]}]}]})", 10).status(),
+  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","parms":[1]}]}]})",
+                   10)
+            .status(),
         "branches[0].statements[0]: unknown field \"parms\"");
-  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","sql":"b"}]}]})", 10).status(),
-        "duplicate key \"sql\"");
+  named(
+      decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","sql":"b"}]}]})", 10)
+          .status(),
+      "duplicate key \"sql\"");
   CHECK(parse_empty_object("{}").ok());
   CHECK(parse_empty_object("").ok());
   named(parse_empty_object(R"({"reason":"x"})").status(), "\"reason\"");
 }
 
-TEST_CASE("one-shot statements keep the exact digits of their number params and check expect_rows") {
+TEST_CASE(
+    "one-shot statements keep the exact digits of their number params and check expect_rows") {
   auto r = decode_run(
       R"({"branches":[{"participant":"a1","statements":[{"sql":"SELECT $1, $2, $3","params":[18446744073709551617,123456789012345678901234567890,12345678901234567.89],"expect_rows":1}]}]})",
       10);
@@ -230,10 +237,12 @@ TEST_CASE("one-shot statements keep the exact digits of their number params and 
   CHECK(st.find("\"123456789012345678901234567890\"") != std::string::npos);
   CHECK(st.find("\"12345678901234567.89\"") != std::string::npos);
   CHECK(st.find("\"expect_rows\":1") != std::string::npos);
-  for (const char* bad : {R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":-1}]}]})",
-                          R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":"1"}]}]})",
-                          R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":1.5}]}]})",
-                          R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":9223372036854775808}]}]})"}) {
+  for (
+      const char* bad :
+      {R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":-1}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":"1"}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":1.5}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":9223372036854775808}]}]})"}) {
     CAPTURE(bad);
     auto b = decode_run(bad, 10);
     CHECK(b.status().code() == Code::invalid_argument);

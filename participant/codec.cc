@@ -20,7 +20,8 @@ Status decode_statement(FieldReader& r, const ExecLimits& limits, Statement* out
   r.string("sql", &out->sql, true);
   const Json* params = r.array("params", false, limits.params_max);
   int64_t expect = 0;
-  if (r.int64("expect_rows", &expect, 0, INT64_MAX) && r.has("expect_rows")) out->expect_rows = expect;
+  if (r.int64("expect_rows", &expect, 0, INT64_MAX) && r.has("expect_rows"))
+    out->expect_rows = expect;
   if (!r.ok()) return r.status();
   if (out->sql.empty()) return invalid_argument("\"sql\" must not be empty");
   if (out->sql.find('\0') != std::string::npos)
@@ -59,7 +60,8 @@ Status decode_peers(FieldReader& r, std::vector<Peer>* out) {
     pr.string("url", &peer.url, true, 512);
     TPC_RETURN_IF_ERROR(pr.finish());
     if (!valid_participant_name(peer.participant))
-      return invalid_argument("peer name " + echo(peer.participant) + " must match [A-Za-z0-9_-]{1,32}");
+      return invalid_argument("peer name " + echo(peer.participant) +
+                              " must match [A-Za-z0-9_-]{1,32}");
     if (auto u = parse_url(peer.url); !u.ok()) return u.status();
     out->push_back(std::move(peer));
   }

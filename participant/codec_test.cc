@@ -172,7 +172,8 @@ TEST_CASE("expect_rows: a non-negative integer per statement") {
   auto one = decode_exec(R"({"sql":"UPDATE t SET v = 1","expect_rows":1})", ExecLimits{});
   REQUIRE(one.ok());
   CHECK(one->statements[0].expect_rows == 1);
-  auto list = decode_exec(R"({"statements":[{"sql":"A","expect_rows":0},{"sql":"B"}]})", ExecLimits{});
+  auto list =
+      decode_exec(R"({"statements":[{"sql":"A","expect_rows":0},{"sql":"B"}]})", ExecLimits{});
   REQUIRE(list.ok());
   CHECK(list->statements[0].expect_rows == 0);
   CHECK_FALSE(list->statements[1].expect_rows.has_value());
@@ -193,14 +194,21 @@ TEST_CASE("every agent body refuses unknown fields and repeated keys, naming the
     CHECK(s.code() == Code::invalid_argument);
     CHECK(s.message().find(field) != std::string::npos);
   };
-  named(decode_exec(R"({"sql":"A","parms":[1]})", ExecLimits{}).status(), "unknown field \"parms\"");
-  named(decode_exec(R"({"statements":[{"sql":"A"}],"params":[1]})", ExecLimits{}).status(), "\"params\"");
+  named(decode_exec(R"({"sql":"A","parms":[1]})", ExecLimits{}).status(),
+        "unknown field \"parms\"");
+  named(decode_exec(R"({"statements":[{"sql":"A"}],"params":[1]})", ExecLimits{}).status(),
+        "\"params\"");
   named(decode_exec(R"({"statements":[{"sql":"A","parms":[1]}]})", ExecLimits{}).status(),
         "statements[0]: unknown field \"parms\"");
   named(decode_exec(R"({"sql":"A","sql":"B"})", ExecLimits{}).status(), "duplicate key \"sql\"");
-  named(decode_exec(R"({"sql":"A","prepare":true,"protocol":"3pc","peers":[{"participant":"b","url":"http://h:1","x":1}]})",
-                    ExecLimits{}).status(), "\"x\"");
+  named(
+      decode_exec(
+          R"({"sql":"A","prepare":true,"protocol":"3pc","peers":[{"participant":"b","url":"http://h:1","x":1}]})",
+          ExecLimits{})
+          .status(),
+      "\"x\"");
   named(decode_prepare(R"({"protocl":"3pc"})").status(), "\"protocl\"");
   named(decode_commit(R"({"onephase":true})").status(), "\"onephase\"");
-  named(decode_resolve(R"({"outcome":"abort","outcome":"commit"})").status(), "duplicate key \"outcome\"");
+  named(decode_resolve(R"({"outcome":"abort","outcome":"commit"})").status(),
+        "duplicate key \"outcome\"");
 }

@@ -198,19 +198,22 @@ bool has_expectation(const std::vector<std::optional<int64_t>>& expect_rows) {
 }
 
 // sql_error when statement i has an expectation its result does not meet.
-Status check_rows(const StatementResult& r, size_t i, const std::vector<std::optional<int64_t>>& expect_rows) {
-  if (i >= expect_rows.size() || !expect_rows[i] || row_count(r) == *expect_rows[i]) return ok_status();
-  return Status(Code::sql_error, "expected " + std::to_string(*expect_rows[i]) + " rows (expect_rows), the statement " +
-                                     (r.command_tag.rfind("SELECT", 0) == 0 ? "returned " : "affected ") +
-                                     std::to_string(row_count(r)));
+Status check_rows(const StatementResult& r, size_t i,
+                  const std::vector<std::optional<int64_t>>& expect_rows) {
+  if (i >= expect_rows.size() || !expect_rows[i] || row_count(r) == *expect_rows[i])
+    return ok_status();
+  return Status(Code::sql_error,
+                "expected " + std::to_string(*expect_rows[i]) +
+                    " rows (expect_rows), the statement " +
+                    (r.command_tag.rfind("SELECT", 0) == 0 ? "returned " : "affected ") +
+                    std::to_string(row_count(r)));
 }
 
 }  // namespace
 
-BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
-                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
-                     int64_t epoch, int64_t seq,
-                     const std::vector<std::optional<int64_t>>& expect_rows) {
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
+                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
+                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows) {
   BranchRun run;
   if (!begin && finish != Finish::none && !c.in_transaction()) {
     // Without an open block the steps below would run in an implicit transaction of their own:
@@ -251,7 +254,8 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
   // With an expectation the finish waits until the row counts are checked.
   std::vector<PipelineStep> finish_steps;
   if (has_expectation(expect_rows)) {
-    finish_steps.assign(std::make_move_iterator(steps.begin() + finish_at), std::make_move_iterator(steps.end()));
+    finish_steps.assign(std::make_move_iterator(steps.begin() + finish_at),
+                        std::make_move_iterator(steps.end()));
     steps.resize(finish_at);
   }
   std::vector<ExecResult> rs = run_steps(c, steps);

@@ -85,10 +85,9 @@ struct BranchRun {
 // kExpectRowsSqlstate. With an expectation, the statements and the finish take two round
 // trips, so that nothing is prepared or committed after a mismatch.
 inline constexpr std::string_view kExpectRowsSqlstate = "21000";  // cardinality_violation
-BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
-                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
-                     int64_t epoch, int64_t seq,
-                     const std::vector<std::optional<int64_t>>& expect_rows = {});
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
+                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
+                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows = {});
 
 // Inside the open block: insert the marker and COMMIT; committed if the tag is "COMMIT",
 // aborted otherwise (with the reason in the Status message via `reason`).

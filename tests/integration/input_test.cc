@@ -16,9 +16,13 @@ namespace {
 const char* const kExactNumbers[] = {"18446744073709551617", "123456789012345678901234567890",
                                      "12345678901234567.89"};
 
-Http run(Testbed& t, const std::string& body) { return t.coord("POST", "/v1/transactions/run", body); }
+Http run(Testbed& t, const std::string& body) {
+  return t.coord("POST", "/v1/transactions/run", body);
+}
 
-std::string exec_path(const std::string& gid) { return "/v1/branches/" + gid + "/exec"; }
+std::string exec_path(const std::string& gid) {
+  return "/v1/branches/" + gid + "/exec";
+}
 
 // The Allow header of the answer to `method target`.
 std::string allow(const Url& url, const std::string& method, const std::string& target) {
@@ -44,8 +48,11 @@ TEST_CASE("number params reach PostgreSQL with the digits the client sent, via e
     CHECK(e.body["results"][0]["rows"][0][0] == n);
     REQUIRE(t.abort(gid).status == 200);
 
-    Http r = run(t, std::string(R"({"branches":[{"participant":"a0","statements":[{"sql":"SELECT $1::numeric::text","params":[)") +
-                        n + "]}]}]}");
+    Http r = run(
+        t,
+        std::string(
+            R"({"branches":[{"participant":"a0","statements":[{"sql":"SELECT $1::numeric::text","params":[)") +
+            n + "]}]}]}");
     REQUIRE_MESSAGE(r.status == 200, r.describe());
     CHECK(r.body["results"]["a0"][0]["rows"][0][0] == n);
   }
@@ -56,8 +63,9 @@ TEST_CASE("expect_rows: an UPDATE that matches no row fails with 422 and the tra
   Testbed& t = Testbed::fresh();
   std::string gid = t.begin();
   REQUIRE(t.move(0, gid, 1, -100).status == 200);
-  Http e = t.agent(1, "POST", exec_path(gid),
-                   R"({"sql":"UPDATE accounts SET balance = balance + 100 WHERE id = 999","expect_rows":1})");
+  Http e = t.agent(
+      1, "POST", exec_path(gid),
+      R"({"sql":"UPDATE accounts SET balance = balance + 100 WHERE id = 999","expect_rows":1})");
   INFO(t.logs());
   CHECK_MESSAGE(e.status == 422, e.describe());
   CHECK(e.body["error"]["sqlstate"] == "21000");
@@ -70,8 +78,9 @@ TEST_CASE("expect_rows: an UPDATE that matches no row fails with 422 and the tra
 
   // A matching count changes nothing about the statement.
   std::string ok_gid = t.begin();
-  Http ok = t.agent(0, "POST", exec_path(ok_gid),
-                    R"({"statements":[{"sql":"UPDATE accounts SET balance = balance WHERE id = 1","expect_rows":1},
+  Http ok = t.agent(
+      0, "POST", exec_path(ok_gid),
+      R"({"statements":[{"sql":"UPDATE accounts SET balance = balance WHERE id = 1","expect_rows":1},
                                       {"sql":"SELECT id FROM accounts WHERE id <= 3","expect_rows":3}]})");
   CHECK_MESSAGE(ok.status == 200, ok.describe());
   REQUIRE(t.commit(ok_gid).status == 200);
@@ -108,18 +117,22 @@ TEST_CASE("unknown fields and repeated keys are refused with 400 naming the fiel
     CHECK(h.body["error"]["message"].get<std::string>().find(field) != std::string::npos);
   };
   refused(t.coord("POST", "/v1/transactions", R"({"protocl":"3pc"})"), "protocl");
-  refused(t.coord("POST", "/v1/transactions", R"({"protocol":"2pc","protocol":"3pc"})"), "duplicate key");
+  refused(t.coord("POST", "/v1/transactions", R"({"protocol":"2pc","protocol":"3pc"})"),
+          "duplicate key");
   std::string gid = t.begin();
   refused(t.agent(0, "POST", exec_path(gid), R"({"sql":"SELECT $1","parms":[1]})"), "parms");
   refused(t.agent(0, "POST", "/v1/branches/" + gid + "/abort", R"({"why":"x"})"), "why");
   refused(t.coord("POST", "/v1/transactions/" + gid + "/abort", R"({"why":"x"})"), "why");
   refused(t.coord("POST", "/v1/transactions/" + gid + "/commit", R"({"wiat":"decision"})"), "wiat");
-  refused(run(t, R"({"branches":[{"participant":"a0","statements":[{"sql":"SELECT 1","parms":[]}]}]})"), "parms");
+  refused(
+      run(t, R"({"branches":[{"participant":"a0","statements":[{"sql":"SELECT 1","parms":[]}]}]})"),
+      "parms");
   CHECK(t.abort(gid).status == 200);
   t.check_invariants();
 }
 
-TEST_CASE("error bodies cut echoed input and carry no library text; 405 lists the allowed methods") {
+TEST_CASE(
+    "error bodies cut echoed input and carry no library text; 405 lists the allowed methods") {
   Testbed& t = Testbed::fresh();
   std::string long_gid(3'000, 'x');
   Http g = t.coord("GET", "/v1/transactions/" + long_gid);
