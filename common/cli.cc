@@ -101,7 +101,7 @@ HttpResponse failpoints_endpoint(std::string_view body, Logger* log) {
   FieldReader r(*j);
   std::string spec;
   r.string("spec", &spec, true, 4096);
-  if (!r.ok()) return error_response(r.status());
+  if (Status st = r.finish(); !st.ok()) return error_response(st);
   Status st = failpoint::configure(spec, log, static_cast<uint64_t>(::getpid()));
   if (!st.ok()) return error_response(st);
   log->warn("failpoints configured", {{"spec", spec}});

@@ -72,6 +72,50 @@ TEST_CASE("JSON bodies: objects only, typed fields, clear errors") {
   CHECK(r3.status().code() == Code::invalid_argument);
 }
 
+TEST_CASE("strict JSON: repeated keys, unknown fields, no library text, echoed input is cut") {
+  auto dup = parse_json(R"({"a":{"b":1,"b":2}})");
+  REQUIRE_FALSE(dup.ok());
+  CHECK(dup.status().message() == "duplicate key \"b\"");
+  CHECK(parse_json(R"([{"b":1},{"b":2}])").ok());  // the same key in two objects
+
+  auto huge = parse_json("[1e999]");
+  REQUIRE_FALSE(huge.ok());
+  CHECK(huge.status().message() == "number out of range at byte 6");
+  CHECK(huge.status().message().find("json.exception") == std::string::npos);
+  auto bad = parse_json("{\"a\" 1}");
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.status().message().find("json.exception") == std::string::npos);
+
+  // Non-integer numbers keep their text only inside "params" arrays.
+  auto p = parse_json(R"({"params":[1.50,7],"x":1.50})");
+  REQUIRE(p.ok());
+  CHECK((*p)["params"][0] == "1.50");
+  CHECK((*p)["params"][1] == 7);
+  CHECK((*p)["x"].is_number_float());
+
+  auto j = parse_object(R"({"known":1,"other":2})");
+  REQUIRE(j.ok());
+  FieldReader r(*j);
+  int64_t v = 0;
+  CHECK(r.int64("known", &v, 0, 10));
+  CHECK(r.finish().message() == "unknown field \"other\"");
+  r.allow("other");
+  CHECK(r.finish().ok());
+
+  CHECK(echo("abc") == "\"abc\"");
+  std::string long_gid(10'000, 'g');
+  std::string e = echo(long_gid);
+  CHECK(e.size() == kEchoBytesMax + 2 + std::string("…").size());
+  CHECK(e.find("…") != std::string::npos);
+}
+
+TEST_CASE("405 answers list the allowed methods") {
+  auto r = method_not_allowed("GET, POST");
+  CHECK(r.status == 405);
+  CHECK(r.header("allow") == "GET, POST");
+  CHECK(parse_json(r.body).ok());
+}
+
 TEST_CASE("error responses carry a status and the JSON error body") {
   auto r = error_response(conflict("branch is prepared"));
   CHECK(r.status == 409);

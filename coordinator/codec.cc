@@ -1,6 +1,28 @@
 #include "coordinator/codec.h"
 
 namespace tpc::coord {
+namespace {
+
+// The shape of one statement of a one-shot branch: the fields the agent's exec takes, a
+// non-empty sql string, scalar params, a non-negative integer expect_rows.
+Status check_statement(const Json& st) {
+  if (!st.is_object()) return invalid_argument("each statement must be an object");
+  FieldReader r(st);
+  std::string sql;
+  int64_t expect = 0;
+  r.string("sql", &sql, true);
+  const Json* params = r.array("params");
+  r.int64("expect_rows", &expect, 0, INT64_MAX);
+  TPC_RETURN_IF_ERROR(r.finish());
+  if (sql.empty()) return invalid_argument("\"sql\" must not be empty");
+  if (params)
+    for (auto& p : *params)
+      if (p.is_object() || p.is_array())
+        return invalid_argument("params must be strings, numbers, booleans or null");
+  return ok_status();
+}
+
+}  // namespace
 
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms) {
   auto j = parse_object(body);
@@ -12,7 +34,7 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
   r.string("protocol", &protocol, false, 16);
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.timeout_ms = timeout;
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
@@ -28,7 +50,7 @@ Result<EnlistRequest> decode_enlist(std::string_view body) {
   EnlistRequest out;
   r.string("participant", &out.participant, true, 64);
   r.string("url", &out.url, true, 512);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   if (!valid_participant_name(out.participant))
     return invalid_argument("\"participant\" must match [A-Za-z0-9_-]{1,32}");
   auto u = parse_url(out.url);
@@ -45,7 +67,7 @@ Result<RunRequest> decode_run(std::string_view body, size_t statements_max) {
   r.string("protocol", &protocol, false, 16);
   r.string("wait", &wait, false, 32);
   const Json* branches = r.array("branches", true, 1024);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
@@ -63,20 +85,17 @@ Result<RunRequest> decode_run(std::string_view body, size_t statements_max) {
     RunBranch rb;
     br.string("participant", &rb.participant, true, 64);
     const Json* statements = br.array("statements", true, statements_max);
-    if (!br.ok()) return Status(br.status().code(), where + ": " + br.status().message());
+    if (Status st = br.finish(); !st.ok()) return Status(st.code(), where + ": " + st.message());
     if (!valid_participant_name(rb.participant))
       return invalid_argument(where + ".participant must match [A-Za-z0-9_-]{1,32}");
     if (statements->empty()) return invalid_argument(where + ".statements must not be empty");
-    for (auto& st : *statements) {
-      if (!st.is_object() || !st.contains("sql") || !st["sql"].is_string() || st["sql"].get_ref<const std::string&>().empty())
-        return invalid_argument(where + ": each statement needs a non-empty \"sql\" string");
-      if (st.contains("params")) {
-        if (!st["params"].is_array()) return invalid_argument(where + ": \"params\" must be an array");
-        for (auto& p : st["params"])
-          if (p.is_object() || p.is_array())
-            return invalid_argument(where + ": params must be strings, numbers, booleans or null");
-      }
+    for (size_t k = 0; k < statements->size(); ++k) {
+      Status st = check_statement((*statements)[k]);
+      if (!st.ok())
+        return Status(st.code(), where + ".statements[" + std::to_string(k) + "]: " + st.message());
     }
+    // Params that are not integers were kept as the text the client sent (see parse_json):
+    // the agent binds exactly those digits.
     rb.statements = dump(*statements);
     out.branches.push_back(std::move(rb));
   }
@@ -89,7 +108,7 @@ Result<CommitOptions> decode_commit(std::string_view body) {
   FieldReader r(*j);
   std::string wait;
   r.string("wait", &wait, false, 32);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   CommitOptions o;
   if (wait == "decision")
     o.wait_decision_only = true;
@@ -104,7 +123,7 @@ Result<bool> decode_resolve(std::string_view body) {
   FieldReader r(*j);
   std::string outcome;
   r.string("outcome", &outcome, true, 16);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   if (outcome != "commit" && outcome != "abort")
     return invalid_argument("\"outcome\" must be \"commit\" or \"abort\"");
   return outcome == "commit";

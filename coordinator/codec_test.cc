@@ -24,7 +24,9 @@ TEST_CASE("begin bodies: defaults, protocol, timeout, and refusals") {
   CHECK(decode_begin(R"({"timeout_ms":1.5})", 1000).status().code() == Code::invalid_argument);
   CHECK(decode_begin("{", 1000).status().code() == Code::invalid_argument);
   CHECK(decode_begin("[]", 1000).status().code() == Code::invalid_argument);
-  CHECK(decode_begin(R"({"unknown":[1,2]})", 1000).ok());  // unknown fields are ignored
+  auto unknown = decode_begin(R"({"protocl":"3pc"})", 1000);
+  CHECK(unknown.status().code() == Code::invalid_argument);
+  CHECK(unknown.status().message() == "unknown field \"protocl\"");
 }
 
 TEST_CASE("enlist bodies need a valid participant name and URL") {
@@ -230,4 +232,57 @@ TEST_CASE("exec messages carry the statements once, with prepare or with commit"
   auto ok = decode_branch_answer(m, 200, R"({"results":[{"rows":[]}],"state":"committed"})", ok_status(), &results);
   CHECK(ok.reply == ReplyKind::committed);
   CHECK(results.is_array());
+}
+
+TEST_CASE("every coordinator body refuses unknown fields and repeated keys, naming them") {
+  auto named = [](const Status& s, const char* field) {
+    CAPTURE(s.message());
+    CHECK(s.code() == Code::invalid_argument);
+    CHECK(s.message().find(field) != std::string::npos);
+  };
+  named(decode_begin(R"({"protocol":"2pc","protocol":"3pc"})", 1000).status(),
+        "duplicate key \"protocol\"");
+  named(decode_enlist(R"({"participant":"a1","url":"http://h:1","urls":1})").status(), "\"urls\"");
+  named(decode_commit(R"({"wiat":"decision"})").status(), "\"wiat\"");
+  named(decode_resolve(R"({"outcome":"commit","force":true})").status(), "\"force\"");
+  named(decode_run(R"({"branches":[],"protocl":"3pc"})", 10).status(), "\"protocl\"");
+  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a"}],"x":1}]})", 10)
+            .status(),
+        "branches[0]: unknown field \"x\"");
+  named(decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","parms":[1]}]}]})",
+                   10)
+            .status(),
+        "branches[0].statements[0]: unknown field \"parms\"");
+  named(
+      decode_run(R"({"branches":[{"participant":"a1","statements":[{"sql":"a","sql":"b"}]}]})", 10)
+          .status(),
+      "duplicate key \"sql\"");
+  CHECK(parse_empty_object("{}").ok());
+  CHECK(parse_empty_object("").ok());
+  named(parse_empty_object(R"({"reason":"x"})").status(), "\"reason\"");
+}
+
+TEST_CASE(
+    "one-shot statements keep the exact digits of their number params and check expect_rows") {
+  auto r = decode_run(
+      R"({"branches":[{"participant":"a1","statements":[{"sql":"SELECT $1, $2, $3","params":[18446744073709551617,123456789012345678901234567890,12345678901234567.89],"expect_rows":1}]}]})",
+      10);
+  REQUIRE(r.ok());
+  const std::string& st = r->branches[0].statements;
+  CAPTURE(st);
+  CHECK(st.find("\"18446744073709551617\"") != std::string::npos);
+  CHECK(st.find("\"123456789012345678901234567890\"") != std::string::npos);
+  CHECK(st.find("\"12345678901234567.89\"") != std::string::npos);
+  CHECK(st.find("\"expect_rows\":1") != std::string::npos);
+  for (
+      const char* bad :
+      {R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":-1}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":"1"}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":1.5}]}]})",
+       R"({"branches":[{"participant":"a1","statements":[{"sql":"a","expect_rows":9223372036854775808}]}]})"}) {
+    CAPTURE(bad);
+    auto b = decode_run(bad, 10);
+    CHECK(b.status().code() == Code::invalid_argument);
+    CHECK(b.status().message().find("expect_rows") != std::string::npos);
+  }
 }

@@ -473,7 +473,7 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
   }
   bool get = req.method == "GET", post = req.method == "POST";
   if (parts.size() == 1 && parts[0] == "metrics") {
-    if (!get) return respond(method_not_allowed());
+    if (!get) return respond(method_not_allowed("GET"));
     HttpResponse r;
     r.content_type = "text/plain; version=0.0.4";
     r.body = metrics_.render();
@@ -481,29 +481,29 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
     return;
   }
   if (parts.empty() || parts[0] != "v1") {
-    respond(error_response(not_found("no such path: " + std::string(path))));
+    respond(error_response(not_found("no such path: " + echo(path))));
     return;
   }
   if (parts.size() == 2 && parts[1] == "status") {
-    if (!get) return respond(method_not_allowed());
+    if (!get) return respond(method_not_allowed("GET"));
     return status(respond);
   }
   if (parts.size() == 2 && parts[1] == "failpoints") {
-    if (!post) return respond(method_not_allowed());
+    if (!post) return respond(method_not_allowed("POST"));
     return respond(failpoints_endpoint(req.body, &log_));
   }
   if (parts.size() == 2 && parts[1] == "in-doubt") {
-    if (!get) return respond(method_not_allowed());
+    if (!get) return respond(method_not_allowed("GET"));
     return in_doubt(respond);
   }
   if (parts.size() >= 2 && parts[1] == "transactions") {
     if (parts.size() == 2) {
       if (post) return begin(req, respond);
       if (get) return list(req, respond);
-      return respond(method_not_allowed());
+      return respond(method_not_allowed("GET, POST"));
     }
     if (parts.size() == 3 && parts[2] == "run") {
-      if (!post) return respond(method_not_allowed());
+      if (!post) return respond(method_not_allowed("POST"));
       return run_oneshot(req, respond);
     }
     auto gid = percent_decode(parts[2]);
@@ -512,15 +512,15 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
       return;
     }
     if (parts.size() == 3) {
-      if (!get) return respond(method_not_allowed());
+      if (!get) return respond(method_not_allowed("GET"));
       return transaction(*gid, "", req, respond);
     }
     if (parts.size() == 4) {
-      if (!post) return respond(method_not_allowed());
+      if (!post) return respond(method_not_allowed("POST"));
       return transaction(*gid, parts[3], req, respond);
     }
   }
-  respond(error_response(not_found("no such path: " + std::string(path))));
+  respond(error_response(not_found("no such path: " + echo(path))));
 }
 
 void CoordinatorService::begin(const HttpRequest& req, const Responder& respond) {
@@ -609,8 +609,8 @@ void CoordinatorService::list(const HttpRequest& req, const Responder& respond) 
 void CoordinatorService::transaction(const std::string& gid, std::string_view action,
                                      const HttpRequest& req, const Responder& respond) {
   if (!parse_gid(gid)) {
-    respond(error_response(invalid_argument("malformed gid \"" + gid +
-                                            "\" (want <coordinator>-<epoch>-<seq>)")));
+    respond(error_response(invalid_argument("malformed gid " + echo(gid) +
+                                            " (want <coordinator>-<epoch>-<seq>)")));
     return;
   }
   int64_t now = clock_.now_ms();
@@ -660,7 +660,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
       if (!o.ok()) return respond(error_response(o.status()));
       opts = *o;
     } else {
-      auto o = parse_object(req.body);
+      auto o = parse_empty_object(req.body);
       if (!o.ok()) return respond(error_response(o.status()));
     }
     uint64_t waiter = next_waiter_++;
@@ -708,7 +708,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     }
     return respond(encode_reply(r));
   }
-  respond(error_response(not_found("no such action: " + std::string(action))));
+  respond(error_response(not_found("no such action: " + echo(action))));
 }
 
 // Heuristic reports and forget change the record of a finished transaction: one at a time,

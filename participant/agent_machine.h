@@ -71,6 +71,7 @@ struct Peer {
 struct Statement {
   std::string sql;
   std::vector<pg::Value> params;
+  std::optional<int64_t> expect_rows;  // the statement fails unless it affects (or returns) this many rows
 };
 
 struct Request {

@@ -475,10 +475,13 @@ OpResult AgentService::execute(PgOp& op) {
       steps.reserve(op.statements.size());
       for (Statement& st : op.statements)
         steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
+      std::vector<std::optional<int64_t>> expect_rows;
+      for (const Statement& st : op.statements) expect_rows.push_back(st.expect_rows);
       if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
       size_t statement_count = steps.size();
       pg::BranchRun run =
-          pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts->coordinator, epoch, seq);
+          pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts->coordinator, epoch, seq,
+                         expect_rows);
       {
         std::lock_guard lock(cancel_mu_);
         running_.erase(op.gid);
@@ -700,7 +703,7 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
   }
   bool get = req.method == "GET", post = req.method == "POST";
   if (parts.size() == 1 && parts[0] == "metrics") {
-    if (!get) return respond(method_not_allowed());
+    if (!get) return respond(method_not_allowed("GET"));
     HttpResponse r;
     r.content_type = "text/plain; version=0.0.4";
     r.body = metrics_.render();
@@ -708,7 +711,7 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
   }
   if (parts.size() >= 2 && parts[0] == "v1") {
     if (parts.size() == 2 && parts[1] == "in-doubt") {
-      if (!get) return respond(method_not_allowed());
+      if (!get) return respond(method_not_allowed("GET"));
       std::vector<BranchView> views;
       {
         std::lock_guard lock(mu_);
@@ -719,15 +722,15 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       return respond(json_response(200, Json{{"branches", std::move(arr)}}));
     }
     if (parts.size() == 2 && parts[1] == "batch") {
-      if (!post) return respond(method_not_allowed());
+      if (!post) return respond(method_not_allowed("POST"));
       return batch(req, respond);
     }
     if (parts.size() == 2 && parts[1] == "failpoints") {
-      if (!post) return respond(method_not_allowed());
+      if (!post) return respond(method_not_allowed("POST"));
       return respond(failpoints_endpoint(req.body, &log_));
     }
     if (parts.size() == 2 && parts[1] == "status") {
-      if (!get) return respond(method_not_allowed());
+      if (!get) return respond(method_not_allowed("GET"));
       size_t sessions, prepared;
       {
         std::lock_guard lock(mu_);
@@ -743,22 +746,22 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       if (TPC_FAILPOINT("agent.partition"))
         return respond(error_response(unavailable("partitioned (failpoint agent.partition)")));
       if (parts.size() == 2) {
-        if (!get) return respond(method_not_allowed());
+        if (!get) return respond(method_not_allowed("GET"));
         return list(req, respond);
       }
       auto gid = percent_decode(parts[2]);
       if (!gid) return respond(error_response(invalid_argument("malformed gid in the path")));
       if (parts.size() == 3) {
-        if (!get) return respond(method_not_allowed());
+        if (!get) return respond(method_not_allowed("GET"));
         return branch_request(*gid, "", req, respond);
       }
       if (parts.size() == 4) {
-        if (!post) return respond(method_not_allowed());
+        if (!post) return respond(method_not_allowed("POST"));
         return branch_request(*gid, parts[3], req, respond);
       }
     }
   }
-  respond(error_response(not_found("no such path: " + std::string(path))));
+  respond(error_response(not_found("no such path: " + echo(path))));
 }
 
 void AgentService::batch(const HttpRequest& req, const Responder& respond) {
@@ -766,7 +769,7 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
   if (!j.ok()) return respond(error_response(j.status()));
   FieldReader r(*j);
   const Json* items = r.array("requests", true, cfg_.batch_max);
-  if (!r.ok()) return respond(error_response(r.status()));
+  if (Status st = r.finish(); !st.ok()) return respond(error_response(st));
   if (items->empty()) return respond(json_response(200, Json{{"responses", Json::array()}}));
   std::vector<HttpRequest> subs;
   for (size_t i = 0; i < items->size(); ++i) {
@@ -774,6 +777,11 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
     std::string where = "requests[" + std::to_string(i) + "]";
     if (!it.is_object() || !it.contains("path") || !it["path"].is_string())
       return respond(error_response(invalid_argument(where + " needs a \"path\" string")));
+    FieldReader ir(it);
+    ir.allow("path");
+    ir.allow("body");
+    if (Status st = ir.finish(); !st.ok())
+      return respond(error_response(Status(st.code(), where + ": " + st.message())));
     HttpRequest sub;
     sub.method = "POST";
     sub.target = it["path"].get<std::string>();
@@ -821,7 +829,7 @@ void AgentService::list(const HttpRequest& req, const Responder& respond) {
   std::optional<BranchState> state;
   if (auto s = req.query_param("state")) {
     state = parse_external_state(*s);
-    if (!state) return respond(error_response(invalid_argument("unknown state \"" + *s + "\"")));
+    if (!state) return respond(error_response(invalid_argument("unknown state " + echo(*s))));
   }
   size_t limit = 100;
   if (auto l = req.query_param("limit")) {
@@ -846,7 +854,7 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
                                   const HttpRequest& req, const Responder& respond) {
   if (!parse_gid(gid))
     return respond(error_response(
-        invalid_argument("malformed gid \"" + gid + "\" (want <coordinator>-<epoch>-<seq>)")));
+        invalid_argument("malformed gid " + echo(gid) + " (want <coordinator>-<epoch>-<seq>)")));
   if (!coordinator_url(gid))
     return respond(error_response(not_found("no coordinator configured for gid " + gid)));
   if (action.empty()) {
@@ -868,7 +876,7 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
   else if (action == "resolve")
     r = decode_resolve(req.body);
   else if (action == "precommit" || action == "abort" || action == "query") {
-    auto o = parse_object(req.body);
+    auto o = parse_empty_object(req.body);
     if (!o.ok()) return respond(error_response(o.status()));
     Request q;
     q.kind = action == "abort"   ? RequestKind::abort
@@ -876,7 +884,7 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
                                  : RequestKind::precommit;
     r = q;
   } else {
-    return respond(error_response(not_found("no such action: " + std::string(action))));
+    return respond(error_response(not_found("no such action: " + echo(action))));
   }
   if (!r.ok()) return respond(error_response(r.status()));
   Request q = std::move(*r);

@@ -15,11 +15,13 @@ Result<pg::Value> decode_param(const Json& p, size_t i) {
                           "] must be a string, number, boolean or null");
 }
 
-Status decode_statement(const Json& obj, const ExecLimits& limits, Statement* out) {
-  if (!obj.is_object()) return invalid_argument("each statement must be an object");
-  FieldReader r(obj);
+// The fields of one statement, read from `r` (a statements item, or the exec body itself).
+Status decode_statement(FieldReader& r, const ExecLimits& limits, Statement* out) {
   r.string("sql", &out->sql, true);
   const Json* params = r.array("params", false, limits.params_max);
+  int64_t expect = 0;
+  if (r.int64("expect_rows", &expect, 0, INT64_MAX) && r.has("expect_rows"))
+    out->expect_rows = expect;
   if (!r.ok()) return r.status();
   if (out->sql.empty()) return invalid_argument("\"sql\" must not be empty");
   if (out->sql.find('\0') != std::string::npos)
@@ -36,8 +38,17 @@ Status decode_statement(const Json& obj, const ExecLimits& limits, Statement* ou
   return ok_status();
 }
 
-Status decode_peers(const Json& obj, std::vector<Peer>* out) {
-  FieldReader r(obj);
+Status decode_statement_item(const Json& item, size_t i, const ExecLimits& limits, Statement* out) {
+  std::string where = "statements[" + std::to_string(i) + "]";
+  if (!item.is_object()) return invalid_argument(where + " must be an object");
+  FieldReader r(item);
+  Status st = decode_statement(r, limits, out);
+  if (st.ok()) st = r.finish();
+  if (!st.ok()) return Status(st.code(), where + ": " + st.message());
+  return ok_status();
+}
+
+Status decode_peers(FieldReader& r, std::vector<Peer>* out) {
   const Json* peers = r.array("peers", false, 64);
   if (!r.ok()) return r.status();
   if (!peers) return ok_status();
@@ -47,9 +58,10 @@ Status decode_peers(const Json& obj, std::vector<Peer>* out) {
     Peer peer;
     pr.string("participant", &peer.participant, true, 64);
     pr.string("url", &peer.url, true, 512);
-    if (!pr.ok()) return pr.status();
+    TPC_RETURN_IF_ERROR(pr.finish());
     if (!valid_participant_name(peer.participant))
-      return invalid_argument("peer name \"" + peer.participant + "\" must match [A-Za-z0-9_-]{1,32}");
+      return invalid_argument("peer name " + echo(peer.participant) +
+                              " must match [A-Za-z0-9_-]{1,32}");
     if (auto u = parse_url(peer.url); !u.ok()) return u.status();
     out->push_back(std::move(peer));
   }
@@ -81,24 +93,25 @@ Result<Request> decode_exec(std::string_view body, const ExecLimits& limits) {
   auto protocol = decode_protocol(r);
   if (!protocol.ok()) return protocol.status();
   req.protocol = *protocol;
-  TPC_RETURN_IF_ERROR(decode_peers(*j, &req.peers));
-  bool has_sql = j->contains("sql"), has_list = j->contains("statements");
+  TPC_RETURN_IF_ERROR(decode_peers(r, &req.peers));
+  bool has_sql = r.has("sql"), has_list = r.has("statements");
   if (has_sql == has_list)
     return invalid_argument("give either \"sql\" (with \"params\") or \"statements\"");
   if (has_sql) {
     Statement s;
-    TPC_RETURN_IF_ERROR(decode_statement(*j, limits, &s));
+    TPC_RETURN_IF_ERROR(decode_statement(r, limits, &s));
     req.statements.push_back(std::move(s));
   } else {
     const Json* list = r.array("statements", true, limits.statements_max);
     if (!r.ok()) return r.status();
     if (list->empty()) return invalid_argument("\"statements\" must not be empty");
-    for (auto& item : *list) {
+    for (size_t i = 0; i < list->size(); ++i) {
       Statement s;
-      TPC_RETURN_IF_ERROR(decode_statement(item, limits, &s));
+      TPC_RETURN_IF_ERROR(decode_statement_item((*list)[i], i, limits, &s));
       req.statements.push_back(std::move(s));
     }
   }
+  TPC_RETURN_IF_ERROR(r.finish());
   return req;
 }
 
@@ -111,7 +124,8 @@ Result<Request> decode_prepare(std::string_view body) {
   Request req;
   req.kind = RequestKind::prepare;
   req.protocol = *protocol;
-  TPC_RETURN_IF_ERROR(decode_peers(*j, &req.peers));
+  TPC_RETURN_IF_ERROR(decode_peers(r, &req.peers));
+  TPC_RETURN_IF_ERROR(r.finish());
   return req;
 }
 
@@ -122,7 +136,7 @@ Result<Request> decode_commit(std::string_view body) {
   Request req;
   req.kind = RequestKind::commit;
   r.boolean("one_phase", &req.one_phase);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   return req;
 }
 
@@ -132,7 +146,7 @@ Result<Request> decode_resolve(std::string_view body) {
   FieldReader r(*j);
   std::string outcome;
   r.string("outcome", &outcome, true, 16);
-  if (!r.ok()) return r.status();
+  TPC_RETURN_IF_ERROR(r.finish());
   if (outcome != "commit" && outcome != "abort")
     return invalid_argument("\"outcome\" must be \"commit\" or \"abort\"");
   Request req;
@@ -285,7 +299,8 @@ std::vector<Peer> decode_peers_text(std::string_view text) {
   auto j = parse_json(text);
   if (!j.ok() || !j->is_array()) return out;
   Json wrapper = Json{{"peers", *j}};
-  if (!decode_peers(wrapper, &out).ok()) out.clear();
+  FieldReader r(wrapper);
+  if (!decode_peers(r, &out).ok()) out.clear();
   return out;
 }
 

@@ -150,3 +150,65 @@ TEST_CASE("exec bodies from the coordinator: enlisted, with prepare or with a on
   CHECK_FALSE(decode_exec(R"({"sql":"x","peers":[{"participant":"a b","url":"http://h:1"}]})", lim).ok());
   CHECK_FALSE(decode_exec(R"({"sql":"x","peers":[{"participant":"a1","url":"nope"}]})", lim).ok());
 }
+
+TEST_CASE("exec params keep the digits the client sent") {
+  auto r = decode_exec(
+      R"({"sql":"SELECT $1, $2, $3, $4, $5","params":[18446744073709551617,123456789012345678901234567890,12345678901234567.89,1.50,-9223372036854775808]})",
+      ExecLimits{});
+  REQUIRE(r.ok());
+  auto& p = r->statements[0].params;
+  REQUIRE(p.size() == 5);
+  CHECK(*p[0] == "18446744073709551617");
+  CHECK(*p[1] == "123456789012345678901234567890");
+  CHECK(*p[2] == "12345678901234567.89");
+  CHECK(*p[3] == "1.50");
+  CHECK(*p[4] == "-9223372036854775808");
+  auto list = decode_exec(R"({"statements":[{"sql":"A","params":[1e-400000]}]})", ExecLimits{});
+  REQUIRE(list.ok());
+  CHECK(*list->statements[0].params[0] == "1e-400000");
+}
+
+TEST_CASE("expect_rows: a non-negative integer per statement") {
+  auto one = decode_exec(R"({"sql":"UPDATE t SET v = 1","expect_rows":1})", ExecLimits{});
+  REQUIRE(one.ok());
+  CHECK(one->statements[0].expect_rows == 1);
+  auto list =
+      decode_exec(R"({"statements":[{"sql":"A","expect_rows":0},{"sql":"B"}]})", ExecLimits{});
+  REQUIRE(list.ok());
+  CHECK(list->statements[0].expect_rows == 0);
+  CHECK_FALSE(list->statements[1].expect_rows.has_value());
+  for (const char* bad : {R"({"sql":"A","expect_rows":-1})", R"({"sql":"A","expect_rows":"1"})",
+                          R"({"sql":"A","expect_rows":1.0})", R"({"sql":"A","expect_rows":true})",
+                          R"({"sql":"A","expect_rows":18446744073709551615})",
+                          R"({"statements":[{"sql":"A","expect_rows":-5}]})"}) {
+    CAPTURE(bad);
+    auto r = decode_exec(bad, ExecLimits{});
+    CHECK(r.status().code() == Code::invalid_argument);
+    CHECK(r.status().message().find("expect_rows") != std::string::npos);
+  }
+}
+
+TEST_CASE("every agent body refuses unknown fields and repeated keys, naming them") {
+  auto named = [](const Status& s, const char* field) {
+    CAPTURE(s.message());
+    CHECK(s.code() == Code::invalid_argument);
+    CHECK(s.message().find(field) != std::string::npos);
+  };
+  named(decode_exec(R"({"sql":"A","parms":[1]})", ExecLimits{}).status(),
+        "unknown field \"parms\"");
+  named(decode_exec(R"({"statements":[{"sql":"A"}],"params":[1]})", ExecLimits{}).status(),
+        "\"params\"");
+  named(decode_exec(R"({"statements":[{"sql":"A","parms":[1]}]})", ExecLimits{}).status(),
+        "statements[0]: unknown field \"parms\"");
+  named(decode_exec(R"({"sql":"A","sql":"B"})", ExecLimits{}).status(), "duplicate key \"sql\"");
+  named(
+      decode_exec(
+          R"({"sql":"A","prepare":true,"protocol":"3pc","peers":[{"participant":"b","url":"http://h:1","x":1}]})",
+          ExecLimits{})
+          .status(),
+      "\"x\"");
+  named(decode_prepare(R"({"protocl":"3pc"})").status(), "\"protocl\"");
+  named(decode_commit(R"({"onephase":true})").status(), "\"onephase\"");
+  named(decode_resolve(R"({"outcome":"abort","outcome":"commit"})").status(),
+        "duplicate key \"outcome\"");
+}

@@ -312,11 +312,34 @@ std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& st
   return out;
 }
 
+// The rows a statement affected (INSERT, UPDATE, DELETE) or returned (SELECT).
+int64_t row_count(const StatementResult& r) {
+  return std::max<int64_t>(r.affected, static_cast<int64_t>(r.rows.size()));
+}
+
+bool has_expectation(const std::vector<std::optional<int64_t>>& expect_rows) {
+  for (auto& e : expect_rows)
+    if (e) return true;
+  return false;
+}
+
+// sql_error when statement i has an expectation its result does not meet.
+Status check_rows(const StatementResult& r, size_t i,
+                  const std::vector<std::optional<int64_t>>& expect_rows) {
+  if (i >= expect_rows.size() || !expect_rows[i] || row_count(r) == *expect_rows[i])
+    return ok_status();
+  return Status(Code::sql_error,
+                "expected " + std::to_string(*expect_rows[i]) +
+                    " rows (expect_rows), the statement " +
+                    (r.command_tag.rfind("SELECT", 0) == 0 ? "returned " : "affected ") +
+                    std::to_string(row_count(r)));
+}
+
 }  // namespace
 
-BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
-                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
-                     int64_t epoch, int64_t seq) {
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
+                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
+                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows) {
   BranchRun run;
   if (!begin && finish != Finish::none && !c.in_transaction()) {
     // Without an open block the steps below would run in an implicit transaction of their own:
@@ -354,11 +377,25 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
     steps.push_back(PipelineStep{std::string(kMarkerInsert), marker, true});
     steps.push_back(PipelineStep{"COMMIT", {}, true});
   }
+  // With an expectation the finish waits until the row counts are checked.
+  std::vector<PipelineStep> finish_steps;
+  if (has_expectation(expect_rows)) {
+    finish_steps.assign(std::make_move_iterator(steps.begin() + finish_at),
+                        std::make_move_iterator(steps.end()));
+    steps.resize(finish_at);
+  }
   std::vector<ExecResult> rs = run_steps(c, steps);
 
   // BEGIN and the statements.
   for (size_t i = 0; i < finish_at; ++i) {
     ExecResult& r = rs[i];
+    if (r.status.ok() && i >= first) {
+      Status rows = check_rows(r.result, i - first, expect_rows);
+      if (!rows.ok()) {
+        r.status = rows;
+        r.sqlstate = std::string(kExpectRowsSqlstate);
+      }
+    }
     if (r.status.ok()) {
       if (i >= first) run.results.push_back(std::move(r.result));
       continue;
@@ -371,6 +408,10 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
     return run;
   }
   if (finish == Finish::none) return run;
+  if (!finish_steps.empty()) {
+    std::vector<ExecResult> more = run_steps(c, finish_steps);
+    rs.insert(rs.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+  }
 
   if (finish == Finish::prepare) {
     const ExecResult& check = rs[finish_at];

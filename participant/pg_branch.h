@@ -110,9 +110,14 @@ struct BranchRun {
 // PREPARE TRANSACTION (as prepare() below), or for Finish::commit the marker and COMMIT (as
 // commit_one_phase() below). After a failed statement the block is left open for the caller
 // to roll back when nothing follows (Finish::none), and rolled back otherwise.
-BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements,
-                     Finish finish, std::string_view pg_gid, std::string_view coordinator,
-                     int64_t epoch, int64_t seq);
+// `expect_rows` (empty, or one per statement): a statement whose row count (affected rows, or
+// rows returned) differs from its expectation fails like an SQL error with SQLSTATE
+// kExpectRowsSqlstate. With an expectation, the statements and the finish take two round
+// trips, so that nothing is prepared or committed after a mismatch.
+inline constexpr std::string_view kExpectRowsSqlstate = "21000";  // cardinality_violation
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
+                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
+                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows = {});
 
 // Inside the open block: insert the marker and COMMIT; committed if the tag is "COMMIT",
 // aborted otherwise (with the reason in the Status message via `reason`).
