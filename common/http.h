@@ -24,6 +24,7 @@ struct HttpRequest {
   std::string target;  // path and query, e.g. "/v1/transactions?state=active"
   Headers headers;     // names lower-case
   std::string body;
+  std::string client;  // the peer's IP address (set by HttpServer; empty elsewhere)
 
   // The value of a header (name lower-case), or empty.
   std::string_view header(std::string_view name) const;

@@ -5,10 +5,17 @@
 // fresh request_parser (body and header limits), hands it to the handler as a tpc::HttpRequest
 // and writes the answer when the Responder fires, then reads the next request (keep-alive).
 //
-// Deadlines (beast::basic_stream::expires_*): a new connection has read_timeout_ms to send
-// the first byte of its first request, a kept-alive one idle_timeout_ms; once a request's first
-// byte arrived, the whole request must arrive within read_timeout_ms. Writing an answer also
-// has read_timeout_ms. On a deadline the connection closes without an answer.
+// Deadlines (beast::basic_stream::expires_*): a new connection has header_timeout_ms from the
+// accept to the end of its first request's headers, a kept-alive one idle_timeout_ms to send a
+// request's first byte and header_timeout_ms from then to the end of its headers; once a
+// request's first byte arrived, the whole request must arrive within read_timeout_ms. Writing
+// an answer also has read_timeout_ms. On a deadline the connection closes without an answer.
+//
+// Limits: a connection is counted (connections_open) while fewer than connections_max are
+// open and fewer than connections_per_client_max from its address. Any other is an
+// over-limit session, at most connections_max of them: it reads one request and hands it to
+// the handler only if its path is unlimited_path (else 503), then closes. Past that too, a
+// connection is answered 503 without being read.
 //
 // Errors that end a connection (413, 431, 400, 503) are answered, then the session shuts its
 // sending side down and drains what the client still sends for a moment before closing, so
@@ -136,6 +143,8 @@ struct ServerState : std::enable_shared_from_this<ServerState> {
 
   void do_accept();
   void on_accept(const boost::system::error_code& ec, Socket socket);
+  // Decides the session's Admission and registers it; false once stop() ran.
+  bool admit(Session& session);
   void stop();
   void request_started() { in_flight.fetch_add(1); }
   void request_done() {
@@ -156,24 +165,29 @@ struct ServerState : std::enable_shared_from_this<ServerState> {
   std::atomic<uint64_t> accepted{0};
   std::atomic<size_t> open{0};
   std::atomic<size_t> in_flight{0};
+  std::atomic<size_t> over_limit{0};
 
   std::mutex mu;
   std::condition_variable idle_cv;                                // in_flight reached 0
   bool stopping_locked = false;                                   // under mu
   std::atomic<bool> stopping{false};                              // set together with it
   std::unordered_map<Session*, std::weak_ptr<Session>> sessions;  // under mu
+  std::unordered_map<std::string, size_t> per_client;             // under mu: counted ones
 };
 
 // One connection. Every member function runs on the session's strand, except respond()
 // which the Responder calls from any thread.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(std::shared_ptr<ServerState> server, Socket socket)
-      : server_(std::move(server)), stream_(std::move(socket)) {}
+  Session(std::shared_ptr<ServerState> server, Socket socket, std::string client)
+      : server_(std::move(server)), stream_(std::move(socket)), client_(std::move(client)) {}
   ~Session();
 
-  // Counted in connections_open and registered for stop(); an uncounted session answers 503.
-  void mark_counted() { counted_ = true; }
+  enum class Admission { counted, over_limit, refused };
+  // counted: in connections_open and per_client; over_limit: reads one request for
+  // unlimited_path; refused: answers 503 at once. Both of the first are registered for stop().
+  void admit(Admission a) { admission_ = a; }
+  const std::string& client() const { return client_; }
 
   Strand executor() { return stream_.get_executor(); }
   void start();
@@ -188,6 +202,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   const HttpServerOptions& opts() const { return server_->opts; }
   void begin_message();
+  void first_byte_arrived();
   void parse_buffered();
   void read_more();
   void on_read(const boost::system::error_code& ec, size_t n);
@@ -208,10 +223,12 @@ class Session : public std::enable_shared_from_this<Session> {
   std::optional<http::request_parser<http::string_body>> parser_;
   std::string head_;  // the answer's status line and headers while it is written
   std::string body_;  // the answer's body while it is written
+  std::string client_;  // the peer's address
   Clock::time_point request_deadline_;
+  Clock::time_point header_deadline_;
   std::shared_ptr<Session> self_hold_;  // keeps the session alive while a handler holds it
   Phase phase_ = Phase::idle;
-  bool counted_ = false;
+  Admission admission_ = Admission::refused;
   bool first_request_ = true;
   bool keep_alive_ = false;
   bool http10_ = false;
@@ -222,21 +239,25 @@ class Session : public std::enable_shared_from_this<Session> {
 
 Session::~Session() {
   end_request();  // only when the io_context went away with the answer still queued
-  if (counted_) {
-    server_->open.fetch_sub(1);
-    std::lock_guard lock(server_->mu);
-    server_->sessions.erase(this);
+  if (admission_ == Admission::refused) return;
+  (admission_ == Admission::counted ? server_->open : server_->over_limit).fetch_sub(1);
+  std::lock_guard lock(server_->mu);
+  server_->sessions.erase(this);
+  if (admission_ == Admission::counted) {
+    auto it = server_->per_client.find(client_);
+    if (it != server_->per_client.end() && --it->second == 0) server_->per_client.erase(it);
   }
 }
 
 void Session::start() {
-  if (!counted_) {
+  if (admission_ == Admission::refused) {
     keep_alive_ = false;
     HttpResponse r = error_answer(503, "unavailable", "too many connections");
     r.headers.emplace_back("retry-after", "1");
     write_response(std::move(r));
     return;
   }
+  header_deadline_ = Clock::now() + Millis(opts().header_timeout_ms);
   begin_message();
 }
 
@@ -249,7 +270,7 @@ void Session::begin_message() {
   continue_sent_ = false;
   head_request_ = false;
   http10_ = false;
-  if (buffer_.size() > 0) request_deadline_ = Clock::now() + Millis(opts().read_timeout_ms);
+  if (buffer_.size() > 0) first_byte_arrived();
   parse_buffered();
 }
 
@@ -272,10 +293,14 @@ void Session::read_more() {
   if (!started) {
     if (server_->stopping.load()) return do_close();
     phase_ = Phase::idle;
-    stream_.expires_after(Millis(first_request_ ? opts().read_timeout_ms : opts().idle_timeout_ms));
+    if (first_request_)
+      stream_.expires_at(std::min(header_deadline_, Clock::now() + Millis(opts().read_timeout_ms)));
+    else
+      stream_.expires_after(Millis(opts().idle_timeout_ms));
   } else {
     phase_ = Phase::reading;
-    stream_.expires_at(request_deadline_);
+    stream_.expires_at(parser_->is_header_done() ? request_deadline_
+                                                 : std::min(request_deadline_, header_deadline_));
   }
   stream_.async_read_some(buffer_.prepare(kReadChunkBytes),
                           [self = shared_from_this()](const boost::system::error_code& ec,
@@ -287,9 +312,15 @@ void Session::on_read(const boost::system::error_code& ec, size_t n) {
   // End of stream, deadline, reset or stop(): there is nobody or nothing to answer.
   if (ec) return do_close();
   buffer_.commit(n);
-  if (phase_ == Phase::idle) request_deadline_ = Clock::now() + Millis(opts().read_timeout_ms);
+  if (phase_ == Phase::idle) first_byte_arrived();
   phase_ = Phase::reading;
   parse_buffered();
+}
+
+void Session::first_byte_arrived() {
+  Clock::time_point now = Clock::now();
+  request_deadline_ = now + Millis(opts().read_timeout_ms);
+  if (!first_request_) header_deadline_ = now + Millis(opts().header_timeout_ms);
 }
 
 void Session::on_parse_error(const boost::system::error_code& ec) {
@@ -340,7 +371,8 @@ void Session::on_request() {
     req.headers.emplace_back(std::move(name), std::string(f.value()));
   }
   req.body = std::move(m.body());
-  keep_alive_ = m.keep_alive();
+  req.client = client_;
+  keep_alive_ = m.keep_alive() && admission_ == Admission::counted;
   http10_ = m.version() < 11;
   head_request_ = m.method() == http::verb::head;
   parser_.reset();
@@ -351,6 +383,11 @@ void Session::on_request() {
   if (server_->stopping.load()) {
     keep_alive_ = false;
     HttpResponse r = error_answer(503, "unavailable", "the server is stopping");
+    r.headers.emplace_back("retry-after", "1");
+    return write_response(std::move(r));
+  }
+  if (admission_ == Admission::over_limit && req.path() != opts().unlimited_path) {
+    HttpResponse r = error_answer(503, "unavailable", "too many connections");
     r.headers.emplace_back("retry-after", "1");
     return write_response(std::move(r));
   }
@@ -488,16 +525,30 @@ void ServerState::on_accept(const boost::system::error_code& ec, Socket socket) 
   accepted.fetch_add(1);
   boost::system::error_code ignored;
   socket.set_option(tcp::no_delay(true), ignored);
-  auto session = std::make_shared<Session>(shared_from_this(), std::move(socket));
-  if (open.load() < opts.connections_max) {
-    std::lock_guard lock(mu);
-    if (stopping_locked) return;  // stop() ran meanwhile; the socket closes unanswered
-    session->mark_counted();
-    open.fetch_add(1);
-    sessions.emplace(session.get(), session);
-  }
+  tcp::endpoint peer = socket.remote_endpoint(ignored);
+  std::string client = ignored ? std::string() : peer.address().to_string();
+  auto session = std::make_shared<Session>(shared_from_this(), std::move(socket), std::move(client));
+  if (!admit(*session)) return;  // stop() ran meanwhile; the socket closes unanswered
   asio::post(session->executor(), [session] { session->start(); });
   do_accept();
+}
+
+bool ServerState::admit(Session& session) {
+  std::lock_guard lock(mu);
+  if (stopping_locked) return false;
+  size_t& from_client = per_client[session.client()];
+  if (open.load() < opts.connections_max && from_client < opts.connections_per_client_max) {
+    session.admit(Session::Admission::counted);
+    ++from_client;
+    open.fetch_add(1);
+  } else {
+    if (from_client == 0) per_client.erase(session.client());
+    if (over_limit.load() >= opts.connections_max) return true;  // refused: 503 unread
+    session.admit(Session::Admission::over_limit);
+    over_limit.fetch_add(1);
+  }
+  sessions.emplace(&session, session.weak_from_this());
+  return true;
 }
 
 void ServerState::stop() {
@@ -532,9 +583,10 @@ Result<std::unique_ptr<HttpServer>> HttpServer::start(EventLoop& loop,
   auto& io = *static_cast<asio::io_context*>(loop.native());
   std::string where = host_port(opts.host, opts.port);
   if (opts.body_max_bytes == 0 || opts.header_max_bytes == 0 || opts.read_timeout_ms <= 0 ||
-      opts.idle_timeout_ms <= 0 || opts.connections_max == 0)
+      opts.header_timeout_ms <= 0 || opts.idle_timeout_ms <= 0 || opts.connections_max == 0 ||
+      opts.connections_per_client_max == 0)
     return invalid_argument("cannot listen on " + where +
-                            ": body/header limits, timeouts and connections_max must be > 0");
+                            ": body/header limits, timeouts and connection limits must be > 0");
   boost::system::error_code ec;
   asio::ip::address addr;
   if (opts.host == "localhost")
@@ -589,6 +641,10 @@ uint64_t HttpServer::connections_accepted() const {
 
 size_t HttpServer::connections_open() const {
   return impl_->open.load();
+}
+
+size_t HttpServer::connections_over_limit() const {
+  return impl_->over_limit.load();
 }
 
 size_t HttpServer::requests_in_flight() const {

@@ -2,8 +2,12 @@
 // session per connection on its own strand, keep-alive, a fresh parser with a body limit per
 // message, a deadline before every read).
 //
-// Requests past body_max_bytes get 413, a read past its deadline closes the connection, and
-// past connections_max new connections are answered 503 and closed. The handler runs on a loop
+// Requests past body_max_bytes get 413, a read past its deadline closes the connection (the
+// request head has its own, shorter header_timeout_ms). A connection past connections_max, or
+// past connections_per_client_max from one client address, is still read: a request for
+// unlimited_path (/healthz) is handed to the handler, any other is answered 503; either way
+// the connection then closes. Past connections_max such connections too, new ones are answered
+// 503 at once. Every request carries its client's address (HttpRequest::client). The handler runs on a loop
 // thread; see HttpHandler. A Responder may be called or dropped from any thread, but not after
 // the EventLoop is destroyed. After stop(), a handler already running may still answer; call
 // wait_idle() before destroying what the handler uses.
@@ -25,8 +29,14 @@ struct HttpServerOptions {
   size_t body_max_bytes = 1 << 20;  // larger bodies are answered 413
   size_t header_max_bytes = 16 << 10;
   int64_t read_timeout_ms = 30'000;  // for one whole request once its first byte arrived
+  // For a request's head: from the accept (first request) or from the request's first byte
+  // (later requests) to the end of its headers.
+  int64_t header_timeout_ms = 5'000;
   int64_t idle_timeout_ms = 60'000;  // keep-alive connection with no request
   size_t connections_max = 1024;
+  size_t connections_per_client_max = 256;  // open connections from one client address
+  // Answered even past the connection limits (one request, then the connection closes).
+  std::string unlimited_path = "/healthz";
 };
 
 class HttpServer {
@@ -45,8 +55,10 @@ class HttpServer {
 
   // Connections accepted since start, those answered 503 included; for tests and metrics.
   uint64_t connections_accepted() const;
-  // Connections open now, not counting those being refused with 503.
+  // Connections open now, not counting those past the limits (see connections_over_limit).
   size_t connections_open() const;
+  // Connections past a limit still being read for a /healthz request.
+  size_t connections_over_limit() const;
   // Requests read whose answer has not been written yet.
   size_t requests_in_flight() const;
 

@@ -616,6 +616,102 @@ TEST_CASE("past connections_max the server answers 503 unavailable with Retry-Af
   ::close(b);
 }
 
+TEST_CASE("a slow request head is closed after header_timeout_ms, well before read_timeout_ms") {
+  HttpServerOptions opts;
+  opts.header_timeout_ms = 200;
+  opts.read_timeout_ms = 60'000;
+  std::atomic<int> handled{0};
+  Served s(
+      [&](HttpRequest&&, Responder respond) {
+        ++handled;
+        respond(text(200, "ok"));
+      },
+      opts);
+  // Half a header line, then nothing: a slowloris client.
+  int fd = connect_raw(s.server->port());
+  int64_t t0 = monotonic_ms();
+  send_raw(fd, "GET / HTTP/1.1\r\nX-Slow: a");
+  std::string answer = read_until_close(fd);
+  int64_t elapsed = monotonic_ms() - t0;
+  ::close(fd);
+  CHECK(answer.empty());
+  CHECK(elapsed >= 150);
+  CHECK(elapsed < kBoundMs);
+  // A connection that sends nothing at all is closed after the same deadline.
+  int quiet = connect_raw(s.server->port());
+  CHECK(read_until_close(quiet).empty());
+  ::close(quiet);
+  CHECK(handled == 0);
+  CHECK(eventually([&] { return s.server->connections_open() == 0; }));
+  // A complete head within the deadline is answered, its body then has read_timeout_ms.
+  int ok = connect_raw(s.server->port());
+  send_raw(ok, "POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi");
+  CHECK(read_until_close(ok).find("200 OK") != std::string::npos);
+  ::close(ok);
+}
+
+TEST_CASE("past connections_max a /healthz request is still answered by the handler") {
+  HttpServerOptions opts;
+  opts.connections_max = 2;
+  Served s(
+      [](HttpRequest&& req, Responder respond) { respond(text(200, "path " + std::string(req.path()))); },
+      opts);
+  int a = connect_raw(s.server->port());
+  int b = connect_raw(s.server->port());
+  REQUIRE(eventually([&] { return s.server->connections_open() == 2; }));
+  HttpResult h = http_call(s.url, get("/healthz"), kBoundMs);
+  REQUIRE(h.status.ok());
+  CHECK(h.http_status == 200);
+  CHECK(h.body == "path /healthz");
+  HttpResult other = http_call(s.url, get("/v1/status"), kBoundMs);
+  REQUIRE(other.status.ok());
+  CHECK(other.http_status == 503);
+  CHECK(other.header("retry-after") == "1");
+  CHECK(eventually([&] { return s.server->connections_over_limit() == 0; }));
+  CHECK(s.server->connections_open() == 2);
+  ::close(a);
+  ::close(b);
+}
+
+TEST_CASE("one client address cannot hold more than connections_per_client_max connections") {
+  HttpServerOptions opts;
+  opts.connections_max = 100;
+  opts.connections_per_client_max = 2;
+  std::atomic<int> handled{0};
+  std::string seen_client;
+  std::mutex mu;
+  Served s(
+      [&](HttpRequest&& req, Responder respond) {
+        ++handled;
+        {
+          std::lock_guard lock(mu);
+          seen_client = req.client;
+        }
+        respond(text(200, "ok"));
+      },
+      opts);
+  int a = connect_raw(s.server->port());
+  int b = connect_raw(s.server->port());
+  REQUIRE(eventually([&] { return s.server->connections_open() == 2; }));
+  HttpResult third = http_call(s.url, get("/"), kBoundMs);
+  REQUIRE(third.status.ok());
+  CHECK(third.http_status == 503);
+  CHECK(handled == 0);
+  // /healthz from the same address still answers.
+  HttpResult h = http_call(s.url, get("/healthz"), kBoundMs);
+  REQUIRE(h.status.ok());
+  CHECK(h.http_status == 200);
+  CHECK(s.server->connections_open() == 2);
+  ::close(a);
+  REQUIRE(eventually([&] { return s.server->connections_open() == 1; }));
+  HttpResult again = http_call(s.url, get("/"), kBoundMs);
+  REQUIRE(again.status.ok());
+  CHECK(again.http_status == 200);
+  std::lock_guard lock(mu);
+  CHECK(seen_client == "127.0.0.1");
+  ::close(b);
+}
+
 TEST_CASE("stop() lets an in-flight request finish, closes idle connections, refuses new ones") {
   auto held = std::make_shared<Held>();
   Served s([held](HttpRequest&& req, Responder respond) {

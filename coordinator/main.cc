@@ -41,6 +41,10 @@ std::vector<tpc::OptionSpec> specs() {
       {"branches-per-txn-max", "branches of one transaction", "64"},
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
+      {"connections-per-client-max", "concurrent connections from one client address", "256"},
+      {"header-timeout-ms", "a request's head must arrive within this (from accept or its first byte)", "5000"},
+      {"transactions-per-client-max", "open transactions begun from one client address; past it begin answers 429", "10000"},
+      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false, true},
       {"agent-requests-max", "phase-2 requests in flight to one agent; more commits/aborts wait and go batched", "4"},
       {"batch-max", "messages in one batch to an agent (1: never batch)", "64"},
       {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
@@ -78,7 +82,7 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     int64_t min, max;
     int64_t* out;
   };
-  int64_t threads = 0, body = 0, conns = 0, open_max = 0, branches_max = 0, agent_reqs = 0,
+  int64_t threads = 0, body = 0, conns = 0, conns_per_client = 0, txns_per_client = 0, open_max = 0, branches_max = 0, agent_reqs = 0,
           batch_max = 0;
   IntOpt ints[] = {
       {"threads", 1, 64, &threads},
@@ -96,6 +100,9 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
       {"branches-per-txn-max", 1, 1'000, &branches_max},
       {"body-max-bytes", 1'024, 64 << 20, &body},
       {"connections-max", 1, 100'000, &conns},
+      {"connections-per-client-max", 1, 100'000, &conns_per_client},
+      {"header-timeout-ms", 1, 3'600'000, &cfg.http.header_timeout_ms},
+      {"transactions-per-client-max", 1, 10'000'000, &txns_per_client},
       {"agent-requests-max", 1, 1'024, &agent_reqs},
       {"batch-max", 1, 1'000, &batch_max},
   };
@@ -111,6 +118,9 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
   cfg.threads = static_cast<int>(threads);
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
+  cfg.http.connections_per_client_max = static_cast<size_t>(conns_per_client);
+  cfg.failpoints_endpoint = c.flag("failpoints-endpoint");
+  cfg.transactions_per_client_max = static_cast<size_t>(txns_per_client);
   cfg.machine.open_txns_max = static_cast<size_t>(open_max);
   cfg.machine.branches_per_txn_max = static_cast<size_t>(branches_max);
   cfg.agent_requests_max = static_cast<size_t>(agent_reqs);

@@ -488,7 +488,7 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
     if (!get) return respond(method_not_allowed("GET"));
     return status(respond);
   }
-  if (parts.size() == 2 && parts[1] == "failpoints") {
+  if (parts.size() == 2 && parts[1] == "failpoints" && cfg_.failpoints_endpoint) {
     if (!post) return respond(method_not_allowed("POST"));
     return respond(failpoints_endpoint(req.body, &log_));
   }
@@ -531,9 +531,50 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
     return;
   }
   Result<TxnView> view = unavailable("");
-  with_machine([&](CoordinatorMachine& m) { view = m.begin(body->protocol, body->timeout_ms, clock_.now_ms()); });
+  bool client_full = false;
+  with_machine([&](CoordinatorMachine& m) {
+    if (prune_client_txns(req.client) >= cfg_.transactions_per_client_max) {
+      client_full = true;
+      return;
+    }
+    view = m.begin(body->protocol, body->timeout_ms, clock_.now_ms());
+    if (!view.ok()) return;
+    client_txns_[req.client].push_back(view->gid);
+    ++client_txns_tracked_;
+  });
+  if (client_full) {
+    HttpResponse r = error_response(
+        429, "too_many_requests",
+        "this client has " + std::to_string(cfg_.transactions_per_client_max) +
+            " open transactions (--transactions-per-client-max); commit or abort some first");
+    r.headers.emplace_back("retry-after", "1");
+    return respond(std::move(r));
+  }
   if (!view.ok()) return respond(error_response(view.status()));
   respond(json_response(201, encode_view(*view)));
+}
+
+size_t CoordinatorService::prune_client_txns(const std::string& client) {
+  auto prune = [this](std::vector<std::string>& gids) {
+    size_t before = gids.size();
+    std::erase_if(gids, [&](const std::string& gid) {
+      Lookup l = machine_.lookup(gid);
+      return l.kind != LookupKind::live ||
+             (l.view.state != TxnState::active && l.view.state != TxnState::preparing);
+    });
+    client_txns_tracked_ -= before - gids.size();
+  };
+  // Clients that went away leave gids behind: past twice the global limit, prune them all.
+  if (client_txns_tracked_ > 2 * cfg_.machine.open_txns_max) {
+    for (auto& [c, gids] : client_txns_) prune(gids);
+    std::erase_if(client_txns_, [&](const auto& kv) { return kv.second.empty(); });
+  }
+  auto it = client_txns_.find(client);
+  if (it == client_txns_.end()) return 0;
+  prune(it->second);
+  size_t left = it->second.size();
+  if (left == 0) client_txns_.erase(it);
+  return left;
 }
 
 void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& respond) {

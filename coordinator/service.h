@@ -56,6 +56,8 @@ struct CoordinatorConfig {
   size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
   size_t agent_requests_max = 4;  // phase-2 requests in flight per agent; more messages wait
   size_t batch_max = 64;          // messages in one POST /v1/batch (1: never batch)
+  size_t transactions_per_client_max = 10'000;  // active transactions begun from one address
+  bool failpoints_endpoint = false;  // serve POST /v1/failpoints (else 404)
   Transport transport;            // empty: HTTP
 };
 
@@ -85,7 +87,8 @@ class CoordinatorService {
   // Calls fn(signo) on SIGINT/SIGTERM.
   void on_stop_signal(std::function<void(int)> fn);
 
-  // The request handler, callable without sockets (tests).
+  // The request handler, callable without sockets (tests). A begin counts against
+  // transactions_per_client_max by HttpRequest::client.
   void handle(HttpRequest&& req, Responder respond);
 
  private:
@@ -191,6 +194,13 @@ class CoordinatorService {
   bool started_ = false;  // start() completed
   size_t recovering_at_start_ = 0;
   bool redrive_failpoint_done_ = false;
+
+  // Per client address (HttpRequest::client), the gids it began that may still be active;
+  // under mu_. Gids no longer active or preparing are dropped when the limit is checked.
+  std::unordered_map<std::string, std::vector<std::string>> client_txns_;
+  size_t client_txns_tracked_ = 0;  // gids in client_txns_; under mu_
+  // Drops `client`'s gids that are no longer open; returns how many remain. Under mu_.
+  size_t prune_client_txns(const std::string& client);
 };
 
 }  // namespace tpc::coord

@@ -725,7 +725,7 @@ void AgentService::handle(HttpRequest&& req, Responder respond) {
       if (!post) return respond(method_not_allowed("POST"));
       return batch(req, respond);
     }
-    if (parts.size() == 2 && parts[1] == "failpoints") {
+    if (parts.size() == 2 && parts[1] == "failpoints" && cfg_.failpoints_endpoint) {
       if (!post) return respond(method_not_allowed("POST"));
       return respond(failpoints_endpoint(req.body, &log_));
     }

@@ -71,6 +71,7 @@ struct AgentConfig {
   int64_t coordinator_timeout_ms = 5'000;
   size_t list_limit_max = 1'000;
   size_t batch_max = 1'000;  // requests in one POST /v1/batch
+  bool failpoints_endpoint = false;  // serve POST /v1/failpoints (else 404)
 };
 
 class AgentService {

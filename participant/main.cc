@@ -41,6 +41,9 @@ std::vector<tpc::OptionSpec> specs() {
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
       {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
+      {"connections-per-client-max", "concurrent connections from one client address", "256"},
+      {"header-timeout-ms", "a request's head must arrive within this (from accept or its first byte)", "5000"},
+      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false, true},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
@@ -83,7 +86,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.token = c.get("token");
   cfg.coordinator_token = c.get("coordinator-token");
   cfg.peer_token = c.has("peer-token") ? c.get("peer-token") : cfg.token;
-  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0;
+  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0, conns_per_client = 0;
   struct IntOpt {
     const char* name;
     int64_t min, max;
@@ -105,6 +108,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
       {"result-rows-max", 1, 100'000'000, &rows},
       {"body-max-bytes", 1'024, 64 << 20, &body},
       {"connections-max", 1, 100'000, &conns},
+      {"connections-per-client-max", 1, 100'000, &conns_per_client},
+      {"header-timeout-ms", 1, 3'600'000, &cfg.http.header_timeout_ms},
   };
   for (auto& o : ints) {
     auto v = c.get_int(o.name, o.min, o.max);
@@ -118,6 +123,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.result_rows_max = static_cast<size_t>(rows);
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
+  cfg.http.connections_per_client_max = static_cast<size_t>(conns_per_client);
+  cfg.failpoints_endpoint = c.flag("failpoints-endpoint");
   cfg.pg_connections_max = pg_conns > 0 ? static_cast<size_t>(pg_conns) : static_cast<size_t>(branches) + 16;
   // Keep every connection the pool may open: opening one forks a PostgreSQL backend, which
   // costs far more than an idle connection.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/demo.sh: the project's "run" command, a first look at tpc in about a minute.
 #
-# Installs what is missing, builds build/, starts two throw-away PostgreSQL clusters (bank_a,
+# Installs what is missing, builds build-demo/ (no failpoints: the binaries people run),
+# starts two throw-away PostgreSQL clusters (bank_a,
 # bank_b), a tpc-coordinator and one tpc-agent per database, then moves money between the two
 # databases over the HTTP API: one transfer that commits on both, and one that fails on bank_a
 # (CHECK constraint) and therefore changes neither. It checks the balances, the total and that
@@ -13,7 +14,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-BIN="$TPC_ROOT/build/bin"
+BIN="$TPC_ROOT/build-demo/bin"
 KEEP=0
 RUN_DIR=""
 declare -A PG_DIR=() AGENT_URL=() SERVICE_PID=() SERVICE_LOG=()
@@ -42,13 +43,17 @@ parse_args() {
 install_and_build() {
   tpc_step "packages and build"
   tpc_install_deps
-  local start=$SECONDS log="$TPC_ROOT/build/build.log"
+  local start=$SECONDS log="$TPC_ROOT/build-demo/build.log"
   if [[ -x $BIN/tpc-coordinator && -x $BIN/tpc-agent && -x $BIN/tpcctl ]]; then
-    tpc_say "building build/ (log: build/build.log)"
+    tpc_say "building build-demo/ (log: build-demo/build.log)"
   else
-    tpc_say "building build/: the first build takes a few minutes (log: build/build.log)"
+    tpc_say "building build-demo/: the first build takes a few minutes (log: build-demo/build.log)"
   fi
-  TPC_BUILD_LOG=$log tpc_build || exit 1
+  mkdir -p "$TPC_ROOT/build-demo"
+  : >"$log"
+  # The services and the tool only, without failpoints and without the tests.
+  TPC_BUILD_LOG=$log tpc_configure build-demo -DTPC_FAILPOINTS=OFF -DTPC_INTEGRATION_TESTS=OFF
+  TPC_BUILD_LOG=$log tpc_compile build-demo tpc-coordinator tpc-agent tpcctl || exit 1
   tpc_say "build: done in $(tpc_elapsed "$start")"
 }
 

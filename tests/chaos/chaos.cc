@@ -213,7 +213,8 @@ Status World::start_coordinator(const std::string& failpoints) {
                                    "--prepare-timeout-ms", "3000",
                                    "--commit-wait-ms", "5000",
                                    "--retry-min-ms", "20", "--retry-max-ms", "1000",
-                                   "--recovery-wait-ms", "5000"};
+                                   "--recovery-wait-ms", "5000",
+                                   "--failpoints-endpoint"};
   std::vector<std::string> env;
   if (!failpoints.empty()) env.push_back("FAILPOINTS=" + failpoints);
   auto p = Process::spawn(argv, dir_ + "/coordinator-" + std::to_string(++log_serial_) + ".log", env);
@@ -232,7 +233,8 @@ Status World::start_agent(int i, const std::string& failpoints) {
                                    "--scan-interval-ms", "1000",
                                    "--precommit-timeout-ms", "3000",
                                    "--commit-timeout-ms", "3000",
-                                   "--lock-timeout-ms", "2000"};
+                                   "--lock-timeout-ms", "2000",
+                                   "--failpoints-endpoint"};
   std::vector<std::string> env;
   if (!failpoints.empty()) env.push_back("FAILPOINTS=" + failpoints);
   auto p = Process::spawn(argv, dir_ + "/agent" + std::to_string(i) + "-" + std::to_string(++log_serial_) + ".log", env);

@@ -113,6 +113,7 @@ std::vector<std::string> Testbed::coordinator_argv(std::vector<std::string> extr
   };
   for (int i = 0; i < 2; ++i)
     argv.push_back("--participant=" + agent_name(i) + "=" + agent_urls_[i].to_string());
+  if (opts_.failpoints_endpoint) argv.push_back("--failpoints-endpoint");
   for (auto& a : opts_.coordinator_args) argv.push_back(a);
   for (auto& a : extra) argv.push_back(a);
   return argv;
@@ -129,6 +130,7 @@ std::vector<std::string> Testbed::agent_argv(int i, std::vector<std::string> ext
       "--scan-interval-ms", "300",
       "--log-level", "debug",
   };
+  if (opts_.failpoints_endpoint) argv.push_back("--failpoints-endpoint");
   for (auto& a : opts_.agent_args) argv.push_back(a);
   for (auto& a : extra) argv.push_back(a);
   return argv;

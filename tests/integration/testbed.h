@@ -42,6 +42,7 @@ class Testbed {
     std::string coordinator_failpoints;         // FAILPOINTS for the first coordinator start
     std::string agent_failpoints[2];            // FAILPOINTS for the first start of each agent
     bool start = true;                          // start the processes
+    bool failpoints_endpoint = true;            // pass --failpoints-endpoint to every process
   };
 
   // Fresh tables, decision log and processes. The previous test's processes are killed.
