@@ -154,6 +154,7 @@ print_exports() {
 export_lines() {
   printf 'export TPC_COORD=%s TPC_BANK_A=%s TPC_BANK_B=%s\n' "$COORD_URL" "${AGENT_URL[bank_a]}" \
     "${AGENT_URL[bank_b]}"
+  # shellcheck disable=SC2016 # $PATH expands in the user's shell
   printf 'export PATH=%s:$PATH\n' "$BIN"
 }
 
@@ -310,14 +311,14 @@ expected_pairs() {
 
 # answer_has_pairs OUT FILE: every expected pair of FILE appears in the output OUT.
 answer_has_pairs() {
-  local pair missing=0
+  local pair absent=0
   while IFS= read -r pair; do
     grep -qF -- "$pair" "$1" || {
       tpc_say "    missing in the answers: $pair"
-      missing=1
+      absent=1
     }
   done < <(expected_pairs "$2")
-  return "$missing"
+  return "$absent"
 }
 
 # run_readme_block N FILE: runs FILE in this shell (GID and other variables carry over to the
@@ -332,6 +333,7 @@ run_readme_block() {
   # In a || list, errexit is off inside the block: every command of it runs, as when pasted.
   { source "$file" || true; } >"$out" 2>&1
   sed 's/^/  /' "$out"
+  [[ ! -s $out || -z $(tail -c 1 "$out") ]] || printf '\n' # curl's answers end without one
   check "README block $n: the answers README.md shows" answer_has_pairs "$out" "$file"
   check "README block $n: total unchanged ($(total_of "$before"))" \
     test "$(total_of "$(balances)")" = "$(total_of "$before")"
