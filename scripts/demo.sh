@@ -6,7 +6,13 @@
 # bank_b), a tpc-coordinator and one tpc-agent per database, then moves money between the two
 # databases over the HTTP API: one transfer that commits on both, and one that fails on bank_a
 # (CHECK constraint) and therefore changes neither. It checks the balances, the total and that
-# no prepared transaction is left behind, and exits non-zero if anything is off.
+# no prepared transaction is left behind. Then it runs the README's examples (the ```sh blocks
+# marked <!-- demo: run -->) literally against the same services, checks each answer against the
+# README's answer lines and the total after each block, and exits non-zero if anything is off.
+#
+# Ports: the coordinator on 7400, the agents bank_a on 7401 and bank_b on 7402, as in the README;
+# a port already taken is replaced by a free one, and the export lines printed at the start
+# (TPC_COORD, TPC_BANK_A, TPC_BANK_B) always name the ones in use.
 #
 # usage: scripts/demo.sh [--keep]
 #   --keep   leave everything running afterwards and print how to reach and stop it
@@ -17,7 +23,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN="$TPC_ROOT/build-demo/bin"
 KEEP=0
 RUN_DIR=""
-declare -A PG_DIR=() AGENT_URL=() SERVICE_PID=() SERVICE_LOG=()
+declare -A PG_DIR=() AGENT_URL=() AGENT_PORT=() SERVICE_PID=() SERVICE_LOG=()
+COORD_PORT=""
+README="$TPC_ROOT/README.md"
+# The ports the README's examples name; taken ones are replaced (see demo_port).
+COORD_PORT_WANTED=7400
+declare -A AGENT_PORT_WANTED=([bank_a]=7401 [bank_b]=7402)
 BANKS=()    # names in start order
 SERVICES=() # names in start order
 COORD_URL=""
@@ -87,20 +98,39 @@ start_service() {
   tpc_wait_http "$url/healthz" 30 "${SERVICE_LOG[$name]}" "$TPC_SERVICE_PID"
 }
 
+# demo_port VAR WANTED: WANTED when nothing listens on it, else a free port (into VAR).
+demo_port() {
+  if tpc_port_in_use "$2"; then
+    tpc_free_port "$1"
+    tpc_warn "port $2 is taken: using ${!1} instead (the export lines below name it)"
+  else
+    printf -v "$1" '%s' "$2"
+    TPC_PORTS_GIVEN+="$2 "
+  fi
+}
+
+# choose_ports: every service's port and URL, before any starts (the coordinator names the
+# agents with --participant).
+choose_ports() {
+  local name
+  demo_port COORD_PORT "$COORD_PORT_WANTED"
+  COORD_URL="http://127.0.0.1:$COORD_PORT"
+  for name in bank_a bank_b; do
+    demo_port "AGENT_PORT[$name]" "${AGENT_PORT_WANTED[$name]}"
+    AGENT_URL[$name]="http://127.0.0.1:${AGENT_PORT[$name]}"
+  done
+}
+
 start_coordinator() {
-  local port
-  tpc_free_port port
-  COORD_URL="http://127.0.0.1:$port"
   start_service coordinator "$COORD_URL" "$BIN/tpc-coordinator" \
-    --data-dir "$RUN_DIR/coordinator-data" --listen "127.0.0.1:$port" --id c1
+    --data-dir "$RUN_DIR/coordinator-data" --listen "127.0.0.1:$COORD_PORT" --id c1 \
+    --participant "bank_a=${AGENT_URL[bank_a]}" --participant "bank_b=${AGENT_URL[bank_b]}"
   tpc_say "  tpc-coordinator     $COORD_URL"
 }
 
 start_agent() {
-  local name=$1 port pg_port
-  tpc_free_port port
+  local name=$1 port=${AGENT_PORT[$1]} pg_port
   pg_port=$(tpc_pg_port "${PG_DIR[$name]}")
-  AGENT_URL[$name]="http://127.0.0.1:$port"
   start_service "agent-$name" "${AGENT_URL[$name]}" "$BIN/tpc-agent" --name "$name" \
     --listen "127.0.0.1:$port" \
     --pg "host=127.0.0.1 port=$pg_port dbname=postgres user=tpc" \
@@ -112,9 +142,25 @@ start_everything() {
   tpc_step "starting two PostgreSQL clusters, the coordinator and one agent per database"
   start_bank bank_a "(1, 'alice', 1000), (2, 'bob', 500)"
   start_bank bank_b "(1, 'carol', 200), (2, 'dave', 800)"
+  choose_ports
   start_coordinator
   start_agent bank_a
   start_agent bank_b
+  print_exports
+}
+
+# print_exports: the shell lines that point the README's examples at this demo.
+print_exports() {
+  tpc_say ""
+  tpc_say "  the README's examples use these (paste them into your shell):"
+  tpc_say "  $(export_lines | sed '2,$s/^/  /')"
+}
+
+export_lines() {
+  printf 'export TPC_COORD=%s TPC_BANK_A=%s TPC_BANK_B=%s\n' "$COORD_URL" "${AGENT_URL[bank_a]}" \
+    "${AGENT_URL[bank_b]}"
+  # shellcheck disable=SC2016 # $PATH expands in the user's shell
+  printf 'export PATH=%s:$PATH\n' "$BIN"
 }
 
 # --- HTTP and checks ----------------------------------------------------------------------
@@ -247,6 +293,73 @@ show_transactions() {
   "$BIN/tpcctl" --coordinator "$COORD_URL" list || check "tpcctl list works" false
 }
 
+# --- the README's examples ---------------------------------------------------------------
+
+# readme_blocks DIR: writes each ```sh block of README.md that follows a <!-- demo: run --> line
+# to DIR/readme-N.sh (N from 1, in README order) and prints how many there are.
+readme_blocks() {
+  awk -v dir="$1" '
+    /^<!-- demo: run -->$/ { marked = 1; next }
+    marked && /^```sh$/ { n++; inside = 1; marked = 0; next }
+    inside && /^```$/ { inside = 0; next }
+    inside { print > (dir "/readme-" n ".sh") }
+    { marked = 0 }
+    END { print n + 0 }' "$README"
+}
+
+# expected_pairs FILE: the "key":scalar pairs of the answer lines (comments showing JSON) in
+# FILE, one a line; gids differ from run to run and are left out.
+expected_pairs() {
+  grep -E '^ *# ?\{|^ *#  "' "$1" | grep -oE '"[a-z_]+":("[^"]*"|-?[0-9]+|true|false|null)' |
+    grep -v '^"gid":' || true
+}
+
+# answer_has_pairs OUT FILE: every expected pair of FILE appears in the output OUT.
+answer_has_pairs() {
+  local pair absent=0
+  while IFS= read -r pair; do
+    grep -qF -- "$pair" "$1" || {
+      tpc_say "    missing in the answers: $pair"
+      absent=1
+    }
+  done < <(expected_pairs "$2")
+  return "$absent"
+}
+
+# run_readme_block N FILE: runs FILE in this shell (GID and other variables carry over to the
+# next block, as in a terminal), shows its output and checks it.
+run_readme_block() {
+  local n=$1 file=$2 out="$RUN_DIR/readme-$1.out" before
+  before=$(balances)
+  tpc_say ""
+  tpc_say "--- README block $n ---"
+  sed 's/^/  $ /' "$file" | grep -v '^  \$ *#' || true
+  # shellcheck disable=SC1090 # the README's code
+  # In a || list, errexit is off inside the block: every command of it runs, as when pasted.
+  { source "$file" || true; } >"$out" 2>&1
+  sed 's/^/  /' "$out"
+  [[ ! -s $out || -z $(tail -c 1 "$out") ]] || printf '\n' # curl's answers end without one
+  check "README block $n: the answers README.md shows" answer_has_pairs "$out" "$file"
+  check "README block $n: total unchanged ($(total_of "$before"))" \
+    test "$(total_of "$(balances)")" = "$(total_of "$before")"
+}
+
+run_readme_examples() {
+  local count n
+  tpc_step "the README's examples, pasted as they are"
+  export TPC_COORD=$COORD_URL TPC_BANK_A=${AGENT_URL[bank_a]} TPC_BANK_B=${AGENT_URL[bank_b]}
+  export PATH="$BIN:$PATH"
+  count=$(readme_blocks "$RUN_DIR")
+  check "README.md has examples marked <!-- demo: run -->" test "$count" -gt 0
+  for ((n = 1; n <= count; n++)); do run_readme_block "$n" "$RUN_DIR/readme-$n.sh"; done
+  check "balances after the README: $(expected_after_readme)" \
+    test "$(balances)" = "$(expected_after_readme)"
+}
+
+# The balances once the README's examples ran: two transfers of 100 from alice to carol
+# (interactive and one-shot) committed, the transfer of 5000 from bob aborted.
+expected_after_readme() { printf '%s\n' 'bank_a alice=500 bob=500 | bank_b carol=700 dave=800 | total=2500'; }
+
 prepared_count() { tpc_psql "${PG_DIR[$1]}" "SELECT count(*) FROM pg_prepared_xacts"; }
 
 # no_prepared_left NAME: polls until NAME has no prepared transaction (phase 2 of an abort
@@ -263,7 +376,7 @@ final_checks() {
   tpc_step "checks"
   check "bank_a: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_a
   check "bank_b: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_b
-  check "final balances: $(expected_after_commit)" test "$(balances)" = "$(expected_after_commit)"
+  check "final balances: $(expected_after_readme)" test "$(balances)" = "$(expected_after_readme)"
 }
 
 # --- clean-up -----------------------------------------------------------------------------
@@ -315,6 +428,8 @@ print_keep_info() {
   for name in "${BANKS[@]}"; do
     tpc_say "  psql $name   psql -h 127.0.0.1 -p $(tpc_pg_port "${PG_DIR[$name]}") -U tpc postgres"
   done
+  tpc_say "  for the README $(export_lines | head -n 1)"
+  tpc_say "                $(export_lines | tail -n 1)"
   tpc_say "  logs          $RUN_DIR/*.log"
   tpc_say "  stop it all   $RUN_DIR/stop.sh"
 }
@@ -352,6 +467,7 @@ main() {
   transfer_that_commits
   transfer_that_aborts
   show_transactions
+  run_readme_examples
   final_checks
   if ((FAILURES > 0)); then
     tpc_die "$FAILURES check(s) failed"
