@@ -169,7 +169,7 @@ TEST_CASE("tpcctl lists, shows and lists in-doubt transactions and branches") {
   CHECK(run({ctl, "--agent", a, "list"}, &out) == 0);
   CHECK(out.find(gid) != std::string::npos);
   CHECK(run({ctl, "--agent", a, "show", gid}, &out) == 0);
-  CHECK(run({ctl, "--coordinator", c, "show", "c1-99999999999-1"}, &out) == 1);
+  CHECK(run({ctl, "--coordinator", c, "show", "c1-999999999999999999-1"}, &out) == 1);
   CHECK(out.find("HTTP 404") != std::string::npos);
   CHECK(run({ctl, "--coordinator", c, "frob"}, &out) == 2);
   CHECK(run({ctl, "list"}, &out) == 2);
