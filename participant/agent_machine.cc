@@ -44,6 +44,35 @@ std::optional<BranchState> parse_external_state(std::string_view s) {
   return std::nullopt;
 }
 
+std::string_view check_name(Check c) {
+  switch (c) {
+    case Check::none: return "none";
+    case Check::unchecked: return "unchecked";
+    case Check::mismatch: return "mismatch";
+    case Check::reported: return "reported";
+  }
+  return "?";
+}
+
+std::string check_record_state(Check c, bool operator_decision, bool committed) {
+  std::string_view prefix;
+  switch (c) {
+    case Check::none: return "";
+    case Check::unchecked: prefix = operator_decision ? "heuristic" : "unilateral"; break;
+    case Check::mismatch: prefix = "mismatch"; break;
+    case Check::reported: prefix = "reported"; break;
+  }
+  return std::string(prefix) + (committed ? "_commit" : "_abort");
+}
+
+std::optional<CheckRecord> parse_check_record(std::string_view state) {
+  for (Check c : {Check::unchecked, Check::mismatch, Check::reported})
+    for (bool op : {true, false})
+      for (bool committed : {true, false})
+        if (check_record_state(c, op, committed) == state) return CheckRecord{c, op, committed};
+  return std::nullopt;
+}
+
 std::string_view op_name(OpKind k) {
   switch (k) {
     case OpKind::exec: return "exec";
@@ -54,6 +83,7 @@ std::string_view op_name(OpKind k) {
     case OpKind::rollback_prepared: return "rollback_prepared";
     case OpKind::evidence: return "evidence";
     case OpKind::put_state: return "put_state";
+    case OpKind::delete_state: return "delete_state";
     case OpKind::tombstone: return "tombstone";
   }
   return "?";
@@ -116,10 +146,57 @@ void AgentMachine::set_state(Branch& b, BranchState to, int64_t now_ms) {
     finished_[b.serial] = b.gid;
   else
     finished_.erase(b.serial);
-  if (final_state(to) && !b.unilateral)
-    live_.erase(b.gid);
-  else
+  track_live(b);
+}
+
+// live_ holds the branches timers act on: not ended, or ended and still checking, reporting
+// or writing their record. Ended branches that are not pinned are evictable (finished_).
+void AgentMachine::track_live(Branch& b) {
+  bool timers = !final_state(b.state) || b.check == Check::unchecked || b.report_pending ||
+                desired_record(b) != b.recorded;
+  if (timers)
     live_.insert(b.gid);
+  else
+    live_.erase(b.gid);
+  if (final_state(b.state) && !pinned(b)) finished_.emplace(b.serial, b.gid);  // evictable
+}
+
+bool AgentMachine::pinned(const Branch& b) const {
+  return b.check != Check::none || b.report_pending || desired_record(b) != b.recorded;
+}
+
+// The row a branch's check should have: none once the check is over; while the branch is not
+// ended, whatever it has (the resolve path writes its intent itself, before acting).
+std::string AgentMachine::desired_record(const Branch& b) const {
+  if (!final_state(b.state)) return b.recorded;
+  if (b.check == Check::none) return "";
+  return check_record_state(b.check, !b.unilateral, b.state == BranchState::committed);
+}
+
+void AgentMachine::set_check(Branch& b, Check c, int64_t now_ms) {
+  b.check = c;
+  if (c == Check::mismatch || c == Check::reported)
+    disagreements_.insert(b.gid);
+  else
+    disagreements_.erase(b.gid);
+  if (c == Check::unchecked) b.next_ask_ms = now_ms + opts_.ask_min_ms;
+  if (c == Check::mismatch && !b.report_pending) {
+    b.report_pending = true;
+    b.next_report_ms = now_ms;
+  }
+  persist_check(b);
+  track_live(b);
+}
+
+// Queues the write of the check's tpc_agent_state row (or its removal once the check is over)
+// behind whatever the branch is doing; the caller pumps. A failed write is retried from tick().
+void AgentMachine::persist_check(Branch& b) {
+  if (desired_record(b) == b.recorded) return;
+  for (auto& q : b.queue)
+    if (q.kind == RequestKind::record) return;  // one is queued; it writes the latest
+  Request internal;
+  internal.kind = RequestKind::record;
+  b.queue.push_back(internal);
 }
 
 void AgentMachine::erase_branch(const std::string& gid) {
@@ -218,6 +295,10 @@ void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
         evict_finished();
         return;
       }
+      case RequestKind::forget:
+        reply_error(req, not_found("no branch " + std::string(gid) + " in memory; nothing to forget"));
+        return;
+      case RequestKind::record: return;  // the branch is gone, and its record with it
       case RequestKind::status:
         if (req.id == 0) return;  // an internal check of a branch that is gone
         [[fallthrough]];
@@ -318,6 +399,11 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
   BranchState s = b.state;
   bool in_session = s == BranchState::active || s == BranchState::failed;
   bool prepared = s == BranchState::prepared || s == BranchState::precommitted;
+  bool from_coordinator = req.id != 0 && !req.one_phase &&
+                          (req.kind == RequestKind::commit || req.kind == RequestKind::abort ||
+                           req.kind == RequestKind::precommit);
+  if (from_coordinator && b.check == Check::unchecked && final_state(s))
+    check_against_coordinator(b, req.kind != RequestKind::abort, true, now_ms);
   switch (req.kind) {
     case RequestKind::status: {
       if (req.id != 0) {  // a peer's query (3PC termination): our state, from evidence if need be
@@ -396,7 +482,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
       if (prepared) {
         PgOp op;
         op.kind = OpKind::commit_prepared;
-        op.clear_state = b.protocol == 3;
+        op.clear_state = b.protocol == 3 && b.recorded.empty();
         start_op(b, std::move(req), std::move(op));
       } else if (req.one_phase && s == BranchState::active) {
         PgOp op;
@@ -422,7 +508,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
         start_op(b, std::move(req), std::move(op));
       } else if (prepared) {
         op.kind = OpKind::rollback_prepared;
-        op.clear_state = b.protocol == 3;
+        op.clear_state = b.protocol == 3 && b.recorded.empty();
         start_op(b, std::move(req), std::move(op));
       } else if (s == BranchState::committed) {
         reply_state(b, req, 409);
@@ -434,12 +520,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
     case RequestKind::resolve: {
       PgOp op;
       if (prepared) {
-        b.heuristic = true;
-        log_.warn("branch resolved by operator",
-                  {{"gid", b.gid}, {"outcome", req.commit ? "commit" : "abort"}});
-        op.kind = req.commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
-        op.clear_state = b.protocol == 3;
-        start_op(b, std::move(req), std::move(op));
+        resolve_prepared(b, std::move(req));
       } else if (in_session && !req.commit) {
         op.kind = OpKind::rollback;
         start_op(b, std::move(req), std::move(op));
@@ -457,7 +538,75 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
       }
       return;
     }
+    case RequestKind::record: {
+      std::string want = desired_record(b);
+      if (want == b.recorded) return;
+      PgOp op;
+      if (want.empty()) {
+        op.kind = OpKind::delete_state;
+      } else {
+        op.kind = OpKind::put_state;
+        op.state = want;
+        op.detail = b.check_detail;
+      }
+      req.detail = std::move(want);
+      start_op(b, std::move(req), std::move(op));
+      return;
+    }
+    case RequestKind::forget: {
+      bool outcome_kept = b.check != Check::none || b.heuristic || b.unilateral || b.report_pending;
+      if (!final_state(s) || !outcome_kept) {
+        reply_error(req, conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                                  " with no heuristic outcome to forget"), &b);
+        return;
+      }
+      if (b.recorded.empty()) {
+        apply_forget(b, now_ms);
+        reply_state(b, req, 200);
+        return;
+      }
+      PgOp op;
+      op.kind = OpKind::delete_state;
+      start_op(b, std::move(req), std::move(op));
+      return;
+    }
   }
+}
+
+// A decision taken here (an operator's resolve, or 3PC deciding alone) is recorded before it
+// is carried out: a crash in between finishes it at the next start, and the record keeps it
+// checked against the coordinator until they agree or an operator forgets it.
+void AgentMachine::resolve_prepared(Branch& b, Request req) {
+  std::string intent = check_record_state(Check::unchecked, !req.alone, req.commit);
+  if (b.recorded != intent) {
+    PgOp op;
+    op.kind = OpKind::put_state;
+    op.state = intent;
+    op.detail = req.alone ? "3PC decided without the coordinator: " + req.detail
+                          : std::string("resolved by an operator");
+    start_op(b, std::move(req), std::move(op));
+    return;
+  }
+  if (req.alone) {
+    b.unilateral = true;
+  } else {
+    b.heuristic = true;
+    log_.warn("branch resolved by operator",
+              {{"gid", b.gid}, {"outcome", req.commit ? "commit" : "abort"}});
+  }
+  PgOp op;
+  op.kind = req.commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
+  start_op(b, std::move(req), std::move(op));
+}
+
+void AgentMachine::apply_forget(Branch& b, int64_t now_ms) {
+  log_.warn("heuristic outcome forgotten by an operator",
+            {{"gid", b.gid}, {"state", branch_state_name(b.state)}, {"check", check_name(b.check)}});
+  b.heuristic = false;
+  b.unilateral = false;
+  b.report_pending = false;
+  b.check_detail.clear();
+  set_check(b, Check::none, now_ms);
 }
 
 // --- completions ---------------------------------------------------------------------------
@@ -569,8 +718,10 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
       if ((before == BranchState::prepared || before == BranchState::precommitted) &&
           b.state != before && b.state != BranchState::prepared) {
         b.heuristic = true;
+        b.check_detail = "finished outside the agent";
         log_.warn("prepared branch finished outside the agent",
                   {{"gid", b.gid}, {"now", branch_state_name(b.state)}});
+        set_check(b, Check::unchecked, now_ms);
       }
       if (req.kind != RequestKind::status || req.id != 0) b.queue.push_front(std::move(req));
       return;
@@ -704,21 +855,26 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         ++counters_.aborted;
         set_state(b, BranchState::aborted, now_ms);
       }
-      if (committed != wanted_commit) {
-        b.heuristic = true;
-        ++counters_.heuristic_mismatch;
-        log_.error(committed ? "asked to abort a branch that had committed"
-                             : "asked to commit a branch that had been rolled back",
-                   {{"gid", b.gid}});
-      } else if (req.kind == RequestKind::resolve) {
-        // Record the operator's decision durably before answering.
-        PgOp op;
-        op.kind = OpKind::put_state;
-        op.state = committed ? "heuristic_commit" : "heuristic_abort";
-        op.detail = "resolved by operator";
-        start_op(b, std::move(req), std::move(op));
+      if (req.kind == RequestKind::resolve) {
+        // Decided here: checked against the coordinator from now on.
+        if (committed != wanted_commit)
+          log_.error("the branch had already ended the other way", {{"gid", b.gid}});
+        set_check(b, Check::unchecked, now_ms);
+        reply_state(b, req, committed == wanted_commit ? 200 : 409);
         return;
       }
+      if (committed != wanted_commit) {
+        // The coordinator's outcome (or the one it answered us) meets a branch that ended the
+        // other way. A request from the coordinator learns it from our answer; an outcome we
+        // asked for does not, so it is reported.
+        b.heuristic = true;
+        ++counters_.heuristic_mismatch;
+        log_.error(committed ? "heuristic outcome: asked to abort a branch that had committed"
+                             : "heuristic outcome: asked to commit a branch that had been rolled back",
+                   {{"gid", b.gid}});
+        set_check(b, req.id != 0 ? Check::reported : Check::mismatch, now_ms);
+      }
+      correct_coordinator(b, now_ms);
       reply_state(b, req, committed == wanted_commit ? 200 : 409);
       return;
     }
@@ -744,18 +900,55 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         }
         return;
       }
-      if (st.ok())
+      if (req.kind == RequestKind::resolve) {
+        if (!st.ok()) {
+          reply_error(req, unavailable("cannot record the decision, so nothing was changed: " + st.message()), &b);
+          return;
+        }
+        b.recorded = check_record_state(Check::unchecked, !req.alone, req.commit);
+        b.check_detail = req.alone ? "3PC decided without the coordinator: " + req.detail
+                                   : std::string("resolved by an operator");
+        b.queue.push_front(std::move(req));  // now carry it out
+        return;
+      }
+      [[fallthrough]];
+    case OpKind::delete_state:
+      if (!st.ok()) {
+        log_.warn("cannot write the branch's decision record; retrying",
+                  {{"gid", b.gid}, {"error", st.message()}});
+        b.next_record_ms = now_ms + opts_.ask_min_ms;
+        reply_error(req, unavailable("cannot write the branch's decision record: " + st.message()), &b);
+        track_live(b);
+        return;
+      }
+      b.recorded = kind == OpKind::delete_state ? std::string() : req.detail;
+      if (req.kind == RequestKind::forget) {
+        apply_forget(b, now_ms);
         reply_state(b, req, 200);
-      else
-        reply_error(req, unavailable("the branch was resolved but its record failed: " + st.message()), &b);
+        return;
+      }
+      persist_check(b);  // the check moved on while this was written
+      track_live(b);
       return;
   }
+}
+
+// The coordinator's view listed this branch with another outcome (a misdirected agent once
+// answered for it): tell it how the branch really ended.
+void AgentMachine::correct_coordinator(Branch& b, int64_t now_ms) {
+  std::optional<BranchState> said = std::exchange(b.coordinator_recorded, std::nullopt);
+  if (!said || !final_state(*said) || *said == b.state || b.report_pending) return;
+  log_.warn("the coordinator's record of this branch is wrong; reporting the true outcome",
+            {{"gid", b.gid}, {"recorded", branch_state_name(*said)}, {"branch", branch_state_name(b.state)}});
+  b.report_pending = true;
+  b.next_report_ms = now_ms;
+  track_live(b);
 }
 
 // --- in-doubt resolution -------------------------------------------------------------------
 
 void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string_view answer,
-                              int64_t now_ms) {
+                              int64_t now_ms, std::optional<BranchState> recorded) {
   Branch* bp = find(gid);
   if (!bp) return;
   Branch& b = *bp;
@@ -765,14 +958,18 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
   int shift = static_cast<int>(std::min<uint32_t>(b.asks - 1, 16));
   b.next_ask_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
 
+  bool decided = outcome == Outcome::commit || outcome == Outcome::abort;
   if (final_state(b.state)) {
-    if (b.unilateral && (outcome == Outcome::commit || outcome == Outcome::abort))
-      check_against_coordinator(b, outcome == Outcome::commit);
+    if (b.check == Check::unchecked && decided) {
+      check_against_coordinator(b, outcome == Outcome::commit, recorded && *recorded == b.state, now_ms);
+      pump(b, now_ms);
+    }
     return;
   }
   if (b.busy) return;
   bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
   if (!prepared) return;
+  if (decided) b.coordinator_recorded = recorded;
   Request internal;
   switch (outcome) {
     case Outcome::commit:
@@ -852,29 +1049,67 @@ void AgentMachine::decided_alone(Branch& b, bool commit, std::string_view why, i
              {"outcome", commit ? "commit" : "abort"},
              {"why", why}});
   Request internal;
-  internal.kind = commit ? RequestKind::commit : RequestKind::abort;
+  internal.kind = RequestKind::resolve;
+  internal.commit = commit;
+  internal.alone = true;
+  internal.detail = std::string(why);
   b.queue.push_back(internal);
-  b.next_ask_ms = now_ms + opts_.ask_min_ms;  // then confirm with the coordinator
   pump(b, now_ms);
 }
 
-void AgentMachine::check_against_coordinator(Branch& b, bool coordinator_commits) {
+// A branch decided here meets the coordinator's outcome. coordinator_knows: the coordinator
+// already holds this branch's true outcome (it sent the request we answer, or its view lists
+// it), so nothing needs reporting.
+void AgentMachine::check_against_coordinator(Branch& b, bool coordinator_commits,
+                                             bool coordinator_knows, int64_t now_ms) {
   bool ours = b.state == BranchState::committed;
-  b.unilateral = false;  // checked: stop asking
-  live_.erase(b.gid);
   if (ours == coordinator_commits) {
-    log_.info("decision taken alone matches the coordinator", {{"gid", b.gid}});
+    log_.info("a decision taken here matches the coordinator's", {{"gid", b.gid}});
+    set_check(b, Check::none, now_ms);
     return;
   }
   b.heuristic = true;
   ++counters_.heuristic_mismatch;
-  log_.error("heuristic outcome: the branch decided alone against the coordinator",
+  log_.error("heuristic outcome: the branch was decided here against the coordinator",
              {{"gid", b.gid},
               {"branch", ours ? "committed" : "aborted"},
-              {"coordinator", coordinator_commits ? "commit" : "abort"}});
+              {"coordinator", coordinator_commits ? "commit" : "abort"},
+              {"decided_by", b.check_detail}});
+  set_check(b, coordinator_knows ? Check::reported : Check::mismatch, now_ms);
 }
 
-void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms) {
+void AgentMachine::on_reported(std::string_view gid, Status status, int64_t now_ms) {
+  Branch* bp = find(gid);
+  if (!bp || !bp->reporting) return;
+  Branch& b = *bp;
+  b.reporting = false;
+  ++b.reports;
+  bool settled = status.ok() || status.code() == Code::not_found ||
+                 status.code() == Code::invalid_argument;
+  if (!settled) {
+    int shift = static_cast<int>(std::min<uint32_t>(b.reports - 1, 16));
+    b.next_report_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
+    log_.warn("cannot report the branch's outcome to the coordinator yet",
+              {{"gid", b.gid}, {"error", status.to_string()}, {"reports", b.reports}});
+    return;
+  }
+  if (status.ok()) {
+    ++counters_.reports_sent;
+    log_.info("the coordinator recorded the branch's outcome", {{"gid", b.gid}});
+  } else {
+    log_.warn("the coordinator cannot record the branch's outcome",
+              {{"gid", b.gid}, {"error", status.to_string()}});
+  }
+  b.report_pending = false;
+  if (b.check == Check::mismatch)
+    set_check(b, Check::reported, now_ms);
+  else
+    track_live(b);
+  pump(b, now_ms);
+}
+
+void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms,
+                           std::vector<DecidedEntry> decided) {
   std::set<std::string> seen;
   for (auto& e : prepared) {
     seen.insert(e.gid);
@@ -891,6 +1126,20 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
       log_.info("found prepared branch", {{"gid", nb.gid},
                                           {"state", branch_state_name(nb.state)},
                                           {"age_ms", e.age_ms}});
+      if (auto rec = e.durable_state ? parse_check_record(*e.durable_state) : std::nullopt;
+          rec && rec->check == Check::unchecked) {
+        // Decided here and recorded, then stopped before carrying it out: carry it out now.
+        nb.recorded = *e.durable_state;
+        Request internal;
+        internal.kind = RequestKind::resolve;
+        internal.commit = rec->committed;
+        internal.alone = !rec->operator_decision;
+        internal.detail = "recorded before a restart";
+        log_.warn("finishing a decision recorded before the restart",
+                  {{"gid", nb.gid}, {"record", *e.durable_state}});
+        nb.queue.push_back(internal);
+        pump(nb, now_ms);
+      }
       continue;
     }
     if (b->busy || !b->queue.empty()) continue;
@@ -906,6 +1155,7 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
       pump(*b, now_ms);
     }
   }
+  for (auto& d : decided) load_decided(d, now_ms);
   std::vector<std::string> verify;
   for (const std::string& gid : live_) {
     auto it = branches_.find(gid);
@@ -925,8 +1175,23 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
   }
 }
 
+// A decision taken here that is still checked, reported or kept for an operator, from its
+// record (after a restart). A branch in memory knows more than its record.
+void AgentMachine::load_decided(const DecidedEntry& d, int64_t now_ms) {
+  if (find(d.gid) || d.record.check == Check::none) return;
+  Branch& b = create(d.gid, d.record.committed ? BranchState::committed : BranchState::aborted, now_ms);
+  b.recovered = true;
+  b.recorded = check_record_state(d.record.check, d.record.operator_decision, d.record.committed);
+  b.check_detail = d.detail;
+  b.heuristic = d.record.operator_decision || d.record.check != Check::unchecked;
+  b.unilateral = !d.record.operator_decision;
+  log_.warn("found a branch decided here, not yet settled with the coordinator",
+            {{"gid", b.gid}, {"record", b.recorded}, {"detail", d.detail}});
+  set_check(b, d.record.check, now_ms);
+}
+
 void AgentMachine::tick(int64_t now_ms) {
-  std::vector<std::string> idle;
+  std::vector<std::string> idle, rewrite;
   for (const std::string& gid : live_) {
     auto it = branches_.find(gid);
     if (it == branches_.end()) continue;
@@ -956,13 +1221,24 @@ void AgentMachine::tick(int64_t now_ms) {
       }
       case BranchState::committed:
       case BranchState::aborted:
-        if (b.unilateral && !b.asking && now_ms >= b.next_ask_ms) {
+      case BranchState::read_only:
+        if (b.check == Check::unchecked && !b.asking && now_ms >= b.next_ask_ms) {
           b.asking = true;
           ready_.asks.push_back(gid);
         }
+        if (b.report_pending && !b.reporting && now_ms >= b.next_report_ms) {
+          b.reporting = true;
+          ready_.reports.push_back(Report{gid, b.state == BranchState::committed});
+        }
+        if (desired_record(b) != b.recorded && now_ms >= b.next_record_ms) rewrite.push_back(gid);
         break;
       default: break;
     }
+  }
+  for (auto& gid : rewrite) {
+    Branch* b = find(gid);
+    persist_check(*b);
+    pump(*b, now_ms);
   }
   for (auto& gid : idle) {
     Branch* b = find(gid);
@@ -980,10 +1256,10 @@ void AgentMachine::evict_finished() {
   while (finished_.size() > opts_.finished_kept_max) {
     auto it = finished_.begin();
     Branch* b = find(it->second);
-    if (b && (b->busy || !b->queue.empty() || b->unilateral)) break;
+    if (b && (b->busy || !b->queue.empty())) break;
     std::string gid = it->second;
     finished_.erase(it);
-    if (b) erase_branch(gid);
+    if (b && !pinned(*b)) erase_branch(gid);  // a pinned one comes back once unpinned
   }
 }
 
@@ -1014,6 +1290,8 @@ BranchView AgentMachine::view_of(const Branch& b, int64_t now_ms) const {
   v.recovered = b.recovered;
   v.unilateral = b.unilateral;
   v.heuristic = b.heuristic;
+  v.check = b.check;
+  v.report_pending = b.report_pending;
   v.busy = b.busy;
   bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
   v.age_ms = now_ms - (prepared ? b.prepared_ms : b.created_ms);
@@ -1057,7 +1335,7 @@ std::vector<BranchView> AgentMachine::in_doubt(int64_t now_ms) const {
     bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
     if (prepared && now_ms - b.prepared_ms >= opts_.in_doubt_after_ms)
       out.push_back(view_of(b, now_ms));
-    else if (b.heuristic || b.unilateral)
+    else if (b.check != Check::none || b.report_pending)
       out.push_back(view_of(b, now_ms));
   }
   std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a.age_ms > b.age_ms; });

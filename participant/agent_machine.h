@@ -59,7 +59,34 @@ std::string_view branch_state_name(BranchState s);
 std::string_view external_state_name(BranchState s);
 std::optional<BranchState> parse_external_state(std::string_view s);
 
-enum class RequestKind : uint8_t { exec, prepare, precommit, commit, abort, resolve, status };
+enum class RequestKind : uint8_t {
+  exec, prepare, precommit, commit, abort, resolve, status,
+  forget,  // an operator clears a heuristic outcome (HTTP)
+  record,  // internal: write the branch's local-decision record
+};
+
+// A branch finished by a decision taken here — an operator's resolve, or 3PC deciding alone —
+// is checked against the coordinator's outcome; a disagreement stays reported until an
+// operator forgets it. Each step is a durable tpc_agent_state row (see check_record_state), so
+// the check and the report survive restarts.
+enum class Check : uint8_t {
+  none,
+  unchecked,  // asking the coordinator for its outcome
+  mismatch,   // the coordinator decided otherwise; telling it
+  reported,   // the coordinator knows (or cannot be told); until an operator forgets it
+};
+std::string_view check_name(Check c);
+
+// The tpc_agent_state text of a local decision: "heuristic_commit" (an operator's, unchecked),
+// "unilateral_commit" (3PC alone, unchecked), "mismatch_commit", "reported_commit", and the
+// same with _abort; the suffix is the branch's own outcome.
+std::string check_record_state(Check c, bool operator_decision, bool committed);
+struct CheckRecord {
+  Check check = Check::none;
+  bool operator_decision = false;
+  bool committed = false;
+};
+std::optional<CheckRecord> parse_check_record(std::string_view state);
 
 // A branch of the same transaction at another agent (3PC termination).
 struct Peer {
@@ -83,6 +110,8 @@ struct Request {
                                       // statements then a one-phase commit (one-shot)
   bool enlisted = false;              // exec from the coordinator itself: no enlistment
   bool commit = true;                 // resolve: the operator's outcome
+  bool alone = false;                 // internal resolve: 3PC deciding without the coordinator
+  std::string detail;                 // internal resolve: why
   uint8_t protocol = 2;               // prepare: 2 or 3
   std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
 };
@@ -96,6 +125,7 @@ enum class OpKind : uint8_t {
   rollback_prepared,  // any connection
   evidence,           // any connection: prepared, committed (marker) or absent
   put_state,          // any connection: durable tpc_agent_state row (3PC, operator)
+  delete_state,       // any connection: remove the branch's tpc_agent_state row
   tombstone,          // any connection: durable "never commits" mark (see pg::put_tombstone)
 };
 
@@ -156,15 +186,22 @@ struct PeerAnswer {
   std::optional<BranchState> state;  // nullopt: no answer
 };
 
+// Tell the coordinator how a branch really ended (POST /v1/transactions/{gid}/heuristic).
+struct Report {
+  std::string gid;
+  bool committed = false;
+};
+
 struct Ready {
   std::vector<PgOp> ops;
+  std::vector<Report> reports;
   std::vector<PeerQuery> peer_queries;
   std::vector<std::string> enlists;  // gids to enlist with their coordinator
   std::vector<std::string> asks;     // gids whose outcome to ask the coordinator
   std::vector<std::string> cancels;  // gids whose running statement to cancel
   std::vector<Reply> replies;
   bool empty() const {
-    return ops.empty() && peer_queries.empty() && enlists.empty() && asks.empty() &&
+    return ops.empty() && reports.empty() && peer_queries.empty() && enlists.empty() && asks.empty() &&
            cancels.empty() && replies.empty();
   }
 };
@@ -189,6 +226,8 @@ struct BranchView {
   bool recovered = false;   // found by the in-doubt scan
   bool unilateral = false;  // 3PC: decided alone after a timeout
   bool heuristic = false;   // decided by an operator, or against the coordinator
+  Check check = Check::none;
+  bool report_pending = false;  // telling the coordinator how the branch ended
   bool busy = false;
   int64_t age_ms = 0;       // since prepared (prepared/precommitted), else since created
   uint32_t asks = 0;
@@ -211,6 +250,7 @@ struct AgentCounters {
   uint64_t unilateral_aborts = 0;
   uint64_t heuristic_mismatch = 0;  // a decision taken alone or by hand met a different one
   uint64_t refused_overload = 0;
+  uint64_t reports_sent = 0;        // heuristic outcomes the coordinator accepted
 };
 
 class AgentMachine {
@@ -221,7 +261,13 @@ class AgentMachine {
   void request(std::string_view gid, Request req, int64_t now_ms);
   void on_enlisted(std::string_view gid, Status status, int64_t branch_timeout_ms, int64_t now_ms);
   void on_op_done(std::string_view gid, OpKind kind, OpResult result, int64_t now_ms);
-  void on_outcome(std::string_view gid, Outcome outcome, std::string_view answer, int64_t now_ms);
+  // The coordinator's answer to an outcome query; `recorded`: this branch's state in the
+  // coordinator's view, when it lists one.
+  void on_outcome(std::string_view gid, Outcome outcome, std::string_view answer, int64_t now_ms,
+                  std::optional<BranchState> recorded = std::nullopt);
+  // The coordinator's answer to a Report: ok; not_found or invalid_argument (it will never
+  // take it: not its gid, forgotten); anything else is retried with backoff.
+  void on_reported(std::string_view gid, Status status, int64_t now_ms);
 
   struct ScanEntry {
     std::string gid;
@@ -229,9 +275,16 @@ class AgentMachine {
     std::optional<std::string> durable_state;  // tpc_agent_state: "prepared3", "precommitted"
     std::vector<Peer> peers;                    // kept with a 3PC state
   };
+  // A local-decision record (tpc_agent_state) of a branch that is no longer prepared.
+  struct DecidedEntry {
+    std::string gid;
+    CheckRecord record;
+    std::string detail;
+  };
   // The agent's prepared transactions as PostgreSQL lists them; the scan started at
   // started_ms (results can be stale by the time they arrive, which is harmless).
-  void on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms);
+  void on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, int64_t now_ms,
+               std::vector<DecidedEntry> decided = {});
 
   // A coordinator's current epoch (from a gid or its status). Unprepared branches of an older
   // epoch can never commit (the coordinator kept no record of them): they are rolled back, and
@@ -253,6 +306,8 @@ class AgentMachine {
   size_t prepared_count() const;
   int64_t oldest_prepared_age_ms(int64_t now_ms) const;
   const AgentCounters& counters() const { return counters_; }
+  // Branches whose outcome disagrees with the coordinator's, not yet forgotten.
+  size_t heuristic_outcomes() const { return disagreements_.size(); }
 
  private:
   struct Branch {
@@ -267,6 +322,15 @@ class AgentMachine {
     bool recovered = false;
     bool unilateral = false;
     bool heuristic = false;
+    Check check = Check::none;
+    std::string recorded;          // the tpc_agent_state text written for the check
+    std::string check_detail;      // who decided, and why
+    bool report_pending = false;   // the coordinator's record of this branch is wrong
+    bool reporting = false;
+    int64_t next_report_ms = 0;
+    uint32_t reports = 0;
+    int64_t next_record_ms = 0;    // a failed record write is retried from here
+    std::optional<BranchState> coordinator_recorded;  // this branch in the coordinator's last view
     int64_t created_ms = 0;
     int64_t last_activity_ms = 0;
     int64_t idle_deadline_ms = 0;
@@ -303,7 +367,17 @@ class AgentMachine {
   void apply_vote(Branch& b, const OpResult& res, int64_t now_ms);
   void decided_alone(Branch& b, bool commit, std::string_view why, int64_t now_ms);
   std::vector<Peer> others(const Branch& b) const;
-  void check_against_coordinator(Branch& b, bool coordinator_commits);
+  void check_against_coordinator(Branch& b, bool coordinator_commits, bool coordinator_knows,
+                                 int64_t now_ms);
+  void set_check(Branch& b, Check c, int64_t now_ms);
+  void persist_check(Branch& b);
+  std::string desired_record(const Branch& b) const;
+  void apply_forget(Branch& b, int64_t now_ms);
+  void correct_coordinator(Branch& b, int64_t now_ms);
+  void load_decided(const DecidedEntry& d, int64_t now_ms);
+  void resolve_prepared(Branch& b, Request req);
+  bool pinned(const Branch& b) const;
+  void track_live(Branch& b);
   void retire(Branch& b);
   int64_t timeout_for(const Branch& b) const;
   BranchView view_of(const Branch& b, int64_t now_ms) const;
@@ -316,10 +390,12 @@ class AgentMachine {
   Logger& log_;
   std::unordered_map<std::string, Branch> branches_;
   std::map<uint64_t, std::string> finished_;  // serial → gid of ended branches, oldest first
-  // Branches that timers may act on: not ended, or ended alone and not yet checked with the
-  // coordinator. tick() walks these only, never the (large) memory of ended branches.
+  // Branches that timers may act on: not ended, or ended by a decision taken here and not yet
+  // settled with the coordinator. tick() walks these only, never the (large) memory of ended
+  // branches.
   std::set<std::string, std::less<>> live_;
   std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
+  std::set<std::string, std::less<>> disagreements_;    // check mismatch or reported
   uint64_t next_serial_ = 1;
   size_t open_sessions_ = 0;
   Ready ready_;

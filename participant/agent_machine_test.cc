@@ -3,6 +3,7 @@
 // test through OpResults and outcomes.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "participant/agent_machine.h"
@@ -549,12 +550,21 @@ TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed co
   f.m->tick(f.now);
   REQUIRE(f.ready().asks.size() == 1);
   f.m->on_outcome("c1-1-1", Outcome::unreachable, "connection refused", f.now);
+  // The decision is recorded before it is carried out.
   Ready r = f.ready();
   REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::put_state);
+  CHECK(r.ops[0].state == "unilateral_abort");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
   CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+  CHECK_FALSE(r.ops[0].clear_state);  // the record stays until the check is over
   f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
   CHECK(f.state("c1-1-1") == BranchState::aborted);
   CHECK(f.m->counters().unilateral_aborts == 1);
+  CHECK(f.m->view("c1-1-1", f.now)->check == Check::unchecked);
+  CHECK(f.m->in_doubt(f.now).size() == 1);
 
   // Later the coordinator answers commit: the disagreement is reported once, as ERROR.
   f.now += f.opts.ask_max_ms;
@@ -563,9 +573,16 @@ TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed co
   f.m->on_outcome("c1-1-1", Outcome::commit, "committing", f.now);
   CHECK(f.m->counters().heuristic_mismatch == 1);
   CHECK(f.sink.find("heuristic outcome", LogLevel::error).size() == 1);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].state == "mismatch_abort");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
   f.now += f.opts.ask_max_ms;
   f.m->tick(f.now);
-  CHECK(f.ready().asks.empty());  // checked: no more asking
+  r = f.ready();
+  CHECK(r.asks.empty());  // checked: no more asking
+  REQUIRE(r.reports.size() == 1);
+  CHECK_FALSE(r.reports[0].committed);
 
   Fixture g;
   g.m->on_scan({{"c1-1-2", 0, std::string("precommitted")}}, g.now, g.now);
@@ -573,6 +590,10 @@ TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed co
   g.m->tick(g.now);
   REQUIRE(g.ready().asks.size() == 1);
   g.m->on_outcome("c1-1-2", Outcome::unreachable, "timeout", g.now);
+  r = g.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].state == "unilateral_commit");
+  g.m->on_op_done("c1-1-2", OpKind::put_state, Fixture::ok(), g.now);
   r = g.ready();
   REQUIRE(r.ops.size() == 1);
   CHECK(r.ops[0].kind == OpKind::commit_prepared);
@@ -589,7 +610,7 @@ TEST_CASE("a 2PC prepared branch with an unreachable coordinator waits, whatever
   CHECK(f.state("c1-1-1") == BranchState::prepared);
 }
 
-TEST_CASE("operator resolve: commits or rolls back a prepared branch and records it") {
+TEST_CASE("operator resolve: records the decision, then rolls back the prepared branch") {
   Fixture f;
   f.open_branch("c1-1-1");
   f.prepare("c1-1-1");
@@ -599,22 +620,241 @@ TEST_CASE("operator resolve: commits or rolls back a prepared branch and records
   f.send("c1-1-1", r);
   Ready ready = f.ready();
   REQUIRE(ready.ops.size() == 1);
-  CHECK(ready.ops[0].kind == OpKind::rollback_prepared);
-  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
-  ready = f.ready();
-  REQUIRE(ready.ops.size() == 1);
   CHECK(ready.ops[0].kind == OpKind::put_state);
   CHECK(ready.ops[0].state == "heuristic_abort");
   f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
   ready = f.ready();
+  REQUIRE(ready.ops.size() == 1);
+  CHECK(ready.ops[0].kind == OpKind::rollback_prepared);
+  CHECK(ready.replies.empty());
+  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
+  ready = f.ready();
   REQUIRE(ready.replies.size() == 1);
   CHECK(ready.replies[0].http_status == 200);
-  CHECK(f.m->view("c1-1-1", f.now)->heuristic);
+  CHECK(ready.ops.empty());  // the record already says what happened
+  auto v = f.m->view("c1-1-1", f.now);
+  CHECK(v->heuristic);
+  CHECK(v->check == Check::unchecked);
   // Resolving it the other way now is refused.
   r.commit = true;
   f.send("c1-1-1", r);
   ready = f.ready();
   CHECK(ready.replies[0].error.code() == Code::conflict);
+}
+
+TEST_CASE("operator resolve: a failed record changes nothing") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  Request r;
+  r.kind = RequestKind::resolve;
+  r.commit = true;
+  f.send("c1-1-1", r);
+  REQUIRE(f.ready().ops.size() == 1);
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::failure(Code::unavailable), f.now);
+  Ready ready = f.ready();
+  CHECK(ready.ops.empty());
+  REQUIRE(ready.replies.size() == 1);
+  CHECK(ready.replies[0].error.code() == Code::unavailable);
+  CHECK(f.state("c1-1-1") == BranchState::prepared);
+  CHECK_FALSE(f.m->view("c1-1-1", f.now)->heuristic);
+}
+
+namespace {
+
+// Resolves a prepared branch by hand to `commit`, with every write succeeding.
+void resolve_by_hand(Fixture& f, const std::string& gid, bool commit) {
+  Request r;
+  r.kind = RequestKind::resolve;
+  r.commit = commit;
+  f.send(gid, r);
+  REQUIRE(f.ready().ops.size() == 1);
+  f.m->on_op_done(gid, OpKind::put_state, Fixture::ok(), f.now);
+  REQUIRE(f.ready().ops.size() == 1);
+  OpKind k = commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
+  f.m->on_op_done(gid, k, Fixture::outcome(commit ? pg::Outcome::committed : pg::Outcome::aborted), f.now);
+  REQUIRE(f.ready().replies.size() == 1);
+}
+
+// Asks (the tick is due) and answers with `o`; returns what followed.
+Ready answer_ask(Fixture& f, const std::string& gid, Outcome o,
+                 std::optional<BranchState> recorded = std::nullopt) {
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  Ready r = f.ready();
+  REQUIRE(r.asks == std::vector<std::string>{gid});
+  f.m->on_outcome(gid, o, "answer", f.now, recorded);
+  return f.ready();
+}
+
+}  // namespace
+
+TEST_CASE("a decision by hand that matches the coordinator's is settled and its record removed") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  resolve_by_hand(f, "c1-1-1", true);
+  CHECK(f.m->in_doubt(f.now).size() == 1);
+  Ready r = answer_ask(f, "c1-1-1", Outcome::commit);
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::delete_state);
+  f.m->on_op_done("c1-1-1", OpKind::delete_state, Fixture::ok(), f.now);
+  CHECK(f.m->view("c1-1-1", f.now)->check == Check::none);
+  CHECK(f.m->in_doubt(f.now).empty());
+  CHECK(f.m->heuristic_outcomes() == 0);
+  CHECK(f.m->counters().heuristic_mismatch == 0);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  CHECK(f.ready().empty());
+}
+
+TEST_CASE("a decision by hand against the coordinator is reported to it and kept until forgotten") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  resolve_by_hand(f, "c1-1-1", true);
+  Ready r = answer_ask(f, "c1-1-1", Outcome::abort);  // presumed abort
+  CHECK(f.m->counters().heuristic_mismatch == 1);
+  CHECK(f.sink.find("heuristic outcome", LogLevel::error).size() == 1);
+  CHECK(f.m->heuristic_outcomes() == 1);
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].state == "mismatch_commit");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  f.m->tick(f.now);
+  r = f.ready();
+  REQUIRE(r.reports.size() == 1);
+  CHECK(r.reports[0].committed);
+  // The coordinator is briefly unavailable: reported again later, not at once.
+  f.m->on_reported("c1-1-1", unavailable("down"), f.now);
+  f.m->tick(f.now);
+  CHECK(f.ready().reports.empty());
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  REQUIRE(f.ready().reports.size() == 1);
+  f.m->on_reported("c1-1-1", ok_status(), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].state == "reported_commit");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  CHECK(f.m->counters().reports_sent == 1);
+  CHECK(f.m->heuristic_outcomes() == 1);
+  REQUIRE(f.m->in_doubt(f.now).size() == 1);
+  CHECK(f.m->in_doubt(f.now)[0].check == Check::reported);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  CHECK(f.ready().empty());  // nothing more to do until an operator forgets it
+
+  f.simple("c1-1-1", RequestKind::forget);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::delete_state);
+  f.m->on_op_done("c1-1-1", OpKind::delete_state, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 200);
+  CHECK(r.replies[0].state == BranchState::committed);
+  CHECK(f.m->heuristic_outcomes() == 0);
+  CHECK(f.m->in_doubt(f.now).empty());
+  CHECK(f.sink.find("forgotten by an operator", LogLevel::warn).size() == 1);
+  f.simple("c1-1-1", RequestKind::forget);
+  CHECK(f.ready().replies[0].error.code() == Code::conflict);
+  f.simple("c1-1-9", RequestKind::forget);
+  CHECK(f.ready().replies[0].error.code() == Code::not_found);
+}
+
+TEST_CASE("the coordinator's own request meeting a decision by hand needs no report") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  resolve_by_hand(f, "c1-1-1", true);
+  f.simple("c1-1-1", RequestKind::abort);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].http_status == 409);  // the coordinator learns it from this answer
+  CHECK(f.m->counters().heuristic_mismatch == 1);
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].state == "reported_commit");
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  CHECK(f.ready().empty());
+  CHECK(f.m->heuristic_outcomes() == 1);
+}
+
+TEST_CASE("decisions taken here come back from their records after a restart") {
+  Fixture f;
+  f.m->on_scan({{"c1-1-1", 5'000, std::string("heuristic_commit")}}, f.now, f.now,
+               {{"c1-1-2", {Check::mismatch, true, false}, "resolved by an operator"},
+                {"c1-1-3", {Check::reported, true, true}, "resolved by an operator"},
+                {"c1-1-4", {Check::unchecked, false, true}, "3PC decided without the coordinator"}});
+  // Recorded but not carried out: carried out now, without writing the record again.
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  CHECK(f.ready().ops.empty());
+  CHECK(f.state("c1-1-1") == BranchState::committed);
+  CHECK(f.state("c1-1-2") == BranchState::aborted);
+  CHECK(f.state("c1-1-3") == BranchState::committed);
+  CHECK(f.m->heuristic_outcomes() == 2);
+  CHECK(f.m->in_doubt(f.now).size() == 4);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  r = f.ready();
+  CHECK(r.ops.empty());
+  std::sort(r.asks.begin(), r.asks.end());
+  CHECK(r.asks == std::vector<std::string>{"c1-1-1", "c1-1-4"});
+  REQUIRE(r.reports.size() == 1);
+  CHECK(r.reports[0].gid == "c1-1-2");
+  CHECK(f.m->view("c1-1-4", f.now)->unilateral);
+}
+
+TEST_CASE("a branch the coordinator's view records wrongly reports its true outcome") {
+  Fixture f;
+  f.m->on_scan({{"c1-1-1", 5'000, std::nullopt}}, f.now, f.now);
+  f.m->tick(f.now);
+  REQUIRE(f.ready().asks.size() == 1);
+  // A misdirected agent once answered "aborted" for this branch.
+  f.m->on_outcome("c1-1-1", Outcome::commit, "heuristic_mixed", f.now, BranchState::aborted);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  f.m->tick(f.now);
+  r = f.ready();
+  REQUIRE(r.reports.size() == 1);
+  CHECK(r.reports[0].committed);
+  f.m->on_reported("c1-1-1", ok_status(), f.now);
+  f.now += f.opts.ask_max_ms;
+  f.m->tick(f.now);
+  CHECK(f.ready().empty());
+  CHECK(f.m->heuristic_outcomes() == 0);
+  CHECK(f.m->in_doubt(f.now).empty());
+}
+
+TEST_CASE("a branch still being settled is not evicted with the finished ones") {
+  AgentOptions o;
+  o.finished_kept_max = 1;
+  Fixture f(o);
+  f.open_branch("c1-1-1");
+  f.prepare("c1-1-1");
+  resolve_by_hand(f, "c1-1-1", false);
+  for (int i = 2; i <= 4; ++i) {
+    std::string gid = "c1-1-" + std::to_string(i);
+    f.open_branch(gid);
+    f.simple(gid, RequestKind::abort);
+    f.m->on_op_done(gid, OpKind::rollback, Fixture::ok(), f.now);
+    f.ready();
+  }
+  CHECK(f.m->view("c1-1-1", f.now).has_value());
+  CHECK_FALSE(f.m->view("c1-1-2", f.now).has_value());
+  Ready r = answer_ask(f, "c1-1-1", Outcome::abort);
+  REQUIRE(r.ops.size() == 1);
+  f.m->on_op_done("c1-1-1", OpKind::delete_state, Fixture::ok(), f.now);
+  // Settled: evictable again.
+  f.open_branch("c1-1-5");
+  f.simple("c1-1-5", RequestKind::abort);
+  f.m->on_op_done("c1-1-5", OpKind::rollback, Fixture::ok(), f.now);
+  CHECK_FALSE(f.m->view("c1-1-1", f.now).has_value());
 }
 
 TEST_CASE("requests queue behind the operation in flight, up to a limit") {
@@ -733,6 +973,18 @@ PeerQuery time_out(Fixture& f, const std::string& gid, int64_t timeout_ms) {
   return r.peer_queries[0];
 }
 
+// The decision taken alone: recorded first, then carried out; returns the op that carries it.
+PgOp decided_op(Fixture& f, const std::string& gid) {
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::put_state);
+  CHECK(r.ops[0].state.rfind("unilateral_", 0) == 0);
+  f.m->on_op_done(gid, OpKind::put_state, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  return r.ops[0];
+}
+
 }  // namespace
 
 TEST_CASE("3PC termination: a timed-out branch asks its peers before deciding") {
@@ -744,20 +996,17 @@ TEST_CASE("3PC termination: a timed-out branch asks its peers before deciding") 
 
   SUBCASE("a pre-committed peer means commit") {
     f.m->on_peer_states("c1-1-1", {{"a2", BranchState::precommitted}}, f.now);
-    Ready r = f.ready();
-    REQUIRE(r.ops.size() == 1);
-    CHECK(r.ops[0].kind == OpKind::commit_prepared);
-    CHECK(r.ops[0].clear_state);
+    PgOp op = decided_op(f, "c1-1-1");
+    CHECK(op.kind == OpKind::commit_prepared);
+    CHECK_FALSE(op.clear_state);  // the record is the check's now
   }
   SUBCASE("peers only prepared, or unreachable: a prepared branch aborts") {
     f.m->on_peer_states("c1-1-1", {{"a2", BranchState::prepared}}, f.now);
-    Ready r = f.ready();
-    REQUIRE(r.ops.size() == 1);
-    CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+    CHECK(decided_op(f, "c1-1-1").kind == OpKind::rollback_prepared);
   }
   SUBCASE("an aborted peer means abort") {
     f.m->on_peer_states("c1-1-1", {{"a2", BranchState::aborted}}, f.now);
-    CHECK(f.ready().ops[0].kind == OpKind::rollback_prepared);
+    CHECK(decided_op(f, "c1-1-1").kind == OpKind::rollback_prepared);
   }
   CHECK(f.m->counters().unilateral_commits + f.m->counters().unilateral_aborts == 1);
 }
@@ -774,11 +1023,11 @@ TEST_CASE("3PC termination: a pre-committed branch commits unless a peer aborted
   time_out(f, "c1-1-1", f.opts.commit_timeout_ms);
   SUBCASE("unreachable peers") {
     f.m->on_peer_states("c1-1-1", {{"a2", std::nullopt}}, f.now);
-    CHECK(f.ready().ops[0].kind == OpKind::commit_prepared);
+    CHECK(decided_op(f, "c1-1-1").kind == OpKind::commit_prepared);
   }
   SUBCASE("an aborted peer") {
     f.m->on_peer_states("c1-1-1", {{"a2", BranchState::aborted}}, f.now);
-    CHECK(f.ready().ops[0].kind == OpKind::rollback_prepared);
+    CHECK(decided_op(f, "c1-1-1").kind == OpKind::rollback_prepared);
   }
 }
 

@@ -193,6 +193,7 @@ void AgentService::run(Ready ready) {
   for (auto& gid : ready.cancels) cancel(gid);
   for (auto& gid : ready.enlists) enlist(gid);
   for (auto& gid : ready.asks) ask(gid);
+  for (auto& r : ready.reports) report(r);
   for (auto& r : ready.replies) reply(r);
 }
 
@@ -305,7 +306,27 @@ void AgentService::ask(const std::string& gid) {
   client_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
     std::string answer;
     Outcome o = decode_outcome_answer(res.http_status, res.body, res.status, &answer);
-    with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, clock_.now_ms()); });
+    std::optional<BranchState> recorded;
+    if (res.status.ok() && res.http_status == 200) recorded = decode_recorded_state(res.body, cfg_.machine.name);
+    with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, clock_.now_ms(), recorded); });
+  });
+}
+
+void AgentService::report(const Report& r) {
+  const std::string* base = coordinator_url(r.gid);
+  Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator configured"));
+  if (!url.ok() || TPC_FAILPOINT("agent.partition")) {
+    Status st = url.ok() ? unavailable("partitioned (failpoint)") : not_found(url.status().message());
+    with_machine([&](AgentMachine& m) { m.on_reported(r.gid, st, clock_.now_ms()); });
+    return;
+  }
+  HttpRequest req = coordinator_request("POST", "/v1/transactions/" + r.gid + "/heuristic");
+  req.body = dump(Json{{"participant", cfg_.machine.name}, {"state", r.committed ? "committed" : "aborted"}});
+  SendOptions opts;
+  opts.timeout_ms = cfg_.coordinator_timeout_ms;
+  client_.send(*url, std::move(req), opts, [this, gid = r.gid](HttpResult res) {
+    Status st = decode_report_answer(res.http_status, res.body, res.status);
+    with_machine([&](AgentMachine& m) { m.on_reported(gid, st, clock_.now_ms()); });
   });
 }
 
@@ -573,6 +594,7 @@ OpResult AgentService::execute(PgOp& op) {
     case OpKind::rollback_prepared:
     case OpKind::evidence:
     case OpKind::put_state:
+    case OpKind::delete_state:
     case OpKind::tombstone: {
       auto c = acquire();
       if (!c.ok()) return failed(c.status());
@@ -595,6 +617,9 @@ OpResult AgentService::execute(PgOp& op) {
         auto e = pg::evidence(*conn, pgg);
         if (!e.ok()) return failed(e.status());
         res.evidence = *e;
+      } else if (op.kind == OpKind::delete_state) {
+        Status st = pg::delete_state(*conn, pgg);
+        if (!st.ok()) return failed(st);
       } else {
         std::string detail = op.peers.empty() ? op.detail : encode_peers(op.peers);
         Status st = pg::put_state(*conn, pgg, op.state, detail);
@@ -634,8 +659,19 @@ Status AgentService::scan_once() {
     }
     entries.push_back(std::move(e));
   }
+  auto rows = pg::list_decided_states(**c, cfg_.machine.name);
+  if (!rows.ok()) return rows.status();
+  std::vector<AgentMachine::DecidedEntry> decided;
+  for (auto& row : *rows) {
+    auto gid = pg::global_gid(cfg_.machine.name, row.pg_gid);
+    auto rec = parse_check_record(row.state.state);
+    if (!gid || !rec) continue;
+    decided.push_back(AgentMachine::DecidedEntry{*gid, *rec, row.state.detail});
+  }
   release(std::move(*c));
-  with_machine([&](AgentMachine& m) { m.on_scan(std::move(entries), started, clock_.now_ms()); });
+  with_machine([&](AgentMachine& m) {
+    m.on_scan(std::move(entries), started, clock_.now_ms(), std::move(decided));
+  });
   return ok_status();
 }
 
@@ -875,13 +911,14 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
     r = decode_commit(req.body);
   else if (action == "resolve")
     r = decode_resolve(req.body);
-  else if (action == "precommit" || action == "abort" || action == "query") {
+  else if (action == "precommit" || action == "abort" || action == "query" || action == "forget") {
     auto o = parse_empty_object(req.body);
     if (!o.ok()) return respond(error_response(o.status()));
     Request q;
-    q.kind = action == "abort"   ? RequestKind::abort
-             : action == "query" ? RequestKind::status
-                                 : RequestKind::precommit;
+    q.kind = action == "abort"    ? RequestKind::abort
+             : action == "query"  ? RequestKind::status
+             : action == "forget" ? RequestKind::forget
+                                  : RequestKind::precommit;
     r = q;
   } else {
     return respond(error_response(not_found("no such action: " + echo(action))));
@@ -933,6 +970,14 @@ void AgentService::register_metrics() {
   counter("tpc_agent_heuristic_mismatch_total",
           "branch outcomes found to disagree with the coordinator's decision", {},
           [](const AgentCounters& c) { return c.heuristic_mismatch; });
+  counter("tpc_agent_heuristic_reports_total", "heuristic outcomes the coordinator recorded from this agent", {},
+          [](const AgentCounters& c) { return c.reports_sent; });
+  metrics_.gauge("tpc_agent_heuristic_outcomes",
+                 "branches whose outcome disagrees with the coordinator's, not yet forgotten by an operator "
+                 "(kept across restarts)", [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.heuristic_outcomes());
+                 });
   counter("tpc_agent_refused_total", "new branches refused past branches_max", {},
           [](const AgentCounters& c) { return c.refused_overload; });
   metrics_.gauge("tpc_agent_open_branches", "branches with an open session", [this] {

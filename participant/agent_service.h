@@ -96,6 +96,7 @@ class AgentService {
   void cancel(const std::string& gid);
   void query_peers(const PeerQuery& q);
   void ask(const std::string& gid);
+  void report(const Report& r);
   void reply(const Reply& r);
   template <class Fn>
   void with_machine(Fn&& fn);

@@ -182,6 +182,8 @@ Json encode_view(const BranchView& v) {
   if (v.recovered) j["recovered"] = true;
   if (v.unilateral) j["unilateral"] = true;
   if (v.heuristic) j["heuristic"] = true;
+  if (v.check != Check::none) j["check"] = std::string(check_name(v.check));
+  if (v.report_pending) j["report_pending"] = true;
   if (v.busy) j["busy"] = true;
   if (v.asks > 0) j["asks"] = v.asks;
   if (!v.last_answer.empty()) j["coordinator_answer"] = v.last_answer;
@@ -282,6 +284,34 @@ Outcome decode_outcome_answer(int http_status, std::string_view body, const Stat
   if (decision == "abort") return Outcome::abort;
   if (state == "active" || state == "preparing") return Outcome::pending;
   return Outcome::unknown;
+}
+
+std::optional<BranchState> decode_recorded_state(std::string_view body, std::string_view participant) {
+  auto j = parse_json(body);
+  if (!j.ok() || !j->is_object()) return std::nullopt;
+  auto branches = j->find("branches");
+  if (branches == j->end() || !branches->is_array()) return std::nullopt;
+  for (const Json& b : *branches) {
+    if (!b.is_object()) continue;
+    auto name = b.find("participant");
+    auto state = b.find("state");
+    if (name == b.end() || !name->is_string() || *name != participant) continue;
+    if (state == b.end() || !state->is_string()) return std::nullopt;
+    return parse_external_state(state->get<std::string>());
+  }
+  return std::nullopt;
+}
+
+Status decode_report_answer(int http_status, std::string_view body, const Status& transport) {
+  if (!transport.ok()) return unavailable(transport.to_string());
+  if (http_status == 200) return ok_status();
+  std::string message = "HTTP " + std::to_string(http_status);
+  if (auto j = parse_json(body); j.ok() && j->is_object() && j->contains("error"))
+    if (const Json& e = (*j)["error"]; e.is_object() && e.contains("message") && e["message"].is_string())
+      message += ": " + e["message"].get<std::string>();
+  if (http_status == 404) return not_found(message);
+  if (http_status == 400 || http_status == 422) return invalid_argument(message);
+  return unavailable(message);
 }
 
 }  // namespace tpc::agent

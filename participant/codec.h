@@ -41,5 +41,11 @@ Status decode_enlist_answer(int http_status, std::string_view body, const Status
 // The coordinator's answer to GET /v1/transactions/{gid}.
 Outcome decode_outcome_answer(int http_status, std::string_view body, const Status& transport,
                               std::string* answer);
+// The state the coordinator's view (the same answer) records for `participant`'s branch;
+// nullopt when it lists none.
+std::optional<BranchState> decode_recorded_state(std::string_view body, std::string_view participant);
+// The coordinator's answer to a heuristic report: ok, not_found or invalid_argument (it will
+// never take it), anything else unavailable (report again later).
+Status decode_report_answer(int http_status, std::string_view body, const Status& transport);
 
 }  // namespace tpc::agent

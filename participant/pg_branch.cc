@@ -594,6 +594,25 @@ Result<int64_t> purge_stale_states(PgConn& c, std::string_view agent, int64_t ol
   return r.result.affected;
 }
 
+Result<std::vector<StateRow>> list_decided_states(PgConn& c, std::string_view agent) {
+  ExecResult r = c.exec(
+      "SELECT s.pg_gid, s.state, coalesce(s.detail, '') FROM tpc_agent_state s "
+      "WHERE left(s.pg_gid, length($1::text)) = $1::text "
+      "AND s.state NOT IN ('prepared3', 'precommitted') "
+      "AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.gid = s.pg_gid) "
+      "ORDER BY s.updated_at, s.pg_gid",
+      {agent_prefix(agent)});
+  if (!r.status.ok()) return with_sqlstate(r, "listing tpc_agent_state");
+  std::vector<StateRow> out;
+  out.reserve(r.result.rows.size());
+  for (const auto& row : r.result.rows) {
+    TPC_ASSERT(row.size() == 3);
+    if (!row[0] || !row[1]) return internal_error("tpc_agent_state: NULL gid or state");
+    out.push_back(StateRow{*row[0], AgentState{*row[1], row[2].value_or("")}});
+  }
+  return out;
+}
+
 Result<Outcome> put_tombstone(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                               int64_t epoch, int64_t seq) {
   // The insert waits on the primary key for a branch committing this very gid right now, so

@@ -170,5 +170,12 @@ Result<std::optional<AgentState>> read_state(PgConn& c, std::string_view pg_gid)
 // transaction is no longer prepared (left behind by a crash between the row and PREPARE, or
 // between COMMIT PREPARED and the row's removal).
 Result<int64_t> purge_stale_states(PgConn& c, std::string_view agent, int64_t older_than_s);
+// This agent's tpc_agent_state rows other than the 3PC ones ("prepared3", "precommitted")
+// whose transaction is no longer prepared: decisions taken at the agent, kept until settled.
+struct StateRow {
+  std::string pg_gid;
+  AgentState state;
+};
+Result<std::vector<StateRow>> list_decided_states(PgConn& c, std::string_view agent);
 
 }  // namespace tpc::pg

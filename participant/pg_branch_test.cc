@@ -742,6 +742,34 @@ TEST_CASE("agent state is upserted, read back and deleted") {
   CHECK(db.prepared_here() == 0);
 }
 
+TEST_CASE("decided states list this agent's local decisions whose transaction is not prepared") {
+  TestDb db(shared_cluster());
+  PgConn& c = *db.conn;
+  exec_ok(c, "CREATE TABLE t(v int)");
+  const std::string settled = pg_gid("a1", "c1-7-1"), pending = pg_gid("a1", "c1-7-2");
+  // Other agents' rows are not this agent's, whatever their names share.
+  const std::string three = pg_gid("a1", "c1-7-3"), other = pg_gid("a1_x", "c1-7-4");
+  const std::string like = pg_gid("a", "c1-7-5");
+  REQUIRE(put_state(c, settled, "mismatch_commit", "resolved by an operator").ok());
+  REQUIRE(put_state(c, three, "prepared3", "[]").ok());
+  REQUIRE(put_state(c, other, "reported_abort", "").ok());
+  REQUIRE(put_state(c, like, "reported_abort", "").ok());
+  // Recorded, still prepared: the scan of prepared transactions handles it, not this list.
+  begin_writing(c, 1);
+  REQUIRE(put_state(*db.connect(), pending, "heuristic_commit", "").ok());
+  REQUIRE(prepare_ok(c, pending, 1).vote == Vote::yes);
+
+  auto rows = list_decided_states(c, "a1");
+  REQUIRE_MESSAGE(rows.ok(), rows.status().to_string());
+  REQUIRE(rows->size() == 1);
+  CHECK((*rows)[0].pg_gid == settled);
+  CHECK((*rows)[0].state.state == "mismatch_commit");
+  CHECK((*rows)[0].state.detail == "resolved by an operator");
+  REQUIRE(rollback_prepared(c, pending).ok());
+  CHECK(list_decided_states(c, "a1")->size() == 2);
+  CHECK(db.prepared_here() == 0);
+}
+
 // Not run by default (--no-skip runs it): prints the time of prepare + commit_prepared.
 TEST_CASE("timing of a prepare and commit_prepared round" * doctest::skip()) {
   TestDb db(shared_cluster());

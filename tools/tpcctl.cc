@@ -4,7 +4,8 @@
 //   tpcctl --coordinator URL show GID                       one transaction
 //   tpcctl --coordinator URL in-doubt                       decided but unfinished, heuristic
 //   tpcctl --coordinator URL resolve GID commit|abort       operator decision (heuristic)
-//   tpcctl --agent URL list|show GID|in-doubt|resolve GID commit|abort
+//   tpcctl --coordinator URL forget GID                     clear a heuristic outcome
+//   tpcctl --agent URL list|show GID|in-doubt|resolve GID commit|abort|forget GID
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -93,7 +94,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (c.flag("help")) {
-    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve GID commit|abort>\n"
+    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve GID commit|abort|forget GID>\n"
               << tpc::Config::usage(spec);
     return 0;
   }
@@ -104,7 +105,7 @@ int main(int argc, char** argv) {
   auto timeout = c.get_int("timeout-ms", 1, 3'600'000);
   if (!timeout.ok()) return tpc::fail(kProgram, timeout.status().message(), 2);
   const auto& args = c.positional();
-  if (args.empty()) return tpc::fail(kProgram, "missing command: list, show GID, in-doubt or resolve GID commit|abort", 2);
+  if (args.empty()) return tpc::fail(kProgram, "missing command: list, show GID, in-doubt, resolve GID commit|abort or forget GID", 2);
   const std::string& cmd = args[0];
   std::string collection = coordinator ? "transactions" : "branches";
 
@@ -124,6 +125,10 @@ int main(int argc, char** argv) {
     method = "POST";
     target = "/v1/" + collection + "/" + args[1] + "/resolve";
     body = tpc::dump(tpc::Json{{"outcome", args[2]}});
+  } else if (cmd == "forget" && args.size() == 2) {
+    method = "POST";
+    target = "/v1/" + collection + "/" + args[1] + "/forget";
+    body = "{}";
   } else {
     return tpc::fail(kProgram, "unknown command or wrong arguments: \"" + cmd + "\" (see --help)", 2);
   }
@@ -134,7 +139,7 @@ int main(int argc, char** argv) {
   auto j = tpc::parse_json(res.body);
   if (!j.ok()) return tpc::fail(kProgram, "the answer is not JSON (HTTP " + std::to_string(res.http_status) + ")");
   bool ok = res.http_status >= 200 && res.http_status < 300;
-  if (c.flag("json") || cmd == "show" || cmd == "resolve" || !ok) {
+  if (c.flag("json") || cmd == "show" || cmd == "resolve" || cmd == "forget" || !ok) {
     std::cout << j->dump(2) << "\n";
   } else if (coordinator) {
     const tpc::Json& rows = (*j)["transactions"];
@@ -145,7 +150,8 @@ int main(int argc, char** argv) {
   } else {
     const tpc::Json& rows = (*j)["branches"];
     print_table(rows, {{"gid", "GID"}, {"state", "STATE"}, {"protocol", "PROTOCOL"}, {"age_ms", "AGE_MS"},
-                       {"asks", "ASKS"}, {"coordinator_answer", "COORDINATOR"}, {"reason", "REASON"}},
+                       {"check", "CHECK"}, {"asks", "ASKS"}, {"coordinator_answer", "COORDINATOR"},
+                       {"reason", "REASON"}},
                 false);
   }
   if (!ok) {
