@@ -42,13 +42,7 @@ int64_t steady_ms() {
       .count();
 }
 
-double metric(Testbed& t, const std::string& name) {
-  Http m = t.coord("GET", "/metrics");
-  REQUIRE(m.status == 200);
-  auto at = m.raw.find("\n" + name + " ");
-  REQUIRE_MESSAGE(at != std::string::npos, name << " missing");
-  return std::stod(m.raw.substr(at + name.size() + 2));
-}
+double metric(Testbed& t, const std::string& name) { return t.coord("GET", "/metrics").metric(name); }
 
 }  // namespace
 

@@ -18,13 +18,7 @@ bool in_doubt_lists(Testbed& t, const std::string& gid) {
   return false;
 }
 
-double gauge(Testbed& t, const std::string& name) {
-  Http m = t.coord("GET", "/metrics");
-  REQUIRE(m.status == 200);
-  auto at = m.raw.find("\n" + name + " ");
-  REQUIRE_MESSAGE(at != std::string::npos, name << " missing");
-  return std::stod(m.raw.substr(at + name.size() + 2));
-}
+double gauge(Testbed& t, const std::string& name) { return t.coord("GET", "/metrics").metric(name); }
 
 Http report_once(Testbed& t, const std::string& gid, const std::string& participant,
                  const std::string& state) {

@@ -30,6 +30,22 @@ int run(const std::vector<std::string>& argv, std::string* output, int64_t timeo
   return code;
 }
 
+// The agent's in-doubt entry for gid, or null.
+Json agent_in_doubt(Testbed& t, int i, const std::string& gid) {
+  Http r = t.agent(i, "GET", "/v1/in-doubt");
+  REQUIRE(r.status == 200);
+  for (auto& b : r.body["branches"])
+    if (b["gid"] == gid) return b;
+  return Json();
+}
+
+std::optional<std::string> agent_record(Testbed& t, int i, const std::string& gid) {
+  auto rec = query_value(t.conninfo(i), "SELECT max(state) FROM tpc_agent_state WHERE pg_gid = 'tpc:" +
+                                            Testbed::agent_name(i) + ":" + gid + "'");
+  REQUIRE_MESSAGE(rec.ok(), rec.status().to_string());
+  return *rec;
+}
+
 int count_lines(const std::string& s) {
   int n = 0;
   for (char c : s) n += c == '\n';
@@ -201,9 +217,14 @@ TEST_CASE("an operator resolves in-doubt branches with tpcctl while the coordina
   auto rec = query_value(t.conninfo(0), "SELECT state FROM tpc_agent_state WHERE pg_gid = 'tpc:a0:" + gid + "'");
   REQUIRE(rec.ok());
   CHECK(rec->value_or("") == "heuristic_commit");
-  // The coordinator comes back, re-drives its commit decision, and agrees.
+  // The coordinator comes back, re-drives its commit decision, and agrees: the agents' checks
+  // are settled and their records removed.
   t.start_coordinator();
   CHECK(t.wait_state(gid, "committed"));
+  CHECK(eventually([&] {
+    return !agent_record(t, 0, gid).has_value() && agent_in_doubt(t, 0, gid).is_null() &&
+           agent_in_doubt(t, 1, gid).is_null();
+  }, 20'000));
   CHECK(t.balance(0, 1) == 900);
   CHECK(t.balance(1, 1) == 1100);
   t.check_invariants();
@@ -234,6 +255,59 @@ TEST_CASE("branches resolved against the decision are reported as heuristic_mixe
   // The operator's mistake moved money one-sidedly; nothing is left prepared.
   CHECK(eventually([&] { return t.prepared(0) == 0 && t.prepared(1) == 0; }, 10'000));
   CHECK(t.total() == Testbed::kTotal - 100);
+}
+
+TEST_CASE("a resolve by hand against a presumed abort is reported on both sides until forgotten") {
+  Testbed& t = Testbed::fresh();
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -100).status == 200);
+  REQUIRE(t.move(1, gid, 1, 100).status == 200);
+  Http vote = t.agent(0, "POST", "/v1/branches/" + gid + "/prepare", "{}");
+  REQUIRE_MESSAGE(vote.status == 200, vote.describe());
+  // The coordinator dies before any decision; an operator commits the prepared branch by hand.
+  t.stop_coordinator(SIGKILL);
+  std::string out, ctl = bin_dir() + "/tpcctl";
+  REQUIRE(run({ctl, "--agent", t.agent_url(0).to_string(), "resolve", gid, "commit"}, &out) == 0);
+  CHECK(agent_record(t, 0, gid) == std::optional<std::string>("heuristic_commit"));
+  // The agent restarts before it could check: the record brings the check back.
+  t.stop_agent(0, SIGKILL);
+  t.start_agent(0);
+  CHECK(agent_in_doubt(t, 0, gid)["check"] == "unchecked");
+
+  // The coordinator comes back with no record of the transaction: presumed abort.
+  t.start_coordinator();
+  INFO(t.logs());
+  CHECK(t.wait_log(t.agent_process(0), "heuristic outcome: the branch was decided here against the coordinator"));
+  CHECK(eventually([&] { return agent_in_doubt(t, 0, gid)["check"] == "reported"; }, 20'000));
+  CHECK(eventually([&] { return agent_record(t, 0, gid) == std::optional<std::string>("reported_commit"); }, 10'000));
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_outcomes") == 1);
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_mismatch_total") == 1);
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_reports_total") == 1);
+  // The coordinator recorded the report: its own in-doubt, gauge and state say so.
+  CHECK(t.get(gid).state() == "heuristic_mixed");
+  CHECK(t.coord("GET", "/metrics").metric("tpc_coordinator_heuristic_outcomes") == 1);
+  CHECK(run({ctl, "--coordinator", t.coordinator_url().to_string(), "in-doubt"}, &out) == 0);
+  CHECK(out.find(gid) != std::string::npos);
+  CHECK(t.total() == Testbed::kTotal - 100);  // the debit the operator's commit kept
+
+  // Both sides keep it across restarts.
+  t.stop_agent(0, SIGKILL);
+  t.start_agent(0);
+  CHECK(agent_in_doubt(t, 0, gid)["check"] == "reported");
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_outcomes") == 1);
+
+  // The operator repairs the money and forgets it on both sides.
+  CHECK(run({ctl, "--agent", t.agent_url(0).to_string(), "forget", gid}, &out) == 0);
+  CHECK(run({ctl, "--coordinator", t.coordinator_url().to_string(), "forget", gid}, &out) == 0);
+  CHECK(agent_in_doubt(t, 0, gid).is_null());
+  CHECK_FALSE(agent_record(t, 0, gid).has_value());
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_outcomes") == 0);
+  CHECK(t.get(gid).state() == "aborted");
+  CHECK(run({ctl, "--agent", t.agent_url(0).to_string(), "forget", gid}, &out) != 0);
+  t.stop_agent(0, SIGKILL);
+  t.start_agent(0);
+  CHECK(agent_in_doubt(t, 0, gid).is_null());
+  CHECK(t.prepared(0) + t.prepared(1) == 0);
 }
 
 TEST_CASE("outcomes past the retention window are reported as forgotten, never guessed") {

@@ -34,6 +34,13 @@ std::string Http::describe() const {
   return "HTTP " + std::to_string(status) + " " + raw;
 }
 
+double Http::metric(const std::string& name) const {
+  REQUIRE_MESSAGE(status == 200, describe());
+  auto at = raw.find("\n" + name + " ");
+  REQUIRE_MESSAGE(at != std::string::npos, name << " missing");
+  return std::stod(raw.substr(at + name.size() + 2));
+}
+
 Testbed& Testbed::fresh(const Options& opts) {
   static Testbed* bed = nullptr;
   static std::unique_ptr<Testbed> owner;

@@ -27,6 +27,8 @@ struct Http {
 
   std::string state() const;  // body["state"] or ""
   std::string describe() const;  // "HTTP 409 {...}" for failure messages
+  // The value of an unlabelled sample in a /metrics answer; fails the test when absent.
+  double metric(const std::string& name) const;
 };
 
 class Testbed {
