@@ -296,7 +296,8 @@ void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
         return;
       }
       case RequestKind::forget:
-        reply_error(req, not_found("no branch " + std::string(gid) + " in memory; nothing to forget"));
+        reply_error(req,
+                    not_found("no branch " + std::string(gid) + " in memory; nothing to forget"));
         return;
       case RequestKind::record: return;  // the branch is gone, and its record with it
       case RequestKind::status:
@@ -556,8 +557,10 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
     case RequestKind::forget: {
       bool outcome_kept = b.check != Check::none || b.heuristic || b.unilateral || b.report_pending;
       if (!final_state(s) || !outcome_kept) {
-        reply_error(req, conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
-                                  " with no heuristic outcome to forget"), &b);
+        reply_error(req,
+                    conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                             " with no heuristic outcome to forget"),
+                    &b);
         return;
       }
       if (b.recorded.empty()) {
@@ -600,8 +603,9 @@ void AgentMachine::resolve_prepared(Branch& b, Request req) {
 }
 
 void AgentMachine::apply_forget(Branch& b, int64_t now_ms) {
-  log_.warn("heuristic outcome forgotten by an operator",
-            {{"gid", b.gid}, {"state", branch_state_name(b.state)}, {"check", check_name(b.check)}});
+  log_.warn(
+      "heuristic outcome forgotten by an operator",
+      {{"gid", b.gid}, {"state", branch_state_name(b.state)}, {"check", check_name(b.check)}});
   b.heuristic = false;
   b.unilateral = false;
   b.report_pending = false;
@@ -869,8 +873,9 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         // asked for does not, so it is reported.
         b.heuristic = true;
         ++counters_.heuristic_mismatch;
-        log_.error(committed ? "heuristic outcome: asked to abort a branch that had committed"
-                             : "heuristic outcome: asked to commit a branch that had been rolled back",
+        log_.error(committed
+                       ? "heuristic outcome: asked to abort a branch that had committed"
+                       : "heuristic outcome: asked to commit a branch that had been rolled back",
                    {{"gid", b.gid}});
         set_check(b, req.id != 0 ? Check::reported : Check::mismatch, now_ms);
       }
@@ -902,7 +907,10 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
       }
       if (req.kind == RequestKind::resolve) {
         if (!st.ok()) {
-          reply_error(req, unavailable("cannot record the decision, so nothing was changed: " + st.message()), &b);
+          reply_error(
+              req,
+              unavailable("cannot record the decision, so nothing was changed: " + st.message()),
+              &b);
           return;
         }
         b.recorded = check_record_state(Check::unchecked, !req.alone, req.commit);
@@ -917,7 +925,8 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         log_.warn("cannot write the branch's decision record; retrying",
                   {{"gid", b.gid}, {"error", st.message()}});
         b.next_record_ms = now_ms + opts_.ask_min_ms;
-        reply_error(req, unavailable("cannot write the branch's decision record: " + st.message()), &b);
+        reply_error(req, unavailable("cannot write the branch's decision record: " + st.message()),
+                    &b);
         track_live(b);
         return;
       }
@@ -939,7 +948,9 @@ void AgentMachine::correct_coordinator(Branch& b, int64_t now_ms) {
   std::optional<BranchState> said = std::exchange(b.coordinator_recorded, std::nullopt);
   if (!said || !final_state(*said) || *said == b.state || b.report_pending) return;
   log_.warn("the coordinator's record of this branch is wrong; reporting the true outcome",
-            {{"gid", b.gid}, {"recorded", branch_state_name(*said)}, {"branch", branch_state_name(b.state)}});
+            {{"gid", b.gid},
+             {"recorded", branch_state_name(*said)},
+             {"branch", branch_state_name(b.state)}});
   b.report_pending = true;
   b.next_report_ms = now_ms;
   track_live(b);
@@ -961,7 +972,8 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
   bool decided = outcome == Outcome::commit || outcome == Outcome::abort;
   if (final_state(b.state)) {
     if (b.check == Check::unchecked && decided) {
-      check_against_coordinator(b, outcome == Outcome::commit, recorded && *recorded == b.state, now_ms);
+      check_against_coordinator(b, outcome == Outcome::commit, recorded && *recorded == b.state,
+                                now_ms);
       pump(b, now_ms);
     }
     return;
@@ -1084,8 +1096,8 @@ void AgentMachine::on_reported(std::string_view gid, Status status, int64_t now_
   Branch& b = *bp;
   b.reporting = false;
   ++b.reports;
-  bool settled = status.ok() || status.code() == Code::not_found ||
-                 status.code() == Code::invalid_argument;
+  bool settled =
+      status.ok() || status.code() == Code::not_found || status.code() == Code::invalid_argument;
   if (!settled) {
     int shift = static_cast<int>(std::min<uint32_t>(b.reports - 1, 16));
     b.next_report_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
@@ -1179,7 +1191,8 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
 // record (after a restart). A branch in memory knows more than its record.
 void AgentMachine::load_decided(const DecidedEntry& d, int64_t now_ms) {
   if (find(d.gid) || d.record.check == Check::none) return;
-  Branch& b = create(d.gid, d.record.committed ? BranchState::committed : BranchState::aborted, now_ms);
+  Branch& b =
+      create(d.gid, d.record.committed ? BranchState::committed : BranchState::aborted, now_ms);
   b.recovered = true;
   b.recorded = check_record_state(d.record.check, d.record.operator_decision, d.record.committed);
   b.check_detail = d.detail;

@@ -60,7 +60,13 @@ std::string_view external_state_name(BranchState s);
 std::optional<BranchState> parse_external_state(std::string_view s);
 
 enum class RequestKind : uint8_t {
-  exec, prepare, precommit, commit, abort, resolve, status,
+  exec,
+  prepare,
+  precommit,
+  commit,
+  abort,
+  resolve,
+  status,
   forget,  // an operator clears a heuristic outcome (HTTP)
   record,  // internal: write the branch's local-decision record
 };
@@ -201,8 +207,8 @@ struct Ready {
   std::vector<std::string> cancels;  // gids whose running statement to cancel
   std::vector<Reply> replies;
   bool empty() const {
-    return ops.empty() && reports.empty() && peer_queries.empty() && enlists.empty() && asks.empty() &&
-           cancels.empty() && replies.empty();
+    return ops.empty() && reports.empty() && peer_queries.empty() && enlists.empty() &&
+           asks.empty() && cancels.empty() && replies.empty();
   }
 };
 
@@ -250,7 +256,7 @@ struct AgentCounters {
   uint64_t unilateral_aborts = 0;
   uint64_t heuristic_mismatch = 0;  // a decision taken alone or by hand met a different one
   uint64_t refused_overload = 0;
-  uint64_t reports_sent = 0;        // heuristic outcomes the coordinator accepted
+  uint64_t reports_sent = 0;  // heuristic outcomes the coordinator accepted
 };
 
 class AgentMachine {
@@ -323,13 +329,13 @@ class AgentMachine {
     bool unilateral = false;
     bool heuristic = false;
     Check check = Check::none;
-    std::string recorded;          // the tpc_agent_state text written for the check
-    std::string check_detail;      // who decided, and why
-    bool report_pending = false;   // the coordinator's record of this branch is wrong
+    std::string recorded;         // the tpc_agent_state text written for the check
+    std::string check_detail;     // who decided, and why
+    bool report_pending = false;  // the coordinator's record of this branch is wrong
     bool reporting = false;
     int64_t next_report_ms = 0;
     uint32_t reports = 0;
-    int64_t next_record_ms = 0;    // a failed record write is retried from here
+    int64_t next_record_ms = 0;                       // a failed record write is retried from here
     std::optional<BranchState> coordinator_recorded;  // this branch in the coordinator's last view
     int64_t created_ms = 0;
     int64_t last_activity_ms = 0;
@@ -395,7 +401,7 @@ class AgentMachine {
   // branches.
   std::set<std::string, std::less<>> live_;
   std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
-  std::set<std::string, std::less<>> disagreements_;    // check mismatch or reported
+  std::set<std::string, std::less<>> disagreements_;     // check mismatch or reported
   uint64_t next_serial_ = 1;
   size_t open_sessions_ = 0;
   Ready ready_;

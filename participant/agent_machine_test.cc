@@ -1,12 +1,12 @@
 // Unit tests of the agent's branch state machine: every transition, the refused ones, the
 // in-doubt resolver and the 3PC timeouts, with PostgreSQL and the coordinator played by the
 // test through OpResults and outcomes.
+#include "participant/agent_machine.h"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <memory>
-
-#include "participant/agent_machine.h"
 
 using namespace tpc;
 using namespace tpc::agent;
@@ -627,7 +627,8 @@ TEST_CASE("operator resolve: records the decision, then rolls back the prepared 
   REQUIRE(ready.ops.size() == 1);
   CHECK(ready.ops[0].kind == OpKind::rollback_prepared);
   CHECK(ready.replies.empty());
-  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
+  f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted),
+                  f.now);
   ready = f.ready();
   REQUIRE(ready.replies.size() == 1);
   CHECK(ready.replies[0].http_status == 200);
@@ -672,7 +673,8 @@ void resolve_by_hand(Fixture& f, const std::string& gid, bool commit) {
   f.m->on_op_done(gid, OpKind::put_state, Fixture::ok(), f.now);
   REQUIRE(f.ready().ops.size() == 1);
   OpKind k = commit ? OpKind::commit_prepared : OpKind::rollback_prepared;
-  f.m->on_op_done(gid, k, Fixture::outcome(commit ? pg::Outcome::committed : pg::Outcome::aborted), f.now);
+  f.m->on_op_done(gid, k, Fixture::outcome(commit ? pg::Outcome::committed : pg::Outcome::aborted),
+                  f.now);
   REQUIRE(f.ready().replies.size() == 1);
 }
 
@@ -783,15 +785,17 @@ TEST_CASE("the coordinator's own request meeting a decision by hand needs no rep
 
 TEST_CASE("decisions taken here come back from their records after a restart") {
   Fixture f;
-  f.m->on_scan({{"c1-1-1", 5'000, std::string("heuristic_commit")}}, f.now, f.now,
-               {{"c1-1-2", {Check::mismatch, true, false}, "resolved by an operator"},
-                {"c1-1-3", {Check::reported, true, true}, "resolved by an operator"},
-                {"c1-1-4", {Check::unchecked, false, true}, "3PC decided without the coordinator"}});
+  f.m->on_scan(
+      {{"c1-1-1", 5'000, std::string("heuristic_commit")}}, f.now, f.now,
+      {{"c1-1-2", {Check::mismatch, true, false}, "resolved by an operator"},
+       {"c1-1-3", {Check::reported, true, true}, "resolved by an operator"},
+       {"c1-1-4", {Check::unchecked, false, true}, "3PC decided without the coordinator"}});
   // Recorded but not carried out: carried out now, without writing the record again.
   Ready r = f.ready();
   REQUIRE(r.ops.size() == 1);
   CHECK(r.ops[0].kind == OpKind::commit_prepared);
-  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed),
+                  f.now);
   CHECK(f.ready().ops.empty());
   CHECK(f.state("c1-1-1") == BranchState::committed);
   CHECK(f.state("c1-1-2") == BranchState::aborted);
@@ -818,7 +822,8 @@ TEST_CASE("a branch the coordinator's view records wrongly reports its true outc
   f.m->on_outcome("c1-1-1", Outcome::commit, "heuristic_mixed", f.now, BranchState::aborted);
   Ready r = f.ready();
   REQUIRE(r.ops.size() == 1);
-  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed),
+                  f.now);
   f.m->tick(f.now);
   r = f.ready();
   REQUIRE(r.reports.size() == 1);

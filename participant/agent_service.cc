@@ -307,7 +307,8 @@ void AgentService::ask(const std::string& gid) {
     std::string answer;
     Outcome o = decode_outcome_answer(res.http_status, res.body, res.status, &answer);
     std::optional<BranchState> recorded;
-    if (res.status.ok() && res.http_status == 200) recorded = decode_recorded_state(res.body, cfg_.machine.name);
+    if (res.status.ok() && res.http_status == 200)
+      recorded = decode_recorded_state(res.body, cfg_.machine.name);
     with_machine([&](AgentMachine& m) { m.on_outcome(gid, o, answer, clock_.now_ms(), recorded); });
   });
 }
@@ -316,12 +317,14 @@ void AgentService::report(const Report& r) {
   const std::string* base = coordinator_url(r.gid);
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator configured"));
   if (!url.ok() || TPC_FAILPOINT("agent.partition")) {
-    Status st = url.ok() ? unavailable("partitioned (failpoint)") : not_found(url.status().message());
+    Status st =
+        url.ok() ? unavailable("partitioned (failpoint)") : not_found(url.status().message());
     with_machine([&](AgentMachine& m) { m.on_reported(r.gid, st, clock_.now_ms()); });
     return;
   }
   HttpRequest req = coordinator_request("POST", "/v1/transactions/" + r.gid + "/heuristic");
-  req.body = dump(Json{{"participant", cfg_.machine.name}, {"state", r.committed ? "committed" : "aborted"}});
+  req.body = dump(
+      Json{{"participant", cfg_.machine.name}, {"state", r.committed ? "committed" : "aborted"}});
   SendOptions opts;
   opts.timeout_ms = cfg_.coordinator_timeout_ms;
   client_.send(*url, std::move(req), opts, [this, gid = r.gid](HttpResult res) {
@@ -970,14 +973,17 @@ void AgentService::register_metrics() {
   counter("tpc_agent_heuristic_mismatch_total",
           "branch outcomes found to disagree with the coordinator's decision", {},
           [](const AgentCounters& c) { return c.heuristic_mismatch; });
-  counter("tpc_agent_heuristic_reports_total", "heuristic outcomes the coordinator recorded from this agent", {},
+  counter("tpc_agent_heuristic_reports_total",
+          "heuristic outcomes the coordinator recorded from this agent", {},
           [](const AgentCounters& c) { return c.reports_sent; });
-  metrics_.gauge("tpc_agent_heuristic_outcomes",
-                 "branches whose outcome disagrees with the coordinator's, not yet forgotten by an operator "
-                 "(kept across restarts)", [this] {
-                   std::lock_guard lock(mu_);
-                   return static_cast<double>(machine_.heuristic_outcomes());
-                 });
+  metrics_.gauge(
+      "tpc_agent_heuristic_outcomes",
+      "branches whose outcome disagrees with the coordinator's, not yet forgotten by an operator "
+      "(kept across restarts)",
+      [this] {
+        std::lock_guard lock(mu_);
+        return static_cast<double>(machine_.heuristic_outcomes());
+      });
   counter("tpc_agent_refused_total", "new branches refused past branches_max", {},
           [](const AgentCounters& c) { return c.refused_overload; });
   metrics_.gauge("tpc_agent_open_branches", "branches with an open session", [this] {

@@ -286,7 +286,8 @@ Outcome decode_outcome_answer(int http_status, std::string_view body, const Stat
   return Outcome::unknown;
 }
 
-std::optional<BranchState> decode_recorded_state(std::string_view body, std::string_view participant) {
+std::optional<BranchState> decode_recorded_state(std::string_view body,
+                                                 std::string_view participant) {
   auto j = parse_json(body);
   if (!j.ok() || !j->is_object()) return std::nullopt;
   auto branches = j->find("branches");
@@ -307,7 +308,8 @@ Status decode_report_answer(int http_status, std::string_view body, const Status
   if (http_status == 200) return ok_status();
   std::string message = "HTTP " + std::to_string(http_status);
   if (auto j = parse_json(body); j.ok() && j->is_object() && j->contains("error"))
-    if (const Json& e = (*j)["error"]; e.is_object() && e.contains("message") && e["message"].is_string())
+    if (const Json& e = (*j)["error"];
+        e.is_object() && e.contains("message") && e["message"].is_string())
       message += ": " + e["message"].get<std::string>();
   if (http_status == 404) return not_found(message);
   if (http_status == 400 || http_status == 422) return invalid_argument(message);

@@ -43,7 +43,8 @@ Outcome decode_outcome_answer(int http_status, std::string_view body, const Stat
                               std::string* answer);
 // The state the coordinator's view (the same answer) records for `participant`'s branch;
 // nullopt when it lists none.
-std::optional<BranchState> decode_recorded_state(std::string_view body, std::string_view participant);
+std::optional<BranchState> decode_recorded_state(std::string_view body,
+                                                 std::string_view participant);
 // The coordinator's answer to a heuristic report: ok, not_found or invalid_argument (it will
 // never take it), anything else unavailable (report again later).
 Status decode_report_answer(int http_status, std::string_view body, const Status& transport);

@@ -94,7 +94,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (c.flag("help")) {
-    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve GID commit|abort|forget GID>\n"
+    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve "
+                 "GID commit|abort|forget GID>\n"
               << tpc::Config::usage(spec);
     return 0;
   }
@@ -105,7 +106,10 @@ int main(int argc, char** argv) {
   auto timeout = c.get_int("timeout-ms", 1, 3'600'000);
   if (!timeout.ok()) return tpc::fail(kProgram, timeout.status().message(), 2);
   const auto& args = c.positional();
-  if (args.empty()) return tpc::fail(kProgram, "missing command: list, show GID, in-doubt, resolve GID commit|abort or forget GID", 2);
+  if (args.empty())
+    return tpc::fail(
+        kProgram,
+        "missing command: list, show GID, in-doubt, resolve GID commit|abort or forget GID", 2);
   const std::string& cmd = args[0];
   std::string collection = coordinator ? "transactions" : "branches";
 
@@ -149,9 +153,15 @@ int main(int argc, char** argv) {
       print_table(rows, {{"gid", "GID"}, {"protocol", "PROTOCOL"}, {"state", "STATE"}, {"reason", "REASON"}}, true);
   } else {
     const tpc::Json& rows = (*j)["branches"];
-    print_table(rows, {{"gid", "GID"}, {"state", "STATE"}, {"protocol", "PROTOCOL"}, {"age_ms", "AGE_MS"},
-                       {"check", "CHECK"}, {"asks", "ASKS"}, {"coordinator_answer", "COORDINATOR"},
-                       {"reason", "REASON"}},
+    print_table(rows,
+                {{"gid", "GID"},
+                 {"state", "STATE"},
+                 {"protocol", "PROTOCOL"},
+                 {"age_ms", "AGE_MS"},
+                 {"check", "CHECK"},
+                 {"asks", "ASKS"},
+                 {"coordinator_answer", "COORDINATOR"},
+                 {"reason", "REASON"}},
                 false);
   }
   if (!ok) {

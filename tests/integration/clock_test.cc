@@ -42,7 +42,9 @@ int64_t steady_ms() {
       .count();
 }
 
-double metric(Testbed& t, const std::string& name) { return t.coord("GET", "/metrics").metric(name); }
+double metric(Testbed& t, const std::string& name) {
+  return t.coord("GET", "/metrics").metric(name);
+}
 
 }  // namespace
 

@@ -18,7 +18,9 @@ bool in_doubt_lists(Testbed& t, const std::string& gid) {
   return false;
 }
 
-double gauge(Testbed& t, const std::string& name) { return t.coord("GET", "/metrics").metric(name); }
+double gauge(Testbed& t, const std::string& name) {
+  return t.coord("GET", "/metrics").metric(name);
+}
 
 Http report_once(Testbed& t, const std::string& gid, const std::string& participant,
                  const std::string& state) {

@@ -40,8 +40,9 @@ Json agent_in_doubt(Testbed& t, int i, const std::string& gid) {
 }
 
 std::optional<std::string> agent_record(Testbed& t, int i, const std::string& gid) {
-  auto rec = query_value(t.conninfo(i), "SELECT max(state) FROM tpc_agent_state WHERE pg_gid = 'tpc:" +
-                                            Testbed::agent_name(i) + ":" + gid + "'");
+  auto rec =
+      query_value(t.conninfo(i), "SELECT max(state) FROM tpc_agent_state WHERE pg_gid = 'tpc:" +
+                                     Testbed::agent_name(i) + ":" + gid + "'");
   REQUIRE_MESSAGE(rec.ok(), rec.status().to_string());
   return *rec;
 }
@@ -221,10 +222,12 @@ TEST_CASE("an operator resolves in-doubt branches with tpcctl while the coordina
   // are settled and their records removed.
   t.start_coordinator();
   CHECK(t.wait_state(gid, "committed"));
-  CHECK(eventually([&] {
-    return !agent_record(t, 0, gid).has_value() && agent_in_doubt(t, 0, gid).is_null() &&
-           agent_in_doubt(t, 1, gid).is_null();
-  }, 20'000));
+  CHECK(eventually(
+      [&] {
+        return !agent_record(t, 0, gid).has_value() && agent_in_doubt(t, 0, gid).is_null() &&
+               agent_in_doubt(t, 1, gid).is_null();
+      },
+      20'000));
   CHECK(t.balance(0, 1) == 900);
   CHECK(t.balance(1, 1) == 1100);
   t.check_invariants();
@@ -277,9 +280,12 @@ TEST_CASE("a resolve by hand against a presumed abort is reported on both sides 
   // The coordinator comes back with no record of the transaction: presumed abort.
   t.start_coordinator();
   INFO(t.logs());
-  CHECK(t.wait_log(t.agent_process(0), "heuristic outcome: the branch was decided here against the coordinator"));
+  CHECK(t.wait_log(t.agent_process(0),
+                   "heuristic outcome: the branch was decided here against the coordinator"));
   CHECK(eventually([&] { return agent_in_doubt(t, 0, gid)["check"] == "reported"; }, 20'000));
-  CHECK(eventually([&] { return agent_record(t, 0, gid) == std::optional<std::string>("reported_commit"); }, 10'000));
+  CHECK(eventually(
+      [&] { return agent_record(t, 0, gid) == std::optional<std::string>("reported_commit"); },
+      10'000));
   CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_outcomes") == 1);
   CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_mismatch_total") == 1);
   CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_heuristic_reports_total") == 1);

@@ -188,18 +188,22 @@ TEST_CASE("3PC: a partition makes the branches disagree; it is detected and repo
   for (auto& tx : doubt.body["transactions"]) listed = listed || tx["gid"] == gid;
   CHECK(listed);
   // The agent that decided alone learns the coordinator's decision and reports the mismatch.
-  CHECK(t.wait_log(t.agent_process(1), "heuristic outcome: the branch was decided here against the coordinator"));
+  CHECK(t.wait_log(t.agent_process(1),
+                   "heuristic outcome: the branch was decided here against the coordinator"));
   CHECK(eventually([&] {
     return t.agent(1, "GET", "/metrics").raw.find("tpc_agent_heuristic_mismatch_total 1") != std::string::npos;
   }, 10'000));
-  CHECK(t.agent(1, "GET", "/metrics").raw.find("tpc_agent_heuristic_outcomes 1") != std::string::npos);
+  CHECK(t.agent(1, "GET", "/metrics").raw.find("tpc_agent_heuristic_outcomes 1") !=
+        std::string::npos);
   // Whether the agent asked first or the pre-commit reached it first, the coordinator ends up
   // knowing, and the agent keeps it listed.
   Http mine;
-  CHECK(eventually([&] {
-    mine = t.agent(1, "GET", "/v1/in-doubt");
-    return mine.body["branches"].size() == 1 && mine.body["branches"][0]["check"] == "reported";
-  }, 10'000));
+  CHECK(eventually(
+      [&] {
+        mine = t.agent(1, "GET", "/v1/in-doubt");
+        return mine.body["branches"].size() == 1 && mine.body["branches"][0]["check"] == "reported";
+      },
+      10'000));
   CHECK(mine.body["branches"][0]["gid"] == gid);
   CHECK(t.prepared(0) + t.prepared(1) == 0);
   CHECK(t.total() == Testbed::kTotal - 100);
