@@ -116,3 +116,34 @@ TEST_CASE("a true report corrects a heuristic outcome a wrong answer caused") {
   CHECK(t.balance(0, 1) == 995);
   CHECK(t.balance(1, 1) == 1005);
 }
+
+TEST_CASE("an agent started on the wrong database answers aborted; the right one corrects the coordinator") {
+  Testbed::Options o;
+  o.coordinator_failpoints = "coord.after_decision_log=crash";
+  Testbed& t = Testbed::fresh(o);
+  REQUIRE(t.pg(1).create_database("elsewhere").ok());
+  std::string gid = t.begin();
+  REQUIRE(t.move(0, gid, 1, -5).status == 200);
+  REQUIRE(t.move(1, gid, 1, 5).status == 200);
+  CHECK_FALSE(t.commit(gid).transport.ok());  // commit logged, then the coordinator died
+  REQUIRE(t.coordinator_process().wait(10'000) >= 0);
+  // a1 comes back pointed at another database, where it cannot see its prepared branch.
+  t.stop_agent(1, SIGKILL);
+  t.start_agent(1, "", {"--pg", t.pg(1).conninfo("elsewhere")});
+  t.start_coordinator();
+  INFO(t.logs());
+  REQUIRE(t.wait_state(gid, "heuristic_mixed"));
+  CHECK(in_doubt_lists(t, gid));
+  CHECK(t.prepared(1) == 1);  // the real branch still waits, prepared
+
+  // The right agent returns: it commits the branch and tells the coordinator.
+  t.stop_agent(1, SIGKILL);
+  t.start_agent(1);
+  CHECK(t.wait_log(t.agent_process(1), "reporting the true outcome"));
+  CHECK(t.wait_state(gid, "committed"));
+  CHECK_FALSE(in_doubt_lists(t, gid));
+  CHECK(gauge(t, "tpc_coordinator_heuristic_outcomes") == 0);
+  CHECK(t.balance(0, 1) == 995);
+  CHECK(t.balance(1, 1) == 1005);
+  t.check_invariants();
+}
