@@ -23,28 +23,17 @@
 #include <unordered_map>
 #include <vector>
 
-#include "common/event_loop.h"
 #include "common/http.h"
-#include "common/http_client.h"
+#include "common/runtime.h"
 #include "common/http_server.h"
 #include "common/ids.h"
 #include "common/log.h"
 #include "common/metrics.h"
 #include "participant/agent_machine.h"
 #include "participant/codec.h"
-#include "participant/pg_conn.h"
+#include "participant/branch_executor.h"
 
 namespace tpc::agent {
-
-// A pooled connection: closing it gives its slot back to the pool's count.
-struct ConnCloser {
-  std::atomic<int64_t>* open = nullptr;
-  void operator()(pg::PgConn* c) const {
-    delete c;
-    if (open) open->fetch_sub(1);
-  }
-};
-using Conn = std::unique_ptr<pg::PgConn, ConnCloser>;
 
 struct AgentConfig {
   HttpServerOptions http;
@@ -78,6 +67,10 @@ class AgentService {
  public:
   // Checks PostgreSQL, runs the first in-doubt scan and starts serving.
   static Result<std::unique_ptr<AgentService>> start(const AgentConfig& cfg, Logger& logger);
+  // The same driver over another runtime and PostgreSQL (the simulator): no HTTP server; the
+  // caller delivers requests to handle(). rt and pg must outlive the service.
+  static Result<std::unique_ptr<AgentService>> start_with(const AgentConfig& cfg, Logger& logger,
+                                                          Runtime& rt, BranchExecutor& pg);
   ~AgentService();
 
   uint16_t port() const;
@@ -86,14 +79,14 @@ class AgentService {
   void handle(HttpRequest&& req, Responder respond);
 
  private:
-  AgentService(const AgentConfig& cfg, Logger& logger);
-  Status check_postgres();
+  AgentService(const AgentConfig& cfg, Logger& logger, Runtime& rt, BranchExecutor& pg);
+  Status open();   // PostgreSQL checks and the first in-doubt scan
+  void serve();    // timers on
   void register_metrics();
 
   // Effects.
   void run(Ready ready);
   void enlist(const std::string& gid);
-  void cancel(const std::string& gid);
   void query_peers(const PeerQuery& q);
   void ask(const std::string& gid);
   void report(const Report& r);
@@ -101,18 +94,7 @@ class AgentService {
   template <class Fn>
   void with_machine(Fn&& fn);
 
-  // PostgreSQL work, on the pool.
-  void submit(std::function<void()> job);
-  void worker_loop();
-  OpResult execute(PgOp& op);  // moves the statements out of op
-  void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
-                      pg::PgConn& conn, OpResult* res);
-  Status record_3pc(const PgOp& op, const std::string& pgg);
-  void forget_3pc(const std::string& pgg);
-  void sessions_keep(const std::string& gid, Conn conn);
-  Result<Conn> acquire();
-  void release(Conn conn);
-  Conn take_session(const std::string& gid);
+  // PostgreSQL work, on the runtime's workers.
   Status scan_once();
   void scan();
   void purge();
@@ -131,10 +113,10 @@ class AgentService {
 
   AgentConfig cfg_;
   Logger& log_;
-  // Every time the machine sees: monotonic, anchored at the wall clock at start.
-  const ServiceClock clock_;
-  EventLoop loop_;
-  HttpClient client_;
+  Runtime& rt_;  // time, timers, transport and workers (*real_ unless given)
+  BranchExecutor& pg_;
+  std::unique_ptr<RealRuntime> real_;
+  std::unique_ptr<BranchExecutor> own_pg_;
   std::unique_ptr<HttpServer> server_;
   Metrics metrics_;
   Histogram* op_latency_ = nullptr;
@@ -145,24 +127,6 @@ class AgentService {
   std::mutex waiters_mu_;
   std::unordered_map<uint64_t, Responder> waiters_;
   std::atomic<uint64_t> next_waiter_{1};
-
-  std::mutex jobs_mu_;
-  std::condition_variable jobs_cv_;
-  std::deque<std::function<void()>> jobs_;
-  std::vector<std::thread> workers_;
-  bool workers_stop_ = false;
-
-  std::mutex pool_mu_;
-  std::vector<Conn> idle_;
-  std::unordered_map<std::string, Conn> sessions_;
-  std::atomic<uint64_t> connections_opened_{0};
-  std::atomic<int64_t> connections_open_{0};
-
-  // Cancelling statements: the canceller of each exec in flight, and cancels asked for before
-  // (or between) statements, which the worker honours before running the next one.
-  std::mutex cancel_mu_;
-  std::unordered_map<std::string, std::shared_ptr<pg::PgCancel>> running_;
-  std::unordered_map<std::string, bool> cancel_requested_;
 
   std::atomic<bool> stopping_{false};
   std::mutex timers_mu_;  // guards shut_down_

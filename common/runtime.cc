@@ -1,0 +1,61 @@
+#include "common/runtime.h"
+
+namespace tpc {
+
+WorkerPool::WorkerPool(int threads) {
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
+}
+
+WorkerPool::~WorkerPool() { stop(); }
+
+void WorkerPool::submit(std::function<void()> job) {
+  {
+    std::lock_guard lock(mu_);
+    jobs_.push_back(std::move(job));
+  }
+  cv_.notify_one();
+}
+
+void WorkerPool::stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+}
+
+size_t WorkerPool::queued() const {
+  std::lock_guard lock(mu_);
+  return jobs_.size();
+}
+
+void WorkerPool::work() {
+  for (;;) {
+    std::function<void()> job;
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;  // stopping, and drained
+      job = std::move(jobs_.front());
+      jobs_.pop_front();
+    }
+    job();
+  }
+}
+
+RealRuntime::RealRuntime(int loop_threads, int workers)
+    : loop_(loop_threads), client_(loop_), workers_(workers) {}
+
+RealRuntime::~RealRuntime() { stop(); }
+
+void RealRuntime::stop() {
+  if (stopped_) return;
+  stopped_ = true;
+  workers_.stop();
+  loop_.stop();
+  loop_.join();
+}
+
+}  // namespace tpc

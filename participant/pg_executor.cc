@@ -1,0 +1,441 @@
+#include "participant/pg_executor.h"
+
+#include "common/failpoint.h"
+#include "common/ids.h"
+#include "participant/codec.h"
+#include "participant/pg_branch.h"
+
+namespace tpc::agent {
+namespace {
+
+OpResult failed(Status s, std::string sqlstate = "") {
+  OpResult r;
+  r.status = std::move(s);
+  r.sqlstate = std::move(sqlstate);
+  return r;
+}
+
+std::string joined(const std::vector<std::string>& items) {
+  std::string out;
+  for (auto& i : items) out += (out.empty() ? "" : ", ") + i;
+  return out;
+}
+
+// Whose records the database holds. Prepared transactions named after another agent, or an
+// identity row naming another agent, mean --name or --pg points at another agent's database:
+// answering that agent's coordinators from here would report its prepared branches as
+// aborted, so the agent refuses to start.
+//
+// A different system identifier only warns (and the row takes the new one): a physical copy
+// (pg_basebackup, a promoted replica) keeps the identifier, so a different one means a logical
+// copy (pg_dump and restore into another cluster), and no prepared transaction survives that.
+// Refusing would not bring a lost branch back; the coordinator treats a definite "aborted"
+// from a branch that voted yes as a heuristic outcome.
+Status check_identity(pg::PgConn& c, const std::string& name, Logger& log) {
+  auto foreign = pg::foreign_prepared_agents(c, name);
+  if (!foreign.ok()) return foreign.status();
+  if (!foreign->empty())
+    return invalid_argument("the database holds prepared transactions of agent " +
+                            joined(*foreign) + ", not of --name " + name +
+                            ": --name or --pg points at another agent's database");
+  auto id = pg::claim_identity(c, name);
+  if (!id.ok()) return id.status();
+  if (id->agent != name)
+    return invalid_argument("the database belongs to agent " + id->agent +
+                            " (tpc_agent_identity), not to --name " + name +
+                            ": --name or --pg points at another agent's database");
+  auto sysid = pg::system_identifier(c);
+  if (!sysid.ok()) return sysid.status();
+  if (!*sysid)
+    log.warn("system identifier unavailable: no EXECUTE on pg_control_system()", {{"agent", name}});
+  if (*sysid && id->system_identifier && *id->system_identifier != **sysid) {
+    log.warn(
+        "database copied to another cluster: prepared transactions from before the copy are gone",
+        {{"agent", name},
+         {"recorded_system_identifier", *id->system_identifier},
+         {"system_identifier", **sysid}});
+    TPC_RETURN_IF_ERROR(pg::update_system_identifier(c, **sysid));
+  }
+  log.info(
+      id->created ? "identity recorded" : "identity checked",
+      {{"agent", name}, {"database", id->database}, {"system_identifier", sysid->value_or("")}});
+  return ok_status();
+}
+
+}  // namespace
+
+Status PgExecutor::open() {
+  auto conn = acquire();
+  if (!conn.ok()) return unavailable("cannot connect to PostgreSQL: " + conn.status().message());
+  auto mpt = pg::max_prepared_transactions(**conn);
+  if (!mpt.ok()) return unavailable("cannot read max_prepared_transactions: " + mpt.status().message());
+  if (*mpt == 0)
+    return invalid_argument(
+        "PostgreSQL has max_prepared_transactions = 0, so PREPARE TRANSACTION cannot work; set it "
+        "above 0 (for example to max_connections) in postgresql.conf and restart PostgreSQL");
+  if (static_cast<size_t>(*mpt) < cfg_.branches_max)
+    log_.warn("max_prepared_transactions is below --branches-max: prepares past it are voted no",
+              {{"max_prepared_transactions", *mpt},
+               {"branches_max", static_cast<uint64_t>(cfg_.branches_max)}});
+  auto missing = pg::missing_privileges(**conn);
+  if (!missing.ok())
+    return unavailable("cannot check the agent's privileges: " + missing.status().message());
+  if (!missing->empty())
+    return invalid_argument("the PostgreSQL role lacks " + joined(*missing) + " in this database");
+  Status st = pg::ensure_schema(**conn);
+  if (!st.ok()) return Status(st.code(), "cannot create the agent's tables: " + st.message());
+  st = check_identity(**conn, cfg_.name, log_);
+  if (!st.ok()) return Status(st.code(), "identity check: " + st.message());
+  log_.info("postgres ready", {{"max_prepared_transactions", *mpt},
+                               {"server_version", (*conn)->server_version()}});
+  release(std::move(*conn));
+  return ok_status();
+}
+
+Result<Conn> PgExecutor::acquire() {
+  {
+    std::lock_guard lock(pool_mu_);
+    while (!idle_.empty()) {
+      Conn c = std::move(idle_.back());
+      idle_.pop_back();
+      if (c->usable() && !c->in_transaction()) return c;
+    }
+  }
+  if (connections_open_.fetch_add(1) >= static_cast<int64_t>(cfg_.pg_connections_max)) {
+    connections_open_.fetch_sub(1);
+    return unavailable("all " + std::to_string(cfg_.pg_connections_max) +
+                       " PostgreSQL connections are in use (--pg-connections-max)");
+  }
+  auto c = pg::PgConn::connect(cfg_.pg);
+  if (!c.ok()) {
+    connections_open_.fetch_sub(1);
+    return c.status();
+  }
+  ++connections_opened_;
+  return Conn(c->release(), ConnCloser{&connections_open_});
+}
+
+void PgExecutor::release(Conn conn) {
+  if (!conn || !conn->usable() || conn->in_transaction()) return;  // dropped: closes it
+  std::lock_guard lock(pool_mu_);
+  if (idle_.size() < cfg_.pg_idle_max) idle_.push_back(std::move(conn));
+}
+
+Conn PgExecutor::take_session(const std::string& gid) {
+  std::lock_guard lock(pool_mu_);
+  auto it = sessions_.find(gid);
+  if (it == sessions_.end()) return nullptr;
+  Conn c = std::move(it->second);
+  sessions_.erase(it);
+  return c;
+}
+
+void PgExecutor::sessions_keep(const std::string& gid, Conn conn) {
+  std::lock_guard lock(pool_mu_);
+  sessions_[gid] = std::move(conn);
+}
+
+Status PgExecutor::record_3pc(const PgOp& op, const std::string& pgg) {
+  // A 3PC branch records that it is one, and who its peers are, before it votes: after a
+  // restart it must still apply the 3PC timeouts and know whom to ask.
+  auto other = acquire();
+  if (!other.ok()) return other.status();
+  Status st = pg::put_state(**other, pgg, "prepared3", encode_peers(op.peers));
+  if (st.ok()) release(std::move(*other));
+  return st;
+}
+
+void PgExecutor::forget_3pc(const std::string& pgg) {
+  if (auto other = acquire(); other.ok()) {
+    (void)pg::delete_state(**other, pgg);
+    release(std::move(*other));
+  }
+}
+
+void PgExecutor::prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
+                                  pg::PgConn& conn, OpResult* res) {
+  if (op.protocol == 3) {
+    Status st = record_3pc(op, pgg);
+    if (!st.ok()) {
+      (void)pg::rollback(conn);
+      res->prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
+      return;
+    }
+  }
+  TPC_FAILPOINT("agent.before_prepare");
+  auto p = pg::prepare(conn, pgg, parts.coordinator, static_cast<int64_t>(parts.epoch),
+                       static_cast<int64_t>(parts.seq));
+  if (!p.ok()) {
+    res->status = p.status();
+    return;
+  }
+  TPC_FAILPOINT("agent.after_prepare");
+  res->prepare = *p;
+  if (op.protocol == 3 && p->vote != pg::Vote::yes) forget_3pc(pgg);
+}
+
+OpResult PgExecutor::execute(PgOp& op) {
+  auto parts = parse_gid(op.gid);
+  TPC_ASSERT(parts.has_value());  // validated at the HTTP edge
+  const std::string pgg = pg::pg_gid(cfg_.name, op.gid);
+  auto epoch = static_cast<int64_t>(parts->epoch), seq = static_cast<int64_t>(parts->seq);
+  OpResult res;
+  switch (op.kind) {
+    case OpKind::exec: {
+      Conn conn = take_session(op.gid);
+      bool begin = !conn;
+      if (!conn) {
+        auto c = acquire();
+        if (!c.ok()) return failed(c.status());
+        conn = std::move(*c);
+      }
+      {
+        std::lock_guard lock(cancel_mu_);
+        if (cancel_requested_.erase(op.gid) > 0) {
+          if (begin)
+            release(std::move(conn));
+          else
+            sessions_keep(op.gid, std::move(conn));
+          return failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
+                        "57014");
+        }
+        running_[op.gid] = conn->canceller();
+      }
+      pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
+                          : op.then_commit ? pg::Finish::commit
+                                           : pg::Finish::none;
+      if (finish == pg::Finish::prepare && op.protocol == 3) {
+        Status st = record_3pc(op, pgg);
+        if (!st.ok()) {
+          {
+            std::lock_guard lock(cancel_mu_);
+            running_.erase(op.gid);
+          }
+          if (!begin) (void)pg::rollback(*conn);
+          res.results = std::make_shared<std::vector<pg::StatementResult>>();
+          res.prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
+          release(std::move(conn));
+          return res;
+        }
+      }
+      std::vector<pg::PipelineStep> steps;
+      steps.reserve(op.statements.size());
+      for (Statement& st : op.statements)
+        steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
+      std::vector<std::optional<int64_t>> expect_rows;
+      for (const Statement& st : op.statements) expect_rows.push_back(st.expect_rows);
+      if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
+      size_t statement_count = steps.size();
+      pg::BranchRun run =
+          pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts->coordinator, epoch, seq,
+                         expect_rows);
+      {
+        std::lock_guard lock(cancel_mu_);
+        running_.erase(op.gid);
+        cancel_requested_.erase(op.gid);
+      }
+      if (run.vote) TPC_FAILPOINT("agent.after_prepare");
+      if (run.outcome && *run.outcome == pg::Outcome::committed) TPC_FAILPOINT("agent.after_one_phase_commit");
+      res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
+      if (!run.status.ok()) {
+        if (run.status.code() == Code::unavailable) return failed(run.status);  // the session died
+        std::string msg = statement_count > 1
+                              ? "statement " + std::to_string(run.failed_statement + 1) + ": " + run.status.message()
+                              : run.status.message();
+        res.status = Status(run.status.code(), msg);
+        res.sqlstate = run.sqlstate;
+        if (finish == pg::Finish::none)
+          sessions_keep(op.gid, std::move(conn));  // the failed block waits for its rollback
+        else
+          release(std::move(conn));  // already rolled back
+        return res;
+      }
+      // Rows past the limit: a statement alone fails (the branch then votes no); a branch that
+      // already prepared is rolled back; one that already committed keeps its outcome and says
+      // its results were cut.
+      for (size_t i = 0; i < res.results->size(); ++i) {
+        auto& r = (*res.results)[i];
+        if (r.rows.size() <= cfg_.result_rows_max) continue;
+        std::string why = "statement " + std::to_string(i + 1) + " returned " + std::to_string(r.rows.size()) +
+                          " rows; the limit is " + std::to_string(cfg_.result_rows_max);
+        if (finish == pg::Finish::commit) {
+          r.rows.resize(cfg_.result_rows_max);
+          r.truncated = true;
+          continue;
+        }
+        if (finish == pg::Finish::prepare && run.vote && run.vote->vote == pg::Vote::yes)
+          (void)pg::rollback_prepared(*conn, pgg);
+        res.status = Status(Code::sql_error, why);
+        res.sqlstate = "54000";
+        res.prepare.reset();
+        if (finish == pg::Finish::none)
+          sessions_keep(op.gid, std::move(conn));
+        else
+          release(std::move(conn));
+        return res;
+      }
+      if (finish == pg::Finish::prepare) {
+        res.prepare = *run.vote;
+        if (op.protocol == 3 && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
+        release(std::move(conn));
+        return res;
+      }
+      if (finish == pg::Finish::commit) {
+        res.outcome = *run.outcome;
+        res.reason = run.reason;
+        release(std::move(conn));
+        return res;
+      }
+      sessions_keep(op.gid, std::move(conn));
+      return res;
+    }
+    case OpKind::prepare: {
+      auto conn = take_session(op.gid);
+      if (!conn) return failed(unavailable("the branch has no open session"));
+      prepare_branch(op, pgg, *parts, *conn, &res);
+      if (res.prepare) release(std::move(conn));
+      return res;
+    }
+    case OpKind::commit_one_phase: {
+      auto conn = take_session(op.gid);
+      if (!conn) return failed(unavailable("the branch has no open session"));
+      std::string reason;
+      auto o = pg::commit_one_phase(*conn, pgg, parts->coordinator, epoch, seq, &reason);
+      if (!o.ok()) return failed(o.status());
+      TPC_FAILPOINT("agent.after_one_phase_commit");
+      res.outcome = *o;
+      res.reason = reason;
+      release(std::move(conn));
+      return res;
+    }
+    case OpKind::rollback: {
+      auto conn = take_session(op.gid);
+      if (conn) {
+        Status st = pg::rollback(*conn);
+        if (st.ok()) release(std::move(conn));
+      }
+      return res;
+    }
+    case OpKind::commit_prepared:
+    case OpKind::rollback_prepared:
+    case OpKind::evidence:
+    case OpKind::put_state:
+    case OpKind::delete_state:
+    case OpKind::tombstone: {
+      auto c = acquire();
+      if (!c.ok()) return failed(c.status());
+      auto& conn = *c;
+      if (op.kind == OpKind::commit_prepared) {
+        TPC_FAILPOINT("agent.before_commit_prepared");
+        auto o = pg::commit_prepared(*conn, pgg);
+        if (!o.ok()) return failed(o.status());
+        TPC_FAILPOINT("agent.after_commit_prepared");
+        res.outcome = *o;
+      } else if (op.kind == OpKind::rollback_prepared) {
+        auto o = pg::rollback_prepared(*conn, pgg);
+        if (!o.ok()) return failed(o.status());
+        res.outcome = *o;
+      } else if (op.kind == OpKind::tombstone) {
+        auto o = pg::put_tombstone(*conn, pgg, parts->coordinator, epoch, seq);
+        if (!o.ok()) return failed(o.status());
+        res.outcome = *o;
+      } else if (op.kind == OpKind::evidence) {
+        auto e = pg::evidence(*conn, pgg);
+        if (!e.ok()) return failed(e.status());
+        res.evidence = *e;
+      } else if (op.kind == OpKind::delete_state) {
+        Status st = pg::delete_state(*conn, pgg);
+        if (!st.ok()) return failed(st);
+      } else {
+        std::string detail = op.peers.empty() ? op.detail : encode_peers(op.peers);
+        Status st = pg::put_state(*conn, pgg, op.state, detail);
+        if (!st.ok()) return failed(st);
+      }
+      if (op.clear_state) {
+        // The pre-commit record has done its job once the branch is finished; a failure
+        // here leaves a stale row that the next scan ignores.
+        (void)pg::delete_state(*conn, pgg);
+      }
+      release(std::move(conn));
+      return res;
+    }
+  }
+  return failed(internal_error("unknown operation"));
+}
+
+void PgExecutor::cancel(const std::string& gid) {
+  std::shared_ptr<pg::PgCancel> c;
+  {
+    std::lock_guard lock(cancel_mu_);
+    cancel_requested_[gid] = true;
+    auto it = running_.find(gid);
+    if (it != running_.end()) c = it->second;
+  }
+  // PQcancel opens a connection to the server: on the cancellers' own threads, never on a
+  // loop thread nor behind the branch operations.
+  if (c) cancellers_.submit([c] { (void)c->cancel(); });
+}
+
+Result<BranchExecutor::Scan> PgExecutor::scan() {
+  auto c = acquire();
+  if (!c.ok()) return c.status();
+  TPC_FAILPOINT("agent.during_scan");
+  auto list = pg::list_prepared(**c, cfg_.name);
+  if (!list.ok()) return list.status();
+  std::vector<AgentMachine::ScanEntry> entries;
+  for (auto& x : *list) {
+    auto gid = pg::global_gid(cfg_.name, x.pg_gid);
+    if (!gid) continue;
+    AgentMachine::ScanEntry e;
+    e.gid = *gid;
+    e.age_ms = x.prepared_age_ms;
+    auto state = pg::read_state(**c, x.pg_gid);
+    if (!state.ok()) return state.status();
+    if (state->has_value()) {
+      e.durable_state = (*state)->state;
+      e.peers = decode_peers_text((*state)->detail);
+    }
+    entries.push_back(std::move(e));
+  }
+  auto rows = pg::list_decided_states(**c, cfg_.name);
+  if (!rows.ok()) return rows.status();
+  std::vector<AgentMachine::DecidedEntry> decided;
+  for (auto& row : *rows) {
+    auto gid = pg::global_gid(cfg_.name, row.pg_gid);
+    auto rec = parse_check_record(row.state.state);
+    if (!gid || !rec) continue;
+    decided.push_back(AgentMachine::DecidedEntry{*gid, *rec, row.state.detail});
+  }
+  release(std::move(*c));
+  return Scan{std::move(entries), std::move(decided)};
+}
+
+Result<int64_t> PgExecutor::purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) {
+  auto c = acquire();
+  if (!c.ok()) return c.status();
+  int64_t total = 0;
+  for (int round = 0; round < 10; ++round) {  // at most 100k rows a pass, 10k per statement
+    auto n = pg::purge_markers(**c, coordinator, epoch, seq, 10'000);
+    if (!n.ok()) return n.status();
+    total += *n;
+    if (*n < 10'000) break;
+  }
+  release(std::move(*c));
+  return total;
+}
+
+Result<int64_t> PgExecutor::purge_stale_states() {
+  auto c = acquire();
+  if (!c.ok()) return c.status();
+  auto n = pg::purge_stale_states(**c, cfg_.name, 3'600);
+  release(std::move(*c));
+  return n;
+}
+
+void PgExecutor::close() {
+  std::lock_guard lock(pool_mu_);
+  sessions_.clear();
+  idle_.clear();
+}
+
+}  // namespace tpc::agent
