@@ -958,6 +958,12 @@ void AgentMachine::correct_coordinator(Branch& b, int64_t now_ms) {
 
 // --- in-doubt resolution -------------------------------------------------------------------
 
+// The wait before the next attempt after `attempts` of them: ask_min_ms doubling up to ask_max_ms.
+int64_t AgentMachine::backoff_ms(uint32_t attempts) const {
+  int shift = static_cast<int>(std::min<uint32_t>(attempts > 0 ? attempts - 1 : 0, 16));
+  return std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
+}
+
 void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string_view answer,
                               int64_t now_ms, std::optional<BranchState> recorded) {
   Branch* bp = find(gid);
@@ -966,8 +972,7 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
   b.asking = false;
   ++b.asks;
   b.last_answer = std::string(answer);
-  int shift = static_cast<int>(std::min<uint32_t>(b.asks - 1, 16));
-  b.next_ask_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
+  b.next_ask_ms = now_ms + backoff_ms(b.asks);
 
   bool decided = outcome == Outcome::commit || outcome == Outcome::abort;
   if (final_state(b.state)) {
@@ -1099,8 +1104,7 @@ void AgentMachine::on_reported(std::string_view gid, Status status, int64_t now_
   bool settled =
       status.ok() || status.code() == Code::not_found || status.code() == Code::invalid_argument;
   if (!settled) {
-    int shift = static_cast<int>(std::min<uint32_t>(b.reports - 1, 16));
-    b.next_report_ms = now_ms + std::min(opts_.ask_max_ms, opts_.ask_min_ms << shift);
+    b.next_report_ms = now_ms + backoff_ms(b.reports);
     log_.warn("cannot report the branch's outcome to the coordinator yet",
               {{"gid", b.gid}, {"error", status.to_string()}, {"reports", b.reports}});
     return;

@@ -381,6 +381,7 @@ class AgentMachine {
   void apply_forget(Branch& b, int64_t now_ms);
   void correct_coordinator(Branch& b, int64_t now_ms);
   void load_decided(const DecidedEntry& d, int64_t now_ms);
+  int64_t backoff_ms(uint32_t attempts) const;
   void resolve_prepared(Branch& b, Request req);
   bool pinned(const Branch& b) const;
   void track_live(Branch& b);
