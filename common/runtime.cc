@@ -1,5 +1,7 @@
 #include "common/runtime.h"
 
+#include <random>
+
 namespace tpc {
 
 WorkerPool::WorkerPool(int threads) {
@@ -49,6 +51,11 @@ RealRuntime::RealRuntime(int loop_threads, int workers)
     : loop_(loop_threads), client_(loop_), workers_(workers) {}
 
 RealRuntime::~RealRuntime() { stop(); }
+
+uint64_t RealRuntime::random64() {
+  std::random_device rd;  // getrandom
+  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+}
 
 void RealRuntime::stop() {
   if (stopped_) return;

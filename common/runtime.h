@@ -38,6 +38,8 @@ class Runtime {
                     std::function<void(HttpResult)> done) = 0;
   // Runs job on a worker, where it may block.
   virtual void submit(std::function<void()> job) = 0;
+  // 64 random bits (epochs); the simulator's come from its seed.
+  virtual uint64_t random64() = 0;
 };
 
 // A fixed set of threads taking jobs from one queue, in order. stop() lets the queued jobs
@@ -87,6 +89,7 @@ class RealRuntime final : public Runtime {
     client_.send(url, std::move(req), opts, std::move(done));
   }
   void submit(std::function<void()> job) override { workers_.submit(std::move(job)); }
+  uint64_t random64() override;  // the OS's random source
 
  private:
   const ServiceClock clock_;

@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <future>
-#include <random>
 
 #include "common/cli.h"
 #include "common/failpoint.h"
@@ -26,12 +24,6 @@ std::optional<GidParts> parse_horizon(const std::string& text) {
   }
 }
 
-// kEpochRandomBits bits from the OS's random source (getrandom through std::random_device).
-uint64_t random_epoch_bits() {
-  std::random_device rd;
-  return (static_cast<uint64_t>(rd()) << 32) ^ rd();
-}
-
 }  // namespace
 
 uint64_t next_epoch(uint64_t previous, uint64_t wall_seconds, uint64_t random) {
@@ -40,47 +32,63 @@ uint64_t next_epoch(uint64_t previous, uint64_t wall_seconds, uint64_t random) {
 }
 
 CoordinatorService::CoordinatorService(const CoordinatorConfig& cfg,
-                                       std::unique_ptr<wal::DecisionLog> log, Logger& logger)
-    : cfg_(cfg),
-      log_(logger),
-      wal_(std::move(log)),
-      loop_(cfg.threads),
-      client_(loop_),
-      machine_(cfg.machine, logger) {}
+                                       std::unique_ptr<wal::DecisionLog> log, Logger& logger,
+                                       Runtime& rt)
+    : cfg_(cfg), log_(logger), rt_(rt), wal_(std::move(log)), machine_(cfg.machine, logger) {}
 
 CoordinatorService::~CoordinatorService() { shutdown(0); }
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
-  std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger));
-  s->started_ms_ = s->clock_.now_ms();
-  TPC_RETURN_IF_ERROR(s->recover());
-  s->register_metrics();
-  s->loop_.start();
+  // One worker: log reads off the network threads (answers from finished records, rewrites,
+  // compaction), in order.
+  auto real = std::make_unique<RealRuntime>(cfg.threads, 1);
+  std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger, *real));
+  s->real_ = std::move(real);
+  TPC_RETURN_IF_ERROR(s->open());
+  s->real_->start();
   CoordinatorService* self = s.get();
-  auto server = HttpServer::start(s->loop_, cfg.http, [self](HttpRequest&& req, Responder respond) {
+  auto server = HttpServer::start(s->real_->loop(), cfg.http, [self](HttpRequest&& req, Responder respond) {
     self->handle(std::move(req), std::move(respond));
   });
   if (!server.ok()) {
-    s->loop_.stop();
-    s->loop_.join();
+    s->real_->stop();
     return server.status();
   }
   s->server_ = std::move(*server);
-  s->started_ = true;
+  s->serve();
+  return s;
+}
+
+Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start_with(
+    const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger, Runtime& rt) {
+  std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger, rt));
+  TPC_RETURN_IF_ERROR(s->open());
+  s->serve();
+  return s;
+}
+
+Status CoordinatorService::open() {
+  started_ms_ = rt_.now_ms();
+  TPC_RETURN_IF_ERROR(recover());
+  register_metrics();
+  return ok_status();
+}
+
+void CoordinatorService::serve() {
+  started_ = true;
   Ready ready;
   {
-    std::lock_guard lock(s->mu_);
-    ready = s->machine_.take_ready();
+    std::lock_guard lock(mu_);
+    ready = machine_.take_ready();
   }
-  s->run(std::move(ready));
-  s->tick();
-  s->compaction_thread_ = std::thread([self] { self->compaction_loop(); });
-  logger.info("coordinator started", {{"id", cfg.machine.coordinator_id},
-                                      {"epoch", s->epoch_},
-                                      {"listen", cfg.http.host + ":" + std::to_string(s->port())},
-                                      {"recovering", s->machine_.recovering()}});
-  return s;
+  run(std::move(ready));
+  tick();
+  schedule_compaction();
+  log_.info("coordinator started", {{"id", cfg_.machine.coordinator_id},
+                                    {"epoch", epoch_},
+                                    {"listen", cfg_.http.host + ":" + std::to_string(port())},
+                                    {"recovering", machine_.recovering()}});
 }
 
 Status CoordinatorService::recover() {
@@ -98,7 +106,7 @@ Status CoordinatorService::recover() {
   // older epochs), and its random low bits keep it unique without trusting the clock: a
   // coordinator whose log was lost and whose clock is back at an earlier start's second still
   // issues new gids.
-  epoch_ = next_epoch(previous, static_cast<uint64_t>(wall_ms() / 1000), random_epoch_bits());
+  epoch_ = next_epoch(previous, static_cast<uint64_t>(rt_.wall_ms() / 1000), rt_.random64());
   TPC_RETURN_IF_ERROR(wal_->put_meta(kEpochKey, std::to_string(epoch_)));
 
   std::optional<GidParts> forgotten;
@@ -123,7 +131,7 @@ Status CoordinatorService::recover() {
                                       {"unfinished", static_cast<uint64_t>(unfinished.size())},
                                       {"ended", ended}});
   std::lock_guard lock(mu_);
-  machine_.recover(epoch_, forgotten, std::move(unfinished), clock_.now_ms());
+  machine_.recover(epoch_, forgotten, std::move(unfinished), rt_.now_ms());
   for (auto& r : heuristic) machine_.remember_heuristic(r);
   recovering_at_start_ = machine_.recovering();
   return ok_status();
@@ -132,28 +140,25 @@ Status CoordinatorService::recover() {
 uint16_t CoordinatorService::port() const { return server_ ? server_->port() : 0; }
 
 void CoordinatorService::on_stop_signal(std::function<void(int)> fn) {
-  loop_.on_stop_signal(std::move(fn));
+  if (real_) real_->loop().on_stop_signal(std::move(fn));
 }
 
 void CoordinatorService::shutdown(int64_t drain_ms) {
   {
-    std::lock_guard lock(compaction_mu_);
+    std::lock_guard lock(shutdown_mu_);
     if (shut_down_) return;
     shut_down_ = true;
   }
   stopping_ = true;
-  compaction_cv_.notify_all();
-  if (compaction_thread_.joinable()) compaction_thread_.join();
   if (server_) {
     server_->stop();
     if (!server_->wait_idle(drain_ms))
       log_.warn("shutdown: requests still in flight after the drain period",
                 {{"drain_ms", drain_ms}});
   }
-  if (uint64_t t = tick_timer_.load()) loop_.cancel(t);
+  if (uint64_t t = tick_timer_.load()) rt_.cancel(t);
   wal_->flush();
-  loop_.stop();
-  loop_.join();
+  if (real_) real_->stop();  // drains the workers, then stops the loop
   server_.reset();
   if (started_) log_.info("coordinator stopped", {{"epoch", epoch_}});
 }
@@ -200,7 +205,7 @@ void CoordinatorService::persist(std::vector<Persist> items) {
     if (notify.empty()) return;
     TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
     with_machine([&](CoordinatorMachine& m) {
-      int64_t now = clock_.now_ms();
+      int64_t now = rt_.now_ms();
       for (auto& gid : notify) m.on_persisted(gid, now);
     });
   });
@@ -212,7 +217,7 @@ void CoordinatorService::send(const Message& m) {
     with_machine([&](CoordinatorMachine& mach) {
       mach.on_reply(BranchReply{m.gid, m.participant, m.kind, ReplyKind::failed,
                                 url.status().message()},
-                    clock_.now_ms());
+                    rt_.now_ms());
     });
     return;
   }
@@ -276,7 +281,7 @@ void CoordinatorService::transmit(const Url& url, HttpRequest req, SendOptions o
   if (cfg_.transport)
     cfg_.transport(url, std::move(req), opts, std::move(done));
   else
-    client_.send(url, std::move(req), opts, std::move(done));
+    rt_.send(url, std::move(req), opts, std::move(done));
 }
 
 void CoordinatorService::deliver(const Message& m, bool exec, const HttpResult& res) {
@@ -298,7 +303,7 @@ void CoordinatorService::delivered(const Message& m, bool exec, BranchReply br, 
   if (br.reply == ReplyKind::committed &&
       (m.kind == MsgKind::commit || m.kind == MsgKind::commit_one_phase))
     TPC_FAILPOINT("coord.after_first_branch_committed");
-  with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, clock_.now_ms()); });
+  with_machine([&](CoordinatorMachine& mach) { mach.on_reply(br, rt_.now_ms()); });
 }
 
 void CoordinatorService::enqueue(const std::string& lane_key, const Url& url, Outgoing out) {
@@ -416,7 +421,7 @@ ClientReply CoordinatorService::from_log(const ClientReply& r) {
 
 void CoordinatorService::answer(const ClientReply& r, const Responder& respond) {
   if (r.needs_log) {
-    respond(encode_reply(from_log(r)));
+    rt_.submit([this, r, respond] { respond(encode_reply(from_log(r))); });
     return;
   }
   respond(encode_reply(r));
@@ -432,7 +437,7 @@ void CoordinatorService::reply(const ClientReply& r) {
     waiters_.erase(it);
   }
   if (commit_latency_ && r.kind == RequestKind::commit)
-    commit_latency_->observe(static_cast<double>(clock_.now_ms() - p.started_ms) / 1000.0);
+    commit_latency_->observe(static_cast<double>(rt_.now_ms() - p.started_ms) / 1000.0);
   if (p.run) {
     Json results = Json::object();
     {
@@ -537,7 +542,7 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
       client_full = true;
       return;
     }
-    view = m.begin(body->protocol, body->timeout_ms, clock_.now_ms());
+    view = m.begin(body->protocol, body->timeout_ms, rt_.now_ms());
     if (!view.ok()) return;
     client_txns_[req.client].push_back(view->gid);
     ++client_txns_tracked_;
@@ -592,7 +597,7 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
           "unknown participant \"" + b.participant + "\" (name it with --participant NAME=URL)")));
     branches.push_back(Peer{b.participant, it->second});
   }
-  int64_t now = clock_.now_ms();
+  int64_t now = rt_.now_ms();
   uint64_t waiter = next_waiter_++;
   {
     std::lock_guard lock(waiters_mu_);
@@ -654,7 +659,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
                                             " (want <coordinator>-<epoch>-<seq>)")));
     return;
   }
-  int64_t now = clock_.now_ms();
+  int64_t now = rt_.now_ms();
   if (action.empty()) {
     Lookup l;
     {
@@ -722,9 +727,9 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
   if (action == "heuristic") {
     auto report = decode_branch_report(req.body);
     if (!report.ok()) return respond(error_response(report.status()));
-    return rewrite_finished(gid, respond, [&](std::optional<wal::TxnRecord> rec) {
-      return Result<std::optional<wal::TxnRecord>>(CoordinatorMachine::apply_branch_report(
-          std::move(rec), gid, report->participant, report->committed, now));
+    return rewrite_finished(gid, respond, [gid, r = *report, now](std::optional<wal::TxnRecord> rec) {
+      return Result<std::optional<wal::TxnRecord>>(
+          CoordinatorMachine::apply_branch_report(std::move(rec), gid, r.participant, r.committed, now));
     });
   }
   if (action == "forget") {
@@ -738,14 +743,16 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     ClientReply r;
     with_machine([&](CoordinatorMachine& m) { r = m.resolve(gid, *outcome, now); });
     if (r.needs_log) {
-      ClientReply fr = from_log(r);
-      bool committed = fr.view.state == TxnState::committed;
-      if (fr.error.ok() && committed != *outcome) {
-        fr.http_status = 409;
-        fr.error = conflict("transaction " + gid + " ended " +
-                            std::string(state_name(fr.view.state)));
-      }
-      return respond(encode_reply(fr));
+      rt_.submit([this, r, gid, commit = *outcome, respond] {
+        ClientReply fr = from_log(r);
+        bool committed = fr.view.state == TxnState::committed;
+        if (fr.error.ok() && committed != commit) {
+          fr.http_status = 409;
+          fr.error = conflict("transaction " + gid + " ended " + std::string(state_name(fr.view.state)));
+        }
+        respond(encode_reply(fr));
+      });
+      return;
     }
     return respond(encode_reply(r));
   }
@@ -753,11 +760,9 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
 }
 
 // Heuristic reports and forget change the record of a finished transaction: one at a time,
-// after every queued write is applied (the end record of a transaction that just finished),
-// synced before the answer.
-void CoordinatorService::rewrite_finished(
-    const std::string& gid, const Responder& respond,
-    const std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>& change) {
+// on a worker, after every queued write is applied (the end record of a transaction that just
+// finished), synced before the answer.
+void CoordinatorService::rewrite_finished(const std::string& gid, const Responder& respond, RecordChange change) {
   Lookup l;
   {
     std::lock_guard lock(mu_);
@@ -766,33 +771,35 @@ void CoordinatorService::rewrite_finished(
   if (l.kind == LookupKind::live && !terminal(l.view.state))
     return respond(error_response(conflict("transaction " + gid + " has not ended; report again once it has")));
   if (l.kind == LookupKind::not_ours) return respond(error_response(not_found("no transaction " + gid)));
-  std::lock_guard rewrite(rewrite_mu_);
-  wal_->flush();
-  auto rec = wal_->get(gid);
-  if (!rec.ok()) return respond(error_response(rec.status()));
-  if (!rec->has_value() && l.kind == LookupKind::in_log && l.forgotten_if_absent)
-    return respond(error_response(not_found("the outcome of " + gid + " was forgotten")));
-  auto changed = change(*rec);
-  if (!changed.ok()) return respond(error_response(changed.status()));
-  std::optional<wal::TxnRecord> next = std::move(*changed);
-  if (!next) {
-    ClientReply r = rec->has_value() ? CoordinatorMachine::reply_from_record(**rec, RequestKind::get)
-                                     : CoordinatorMachine::reply_without_record(gid, RequestKind::get, false);
-    return respond(encode_reply(r));
-  }
-  std::promise<Status> written;
-  wal_->write({wal::LogWrite::put(*next)}, true, [&](Status s) { written.set_value(s); });
-  Status st = written.get_future().get();
-  if (!st.ok()) {
-    log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
-    std::_Exit(3);
-  }
-  with_machine([&](CoordinatorMachine& m) { m.on_record_rewritten(*next); });
-  respond(encode_reply(CoordinatorMachine::reply_from_record(*next, RequestKind::get)));
+  rt_.submit([this, gid, respond, l, change = std::move(change)] {
+    std::lock_guard rewrite(rewrite_mu_);
+    wal_->flush();
+    auto rec = wal_->get(gid);
+    if (!rec.ok()) return respond(error_response(rec.status()));
+    if (!rec->has_value() && l.kind == LookupKind::in_log && l.forgotten_if_absent)
+      return respond(error_response(not_found("the outcome of " + gid + " was forgotten")));
+    auto changed = change(*rec);
+    if (!changed.ok()) return respond(error_response(changed.status()));
+    if (!changed->has_value()) {
+      ClientReply r = rec->has_value() ? CoordinatorMachine::reply_from_record(**rec, RequestKind::get)
+                                       : CoordinatorMachine::reply_without_record(gid, RequestKind::get, false);
+      return respond(encode_reply(r));
+    }
+    wal::TxnRecord next = std::move(**changed);
+    // The write is queued under rewrite_mu_: the next rewrite's flush() waits for it.
+    wal_->write({wal::LogWrite::put(next)}, true, [this, next, respond](Status st) {
+      if (!st.ok()) {
+        log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
+        std::_Exit(3);
+      }
+      with_machine([&](CoordinatorMachine& m) { m.on_record_rewritten(next); });
+      respond(encode_reply(CoordinatorMachine::reply_from_record(next, RequestKind::get)));
+    });
+  });
 }
 
 void CoordinatorService::forget(const std::string& gid, const Responder& respond) {
-  rewrite_finished(gid, respond, [&](std::optional<wal::TxnRecord> rec) -> Result<std::optional<wal::TxnRecord>> {
+  rewrite_finished(gid, respond, [this, gid](std::optional<wal::TxnRecord> rec) -> Result<std::optional<wal::TxnRecord>> {
     if (!rec || !rec->heuristic_mixed)
       return conflict("transaction " + gid + " has no heuristic outcome to forget");
     rec->heuristic_mixed = false;
@@ -820,7 +827,7 @@ void CoordinatorService::status(const Responder& respond) {
 
 void CoordinatorService::in_doubt(const Responder& respond) {
   std::vector<TxnView> views;
-  int64_t now = clock_.now_ms();
+  int64_t now = rt_.now_ms();
   {
     std::lock_guard lock(mu_);
     views = machine_.in_doubt(now, cfg_.list_limit_max);
@@ -838,7 +845,7 @@ void CoordinatorService::in_doubt(const Responder& respond) {
 
 void CoordinatorService::tick() {
   if (stopping_) return;
-  int64_t now = clock_.now_ms();
+  int64_t now = rt_.now_ms();
   size_t recovering = 0;
   with_machine([&](CoordinatorMachine& m) {
     m.tick(now);
@@ -856,22 +863,24 @@ void CoordinatorService::tick() {
       log_.warn("recovery still driving transactions; serving anyway",
                 {{"unfinished", static_cast<uint64_t>(recovering)}, {"ms", now - started_ms_}});
   }
-  tick_timer_ = loop_.run_after(cfg_.tick_ms, [this] { tick(); });
+  tick_timer_ = rt_.run_after(cfg_.tick_ms, [this] { tick(); });
 }
 
-void CoordinatorService::compaction_loop() {
-  std::unique_lock lock(compaction_mu_);
-  while (!shut_down_) {
-    compaction_cv_.wait_for(lock, std::chrono::milliseconds(cfg_.compaction_interval_ms));
-    if (shut_down_) break;
-    lock.unlock();
-    compact_once();
-    lock.lock();
-  }
+// Every compaction_interval_ms, a pass on a worker; the next is timed from the pass's end.
+void CoordinatorService::schedule_compaction() {
+  if (stopping_) return;
+  rt_.run_after(cfg_.compaction_interval_ms, [this] {
+    if (stopping_) return;
+    rt_.submit([this] {
+      if (stopping_) return;
+      compact_once();
+      schedule_compaction();
+    });
+  });
 }
 
 void CoordinatorService::compact_once() {
-  int64_t cutoff = clock_.now_ms() - cfg_.retention_ms;
+  int64_t cutoff = rt_.now_ms() - cfg_.retention_ms;
   std::vector<std::string> erase;
   std::optional<GidParts> highest;
   Status st = wal_->for_each([&](wal::TxnRecord&& r) {

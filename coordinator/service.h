@@ -1,6 +1,9 @@
-// CoordinatorService: the driver around CoordinatorMachine. It owns the event loop, the HTTP
-// server (the REST API of DESIGN.md §3), the HTTP client to the agents and the decision log,
-// and carries out the machine's effects in order: persist, then send, then reply.
+// CoordinatorService: the driver around CoordinatorMachine. It owns the HTTP server (the REST
+// API of DESIGN.md §3) and the decision log, reaches time, timers, the agents and its workers
+// through a Runtime (common/runtime.h), and carries out the machine's effects in order:
+// persist, then send, then reply. Reads of the log (answers from finished records,
+// compaction, rewrites of finished records) run on the runtime's workers, never on a network
+// thread.
 //
 // Start-up: the epoch is bumped and synced, the log replayed, decided transactions handed to
 // the machine, which drives them to their outcome; /healthz answers 200 once they are all
@@ -8,25 +11,22 @@
 // background and is listed as in doubt).
 //
 // Threads: the machine is serialised by one mutex; effects run outside it, on whichever thread
-// produced them (a loop thread, or the log's writer thread for on_persisted). A failed write
+// produced them (a loop thread, a worker, or the log's writer thread for on_persisted). A failed write
 // to the decision log stops the process: it cannot know whether the decision is durable.
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <deque>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 
-#include "common/event_loop.h"
 #include "common/http.h"
-#include "common/http_client.h"
 #include "common/http_server.h"
+#include "common/runtime.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "common/metrics.h"
@@ -76,6 +76,11 @@ class CoordinatorService {
   static Result<std::unique_ptr<CoordinatorService>> start(const CoordinatorConfig& cfg,
                                                            std::unique_ptr<wal::DecisionLog> log,
                                                            Logger& logger);
+  // The same driver over another runtime (the simulator): no HTTP server; the caller delivers
+  // requests to handle(). rt must outlive the service.
+  static Result<std::unique_ptr<CoordinatorService>> start_with(const CoordinatorConfig& cfg,
+                                                                std::unique_ptr<wal::DecisionLog> log,
+                                                                Logger& logger, Runtime& rt);
   ~CoordinatorService();
 
   uint16_t port() const;
@@ -93,7 +98,9 @@ class CoordinatorService {
 
  private:
   CoordinatorService(const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log,
-                     Logger& logger);
+                     Logger& logger, Runtime& rt);
+  Status open();  // replays the log
+  void serve();   // drives what recovery found; timers on
   Status recover();
   void register_metrics();
 
@@ -132,20 +139,18 @@ class CoordinatorService {
   void in_doubt(const Responder& respond);
 
   void tick();
-  void rewrite_finished(
-      const std::string& gid, const Responder& respond,
-      const std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>& change);
+  // How a heuristic report or a forget changes a finished record (nullopt: no change).
+  using RecordChange = std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>;
+  void rewrite_finished(const std::string& gid, const Responder& respond, RecordChange change);
   void forget(const std::string& gid, const Responder& respond);
-  void compaction_loop();
+  void schedule_compaction();
   void compact_once();
 
   CoordinatorConfig cfg_;
   Logger& log_;
-  // Every time the machine sees: monotonic, anchored at the wall clock at start.
-  const ServiceClock clock_;
+  Runtime& rt_;  // time, timers, transport and workers (*real_ unless given)
+  std::unique_ptr<RealRuntime> real_;
   std::unique_ptr<wal::DecisionLog> wal_;
-  EventLoop loop_;
-  HttpClient client_;
   std::unique_ptr<HttpServer> server_;
   Metrics metrics_;
   Histogram* commit_latency_ = nullptr;
@@ -187,9 +192,7 @@ class CoordinatorService {
 
   std::atomic<uint64_t> compaction_passes_{0};  // reads of the log by compaction
   std::mutex rewrite_mu_;  // one rewrite of a finished record at a time
-  std::mutex compaction_mu_;
-  std::condition_variable compaction_cv_;
-  std::thread compaction_thread_;
+  std::mutex shutdown_mu_;  // guards shut_down_
   bool shut_down_ = false;
   bool started_ = false;  // start() completed
   size_t recovering_at_start_ = 0;
