@@ -81,7 +81,7 @@ Result<Outcome> finish_prepared(PgConn& c, std::string_view verb, std::string_vi
   // before that answer is seen.
   auto exists = marker_exists(c, pg_gid);
   if (!exists.ok()) return exists.status();
-  return *exists ? Outcome::committed : Outcome::aborted;
+  return outcome_when_not_prepared(*exists);
 }
 
 }  // namespace

@@ -124,6 +124,13 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
 Result<Outcome> commit_one_phase(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                                  int64_t epoch, int64_t seq, std::string* reason);
 
+// A branch PostgreSQL no longer has prepared (42704): it committed iff its marker row exists
+// (not a tombstone). "Does not exist" alone is never success: finished earlier, rolled back
+// by someone else, or never prepared all answer it.
+inline Outcome outcome_when_not_prepared(bool marker_exists) {
+  return marker_exists ? Outcome::committed : Outcome::aborted;
+}
+
 // COMMIT PREPARED 'pg_gid' (outside any block). committed when it ran or when it answered
 // 42704 and the marker exists; aborted when 42704 and no marker (a heuristic rollback or never
 // prepared). unavailable/sql_error for anything else (retry later).

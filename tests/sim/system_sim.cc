@@ -1,0 +1,777 @@
+// tpc-sim: the whole system under deterministic simulation.
+//
+// One coordinator and 2-4 agents — the real CoordinatorService and AgentService with their
+// real machines, codecs and drivers — run in one thread over the seeded World of sim.h: its
+// clock, its network, a MemoryLog that outlives the coordinator's crashes (SimLog) and one
+// simulated PostgreSQL database per agent (sim_postgres.h). Clients run transfers between
+// accounts of two databases, interactive and one-shot, 2PC and 3PC. For a while faults are on:
+// messages lost, duplicated, delayed and reordered; partitions (an agent cut from the
+// coordinator, from its peers, or both: the 3PC partition); the coordinator, agents and
+// databases crash and come back; wall clocks jump forward and back. Then the faults stop, the
+// clients finish, and the system must settle within a bound.
+//
+// Invariants, by name:
+//   commit_before_durable   a commit or pre-commit leaves the coordinator only once a commit
+//                           decision for its gid is durable in the log (checked on the wire)
+//   decision_changed        a durable decision is never replaced by the opposite one
+//   answers_disagree        two answers about one gid never say committed and aborted
+//   told_before_durable     "committed" is answered only once the decision is durable
+//   applied_twice           no branch's writes are applied twice
+//   atomicity               once settled, each transfer moved its amount on both sides or on
+//                           neither (the sum of its applied changes is 0); a 3PC transfer may
+//                           end mixed only after a partition, and then it must be reported
+//                           (a heuristic record at the coordinator or a check row at an agent)
+//   told_committed_not_applied, told_aborted_but_applied   answers against the databases
+//   prepared_left, session_left   once settled, no prepared branch and no open session remain
+//   money_created           the sum of all balances is what it was
+//
+//   tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] [--verbose]
+// --seed S replays one seed and prints its events as they happen; a failure prints the seed,
+// the invariant, the last events and the command that replays it.
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/json.h"
+#include "common/log.h"
+#include "coordinator/service.h"
+#include "participant/agent_service.h"
+#include "participant/pg_branch.h"
+#include "tests/sim/sim.h"
+#include "tests/sim/sim_postgres.h"
+
+namespace tpc::sim {
+namespace {
+
+constexpr uint16_t kCoordinatorPort = 17400;
+constexpr int64_t kStartMs = 1'700'000'000'000;   // the world's wall clock at 0
+constexpr int64_t kSettleMaxMs = 90'000;          // after the faults, everything settles by then
+constexpr int64_t kBalance = 1'000;               // every account starts with it
+constexpr int kAccountsPerDb = 20;
+constexpr int kClients = 4;
+constexpr int kPollsMax = 400;                    // GETs of one gid before the client gives up
+constexpr size_t kTraceShown = 60;
+
+struct Options {
+  uint64_t first_seed = 1;
+  uint64_t seeds = 1;
+  double minutes = 0;  // > 0: run seeds until this much time passed
+  int threads = 2;
+  int64_t faulty_ms = 8'000;
+  bool replay = false;
+  bool verbose = false;
+};
+
+// Log lines of the services go into the trace (warnings and errors; everything in a replay).
+class TraceSink final : public LogSink {
+ public:
+  TraceSink(World& w, std::string who) : w_(w), who_(std::move(who)) {}
+  void write(LogLevel, std::string_view line) override {
+    std::string l(line);
+    while (!l.empty() && l.back() == '\n') l.pop_back();
+    w_.note(who_ + " log: " + l);
+  }
+  bool wants_timestamps() const override { return false; }
+
+ private:
+  World& w_;
+  std::string who_;
+};
+
+enum class Kind { interactive, oneshot };
+
+// One transfer as the client sees it.
+struct Transfer {
+  uint64_t id = 0;
+  Kind kind = Kind::interactive;
+  bool three_phase = false;
+  std::string gid;
+  struct Leg {
+    int agent;
+    int64_t account;
+    int64_t delta;
+  };
+  std::vector<Leg> legs;
+  size_t next_leg = 0;
+  std::string told;  // "committed", "aborted", or empty (unknown)
+  int polls = 0;
+};
+
+class Cluster {
+ public:
+  Cluster(uint64_t seed, const Options& opts) : seed_(seed), opts_(opts), w_(seed) {}
+
+  // Runs the seed; returns the violations (empty: passed).
+  std::vector<std::string> run();
+  const World& world() const { return w_; }
+
+ private:
+  // Processes.
+  void start_coordinator();
+  void crash_coordinator();
+  void start_agent(size_t i);
+  void crash_agent(size_t i);
+  void crash_database(size_t i, int64_t down_ms);
+  std::string url_of(int proc) { return "http://127.0.0.1:" + std::to_string(w_.process(proc).port); }
+
+  // Faults.
+  void schedule_fault();
+  void inject_fault();
+  void stop_faults();
+
+  // Clients.
+  void client_next(int client);
+  void begin_interactive(int client, std::shared_ptr<Transfer> t);
+  void exec_leg(int client, std::shared_ptr<Transfer> t);
+  void finish(int client, std::shared_ptr<Transfer> t, bool commit);
+  void run_oneshot(int client, std::shared_ptr<Transfer> t);
+  void poll(int client, std::shared_ptr<Transfer> t);
+  void told(int client, std::shared_ptr<Transfer> t, const std::string& state);
+  void done(int client, std::shared_ptr<Transfer> t);
+  void post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
+            std::function<void(const HttpResult&, const Json&)> then);
+  void get(int proc, const std::string& target, std::function<void(const HttpResult&, const Json&)> then);
+  std::shared_ptr<Transfer> new_transfer();
+
+  // Checks.
+  void check_wire(int from, int to, const HttpRequest& req);
+  void check_commit_message(const std::string& path, const std::string& body);
+  void answer(const std::string& gid, const std::string& state, const char* where);
+  bool settled() const;
+  void check_end();
+  void violation(std::string what) {
+    w_.note("VIOLATION " + what);
+    violations_.push_back(std::move(what));
+  }
+
+  const uint64_t seed_;
+  const Options opts_;
+
+ public:
+  size_t told_committed = 0, told_aborted = 0, told_nothing = 0;
+
+ private:
+  World w_;
+  int coord_ = -1, app_ = -1;
+  std::vector<int> agent_procs_;
+
+  // The coordinator.
+  wal::MemoryLog store_;
+  LogWatch watch_;
+  std::unique_ptr<SimRuntime> coord_rt_;
+  std::unique_ptr<TraceSink> coord_sink_;
+  std::unique_ptr<Logger> coord_log_;
+  SimLog* coord_wal_ = nullptr;
+  std::unique_ptr<coord::CoordinatorService> coordinator_;
+
+  // The agents and their databases.
+  struct Agent {
+    std::string name;
+    SimDb db;
+    std::unique_ptr<SimRuntime> rt;
+    std::unique_ptr<TraceSink> sink;
+    std::unique_ptr<Logger> log;
+    std::unique_ptr<SimExecutor> exec;
+    std::unique_ptr<agent::AgentService> service;
+  };
+  std::vector<std::unique_ptr<Agent>> agents_;
+
+  // The clients.
+  std::unique_ptr<SimRuntime> app_rt_;
+  bool clients_stop_ = false;
+  int clients_busy_ = 0;
+  uint64_t next_transfer_ = 1;
+  std::vector<std::shared_ptr<Transfer>> transfers_;
+  std::map<std::string, std::string> answers_;  // gid → committed/aborted, as first answered
+  std::set<std::string> three_phase_gids_;
+  bool partitioned_ = false;  // a partition happened (3PC may then end mixed, reported)
+
+  int64_t initial_total_ = 0;
+  std::vector<std::string> violations_;
+};
+
+// --- processes ----------------------------------------------------------------------------------
+
+void Cluster::start_coordinator() {
+  coord::CoordinatorConfig cfg;
+  cfg.machine.coordinator_id = "c1";
+  cfg.machine.txn_timeout_default_ms = 6'000;
+  cfg.machine.prepare_timeout_ms = 2'000;
+  cfg.machine.commit_wait_ms = 3'000;
+  cfg.machine.retry_min_ms = 50;
+  cfg.machine.retry_max_ms = 1'000;
+  cfg.message_timeout_ms = 1'000;
+  cfg.recovery_wait_ms = 5'000;
+  cfg.compaction_interval_ms = 3'600'000;
+  cfg.tick_ms = 20;
+  for (auto& a : agents_) cfg.participants[a->name] = url_of(agent_procs_[&a - &agents_[0]]);
+  auto log = std::make_unique<SimLog>(w_, coord_, store_, watch_);
+  coord_wal_ = log.get();
+  auto svc = coord::CoordinatorService::start_with(cfg, std::move(log), *coord_log_, *coord_rt_);
+  if (!svc.ok()) {
+    violation("coordinator_did_not_start: " + svc.status().to_string());
+    return;
+  }
+  coordinator_ = std::move(*svc);
+  coord::CoordinatorService* c = coordinator_.get();
+  w_.process(coord_).handler = [c](HttpRequest&& req, Responder respond) { c->handle(std::move(req), std::move(respond)); };
+}
+
+void Cluster::crash_coordinator() {
+  if (!w_.process(coord_).up) return;
+  w_.crash(coord_);
+  if (coord_wal_) coord_wal_->crash();
+  coordinator_.reset();
+  coord_wal_ = nullptr;
+  w_.at(w_.now() + w_.rng().range(50, 2'000), -1, [this] {
+    w_.restart(coord_);
+    start_coordinator();
+  });
+}
+
+void Cluster::start_agent(size_t i) {
+  Agent& a = *agents_[i];
+  int proc = agent_procs_[i];
+  if (a.service || !w_.process(proc).up) return;  // running already, or crashed meanwhile
+  if (!a.db.up) {  // the agent refuses to start without its database; it is restarted later
+    w_.at(w_.now() + 200, -1, [this, i] { start_agent(i); });
+    return;
+  }
+  agent::AgentConfig cfg;
+  cfg.machine.name = a.name;
+  cfg.machine.idle_timeout_ms = 5'000;
+  cfg.machine.in_doubt_after_ms = 500;
+  cfg.machine.ask_min_ms = 100;
+  cfg.machine.ask_max_ms = 2'000;
+  cfg.machine.precommit_timeout_ms = 3'000;
+  cfg.machine.commit_timeout_ms = 3'000;
+  cfg.coordinators["c1"] = url_of(coord_);
+  cfg.advertise_url = url_of(proc);
+  cfg.tick_ms = 50;
+  cfg.scan_interval_ms = 1'000;
+  cfg.purge_interval_ms = 5'000;
+  cfg.coordinator_timeout_ms = 1'000;
+  a.exec = std::make_unique<SimExecutor>(w_, a.db, a.name);
+  auto svc = agent::AgentService::start_with(cfg, *a.log, *a.rt, *a.exec);
+  if (!svc.ok()) {
+    w_.note(a.name + " did not start: " + svc.status().to_string());
+    w_.crash(proc);  // what the failed start had begun (timers, requests) dies with it
+    w_.restart(proc);
+    a.exec.reset();
+    w_.at(w_.now() + 200, -1, [this, i] { start_agent(i); });
+    return;
+  }
+  a.service = std::move(*svc);
+  agent::AgentService* s = a.service.get();
+  w_.process(proc).handler = [s](HttpRequest&& req, Responder respond) { s->handle(std::move(req), std::move(respond)); };
+}
+
+void Cluster::crash_agent(size_t i) {
+  int proc = agent_procs_[i];
+  if (!w_.process(proc).up) return;
+  w_.crash(proc);
+  Agent& a = *agents_[i];
+  a.service.reset();  // its connections close: the database rolls back its open blocks
+  a.exec.reset();
+  w_.at(w_.now() + w_.rng().range(50, 2'000), -1, [this, i, proc] {
+    w_.restart(proc);
+    start_agent(i);
+  });
+}
+
+void Cluster::crash_database(size_t i, int64_t down_ms) {
+  SimDb& db = agents_[i]->db;
+  if (!db.up) return;
+  db.up = false;
+  db.crash();
+  w_.note("database of " + agents_[i]->name + " crashes");
+  w_.at(w_.now() + down_ms, -1, [this, i] {
+    agents_[i]->db.up = true;
+    w_.note("database of " + agents_[i]->name + " is back");
+  });
+}
+
+// --- faults -------------------------------------------------------------------------------------
+
+void Cluster::schedule_fault() {
+  w_.at(w_.now() + w_.rng().range(50, 600), -1, [this] {
+    if (!w_.faults_on) return;
+    inject_fault();
+    schedule_fault();
+  });
+}
+
+void Cluster::inject_fault() {
+  Rng& r = w_.rng();
+  size_t n = agents_.size();
+  size_t i = static_cast<size_t>(r.range(0, static_cast<int64_t>(n) - 1));
+  int agent = agent_procs_[i];
+  switch (r.range(0, 9)) {
+    case 0:
+      w_.faults = NetFaults{static_cast<double>(r.range(0, 15)) / 100.0, static_cast<double>(r.range(0, 8)) / 100.0,
+                            0, r.range(1, 40)};
+      w_.note("network: loss " + std::to_string(w_.faults.loss) + " dup " + std::to_string(w_.faults.duplicate) +
+              " delay ≤" + std::to_string(w_.faults.delay_max_ms));
+      break;
+    case 1:
+    case 2: {
+      // An agent cut from the coordinator, from its peers, or both (the 3PC partition).
+      int how = static_cast<int>(r.range(0, 2));
+      if (how != 1) w_.cut(coord_, agent);
+      if (how != 0)
+        for (int other : agent_procs_)
+          if (other != agent) w_.cut(agent, other);
+      partitioned_ = true;
+      w_.note("partition: " + agents_[i]->name + (how == 0 ? " | coordinator" : how == 1 ? " | peers" : " | all"));
+      w_.at(w_.now() + r.range(200, 4'000), -1, [this] {
+        w_.heal();
+        w_.note("partition healed");
+      });
+      break;
+    }
+    case 3: crash_coordinator(); break;
+    case 4:
+    case 5: crash_agent(i); break;
+    case 6: crash_database(i, r.range(50, 1'500)); break;
+    case 7: {
+      int who = r.chance(0.5) ? coord_ : agent;
+      int64_t jump = r.range(-30'000, 30'000);
+      w_.process(who).wall_offset_ms += jump;
+      w_.note("clock of " + w_.process(who).name + " jumps " + std::to_string(jump) + " ms");
+      break;
+    }
+    default: break;  // quiet
+  }
+}
+
+void Cluster::stop_faults() {
+  w_.faults_on = false;
+  w_.heal();
+  clients_stop_ = true;
+  w_.note("faults stop");
+}
+
+// --- clients ------------------------------------------------------------------------------------
+
+void Cluster::post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
+                   std::function<void(const HttpResult&, const Json&)> then) {
+  HttpRequest req;
+  req.method = "POST";
+  req.target = target;
+  req.body = dump(body);
+  SendOptions opts;
+  opts.timeout_ms = timeout_ms;
+  opts.idempotent = false;
+  Url url{"127.0.0.1", w_.process(proc).port, ""};
+  app_rt_->send(url, std::move(req), opts, [then](HttpResult res) {
+    Json j;
+    if (res.status.ok()) {
+      auto p = parse_json(res.body);
+      if (p.ok()) j = std::move(*p);
+    }
+    then(res, j);
+  });
+}
+
+void Cluster::get(int proc, const std::string& target, std::function<void(const HttpResult&, const Json&)> then) {
+  HttpRequest req;
+  req.method = "GET";
+  req.target = target;
+  Url url{"127.0.0.1", w_.process(proc).port, ""};
+  app_rt_->send(url, std::move(req), SendOptions{1'000, true}, [then](HttpResult res) {
+    Json j;
+    if (res.status.ok()) {
+      auto p = parse_json(res.body);
+      if (p.ok()) j = std::move(*p);
+    }
+    then(res, j);
+  });
+}
+
+std::shared_ptr<Transfer> Cluster::new_transfer() {
+  Rng& r = w_.rng();
+  auto t = std::make_shared<Transfer>();
+  t->id = next_transfer_++;
+  t->kind = r.chance(0.5) ? Kind::interactive : Kind::oneshot;
+  t->three_phase = r.chance(0.4);
+  int n = static_cast<int>(agents_.size());
+  int from = static_cast<int>(r.range(0, n - 1));
+  int to = static_cast<int>((from + r.range(1, n - 1)) % n);
+  int64_t amount = r.range(1, 9);
+  t->legs.push_back({from, r.range(1, kAccountsPerDb), -amount});
+  t->legs.push_back({to, r.range(1, kAccountsPerDb), amount});
+  transfers_.push_back(t);
+  return t;
+}
+
+static Json transfer_statement(const Transfer::Leg& leg) {
+  return Json{{"sql", kTransferSql}, {"params", Json::array({leg.delta, leg.account})}};
+}
+
+void Cluster::client_next(int client) {
+  if (clients_stop_) return;
+  ++clients_busy_;
+  auto t = new_transfer();
+  w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) +
+          (t->kind == Kind::interactive ? " interactive" : " one-shot") + (t->three_phase ? " 3pc" : " 2pc"));
+  if (t->kind == Kind::interactive)
+    begin_interactive(client, t);
+  else
+    run_oneshot(client, t);
+}
+
+void Cluster::done(int client, std::shared_ptr<Transfer> t) {
+  w_.note("transfer " + std::to_string(t->id) + " " + (t->gid.empty() ? "(no gid)" : t->gid) + " told " +
+          (t->told.empty() ? "nothing" : t->told));
+  --clients_busy_;
+  // A client that learned nothing (the coordinator down, say) waits longer before the next.
+  int64_t pause = t->told.empty() ? w_.rng().range(100, 400) : w_.rng().range(0, 50);
+  app_rt_->run_after(pause, [this, client] { client_next(client); });
+}
+
+void Cluster::begin_interactive(int client, std::shared_ptr<Transfer> t) {
+  Json body{{"protocol", t->three_phase ? "3pc" : "2pc"}};
+  post(coord_, "/v1/transactions", body, 1'000, [this, client, t](const HttpResult& res, const Json& j) {
+    if (!res.status.ok() || res.http_status != 201 || !j.contains("gid")) return done(client, t);
+    t->gid = j["gid"].get<std::string>();
+    if (t->three_phase) three_phase_gids_.insert(t->gid);
+    exec_leg(client, t);
+  });
+}
+
+void Cluster::exec_leg(int client, std::shared_ptr<Transfer> t) {
+  if (t->next_leg == t->legs.size()) return finish(client, t, true);
+  const Transfer::Leg& leg = t->legs[t->next_leg];
+  post(agent_procs_[static_cast<size_t>(leg.agent)], "/v1/branches/" + t->gid + "/exec", transfer_statement(leg), 2'000,
+       [this, client, t](const HttpResult& res, const Json&) {
+         if (!res.status.ok() || res.http_status != 200) return finish(client, t, false);
+         t->next_leg++;
+         exec_leg(client, t);
+       });
+}
+
+void Cluster::finish(int client, std::shared_ptr<Transfer> t, bool commit) {
+  post(coord_, "/v1/transactions/" + t->gid + (commit ? "/commit" : "/abort"), Json::object(), 4'000,
+       [this, client, t](const HttpResult& res, const Json& j) {
+         std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
+         if (res.status.ok() && (state == "committed" || state == "aborted")) return told(client, t, state);
+         poll(client, t);
+       });
+}
+
+void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
+  Json branches = Json::array();
+  for (auto& leg : t->legs)
+    branches.push_back(Json{{"participant", agents_[static_cast<size_t>(leg.agent)]->name},
+                            {"statements", Json::array({transfer_statement(leg)})}});
+  Json body{{"protocol", t->three_phase ? "3pc" : "2pc"}, {"branches", branches}};
+  post(coord_, "/v1/transactions/run", body, 5'000, [this, client, t](const HttpResult& res, const Json& j) {
+    if (j.is_object() && j.contains("gid") && j["gid"].is_string()) {
+      t->gid = j["gid"].get<std::string>();
+      if (t->three_phase) three_phase_gids_.insert(t->gid);
+    }
+    std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
+    if (res.status.ok() && (state == "committed" || state == "aborted")) return told(client, t, state);
+    if (t->gid.empty()) return done(client, t);  // never learned its gid: the databases judge it
+    poll(client, t);
+  });
+}
+
+void Cluster::poll(int client, std::shared_ptr<Transfer> t) {
+  if (++t->polls > kPollsMax) return done(client, t);
+  app_rt_->run_after(100, [this, client, t] {
+    get(coord_, "/v1/transactions/" + t->gid, [this, client, t](const HttpResult& res, const Json& j) {
+      std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
+      if (res.status.ok() && res.http_status == 200 && (state == "committed" || state == "aborted"))
+        return told(client, t, state);
+      poll(client, t);
+    });
+  });
+}
+
+void Cluster::told(int client, std::shared_ptr<Transfer> t, const std::string& state) {
+  t->told = state;
+  (state == "committed" ? told_committed : told_aborted)++;
+  answer(t->gid, state, "client");
+  done(client, t);
+}
+
+// --- checks -------------------------------------------------------------------------------------
+
+void Cluster::answer(const std::string& gid, const std::string& state, const char* where) {
+  if (state == "committed") {
+    auto d = watch_.durable.find(gid);
+    bool durable = d != watch_.durable.end() &&
+                   (d->second == wal::Decision::commit || d->second == wal::Decision::precommit);
+    if (!durable) violation("told_before_durable " + gid + " answered committed (" + where + ")");
+  }
+  auto [it, fresh] = answers_.emplace(gid, state);
+  if (!fresh && it->second != state)
+    violation("answers_disagree " + gid + ": " + it->second + " then " + state + " (" + where + ")");
+}
+
+void Cluster::check_commit_message(const std::string& path, const std::string& body) {
+  // /v1/branches/{gid}/commit (not one-phase) and /v1/branches/{gid}/precommit
+  const std::string prefix = "/v1/branches/";
+  if (path.rfind(prefix, 0) != 0) return;
+  size_t slash = path.find('/', prefix.size());
+  if (slash == std::string::npos) return;
+  std::string gid = path.substr(prefix.size(), slash - prefix.size());
+  std::string action = path.substr(slash + 1);
+  bool one_phase = body.find("\"one_phase\":true") != std::string::npos;
+  if (!((action == "commit" && !one_phase) || action == "precommit")) return;
+  auto d = watch_.durable.find(gid);
+  bool durable = d != watch_.durable.end() &&
+                 (d->second == wal::Decision::commit || d->second == wal::Decision::precommit);
+  if (!durable) violation("commit_before_durable " + action + " of " + gid + " sent before its decision was durable");
+}
+
+void Cluster::check_wire(int from, int to, const HttpRequest& req) {
+  if (opts_.verbose) w_.note(w_.process(from).name + " → " + w_.process(to).name + " " + req.method + " " + req.target);
+  if (from != coord_) return;
+  std::string path(req.path());
+  if (path != "/v1/batch") return check_commit_message(path, req.body);
+  auto j = parse_json(req.body);
+  if (!j.ok() || !j->contains("requests")) return;
+  for (auto& item : (*j)["requests"])
+    if (item.contains("path") && item.contains("body")) check_commit_message(item["path"].get<std::string>(), dump(item["body"]));
+}
+
+bool Cluster::settled() const {
+  if (clients_busy_ > 0) return false;
+  for (auto& a : agents_)
+    if (!a->db.prepared.empty() || !a->db.sessions.empty() || !a->service) return false;
+  return coordinator_ != nullptr;
+}
+
+void Cluster::check_end() {
+  if (!settled()) {
+    for (auto& a : agents_) {
+      for (auto& [pgg, p] : a->db.prepared) violation("prepared_left " + pgg + " at " + a->name);
+      if (!a->db.sessions.empty()) violation("session_left " + std::to_string(a->db.sessions.size()) + " at " + a->name);
+    }
+    if (clients_busy_ > 0) violation("clients_not_done " + std::to_string(clients_busy_));
+  }
+  for (auto& v : watch_.violations) violation(v);
+  // Per gid, over every database: how many branches applied, and the sum of their changes.
+  struct Applied {
+    int branches = 0;
+    int64_t sum = 0;
+    std::vector<std::string> where;
+  };
+  std::map<std::string, Applied> by_gid;
+  for (auto& a : agents_) {
+    for (auto& [pgg, n] : a->db.applied) {
+      auto gid = pg::global_gid(a->name, pgg);
+      if (!gid) continue;
+      if (n > 1) violation("applied_twice " + pgg + " (" + std::to_string(n) + " times)");
+      Applied& x = by_gid[*gid];
+      x.branches++;
+      x.sum += a->db.applied_sum[pgg];
+      x.where.push_back(a->name);
+    }
+  }
+  for (auto& [gid, x] : by_gid) {
+    if (x.sum == 0) continue;  // both legs, or nothing that moved money
+    bool reported = watch_.heuristic.count(gid) > 0;
+    for (auto& a : agents_) {
+      auto st = a->db.states.find(pg::pg_gid(a->name, gid));
+      if (st != a->db.states.end() && agent::parse_check_record(st->second.first)) reported = true;
+    }
+    bool three_phase = false;
+    if (auto rec = store_.get(gid); rec.ok() && rec->has_value()) three_phase = (*rec)->protocol == 3;
+    if (three_phase && partitioned_ && reported) continue;  // the documented 3PC risk, reported
+    std::string at;
+    for (auto& w : x.where) at += (at.empty() ? "" : ",") + w;
+    violation(std::string(reported ? "atomicity " : "atomicity (not reported) ") + gid + ": only " + at +
+              " applied (sum " + std::to_string(x.sum) + (three_phase ? ", 3pc)" : ")"));
+  }
+  for (auto& t : transfers_) {
+    if (t->gid.empty()) continue;
+    bool applied = by_gid.count(t->gid) > 0;
+    if (t->told == "committed" && !applied) violation("told_committed_not_applied " + t->gid);
+    if (t->told == "aborted" && applied) violation("told_aborted_but_applied " + t->gid);
+  }
+  int64_t total = 0, excused = 0;
+  for (auto& a : agents_) total += a->db.total();
+  for (auto& [gid, x] : by_gid) excused += x.sum;
+  if (total - excused != initial_total_)
+    violation("money_created: the balances sum to " + std::to_string(total) + ", not " + std::to_string(initial_total_));
+}
+
+// --- the run ------------------------------------------------------------------------------------
+
+std::vector<std::string> Cluster::run() {
+  Rng setup(seed_ ^ 0x5eed);
+  size_t n = static_cast<size_t>(setup.range(2, 4));
+  w_.echo = opts_.replay;
+  w_.run_until(kStartMs);
+  coord_ = w_.add_process("c1", kCoordinatorPort);
+  for (size_t i = 0; i < n; ++i) {
+    auto a = std::make_unique<Agent>();
+    a->name = "a" + std::to_string(i + 1);
+    a->db.name = a->name;
+    a->db.max_prepared = static_cast<int>(setup.range(3, 10));
+    for (int id = 1; id <= kAccountsPerDb; ++id) a->db.balances[id] = kBalance;
+    initial_total_ += a->db.total();
+    agent_procs_.push_back(w_.add_process(a->name, static_cast<uint16_t>(kCoordinatorPort + 1 + i)));
+    agents_.push_back(std::move(a));
+  }
+  app_ = w_.add_process("app", 0);
+  w_.on_send = [this](int from, int to, const HttpRequest& req) { check_wire(from, to, req); };
+
+  LogLevel level = opts_.replay ? LogLevel::info : LogLevel::warn;
+  coord_rt_ = std::make_unique<SimRuntime>(w_, coord_);
+  coord_sink_ = std::make_unique<TraceSink>(w_, "c1");
+  coord_log_ = std::make_unique<Logger>(coord_sink_.get(), LogFormat::text, level);
+  for (size_t i = 0; i < n; ++i) {
+    Agent& a = *agents_[i];
+    a.rt = std::make_unique<SimRuntime>(w_, agent_procs_[i]);
+    a.sink = std::make_unique<TraceSink>(w_, a.name);
+    a.log = std::make_unique<Logger>(a.sink.get(), LogFormat::text, level);
+  }
+  app_rt_ = std::make_unique<SimRuntime>(w_, app_);
+  start_coordinator();
+  for (size_t i = 0; i < n; ++i) start_agent(i);
+
+  w_.faults_on = true;
+  w_.faults = NetFaults{0.02, 0.02, 0, 10};
+  schedule_fault();
+  for (int c = 0; c < kClients; ++c) app_rt_->run_after(w_.rng().range(0, 100), [this, c] { client_next(c); });
+  const int64_t faults_end = w_.now() + opts_.faulty_ms;
+  w_.at(faults_end, -1, [this] { stop_faults(); });
+  w_.run_until(faults_end);
+  // Everything down comes back; then the system must settle within the bound.
+  if (!w_.process(coord_).up || !coordinator_) {
+    // a restart is already scheduled
+  }
+  const int64_t deadline = faults_end + kSettleMaxMs;
+  while (w_.now() < deadline) {
+    w_.run_until(w_.now() + 1'000);
+    if (settled()) {
+      w_.run_until(w_.now() + 2'000);  // the last acknowledgements
+      if (settled()) break;
+    }
+  }
+  check_end();
+  // Stop the services while the world is still there.
+  coordinator_.reset();
+  for (auto& a : agents_) {
+    a->service.reset();
+    a->exec.reset();
+  }
+  return violations_;
+}
+
+// --- the command --------------------------------------------------------------------------------
+
+std::optional<Options> parse_args(int argc, char** argv) {
+  Options o;
+  o.seeds = 1000;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::optional<std::string> {
+      if (i + 1 >= argc) return std::nullopt;
+      return std::string(argv[++i]);
+    };
+    auto number = [&](auto* out) {
+      auto v = value();
+      if (!v) return false;
+      try {
+        size_t used = 0;
+        double d = std::stod(*v, &used);
+        if (used != v->size() || d < 0) return false;
+        *out = static_cast<std::remove_reference_t<decltype(*out)>>(d);
+        return true;
+      } catch (...) {
+        return false;
+      }
+    };
+    bool ok = true;
+    if (a == "--seeds") ok = number(&o.seeds);
+    else if (a == "--seed") {
+      ok = number(&o.first_seed);
+      o.seeds = 1;
+      o.replay = true;
+      o.threads = 1;
+    } else if (a == "--first-seed") ok = number(&o.first_seed);
+    else if (a == "--minutes") ok = number(&o.minutes);
+    else if (a == "--threads") ok = number(&o.threads) && o.threads >= 1;
+    else if (a == "--faulty-ms") ok = number(&o.faulty_ms) && o.faulty_ms >= 100;
+    else if (a == "--verbose") o.verbose = true;
+    else {
+      std::fprintf(stderr, "tpc-sim: unknown argument \"%s\" (see the top of tests/sim/system_sim.cc)\n", a.c_str());
+      return std::nullopt;
+    }
+    if (!ok) {
+      std::fprintf(stderr, "tpc-sim: %s needs a non-negative number\n", a.c_str());
+      return std::nullopt;
+    }
+  }
+  return o;
+}
+
+int run(const Options& o, const char* self) {
+  using Clock = std::chrono::steady_clock;
+  const auto started = Clock::now();
+  std::atomic<uint64_t> next{o.first_seed}, passed{0}, committed{0}, aborted{0}, events{0};
+  std::atomic<bool> failed{false};
+  std::mutex out_mu;
+  auto more = [&](uint64_t seed) {
+    if (failed) return false;
+    if (o.minutes > 0)
+      return std::chrono::duration<double>(Clock::now() - started).count() < o.minutes * 60.0;
+    return seed < o.first_seed + o.seeds;
+  };
+  auto worker = [&] {
+    for (;;) {
+      uint64_t seed = next.fetch_add(1);
+      if (!more(seed)) return;
+      Cluster c(seed, o);
+      auto v = c.run();
+      committed += c.told_committed;
+      aborted += c.told_aborted;
+      events += c.world().events_run();
+      if (v.empty()) {
+        passed++;
+        continue;
+      }
+      std::lock_guard lock(out_mu);
+      if (failed.exchange(true)) return;
+      std::fprintf(stderr, "\nseed %llu: %s\n", static_cast<unsigned long long>(seed), v[0].c_str());
+      for (size_t i = 1; i < v.size() && i < 10; ++i) std::fprintf(stderr, "  also: %s\n", v[i].c_str());
+      std::fprintf(stderr, "last events:\n");
+      for (auto& line : c.world().trace_tail(kTraceShown)) std::fprintf(stderr, "  %s\n", line.c_str());
+      std::fprintf(stderr, "replay: %s --seed %llu --faulty-ms %lld\n", self, static_cast<unsigned long long>(seed),
+                   static_cast<long long>(o.faulty_ms));
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < o.threads; ++t) threads.emplace_back(worker);
+  for (auto& t : threads) t.join();
+  double secs = std::chrono::duration<double>(Clock::now() - started).count();
+  std::printf("tpc-sim: %llu seeds passed in %.1f s%s (%llu transfers answered committed, %llu aborted; %llu events)\n",
+              static_cast<unsigned long long>(passed.load()), secs, failed ? ", one failed" : "",
+              static_cast<unsigned long long>(committed.load()), static_cast<unsigned long long>(aborted.load()),
+              static_cast<unsigned long long>(events.load()));
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace tpc::sim
+
+int main(int argc, char** argv) {
+  auto o = tpc::sim::parse_args(argc, argv);
+  if (!o) return 2;
+  return tpc::sim::run(*o, argv[0]);
+}
