@@ -974,11 +974,27 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
     --recovering_;
   }
   auto key = std::make_pair(t.parts.epoch, t.parts.seq);
-  auto it = unfinished_order_.find(key);
-  if (it != unfinished_order_.end() && --it->second == 0) unfinished_order_.erase(it);
+  if (record)
+    ending_[gid] = key;  // leaves unfinished_order_ once its end record is durable
+  else
+    release_order(key);
   remember_finished(view_of(t), t.serial);
   if (t.heuristic_mixed) heuristics_[key] = view_of(t);
   live_.erase(gid);
+}
+
+void CoordinatorMachine::release_order(std::pair<uint64_t, uint64_t> key) {
+  auto it = unfinished_order_.find(key);
+  if (it != unfinished_order_.end() && --it->second == 0) unfinished_order_.erase(it);
+}
+
+void CoordinatorMachine::on_ends_durable(const std::vector<std::string>& gids) {
+  for (const auto& gid : gids) {
+    auto it = ending_.find(gid);
+    if (it == ending_.end()) continue;
+    release_order(it->second);
+    ending_.erase(it);
+  }
 }
 
 void CoordinatorMachine::remember_finished(TxnView view, uint64_t serial) {

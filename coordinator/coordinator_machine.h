@@ -160,8 +160,13 @@ class CoordinatorMachine {
   size_t open_txns() const { return live_.size(); }
   size_t prepared_unfinished() const;
   const MachineCounters& counters() const { return counters_; }
-  // (epoch, seq) strictly below which every gid of ours is finished; for agents' marker purge.
+  // (epoch, seq) strictly below which every gid of ours is finished with its end record
+  // durable; agents purge their markers below it.
   GidParts finished_below() const;
+  // The end records of `gids` are durable (a synced write covered them). Until then a crash
+  // can lose such a record and the transaction is driven again from its decision, which
+  // needs the agents' markers: finished_below() stays below it.
+  void on_ends_durable(const std::vector<std::string>& gids);
 
   // The answer a repeated commit/abort/GET gets for a transaction known only from its record.
   static ClientReply reply_from_record(const wal::TxnRecord& rec, RequestKind kind);
@@ -232,8 +237,11 @@ class CoordinatorMachine {
   std::array<std::deque<Timer>, 3> timer_lanes_;  // by TimerKind: txn, prepare, wait timeouts
   // Uncleared heuristic outcomes of finished transactions, by (epoch, seq).
   std::map<std::pair<uint64_t, uint64_t>, TxnView> heuristics_;
-  // Unfinished gids ordered by (epoch, seq), for finished_below().
+  // Unfinished gids ordered by (epoch, seq), for finished_below(); a finished transaction
+  // stays here until its end record is durable (ending_).
   std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
+  std::unordered_map<std::string, std::pair<uint64_t, uint64_t>> ending_;
+  void release_order(std::pair<uint64_t, uint64_t> key);
 
   Ready ready_;
   MachineCounters counters_;

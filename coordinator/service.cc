@@ -184,30 +184,82 @@ void CoordinatorService::run(Ready ready) {
 
 void CoordinatorService::persist(std::vector<Persist> items) {
   std::vector<wal::LogWrite> writes;
-  std::vector<std::string> notify;
-  bool sync = false, precommit = false, ended = false;
+  std::vector<std::string> notify, ends;
+  bool sync = false, precommit = false;
   for (auto& p : items) {
     sync = sync || p.sync;
     if (p.notify) notify.push_back(p.record.gid);
     precommit = precommit || (p.notify && p.record.decision == wal::Decision::precommit);
-    ended = ended || p.record.ended;
+    if (p.record.ended) ends.push_back(p.record.gid);
     writes.push_back(wal::LogWrite::put(std::move(p.record)));
   }
   if (sync) TPC_FAILPOINT("coord.before_decision_log");
-  if (ended) TPC_FAILPOINT("coord.before_end_record");
-  wal_->write(std::move(writes), sync, [this, precommit, notify = std::move(notify)](Status st) {
+  if (!ends.empty()) TPC_FAILPOINT("coord.before_end_record");
+  // A synced write makes every write completed before it durable: the end records written
+  // unsynced so far, and its own.
+  std::vector<std::string> covered;
+  if (sync) covered = take_ends_written();
+  covered.insert(covered.end(), ends.begin(), ends.end());
+  wal_->write(std::move(writes), sync,
+              [this, sync, precommit, notify = std::move(notify), ends = std::move(ends),
+               covered = std::move(covered)](Status st) {
+                if (!st.ok()) {
+                  // Whether the records reached the disk is unknown: stop rather than guess.
+                  // Recovery after a restart reads what is there.
+                  log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
+                  std::_Exit(3);
+                }
+                if (sync)
+                  ends_durable(covered);
+                else
+                  ends_written(ends);
+                if (notify.empty()) return;
+                TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
+                with_machine([&](CoordinatorMachine& m) {
+                  int64_t now = rt_.now_ms();
+                  for (auto& gid : notify) m.on_persisted(gid, now);
+                });
+              });
+}
+
+std::vector<std::string> CoordinatorService::take_ends_written() {
+  std::lock_guard lock(ends_mu_);
+  std::vector<std::string> out;
+  out.swap(ends_written_);
+  return out;
+}
+
+void CoordinatorService::ends_written(const std::vector<std::string>& gids) {
+  if (gids.empty()) return;
+  std::lock_guard lock(ends_mu_);
+  if (ends_written_.empty()) ends_since_ms_ = rt_.now_ms();
+  ends_written_.insert(ends_written_.end(), gids.begin(), gids.end());
+}
+
+void CoordinatorService::ends_durable(const std::vector<std::string>& gids) {
+  if (gids.empty()) return;
+  std::lock_guard lock(mu_);
+  machine_.on_ends_durable(gids);
+}
+
+// End records wait for a synced write to cover them (finished_below, and so the agents'
+// marker purge, waits with them). Under load the next decision does; when none came for
+// kEndSyncDelayMs, an empty synced write does.
+void CoordinatorService::sync_ends() {
+  {
+    std::lock_guard lock(ends_mu_);
+    if (ends_written_.empty() || ends_sync_out_ || rt_.now_ms() - ends_since_ms_ < kEndSyncDelayMs) return;
+    ends_sync_out_ = true;
+  }
+  std::vector<std::string> covered = take_ends_written();
+  wal_->write({}, true, [this, covered = std::move(covered)](Status st) {
     if (!st.ok()) {
-      // Whether the records reached the disk is unknown: stop rather than guess. Recovery
-      // after a restart reads what is there.
       log_.error("decision log write failed; stopping", {{"error", st.to_string()}});
       std::_Exit(3);
     }
-    if (notify.empty()) return;
-    TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
-    with_machine([&](CoordinatorMachine& m) {
-      int64_t now = rt_.now_ms();
-      for (auto& gid : notify) m.on_persisted(gid, now);
-    });
+    ends_durable(covered);
+    std::lock_guard lock(ends_mu_);
+    ends_sync_out_ = false;
   });
 }
 
@@ -863,6 +915,7 @@ void CoordinatorService::tick() {
       log_.warn("recovery still driving transactions; serving anyway",
                 {{"unfinished", static_cast<uint64_t>(recovering)}, {"ms", now - started_ms_}});
   }
+  sync_ends();
   tick_timer_ = rt_.run_after(cfg_.tick_ms, [this] { tick(); });
 }
 

@@ -107,6 +107,11 @@ class CoordinatorService {
   // Effects.
   void run(Ready ready);
   void persist(std::vector<Persist> items);
+  // End records: written unsynced, durable once a later synced write completes.
+  std::vector<std::string> take_ends_written();
+  void ends_written(const std::vector<std::string>& gids);
+  void ends_durable(const std::vector<std::string>& gids);
+  void sync_ends();
   void send(const Message& m);
   // The outbox for phase-2 messages: per agent, they wait while agent_requests_max requests
   // are out, then go together.
@@ -183,6 +188,13 @@ class CoordinatorService {
   std::mutex outbox_mu_;
   std::unordered_map<std::string, Lane> lanes_;
   std::atomic<uint64_t> next_waiter_{1};
+
+  // End records whose write completed unsynced; a synced write started after that covers them.
+  std::mutex ends_mu_;
+  std::vector<std::string> ends_written_;
+  int64_t ends_since_ms_ = 0;  // when the oldest of them was written
+  bool ends_sync_out_ = false;  // an empty synced write for them is in flight
+  static constexpr int64_t kEndSyncDelayMs = 100;
 
   uint64_t epoch_ = 0;
   int64_t started_ms_ = 0;

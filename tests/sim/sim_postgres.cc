@@ -88,6 +88,15 @@ OpResult SimExecutor::execute(agent::PgOp& op) {
     sessions_.erase(op.gid);
     return failed(unavailable("could not connect to server: Connection refused"));
   }
+  OpResult res = run_op(op, pgg);
+  if (crash_after_op && crash_after_op()) {
+    sessions_.clear();
+    return failed(lost_connection());
+  }
+  return res;
+}
+
+OpResult SimExecutor::run_op(agent::PgOp& op, const std::string& pgg) {
   switch (op.kind) {
     case OpKind::exec: return exec(op, pgg);
     case OpKind::prepare:

@@ -77,7 +77,14 @@ class SimExecutor final : public agent::BranchExecutor {
   void close() override;
   uint64_t connections_opened() const override { return opened_; }
 
+  // Asked after each operation ran: true when the server crashes right then, before its
+  // answer leaves (the caller has crashed the database). The agent then sees a lost
+  // connection for work that was done: a COMMIT PREPARED that committed, a PREPARE that
+  // prepared — the ambiguity the marker row exists for.
+  std::function<bool()> crash_after_op;
+
  private:
+  agent::OpResult run_op(agent::PgOp& op, const std::string& pgg);
   agent::OpResult exec(agent::PgOp& op, const std::string& pgg);
   // Runs one statement in session s; sets res->status/sqlstate on failure.
   bool run_statement(uint64_t s, const agent::Statement& st, agent::OpResult* res);

@@ -148,6 +148,7 @@ class Cluster {
   void check_commit_message(const std::string& path, const std::string& body);
   void answer(const std::string& gid, const std::string& state, const char* where);
   bool settled() const;
+  void check_agent_views(const Transfer& t);
   void check_end();
   void violation(std::string what) {
     w_.note("VIOLATION " + what);
@@ -262,6 +263,12 @@ void Cluster::start_agent(size_t i) {
   cfg.purge_interval_ms = 5'000;
   cfg.coordinator_timeout_ms = 1'000;
   a.exec = std::make_unique<SimExecutor>(w_, a.db, a.name);
+  a.exec->crash_after_op = [this, i] {
+    if (!w_.faults_on || !w_.rng().chance(0.01)) return false;
+    w_.note("database of " + agents_[i]->name + " crashes after an operation ran");
+    crash_database(i, w_.rng().range(20, 800));
+    return true;
+  };
   auto svc = agent::AgentService::start_with(cfg, *a.log, *a.rt, *a.exec);
   if (!svc.ok()) {
     w_.note(a.name + " did not start: " + svc.status().to_string());
@@ -547,6 +554,25 @@ void Cluster::check_wire(int from, int to, const HttpRequest& req) {
     if (item.contains("path") && item.contains("body")) check_commit_message(item["path"].get<std::string>(), dump(item["body"]));
 }
 
+// What each agent says about its branch of t must match its database.
+void Cluster::check_agent_views(const Transfer& t) {
+  for (auto& leg : t.legs) {
+    Agent& a = *agents_[static_cast<size_t>(leg.agent)];
+    if (!a.service) continue;
+    HttpRequest req;
+    req.method = "GET";
+    req.target = "/v1/branches/" + t.gid;
+    std::string state;
+    a.service->handle(std::move(req), Responder([&state](HttpResponse r) {
+      auto j = parse_json(r.body);
+      if (r.status == 200 && j.ok() && j->contains("state") && (*j)["state"].is_string()) state = (*j)["state"].get<std::string>();
+    }));
+    bool applied = a.db.applied.count(pg::pg_gid(a.name, t.gid)) > 0;
+    if (state == "committed" && !applied) violation("agent_says_committed " + t.gid + " at " + a.name + ", not applied");
+    if (state == "aborted" && applied) violation("agent_says_aborted " + t.gid + " at " + a.name + ", applied");
+  }
+}
+
 bool Cluster::settled() const {
   if (clients_busy_ > 0) return false;
   for (auto& a : agents_)
@@ -596,8 +622,14 @@ void Cluster::check_end() {
     violation(std::string(reported ? "atomicity " : "atomicity (not reported) ") + gid + ": only " + at +
               " applied (sum " + std::to_string(x.sum) + (three_phase ? ", 3pc)" : ")"));
   }
+  // A heuristic outcome of a 2PC transaction: nobody resolved anything by hand here.
+  for (auto& gid : watch_.heuristic) {
+    auto rec = store_.get(gid);
+    if (rec.ok() && rec->has_value() && (*rec)->protocol == 2) violation("heuristic_in_2pc " + gid);
+  }
   for (auto& t : transfers_) {
     if (t->gid.empty()) continue;
+    check_agent_views(*t);
     bool applied = by_gid.count(t->gid) > 0;
     if (t->told == "committed" && !applied) violation("told_committed_not_applied " + t->gid);
     if (t->told == "aborted" && applied) violation("told_aborted_but_applied " + t->gid);
