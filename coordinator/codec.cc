@@ -50,6 +50,7 @@ Result<EnlistRequest> decode_enlist(std::string_view body) {
   EnlistRequest out;
   r.string("participant", &out.participant, true, 64);
   r.string("url", &out.url, true, 512);
+  r.string("instance", &out.instance, false, 64);
   TPC_RETURN_IF_ERROR(r.finish());
   if (!valid_participant_name(out.participant))
     return invalid_argument("\"participant\" must match [A-Za-z0-9_-]{1,32}");

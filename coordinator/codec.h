@@ -21,8 +21,9 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
 struct EnlistRequest {
   std::string participant;
   std::string url;
+  std::string instance;  // the agent's run (a new one at every start); empty: not sent
 };
-// {"participant":"a1","url":"http://..."}; the url must parse.
+// {"participant":"a1","url":"http://...","instance"?:"..."}; the url must parse.
 Result<EnlistRequest> decode_enlist(std::string_view body);
 
 struct RunBranch {

@@ -448,7 +448,7 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
 }
 
 ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view participant,
-                                       std::string_view url, int64_t now_ms) {
+                                       std::string_view url, int64_t now_ms, std::string_view instance) {
   ClientReply r;
   if (!valid_participant_name(participant)) {
     r.http_status = 400;
@@ -482,6 +482,13 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
       refuse_enlist(*t, participant, now_ms);
       return r;
     }
+    if (!b.instance.empty() && !instance.empty() && b.instance != instance) {
+      r.http_status = 409;
+      r.error = conflict("participant " + b.participant +
+                         " restarted since it enlisted: the branch's work is lost, the transaction can only roll back");
+      refuse_enlist(*t, participant, now_ms);
+      return r;
+    }
     r.http_status = 200;
     r.view = view_of(*t);
     return r;
@@ -496,6 +503,7 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   BranchSlot b;
   b.participant = std::string(participant);
   b.url = std::string(url);
+  b.instance = std::string(instance);
   t->branches.push_back(std::move(b));
   if (log_.enabled(LogLevel::debug))
     log_.debug("enlist", {{"gid", t->gid}, {"branch", participant}, {"url", url}});

@@ -97,10 +97,12 @@ class CoordinatorMachine {
   // --- client requests ------------------------------------------------------------------
   // 201 with the view, or an error (invalid_argument, unavailable when open_txns_max).
   Result<TxnView> begin(Protocol protocol, std::optional<int64_t> timeout_ms, int64_t now_ms);
-  // An agent enlists a branch. 201 new, 200 already enlisted with the same url; 409 unless
-  // active; 404 not ours.
+  // An agent enlists a branch. 201 new, 200 already enlisted with the same url (and the same
+  // agent run, `instance`); 409 unless active, or when the agent restarted since it enlisted
+  // (the branch's work in its lost session is gone: the transaction can only roll back);
+  // 404 not ours.
   ClientReply enlist(std::string_view gid, std::string_view participant, std::string_view url,
-                     int64_t now_ms);
+                     int64_t now_ms, std::string_view instance = "");
   // Starts (or joins) the commit. The answer comes later as a ClientReply for `waiter` in
   // Ready, or at once through the return value when the outcome is known already or the
   // request is refused. in_log means the driver must answer from the log.

@@ -121,6 +121,24 @@ TEST_CASE("enlist: new, repeated, conflicting, too many, unknown and not active"
   CHECK(late.error.message().find("preparing") != std::string::npos);
 }
 
+// An agent that restarted lost the open session of a branch it had enlisted; a later exec of
+// the same gid opens a new session, and its enlist says another run of the agent. Letting it
+// continue would commit the branch without its earlier statements. (Found by the simulator.)
+TEST_CASE("an enlist from a restarted agent run is refused and the transaction can only abort") {
+  Fixture f;
+  std::string gid = f.begin();
+  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1").http_status == 201);
+  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1").http_status == 200);
+  auto again = f.m->enlist(gid, "a1", "http://h:1", f.now, "run-2");
+  CHECK(again.http_status == 409);
+  CHECK(again.error.message().find("restarted") != std::string::npos);
+  auto r = f.m->commit(gid, 1, {}, f.now);
+  f.ready();
+  auto l = f.m->lookup(gid);
+  CHECK((r.has_value() ? r->view.state : l.view.state) != TxnState::committed);
+  CHECK((l.view.state == TxnState::aborting || l.view.state == TxnState::aborted));
+}
+
 TEST_CASE("a refused enlist makes the transaction rollback-only: its commit answers aborted") {
   for (int refusal = 0; refusal < 2; ++refusal) {
     CAPTURE(refusal);

@@ -738,7 +738,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     auto body = decode_enlist(req.body);
     if (!body.ok()) return respond(error_response(body.status()));
     ClientReply r;
-    with_machine([&](CoordinatorMachine& m) { r = m.enlist(gid, body->participant, body->url, now); });
+    with_machine([&](CoordinatorMachine& m) { r = m.enlist(gid, body->participant, body->url, now, body->instance); });
     HttpResponse resp = encode_reply(r);
     if (r.error.ok() && r.view.deadline_ms > 0) {
       // The agent rolls its branch back on its own once the transaction's timeout passed.

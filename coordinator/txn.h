@@ -158,6 +158,7 @@ struct Ready {
 struct BranchSlot {
   std::string participant;
   std::string url;
+  std::string instance;  // the agent run that enlisted it
   BranchState state = BranchState::active;
   bool in_flight = false;
   uint32_t attempts = 0;

@@ -787,8 +787,10 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
         reply(req, std::move(r));
         return;
       }
-      if (req.one_phase && res.results) {
-        // The statements ran; COMMIT may or may not have: the marker tells on the next request.
+      if (req.one_phase) {
+        // The connection broke: the statements and COMMIT may or may not have run (the
+        // executor cannot tell where it broke). The marker tells on the next request; never
+        // answer aborted here.
         set_state(b, BranchState::unknown, now_ms);
         reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
         return;

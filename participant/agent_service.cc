@@ -1,6 +1,7 @@
 #include "participant/agent_service.h"
 
 #include <chrono>
+#include <cstdio>
 
 #include "common/cli.h"
 #include "common/failpoint.h"
@@ -11,7 +12,11 @@
 namespace tpc::agent {
 
 AgentService::AgentService(const AgentConfig& cfg, Logger& logger, Runtime& rt, BranchExecutor& pg)
-    : cfg_(cfg), log_(logger), rt_(rt), pg_(pg), machine_(cfg.machine, logger) {}
+    : cfg_(cfg), log_(logger), rt_(rt), pg_(pg), machine_(cfg.machine, logger) {
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(rt_.random64()));
+  instance_ = hex;
+}
 
 AgentService::~AgentService() { shutdown(0); }
 
@@ -204,7 +209,7 @@ void AgentService::enlist(const std::string& gid) {
     return;
   }
   HttpRequest req = coordinator_request("POST", "/v1/transactions/" + gid + "/branches");
-  req.body = dump(Json{{"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}});
+  req.body = dump(Json{{"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}, {"instance", instance_}});
   SendOptions opts;
   opts.timeout_ms = cfg_.coordinator_timeout_ms;
   rt_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {

@@ -128,6 +128,9 @@ class AgentService {
   std::unordered_map<uint64_t, Responder> waiters_;
   std::atomic<uint64_t> next_waiter_{1};
 
+  // This run of the agent, sent with every enlist: a branch enlisted by an earlier run lost its
+  // session with that run, and the coordinator refuses to let a new session continue it.
+  std::string instance_;
   std::atomic<bool> stopping_{false};
   std::mutex timers_mu_;  // guards shut_down_
   bool shut_down_ = false;

@@ -52,6 +52,7 @@ struct NetFaults {
   double duplicate = 0;  // an idempotent request arrives twice (the second answer is thrown away)
   int64_t delay_min_ms = 0;
   int64_t delay_max_ms = 3;  // independent per message: reorders
+  double late = 0;           // a message arrives 0.5-5 s late (retransmitted after a stall)
 };
 
 // One process of the world. Its events carry its incarnation: a crash bumps it, and every
@@ -123,7 +124,11 @@ class World {
   };
   static std::pair<int, int> ordered(int a, int b) { return a < b ? std::pair{a, b} : std::pair{b, a}; }
   int process_at(uint16_t port) const;
-  int64_t delay() { return faults_on ? rng_.range(faults.delay_min_ms, faults.delay_max_ms) : rng_.range(0, 1); }
+  int64_t delay() {
+    if (!faults_on) return rng_.range(0, 1);
+    if (rng_.chance(faults.late)) return rng_.range(500, 5'000);
+    return rng_.range(faults.delay_min_ms, faults.delay_max_ms);
+  }
   bool lost() { return faults_on && rng_.chance(faults.loss); }
 
   Rng rng_;

@@ -84,15 +84,14 @@ uint64_t SimExecutor::session_of(const std::string& gid, bool* lost) {
 
 OpResult SimExecutor::execute(agent::PgOp& op) {
   const std::string pgg = pg::pg_gid(agent_, op.gid);
+  // A branch's session stays mapped when its server goes away: its next use finds it lost
+  // (session_of), as a broken libpq connection would, instead of silently starting anew.
   if (!db_.up) {
-    sessions_.erase(op.gid);
+    if (sessions_.count(op.gid)) return failed(lost_connection());
     return failed(unavailable("could not connect to server: Connection refused"));
   }
   OpResult res = run_op(op, pgg);
-  if (crash_after_op && crash_after_op()) {
-    sessions_.clear();
-    return failed(lost_connection());
-  }
+  if (crash_after_op && crash_after_op()) return failed(lost_connection());
   return res;
 }
 
@@ -207,7 +206,10 @@ pg::PrepareResult SimExecutor::prepare_in(uint64_t s, const agent::PgOp& op, con
     return pg::PrepareResult{pg::Vote::no, "duplicate key value violates unique constraint \"tpc_marker_pkey\"", "23505"};
   if (static_cast<int>(db_.prepared.size()) >= db_.max_prepared)
     return pg::PrepareResult{pg::Vote::no, "maximum number of prepared transactions reached", "53200"};
-  if (op.protocol == 3) db_.states[pgg] = {"prepared3", agent::encode_peers(op.peers)};
+  if (op.protocol == 3) {
+    db_.states[pgg] = {"prepared3", agent::encode_peers(op.peers)};
+    db_.state_written_ms[pgg] = w_.now();
+  }
   auto parts = parse_gid(op.gid);
   TPC_ASSERT(parts.has_value());
   db_.prepared[pgg] = SimDb::Prepared{sess.deltas, parts->coordinator, static_cast<int64_t>(parts->epoch),
@@ -283,6 +285,7 @@ OpResult SimExecutor::any_connection(const agent::PgOp& op, const std::string& p
       break;
     case OpKind::put_state:
       db_.states[pgg] = {op.state, op.peers.empty() ? op.detail : agent::encode_peers(op.peers)};
+      db_.state_written_ms[pgg] = w_.now();
       break;
     case OpKind::delete_state: db_.states.erase(pgg); break;
     default: return failed(internal_error("unknown operation"));

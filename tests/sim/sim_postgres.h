@@ -53,6 +53,7 @@ struct SimDb {
   std::map<std::string, Prepared> prepared;
   std::map<std::string, Marker> markers;
   std::map<std::string, std::pair<std::string, std::string>> states;  // tpc_agent_state
+  std::map<std::string, int64_t> state_written_ms;                      // when each row was written
   std::map<std::string, int> applied;  // pg gid → times its writes were applied
   std::map<std::string, int64_t> applied_sum;  // pg gid → the sum of its changes
 

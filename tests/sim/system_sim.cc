@@ -23,6 +23,10 @@
 //                           (a heuristic record at the coordinator or a check row at an agent)
 //   told_committed_not_applied, told_aborted_but_applied   answers against the databases
 //   prepared_left, session_left   once settled, no prepared branch and no open session remain
+//   3pc_decided_without_asking, 3pc_termination_rule   a 3PC branch decides alone only after
+//                           asking every peer, and as their answers say (DESIGN.md's rule)
+//   agent_says_committed, agent_says_aborted   an agent's view of its branch against its database
+//   heuristic_in_2pc        a 2PC transaction never ends heuristic here (nobody resolves by hand)
 //   money_created           the sum of all balances is what it was
 //
 //   tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] [--verbose]
@@ -80,13 +84,32 @@ class TraceSink final : public LogSink {
     std::string l(line);
     while (!l.empty() && l.back() == '\n') l.pop_back();
     w_.note(who_ + " log: " + l);
+    if (watch) watch(l);
   }
   bool wants_timestamps() const override { return false; }
+  std::function<void(const std::string&)> watch;  // sees every line (checks that read the logs)
 
  private:
   World& w_;
   std::string who_;
 };
+
+// The value of `key=` in a text log line ("" if absent).
+std::string quoted_field(const std::string& line, const std::string& key) {
+  size_t at = line.find(" " + key + "=\"");
+  if (at == std::string::npos) return "";
+  size_t from = at + key.size() + 3;
+  size_t to = line.find('"', from);
+  return line.substr(from, to == std::string::npos ? std::string::npos : to - from);
+}
+
+std::string log_field(const std::string& line, const std::string& key) {
+  size_t at = line.find(" " + key + "=");
+  if (at == std::string::npos) return "";
+  size_t from = at + key.size() + 2;
+  size_t to = line.find(' ', from);
+  return line.substr(from, to == std::string::npos ? std::string::npos : to - from);
+}
 
 enum class Kind { interactive, oneshot };
 
@@ -104,6 +127,7 @@ struct Transfer {
   std::vector<Leg> legs;
   size_t next_leg = 0;
   std::string told;  // "committed", "aborted", or empty (unknown)
+  bool asked_commit = false;
   int polls = 0;
 };
 
@@ -149,6 +173,7 @@ class Cluster {
   void answer(const std::string& gid, const std::string& state, const char* where);
   bool settled() const;
   void check_agent_views(const Transfer& t);
+  void check_unilateral(size_t i, const std::string& line);
   void check_end();
   void violation(std::string what) {
     w_.note("VIOLATION " + what);
@@ -234,7 +259,7 @@ void Cluster::crash_coordinator() {
   if (coord_wal_) coord_wal_->crash();
   coordinator_.reset();
   coord_wal_ = nullptr;
-  w_.at(w_.now() + w_.rng().range(50, 2'000), -1, [this] {
+  w_.at(w_.now() + w_.rng().range(50, 5'000), -1, [this] {
     w_.restart(coord_);
     start_coordinator();
   });
@@ -326,7 +351,7 @@ void Cluster::inject_fault() {
   switch (r.range(0, 9)) {
     case 0:
       w_.faults = NetFaults{static_cast<double>(r.range(0, 15)) / 100.0, static_cast<double>(r.range(0, 8)) / 100.0,
-                            0, r.range(1, 40)};
+                            0, r.range(1, 40), static_cast<double>(r.range(0, 3)) / 100.0};
       w_.note("network: loss " + std::to_string(w_.faults.loss) + " dup " + std::to_string(w_.faults.duplicate) +
               " delay ≤" + std::to_string(w_.faults.delay_max_ms));
       break;
@@ -340,8 +365,9 @@ void Cluster::inject_fault() {
           if (other != agent) w_.cut(agent, other);
       partitioned_ = true;
       w_.note("partition: " + agents_[i]->name + (how == 0 ? " | coordinator" : how == 1 ? " | peers" : " | all"));
-      w_.at(w_.now() + r.range(200, 4'000), -1, [this] {
+      w_.at(w_.now() + r.range(200, 6'000), -1, [this] {
         w_.heal();
+
         w_.note("partition healed");
       });
       break;
@@ -413,10 +439,13 @@ std::shared_ptr<Transfer> Cluster::new_transfer() {
   t->three_phase = r.chance(0.4);
   int n = static_cast<int>(agents_.size());
   int from = static_cast<int>(r.range(0, n - 1));
-  int to = static_cast<int>((from + r.range(1, n - 1)) % n);
+  // One in five moves money inside one database: a single branch, committed in one phase.
+  int to = r.chance(0.2) ? from : static_cast<int>((from + r.range(1, n - 1)) % n);
   int64_t amount = r.range(1, 9);
-  t->legs.push_back({from, r.range(1, kAccountsPerDb), -amount});
-  t->legs.push_back({to, r.range(1, kAccountsPerDb), amount});
+  int64_t a = r.range(1, kAccountsPerDb), b = r.range(1, kAccountsPerDb - 1);
+  if (to == from && b >= a) ++b;  // two different accounts
+  t->legs.push_back({from, a, -amount});
+  t->legs.push_back({to, b, amount});
   transfers_.push_back(t);
   return t;
 }
@@ -468,6 +497,7 @@ void Cluster::exec_leg(int client, std::shared_ptr<Transfer> t) {
 }
 
 void Cluster::finish(int client, std::shared_ptr<Transfer> t, bool commit) {
+  t->asked_commit = commit;
   post(coord_, "/v1/transactions/" + t->gid + (commit ? "/commit" : "/abort"), Json::object(), 4'000,
        [this, client, t](const HttpResult& res, const Json& j) {
          std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
@@ -477,10 +507,11 @@ void Cluster::finish(int client, std::shared_ptr<Transfer> t, bool commit) {
 }
 
 void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
+  std::map<int, Json> by_agent;
+  for (auto& leg : t->legs) by_agent[leg.agent].push_back(transfer_statement(leg));
   Json branches = Json::array();
-  for (auto& leg : t->legs)
-    branches.push_back(Json{{"participant", agents_[static_cast<size_t>(leg.agent)]->name},
-                            {"statements", Json::array({transfer_statement(leg)})}});
+  for (auto& [agent, statements] : by_agent)
+    branches.push_back(Json{{"participant", agents_[static_cast<size_t>(agent)]->name}, {"statements", statements}});
   Json body{{"protocol", t->three_phase ? "3pc" : "2pc"}, {"branches", branches}};
   post(coord_, "/v1/transactions/run", body, 5'000, [this, client, t](const HttpResult& res, const Json& j) {
     if (j.is_object() && j.contains("gid") && j["gid"].is_string()) {
@@ -494,15 +525,21 @@ void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
   });
 }
 
+// The answer did not come: ask again — a GET, or the commit once more (a client retrying its
+// request), which must be answered the same way.
 void Cluster::poll(int client, std::shared_ptr<Transfer> t) {
   if (++t->polls > kPollsMax) return done(client, t);
   app_rt_->run_after(100, [this, client, t] {
-    get(coord_, "/v1/transactions/" + t->gid, [this, client, t](const HttpResult& res, const Json& j) {
+    auto then = [this, client, t](const HttpResult& res, const Json& j) {
       std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
-      if (res.status.ok() && res.http_status == 200 && (state == "committed" || state == "aborted"))
-        return told(client, t, state);
+      bool answered = res.status.ok() && (res.http_status == 200 || res.http_status == 409);
+      if (answered && (state == "committed" || state == "aborted")) return told(client, t, state);
       poll(client, t);
-    });
+    };
+    if (t->asked_commit && w_.rng().chance(0.5))
+      post(coord_, "/v1/transactions/" + t->gid + "/commit", Json::object(), 2'000, then);
+    else
+      get(coord_, "/v1/transactions/" + t->gid, then);
   });
 }
 
@@ -518,8 +555,10 @@ void Cluster::told(int client, std::shared_ptr<Transfer> t, const std::string& s
 void Cluster::answer(const std::string& gid, const std::string& state, const char* where) {
   if (state == "committed") {
     auto d = watch_.durable.find(gid);
+    // A one-phase commit's record (its branch asked to commit in one phase) comes first too.
     bool durable = d != watch_.durable.end() &&
-                   (d->second == wal::Decision::commit || d->second == wal::Decision::precommit);
+                   (d->second == wal::Decision::commit || d->second == wal::Decision::precommit ||
+                    d->second == wal::Decision::one_phase);
     if (!durable) violation("told_before_durable " + gid + " answered committed (" + where + ")");
   }
   auto [it, fresh] = answers_.emplace(gid, state);
@@ -571,6 +610,45 @@ void Cluster::check_agent_views(const Transfer& t) {
     if (state == "committed" && !applied) violation("agent_says_committed " + t.gid + " at " + a.name + ", not applied");
     if (state == "aborted" && applied) violation("agent_says_aborted " + t.gid + " at " + a.name + ", applied");
   }
+}
+
+// An agent decided a 3PC branch alone. Its log line says what its peers answered
+// (why="peers a1:prepared,a3:unreachable"). Every peer that holds a branch of the gid must
+// have been asked, and the decision must follow the termination rule for the answers: any
+// committed or pre-committed → commit, any aborted → abort.
+void Cluster::check_unilateral(size_t i, const std::string& line) {
+  if (line.find("deciding without it") == std::string::npos) return;
+  const std::string gid = log_field(line, "gid"), outcome = log_field(line, "outcome");
+  std::string why = quoted_field(line, "why");
+  std::set<std::string> asked;
+  bool any_commit = false, any_abort = false;
+  if (why.rfind("peers ", 0) == 0) {
+    std::string list = why.substr(6);
+    size_t from = 0;
+    while (from <= list.size()) {
+      size_t comma = list.find(',', from);
+      std::string item = list.substr(from, comma == std::string::npos ? std::string::npos : comma - from);
+      size_t colon = item.find(':');
+      if (colon != std::string::npos) {
+        std::string state = item.substr(colon + 1);
+        asked.insert(item.substr(0, colon));
+        any_commit = any_commit || state == "committed" || state == "precommitted";
+        any_abort = any_abort || state == "aborted";
+      }
+      if (comma == std::string::npos) break;
+      from = comma + 1;
+    }
+  }
+  for (size_t j = 0; j < agents_.size(); ++j) {
+    if (j == i) continue;
+    Agent& p = *agents_[j];
+    const std::string pgg = pg::pg_gid(p.name, gid);
+    bool has_branch = p.db.prepared.count(pgg) || p.db.states.count(pgg) || p.db.applied.count(pgg);
+    if (has_branch && !asked.count(p.name))
+      violation("3pc_decided_without_asking " + gid + ": " + agents_[i]->name + " decided alone without asking " + p.name);
+  }
+  if ((outcome == "abort" && any_commit) || (outcome == "commit" && any_abort))
+    violation("3pc_termination_rule " + gid + ": " + agents_[i]->name + " decided " + outcome + " on \"" + why + "\"");
 }
 
 bool Cluster::settled() const {
@@ -671,13 +749,14 @@ std::vector<std::string> Cluster::run() {
     a.rt = std::make_unique<SimRuntime>(w_, agent_procs_[i]);
     a.sink = std::make_unique<TraceSink>(w_, a.name);
     a.log = std::make_unique<Logger>(a.sink.get(), LogFormat::text, level);
+    a.sink->watch = [this, i](const std::string& line) { check_unilateral(i, line); };
   }
   app_rt_ = std::make_unique<SimRuntime>(w_, app_);
   start_coordinator();
   for (size_t i = 0; i < n; ++i) start_agent(i);
 
   w_.faults_on = true;
-  w_.faults = NetFaults{0.02, 0.02, 0, 10};
+  w_.faults = NetFaults{0.02, 0.02, 0, 10, 0.01};
   schedule_fault();
   for (int c = 0; c < kClients; ++c) app_rt_->run_after(w_.rng().range(0, 100), [this, c] { client_next(c); });
   const int64_t faults_end = w_.now() + opts_.faulty_ms;
