@@ -2,6 +2,9 @@
 // metrics and the logger.
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "common/config.h"
 #include "common/failpoint.h"
 #include "common/ids.h"
@@ -181,6 +184,24 @@ TEST_CASE("failpoint specs are validated") {
   CHECK(sink.find("failpoint fired name=a.b action=2*error", LogLevel::warn).size() == 2);
   REQUIRE(failpoint::configure("", &log, 1).ok());
   CHECK_FALSE(failpoint::eval("a.b"));
+}
+
+TEST_CASE("a paused failpoint holds its thread until the failpoints are configured again") {
+  if (!failpoint::compiled_in()) return;
+  MemorySink sink;
+  Logger log(&sink);
+  REQUIRE(failpoint::configure("p=1*pause", &log, 1).ok());
+  std::atomic<bool> passed{false};
+  std::thread t([&] {
+    (void)failpoint::eval("p");
+    passed = true;
+  });
+  // Waits for the failpoint's own log line, then releases it by configuring again.
+  while (sink.find("failpoint fired name=p", LogLevel::warn).empty()) std::this_thread::yield();
+  CHECK_FALSE(passed.load());
+  REQUIRE(failpoint::configure("", &log, 1).ok());
+  t.join();
+  CHECK(passed.load());
 }
 
 TEST_CASE("metrics render in the Prometheus text format") {

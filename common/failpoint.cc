@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <charconv>
 #include <map>
 #include <mutex>
@@ -15,7 +16,7 @@
 namespace tpc::failpoint {
 namespace {
 
-enum class Kind { off, crash, sleep, error };
+enum class Kind { off, crash, sleep, error, pause };
 
 struct Point {
   Kind kind = Kind::off;
@@ -28,6 +29,8 @@ struct Point {
 
 struct Registry {
   std::mutex mu;
+  std::condition_variable reconfigured;  // wakes paused threads
+  uint64_t generation = 0;               // configure() calls so far
   std::map<std::string, Point, std::less<>> points;
   std::mt19937_64 rng{1};
   Logger* log = nullptr;
@@ -66,6 +69,8 @@ Result<Point> parse_action(std::string_view a) {
     p.kind = Kind::crash;
   } else if (a == "error") {
     p.kind = Kind::error;
+  } else if (a == "pause") {
+    p.kind = Kind::pause;
   } else if (a == "off") {
     p.kind = Kind::off;
   } else if (a.substr(0, 6) == "sleep(" && a.size() > 7 && a.back() == ')') {
@@ -75,7 +80,7 @@ Result<Point> parse_action(std::string_view a) {
     p.sleep_ms = *ms;
   } else {
     return invalid_argument("unknown failpoint action \"" + p.action +
-                            "\" (crash, sleep(MS), error, off; with N* or P%)");
+                            "\" (crash, sleep(MS), pause, error, off; with N* or P%)");
   }
   return p;
 }
@@ -111,6 +116,8 @@ Status configure(std::string_view spec, Logger* log, uint64_t seed) {
   r.points = std::move(points);
   r.rng.seed(seed);
   r.log = log;
+  r.generation++;
+  r.reconfigured.notify_all();
   g_any.store(!r.points.empty(), std::memory_order_release);
   return ok_status();
 }
@@ -121,7 +128,7 @@ bool eval(const char* name) {
   Kind kind;
   int64_t sleep_ms;
   {
-    std::lock_guard lock(r.mu);
+    std::unique_lock lock(r.mu);
     auto it = r.points.find(std::string_view(name));
     if (it == r.points.end()) return false;
     Point& p = it->second;
@@ -132,6 +139,11 @@ bool eval(const char* name) {
     kind = p.kind;
     sleep_ms = p.sleep_ms;
     if (r.log) r.log->warn("failpoint fired", {{"name", name}, {"action", p.action}});
+    if (kind == Kind::pause) {
+      uint64_t gen = r.generation;
+      r.reconfigured.wait_for(lock, std::chrono::milliseconds(kPauseMaxMs), [&] { return r.generation != gen; });
+      return false;
+    }
   }
   switch (kind) {
     case Kind::crash:
@@ -142,6 +154,7 @@ bool eval(const char* name) {
       return false;
     case Kind::error:
       return true;
+    case Kind::pause:
     case Kind::off:
       return false;
   }

@@ -6,6 +6,8 @@
 //   crash          SIGKILL to ourselves, exactly like kill -9
 //   sleep(MS)      block the calling thread MS milliseconds
 //   error          TPC_FAILPOINT returns true; the caller fails the operation
+//   pause          block the calling thread until the failpoints are configured again (a
+//                  test releases it with POST /v1/failpoints), at most kPauseMaxMs
 //   off
 // optionally prefixed by a count "N*" (fire the first N evaluations only) and/or a
 // probability "P%" (fire with probability P), e.g. "1*crash", "20%error", "2*sleep(500)".
@@ -21,6 +23,10 @@
 #include "common/status.h"
 
 namespace tpc::failpoint {
+
+// A paused thread goes on by itself after this long, so a test that never releases it cannot
+// hang the process.
+inline constexpr int64_t kPauseMaxMs = 60'000;
 
 // Replaces the configuration. `log` must outlive every later evaluation. Without
 // TPC_FAILPOINTS a non-empty spec is an error ("failpoints are not compiled in").

@@ -148,9 +148,9 @@ TEST_CASE("3PC: an agent killed while pre-committed commits after its restart") 
 
 TEST_CASE("3PC: a partition makes the branches disagree; it is detected and reported") {
   Testbed::Options o = three_pc_options();
-  // The coordinator pauses between logging its pre-commit decision and sending it, so the test
-  // can cut agent 1 off at exactly that moment.
-  o.coordinator_failpoints = "coord.after_precommit_logged=1*sleep(1500)";
+  // The coordinator pauses between logging its pre-commit decision and sending it, until the
+  // test has cut agent 1 off and releases it.
+  o.coordinator_failpoints = "coord.after_precommit_logged=1*pause";
   Testbed& t = Testbed::fresh(o);
   std::string gid = t.begin("3pc");
   legs(t, gid, 100);
@@ -158,6 +158,8 @@ TEST_CASE("3PC: a partition makes the branches disagree; it is detected and repo
   REQUIRE(t.wait_log(t.coordinator_process(), "failpoint fired name=coord.after_precommit_logged"));
   Http cut = t.agent(1, "POST", "/v1/failpoints", R"({"spec":"agent.partition=error"})");
   REQUIRE_MESSAGE(cut.status == 200, cut.describe());
+  Http release = t.coord("POST", "/v1/failpoints", R"({"spec":""})");
+  REQUIRE_MESSAGE(release.status == 200, release.describe());
   INFO(t.logs());
 
   // Agent 0 is pre-committed and commits (the coordinator, which it can reach, says commit).
