@@ -397,183 +397,206 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
     start_op(b, std::move(req), std::move(op));
     return;
   }
-  BranchState s = b.state;
-  bool in_session = s == BranchState::active || s == BranchState::failed;
-  bool prepared = s == BranchState::prepared || s == BranchState::precommitted;
   bool from_coordinator = req.id != 0 && !req.one_phase &&
                           (req.kind == RequestKind::commit || req.kind == RequestKind::abort ||
                            req.kind == RequestKind::precommit);
-  if (from_coordinator && b.check == Check::unchecked && final_state(s))
+  if (from_coordinator && b.check == Check::unchecked && final_state(b.state))
     check_against_coordinator(b, req.kind != RequestKind::abort, true, now_ms);
   switch (req.kind) {
-    case RequestKind::status: {
-      if (req.id != 0) {  // a peer's query (3PC termination): our state, from evidence if need be
-        reply_state(b, req, 200);
-      } else if (prepared) {  // verify a prepared branch PostgreSQL no longer lists
-        PgOp op;
-        op.kind = OpKind::evidence;
-        start_op(b, std::move(req), std::move(op));
-      }
-      return;
-    }
-    case RequestKind::exec: {
-      if (s == BranchState::active) {
-        b.last_activity_ms = now_ms;
-        PgOp op;
-        op.kind = OpKind::exec;
-        op.then_prepare = req.prepare;
-        op.then_commit = req.one_phase;
-        op.statements = std::move(req.statements);  // the reply does not need them
-        if (req.prepare) {
-          b.protocol = req.protocol;
-          b.peers = req.peers;
-          op.protocol = b.protocol;
-          op.peers = b.peers;
-        }
-        start_op(b, std::move(req), std::move(op));
-      } else if (s == BranchState::failed) {
-        reply_error(req, conflict("branch " + b.gid + " failed earlier (sqlstate " + b.sqlstate +
-                                  "); it can only abort"), &b);
-      } else {
-        reply_error(req, conflict("branch " + b.gid + " is " +
-                                  std::string(external_state_name(s)) + "; statements run only while it is active"),
-                    &b);
-      }
-      return;
-    }
-    case RequestKind::prepare: {
-      if (s == BranchState::active) {
-        b.protocol = req.protocol;
-        b.peers = req.peers;
-        PgOp op;
-        op.kind = OpKind::prepare;
-        op.protocol = b.protocol;
-        op.peers = b.peers;
-        start_op(b, std::move(req), std::move(op));
-      } else if (s == BranchState::failed) {
-        PgOp op;
-        op.kind = OpKind::rollback;
-        start_op(b, std::move(req), std::move(op));
-      } else {
-        reply_vote(b, req);
-      }
-      return;
-    }
-    case RequestKind::precommit: {
-      if (s == BranchState::prepared) {
-        b.protocol = 3;
-        PgOp op;
-        op.kind = OpKind::put_state;
-        op.state = "precommitted";
-        op.protocol = 3;
-        op.peers = b.peers;
-        start_op(b, std::move(req), std::move(op));
-      } else if (s == BranchState::precommitted || s == BranchState::committed) {
-        reply_state(b, req, 200);
-      } else if (s == BranchState::aborted) {
-        reply_state(b, req, 409);
-      } else {
-        reply_error(req, conflict("branch " + b.gid + " is " +
-                                  std::string(external_state_name(s)) + "; only a prepared branch pre-commits"),
-                    &b);
-      }
-      return;
-    }
-    case RequestKind::commit: {
-      if (prepared) {
-        PgOp op;
-        op.kind = OpKind::commit_prepared;
-        op.clear_state = b.protocol == 3 && b.recorded.empty();
-        start_op(b, std::move(req), std::move(op));
-      } else if (req.one_phase && s == BranchState::active) {
-        PgOp op;
-        op.kind = OpKind::commit_one_phase;
-        start_op(b, std::move(req), std::move(op));
-      } else if (req.one_phase && s == BranchState::failed) {
-        PgOp op;
-        op.kind = OpKind::rollback;
-        start_op(b, std::move(req), std::move(op));
-      } else if (s == BranchState::committed || s == BranchState::read_only) {
-        reply_state(b, req, 200);
-      } else if (s == BranchState::aborted) {
-        reply_state(b, req, 409);
-      } else {
-        reply_error(req, conflict("branch " + b.gid + " is active; it must be prepared first"), &b);
-      }
-      return;
-    }
-    case RequestKind::abort: {
-      PgOp op;
-      if (in_session) {
-        op.kind = OpKind::rollback;
-        start_op(b, std::move(req), std::move(op));
-      } else if (prepared) {
-        op.kind = OpKind::rollback_prepared;
-        op.clear_state = b.protocol == 3 && b.recorded.empty();
-        start_op(b, std::move(req), std::move(op));
-      } else if (s == BranchState::committed) {
-        reply_state(b, req, 409);
-      } else {
-        reply_state(b, req, 200);
-      }
-      return;
-    }
-    case RequestKind::resolve: {
-      PgOp op;
-      if (prepared) {
-        resolve_prepared(b, std::move(req));
-      } else if (in_session && !req.commit) {
-        op.kind = OpKind::rollback;
-        start_op(b, std::move(req), std::move(op));
-      } else {
-        bool done_commit = s == BranchState::committed || s == BranchState::read_only;
-        bool done_abort = s == BranchState::aborted;
-        bool match = req.commit ? done_commit : done_abort;
-        if (match)
-          reply_state(b, req, 200);
-        else
-          reply_error(req, conflict("branch " + b.gid + " is " +
-                                    std::string(external_state_name(s)) + "; cannot resolve it to " +
-                                    (req.commit ? "commit" : "abort")),
-                      &b);
-      }
-      return;
-    }
-    case RequestKind::record: {
-      std::string want = desired_record(b);
-      if (want == b.recorded) return;
-      PgOp op;
-      if (want.empty()) {
-        op.kind = OpKind::delete_state;
-      } else {
-        op.kind = OpKind::put_state;
-        op.state = want;
-        op.detail = b.check_detail;
-      }
-      req.detail = std::move(want);
-      start_op(b, std::move(req), std::move(op));
-      return;
-    }
-    case RequestKind::forget: {
-      bool outcome_kept = b.check != Check::none || b.heuristic || b.unilateral || b.report_pending;
-      if (!final_state(s) || !outcome_kept) {
-        reply_error(req,
-                    conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
-                             " with no heuristic outcome to forget"),
-                    &b);
-        return;
-      }
-      if (b.recorded.empty()) {
-        apply_forget(b, now_ms);
-        reply_state(b, req, 200);
-        return;
-      }
-      PgOp op;
-      op.kind = OpKind::delete_state;
-      start_op(b, std::move(req), std::move(op));
-      return;
-    }
+    case RequestKind::status: return dispatch_status(b, std::move(req));
+    case RequestKind::exec: return dispatch_exec(b, std::move(req), now_ms);
+    case RequestKind::prepare: return dispatch_prepare(b, std::move(req));
+    case RequestKind::precommit: return dispatch_precommit(b, std::move(req));
+    case RequestKind::commit: return dispatch_commit(b, std::move(req));
+    case RequestKind::abort: return dispatch_abort(b, std::move(req));
+    case RequestKind::resolve: return dispatch_resolve(b, std::move(req));
+    case RequestKind::record: return dispatch_record(b, std::move(req));
+    case RequestKind::forget: return dispatch_forget(b, std::move(req), now_ms);
   }
+}
+
+void AgentMachine::dispatch_status(Branch& b, Request req) {
+  const bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  if (req.id != 0) {  // a peer's query (3PC termination): our state, from evidence if need be
+    reply_state(b, req, 200);
+  } else if (prepared) {  // verify a prepared branch PostgreSQL no longer lists
+    PgOp op;
+    op.kind = OpKind::evidence;
+    start_op(b, std::move(req), std::move(op));
+  }
+}
+
+void AgentMachine::dispatch_exec(Branch& b, Request req, int64_t now_ms) {
+  const BranchState s = b.state;
+  if (s == BranchState::active) {
+    b.last_activity_ms = now_ms;
+    PgOp op;
+    op.kind = OpKind::exec;
+    op.then_prepare = req.prepare;
+    op.then_commit = req.one_phase;
+    op.statements = std::move(req.statements);  // the reply does not need them
+    if (req.prepare) {
+      b.protocol = req.protocol;
+      b.peers = req.peers;
+      op.protocol = b.protocol;
+      op.peers = b.peers;
+    }
+    start_op(b, std::move(req), std::move(op));
+  } else if (s == BranchState::failed) {
+    reply_error(req,
+                conflict("branch " + b.gid + " failed earlier (sqlstate " + b.sqlstate +
+                         "); it can only abort"),
+                &b);
+  } else {
+    reply_error(req,
+                conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                         "; statements run only while it is active"),
+                &b);
+  }
+}
+
+void AgentMachine::dispatch_prepare(Branch& b, Request req) {
+  const BranchState s = b.state;
+  if (s == BranchState::active) {
+    b.protocol = req.protocol;
+    b.peers = req.peers;
+    PgOp op;
+    op.kind = OpKind::prepare;
+    op.protocol = b.protocol;
+    op.peers = b.peers;
+    start_op(b, std::move(req), std::move(op));
+  } else if (s == BranchState::failed) {
+    PgOp op;
+    op.kind = OpKind::rollback;
+    start_op(b, std::move(req), std::move(op));
+  } else {
+    reply_vote(b, req);
+  }
+}
+
+void AgentMachine::dispatch_precommit(Branch& b, Request req) {
+  const BranchState s = b.state;
+  if (s == BranchState::prepared) {
+    b.protocol = 3;
+    PgOp op;
+    op.kind = OpKind::put_state;
+    op.state = "precommitted";
+    op.protocol = 3;
+    op.peers = b.peers;
+    start_op(b, std::move(req), std::move(op));
+  } else if (s == BranchState::precommitted || s == BranchState::committed) {
+    reply_state(b, req, 200);
+  } else if (s == BranchState::aborted) {
+    reply_state(b, req, 409);
+  } else {
+    reply_error(req,
+                conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                         "; only a prepared branch pre-commits"),
+                &b);
+  }
+}
+
+void AgentMachine::dispatch_commit(Branch& b, Request req) {
+  const BranchState s = b.state;
+  const bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  if (prepared) {
+    PgOp op;
+    op.kind = OpKind::commit_prepared;
+    op.clear_state = b.protocol == 3 && b.recorded.empty();
+    start_op(b, std::move(req), std::move(op));
+  } else if (req.one_phase && s == BranchState::active) {
+    PgOp op;
+    op.kind = OpKind::commit_one_phase;
+    start_op(b, std::move(req), std::move(op));
+  } else if (req.one_phase && s == BranchState::failed) {
+    PgOp op;
+    op.kind = OpKind::rollback;
+    start_op(b, std::move(req), std::move(op));
+  } else if (s == BranchState::committed || s == BranchState::read_only) {
+    reply_state(b, req, 200);
+  } else if (s == BranchState::aborted) {
+    reply_state(b, req, 409);
+  } else {
+    reply_error(req, conflict("branch " + b.gid + " is active; it must be prepared first"), &b);
+  }
+}
+
+void AgentMachine::dispatch_abort(Branch& b, Request req) {
+  const BranchState s = b.state;
+  const bool in_session = b.state == BranchState::active || b.state == BranchState::failed;
+  const bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  PgOp op;
+  if (in_session) {
+    op.kind = OpKind::rollback;
+    start_op(b, std::move(req), std::move(op));
+  } else if (prepared) {
+    op.kind = OpKind::rollback_prepared;
+    op.clear_state = b.protocol == 3 && b.recorded.empty();
+    start_op(b, std::move(req), std::move(op));
+  } else if (s == BranchState::committed) {
+    reply_state(b, req, 409);
+  } else {
+    reply_state(b, req, 200);
+  }
+}
+
+void AgentMachine::dispatch_resolve(Branch& b, Request req) {
+  const BranchState s = b.state;
+  const bool in_session = b.state == BranchState::active || b.state == BranchState::failed;
+  const bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
+  PgOp op;
+  if (prepared) {
+    resolve_prepared(b, std::move(req));
+  } else if (in_session && !req.commit) {
+    op.kind = OpKind::rollback;
+    start_op(b, std::move(req), std::move(op));
+  } else {
+    bool done_commit = s == BranchState::committed || s == BranchState::read_only;
+    bool done_abort = s == BranchState::aborted;
+    bool match = req.commit ? done_commit : done_abort;
+    if (match)
+      reply_state(b, req, 200);
+    else
+      reply_error(req,
+                  conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                           "; cannot resolve it to " + (req.commit ? "commit" : "abort")),
+                  &b);
+  }
+}
+
+void AgentMachine::dispatch_record(Branch& b, Request req) {
+  std::string want = desired_record(b);
+  if (want == b.recorded) return;
+  PgOp op;
+  if (want.empty()) {
+    op.kind = OpKind::delete_state;
+  } else {
+    op.kind = OpKind::put_state;
+    op.state = want;
+    op.detail = b.check_detail;
+  }
+  req.detail = std::move(want);
+  start_op(b, std::move(req), std::move(op));
+}
+
+void AgentMachine::dispatch_forget(Branch& b, Request req, int64_t now_ms) {
+  const BranchState s = b.state;
+  bool outcome_kept = b.check != Check::none || b.heuristic || b.unilateral || b.report_pending;
+  if (!final_state(s) || !outcome_kept) {
+    reply_error(req,
+                conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
+                         " with no heuristic outcome to forget"),
+                &b);
+    return;
+  }
+  if (b.recorded.empty()) {
+    apply_forget(b, now_ms);
+    reply_state(b, req, 200);
+    return;
+  }
+  PgOp op;
+  op.kind = OpKind::delete_state;
+  start_op(b, std::move(req), std::move(op));
 }
 
 // A decision taken here (an operator's resolve, or 3PC deciding alone) is recorded before it
@@ -688,260 +711,277 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
   TPC_ASSERT(b.has_current);
   Request req = std::move(b.current);
   b.has_current = false;
-  const Status& st = res.status;
-
   switch (kind) {
-    case OpKind::evidence: {
-      // Learn the state from PostgreSQL, then handle the request again.
-      if (!st.ok() || !res.evidence) {
-        reply_error(req, unavailable("cannot read the branch's state from PostgreSQL: " + st.message()));
-        return;
-      }
-      BranchState before = b.state;
-      switch (*res.evidence) {
-        case pg::Evidence::prepared:
-          if (before != BranchState::prepared && before != BranchState::precommitted) {
-            b.recovered = true;
-            set_state(b, BranchState::prepared, now_ms);
-          }
-          break;
-        case pg::Evidence::committed: set_state(b, BranchState::committed, now_ms); break;
-        case pg::Evidence::absent:
-          if (before == BranchState::unknown && req.kind == RequestKind::commit && req.one_phase) {
-            // A resent one-phase commit for a branch we never saw: its statements may still be
-            // on their way. Make "aborted" durable before saying it.
-            PgOp op;
-            op.kind = OpKind::tombstone;
-            start_op(b, std::move(req), std::move(op));
-            return;
-          }
-          if (before == BranchState::unknown) b.reason = "no prepared transaction and no marker";
-          set_state(b, BranchState::aborted, now_ms);
-          break;
-      }
-      if ((before == BranchState::prepared || before == BranchState::precommitted) &&
-          b.state != before && b.state != BranchState::prepared) {
-        b.heuristic = true;
-        b.check_detail = "finished outside the agent";
-        log_.warn("prepared branch finished outside the agent",
-                  {{"gid", b.gid}, {"now", branch_state_name(b.state)}});
-        set_check(b, Check::unchecked, now_ms);
-      }
-      if (req.kind != RequestKind::status || req.id != 0) b.queue.push_front(std::move(req));
-      return;
-    }
-
-    case OpKind::exec: {
-      if (st.ok() && req.one_phase) {  // statements, then a one-phase commit
-        Reply r;
-        r.results = res.results;
-        ++counters_.one_phase;
-        if (res.outcome && *res.outcome == pg::Outcome::committed) {
-          ++counters_.committed;
-          set_state(b, BranchState::committed, now_ms);
-        } else {
-          ++counters_.aborted;
-          b.reason = res.reason;
-          set_state(b, BranchState::aborted, now_ms);
-          r.http_status = 409;
-          r.reason = b.reason;
-        }
-        r.state = b.state;
-        reply(req, std::move(r));
-        return;
-      }
-      if (st.ok()) {
-        b.last_activity_ms = now_ms;
-        Reply r;
-        r.results = res.results;
-        if (req.prepare) {
-          apply_vote(b, res, now_ms);
-          r.vote = b.state == BranchState::prepared    ? pg::Vote::yes
-                   : b.state == BranchState::read_only ? pg::Vote::read_only
-                                                       : pg::Vote::no;
-          if (*r.vote == pg::Vote::no) {
-            r.reason = b.reason;
-            r.sqlstate = b.sqlstate;
-          }
-        }
-        r.state = b.state;
-        reply(req, std::move(r));
-        return;
-      }
-      if (st.code() == Code::sql_error) {
-        b.reason = st.message();
-        b.sqlstate = res.sqlstate;
-        set_state(b, BranchState::failed, now_ms);
-        if (req.prepare || req.one_phase) {
-          // exec+prepare votes no, exec+commit aborts: roll back before answering.
-          PgOp op;
-          op.kind = OpKind::rollback;
-          start_op(b, std::move(req), std::move(op));
-          return;
-        }
-        Reply r;
-        r.http_status = 422;
-        r.error = Status(Code::sql_error, st.message());
-        r.state = b.state;
-        r.sqlstate = res.sqlstate;
-        reply(req, std::move(r));
-        return;
-      }
-      if (req.one_phase) {
-        // The connection broke: the statements and COMMIT may or may not have run (the
-        // executor cannot tell where it broke). The marker tells on the next request; never
-        // answer aborted here.
-        set_state(b, BranchState::unknown, now_ms);
-        reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
-        return;
-      }
-      b.reason = "lost the PostgreSQL session: " + st.message();
-      set_state(b, BranchState::aborted, now_ms);
-      reply_error(req, unavailable(b.reason), &b);
-      return;
-    }
-
+    case OpKind::evidence: return evidence_done(b, std::move(req), res, now_ms);
+    case OpKind::exec: return exec_done(b, std::move(req), res, now_ms);
     case OpKind::prepare:
       apply_vote(b, res, now_ms);
       reply_vote(b, req);
       return;
-
-    case OpKind::commit_one_phase:
-      if (st.ok() && res.outcome) {
-        ++counters_.one_phase;
-        if (*res.outcome == pg::Outcome::committed) {
-          ++counters_.committed;
-          set_state(b, BranchState::committed, now_ms);
-          reply_state(b, req, 200);
-        } else {
-          ++counters_.aborted;
-          b.reason = res.reason;
-          set_state(b, BranchState::aborted, now_ms);
-          reply_state(b, req, 409);
-        }
-        return;
-      }
-      // COMMIT may or may not have happened; the marker tells on the next request.
-      set_state(b, BranchState::unknown, now_ms);
-      reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
-      return;
-
-    case OpKind::rollback:
-      if (b.reason.empty()) b.reason = "rolled back";
-      ++counters_.aborted;
-      set_state(b, BranchState::aborted, now_ms);
-      switch (req.kind) {
-        case RequestKind::exec: {  // exec+prepare or exec+commit whose statements failed
-          Reply r;
-          r.http_status = 422;
-          r.error = Status(Code::sql_error, b.reason);
-          r.state = b.state;
-          r.sqlstate = b.sqlstate;
-          if (req.prepare) r.vote = pg::Vote::no;
-          reply(req, std::move(r));
-          return;
-        }
-        case RequestKind::prepare: ++counters_.votes_no; reply_vote(b, req); return;
-        case RequestKind::commit: reply_state(b, req, 409); return;
-        default: reply_state(b, req, 200); return;
-      }
-
+    case OpKind::commit_one_phase: return one_phase_done(b, std::move(req), res, now_ms);
+    case OpKind::rollback: return rollback_done(b, std::move(req), now_ms);
     case OpKind::commit_prepared:
-    case OpKind::rollback_prepared: {
-      if (!st.ok() || !res.outcome) {
-        reply_error(req, unavailable("PostgreSQL did not finish the prepared transaction: " + st.message()), &b);
+    case OpKind::rollback_prepared: return prepared_done(b, kind, std::move(req), res, now_ms);
+    case OpKind::tombstone: return tombstone_done(b, std::move(req), res, now_ms);
+    case OpKind::put_state:
+    case OpKind::delete_state: return record_done(b, kind, std::move(req), res, now_ms);
+  }
+}
+
+// Learned what PostgreSQL holds for the branch; the request runs again with it.
+void AgentMachine::evidence_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
+  const Status& st = res.status;
+  if (!st.ok() || !res.evidence) {
+    reply_error(req,
+                unavailable("cannot read the branch's state from PostgreSQL: " + st.message()));
+    return;
+  }
+  BranchState before = b.state;
+  switch (*res.evidence) {
+    case pg::Evidence::prepared:
+      if (before != BranchState::prepared && before != BranchState::precommitted) {
+        b.recovered = true;
+        set_state(b, BranchState::prepared, now_ms);
+      }
+      break;
+    case pg::Evidence::committed: set_state(b, BranchState::committed, now_ms); break;
+    case pg::Evidence::absent:
+      if (before == BranchState::unknown && req.kind == RequestKind::commit && req.one_phase) {
+        // A resent one-phase commit for a branch we never saw: its statements may still be
+        // on their way. Make "aborted" durable before saying it.
+        PgOp op;
+        op.kind = OpKind::tombstone;
+        start_op(b, std::move(req), std::move(op));
         return;
       }
-      bool wanted_commit = kind == OpKind::commit_prepared;
-      bool committed = *res.outcome == pg::Outcome::committed;
-      if (committed) {
-        ++counters_.committed;
-        set_state(b, BranchState::committed, now_ms);
-      } else {
-        ++counters_.aborted;
-        set_state(b, BranchState::aborted, now_ms);
+      if (before == BranchState::unknown) b.reason = "no prepared transaction and no marker";
+      set_state(b, BranchState::aborted, now_ms);
+      break;
+  }
+  if ((before == BranchState::prepared || before == BranchState::precommitted) &&
+      b.state != before && b.state != BranchState::prepared) {
+    b.heuristic = true;
+    b.check_detail = "finished outside the agent";
+    log_.warn("prepared branch finished outside the agent",
+              {{"gid", b.gid}, {"now", branch_state_name(b.state)}});
+    set_check(b, Check::unchecked, now_ms);
+  }
+  if (req.kind != RequestKind::status || req.id != 0) b.queue.push_front(std::move(req));
+}
+
+void AgentMachine::exec_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
+  const Status& st = res.status;
+  if (st.ok() && req.one_phase) {  // statements, then a one-phase commit
+    Reply r;
+    r.results = res.results;
+    ++counters_.one_phase;
+    if (res.outcome && *res.outcome == pg::Outcome::committed) {
+      ++counters_.committed;
+      set_state(b, BranchState::committed, now_ms);
+    } else {
+      ++counters_.aborted;
+      b.reason = res.reason;
+      set_state(b, BranchState::aborted, now_ms);
+      r.http_status = 409;
+      r.reason = b.reason;
+    }
+    r.state = b.state;
+    reply(req, std::move(r));
+    return;
+  }
+  if (st.ok()) {
+    b.last_activity_ms = now_ms;
+    Reply r;
+    r.results = res.results;
+    if (req.prepare) {
+      apply_vote(b, res, now_ms);
+      r.vote = b.state == BranchState::prepared    ? pg::Vote::yes
+               : b.state == BranchState::read_only ? pg::Vote::read_only
+                                                   : pg::Vote::no;
+      if (*r.vote == pg::Vote::no) {
+        r.reason = b.reason;
+        r.sqlstate = b.sqlstate;
       }
-      if (req.kind == RequestKind::resolve) {
-        // Decided here: checked against the coordinator from now on.
-        if (committed != wanted_commit)
-          log_.error("the branch had already ended the other way", {{"gid", b.gid}});
-        set_check(b, Check::unchecked, now_ms);
-        reply_state(b, req, committed == wanted_commit ? 200 : 409);
-        return;
-      }
-      if (committed != wanted_commit) {
-        // The coordinator's outcome (or the one it answered us) meets a branch that ended the
-        // other way. A request from the coordinator learns it from our answer; an outcome we
-        // asked for does not, so it is reported.
-        b.heuristic = true;
-        ++counters_.heuristic_mismatch;
-        log_.error(committed
-                       ? "heuristic outcome: asked to abort a branch that had committed"
-                       : "heuristic outcome: asked to commit a branch that had been rolled back",
-                   {{"gid", b.gid}});
-        set_check(b, req.id != 0 ? Check::reported : Check::mismatch, now_ms);
-      }
-      correct_coordinator(b, now_ms);
-      reply_state(b, req, committed == wanted_commit ? 200 : 409);
+    }
+    r.state = b.state;
+    reply(req, std::move(r));
+    return;
+  }
+  if (st.code() == Code::sql_error) {
+    b.reason = st.message();
+    b.sqlstate = res.sqlstate;
+    set_state(b, BranchState::failed, now_ms);
+    if (req.prepare || req.one_phase) {
+      // exec+prepare votes no, exec+commit aborts: roll back before answering.
+      PgOp op;
+      op.kind = OpKind::rollback;
+      start_op(b, std::move(req), std::move(op));
       return;
     }
-
-    case OpKind::tombstone:
-      if (!st.ok() || !res.outcome) {
-        reply_error(req, unavailable("cannot record the branch as aborted: " + st.message()));
-        return;
-      }
-      b.reason = "no prepared transaction and no marker";
-      set_state(b, *res.outcome == pg::Outcome::committed ? BranchState::committed : BranchState::aborted,
-                now_ms);
-      b.queue.push_front(std::move(req));
-      return;
-
-    case OpKind::put_state:
-      if (req.kind == RequestKind::precommit) {
-        if (st.ok()) {
-          set_state(b, BranchState::precommitted, now_ms);
-          reply_state(b, req, 200);
-        } else {
-          reply_error(req, unavailable("cannot record the pre-commit: " + st.message()), &b);
-        }
-        return;
-      }
-      if (req.kind == RequestKind::resolve) {
-        if (!st.ok()) {
-          reply_error(
-              req,
-              unavailable("cannot record the decision, so nothing was changed: " + st.message()),
-              &b);
-          return;
-        }
-        b.recorded = check_record_state(Check::unchecked, !req.alone, req.commit);
-        b.check_detail = req.alone ? "3PC decided without the coordinator: " + req.detail
-                                   : std::string("resolved by an operator");
-        b.queue.push_front(std::move(req));  // now carry it out
-        return;
-      }
-      [[fallthrough]];
-    case OpKind::delete_state:
-      if (!st.ok()) {
-        log_.warn("cannot write the branch's decision record; retrying",
-                  {{"gid", b.gid}, {"error", st.message()}});
-        b.next_record_ms = now_ms + opts_.ask_min_ms;
-        reply_error(req, unavailable("cannot write the branch's decision record: " + st.message()),
-                    &b);
-        track_live(b);
-        return;
-      }
-      b.recorded = kind == OpKind::delete_state ? std::string() : req.detail;
-      if (req.kind == RequestKind::forget) {
-        apply_forget(b, now_ms);
-        reply_state(b, req, 200);
-        return;
-      }
-      persist_check(b);  // the check moved on while this was written
-      track_live(b);
-      return;
+    Reply r;
+    r.http_status = 422;
+    r.error = Status(Code::sql_error, st.message());
+    r.state = b.state;
+    r.sqlstate = res.sqlstate;
+    reply(req, std::move(r));
+    return;
   }
+  if (req.one_phase) {
+    // The connection broke: the statements and COMMIT may or may not have run (the
+    // executor cannot tell where it broke). The marker tells on the next request; never
+    // answer aborted here.
+    set_state(b, BranchState::unknown, now_ms);
+    reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
+    return;
+  }
+  b.reason = "lost the PostgreSQL session: " + st.message();
+  set_state(b, BranchState::aborted, now_ms);
+  reply_error(req, unavailable(b.reason), &b);
+}
+
+void AgentMachine::one_phase_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
+  const Status& st = res.status;
+  if (st.ok() && res.outcome) {
+    ++counters_.one_phase;
+    if (*res.outcome == pg::Outcome::committed) {
+      ++counters_.committed;
+      set_state(b, BranchState::committed, now_ms);
+      reply_state(b, req, 200);
+    } else {
+      ++counters_.aborted;
+      b.reason = res.reason;
+      set_state(b, BranchState::aborted, now_ms);
+      reply_state(b, req, 409);
+    }
+    return;
+  }
+  // COMMIT may or may not have happened; the marker tells on the next request.
+  set_state(b, BranchState::unknown, now_ms);
+  reply_error(req, unavailable("lost the PostgreSQL session during commit: " + st.message()));
+}
+
+void AgentMachine::rollback_done(Branch& b, Request req, int64_t now_ms) {
+  if (b.reason.empty()) b.reason = "rolled back";
+  ++counters_.aborted;
+  set_state(b, BranchState::aborted, now_ms);
+  switch (req.kind) {
+    case RequestKind::exec: {  // exec+prepare or exec+commit whose statements failed
+      Reply r;
+      r.http_status = 422;
+      r.error = Status(Code::sql_error, b.reason);
+      r.state = b.state;
+      r.sqlstate = b.sqlstate;
+      if (req.prepare) r.vote = pg::Vote::no;
+      reply(req, std::move(r));
+      return;
+    }
+    case RequestKind::prepare:
+      ++counters_.votes_no;
+      reply_vote(b, req);
+      return;
+    case RequestKind::commit: reply_state(b, req, 409); return;
+    default: reply_state(b, req, 200); return;
+  }
+}
+
+void AgentMachine::prepared_done(Branch& b, OpKind kind, Request req, const OpResult& res,
+                                 int64_t now_ms) {
+  const Status& st = res.status;
+  if (!st.ok() || !res.outcome) {
+    reply_error(req,
+                unavailable("PostgreSQL did not finish the prepared transaction: " + st.message()),
+                &b);
+    return;
+  }
+  bool wanted_commit = kind == OpKind::commit_prepared;
+  bool committed = *res.outcome == pg::Outcome::committed;
+  if (committed) {
+    ++counters_.committed;
+    set_state(b, BranchState::committed, now_ms);
+  } else {
+    ++counters_.aborted;
+    set_state(b, BranchState::aborted, now_ms);
+  }
+  if (req.kind == RequestKind::resolve) {
+    // Decided here: checked against the coordinator from now on.
+    if (committed != wanted_commit)
+      log_.error("the branch had already ended the other way", {{"gid", b.gid}});
+    set_check(b, Check::unchecked, now_ms);
+    reply_state(b, req, committed == wanted_commit ? 200 : 409);
+    return;
+  }
+  if (committed != wanted_commit) {
+    // The coordinator's outcome (or the one it answered us) meets a branch that ended the
+    // other way. A request from the coordinator learns it from our answer; an outcome we
+    // asked for does not, so it is reported.
+    b.heuristic = true;
+    ++counters_.heuristic_mismatch;
+    log_.error(committed ? "heuristic outcome: asked to abort a branch that had committed"
+                         : "heuristic outcome: asked to commit a branch that had been rolled back",
+               {{"gid", b.gid}});
+    set_check(b, req.id != 0 ? Check::reported : Check::mismatch, now_ms);
+  }
+  correct_coordinator(b, now_ms);
+  reply_state(b, req, committed == wanted_commit ? 200 : 409);
+}
+
+void AgentMachine::tombstone_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
+  const Status& st = res.status;
+  if (!st.ok() || !res.outcome) {
+    reply_error(req, unavailable("cannot record the branch as aborted: " + st.message()));
+    return;
+  }
+  b.reason = "no prepared transaction and no marker";
+  set_state(b,
+            *res.outcome == pg::Outcome::committed ? BranchState::committed : BranchState::aborted,
+            now_ms);
+  b.queue.push_front(std::move(req));
+}
+
+// A tpc_agent_state row written (put_state) or removed (delete_state).
+void AgentMachine::record_done(Branch& b, OpKind kind, Request req, const OpResult& res,
+                               int64_t now_ms) {
+  const Status& st = res.status;
+  if (kind == OpKind::put_state) {
+    if (req.kind == RequestKind::precommit) {
+      if (st.ok()) {
+        set_state(b, BranchState::precommitted, now_ms);
+        reply_state(b, req, 200);
+      } else {
+        reply_error(req, unavailable("cannot record the pre-commit: " + st.message()), &b);
+      }
+      return;
+    }
+    if (req.kind == RequestKind::resolve) {
+      if (!st.ok()) {
+        reply_error(
+            req, unavailable("cannot record the decision, so nothing was changed: " + st.message()),
+            &b);
+        return;
+      }
+      b.recorded = check_record_state(Check::unchecked, !req.alone, req.commit);
+      b.check_detail = req.alone ? "3PC decided without the coordinator: " + req.detail
+                                 : std::string("resolved by an operator");
+      b.queue.push_front(std::move(req));  // now carry it out
+      return;
+    }
+  }
+  if (!st.ok()) {
+    log_.warn("cannot write the branch's decision record; retrying",
+              {{"gid", b.gid}, {"error", st.message()}});
+    b.next_record_ms = now_ms + opts_.ask_min_ms;
+    reply_error(req, unavailable("cannot write the branch's decision record: " + st.message()), &b);
+    track_live(b);
+    return;
+  }
+  b.recorded = kind == OpKind::delete_state ? std::string() : req.detail;
+  if (req.kind == RequestKind::forget) {
+    apply_forget(b, now_ms);
+    reply_state(b, req, 200);
+    return;
+  }
+  persist_check(b);  // the check moved on while this was written
+  track_live(b);
 }
 
 // The coordinator's view listed this branch with another outcome (a misdirected agent once

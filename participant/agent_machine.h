@@ -364,12 +364,30 @@ class AgentMachine {
   void pump(Branch& b, int64_t now_ms);
   // Handles the request at the head of the queue: replies, or starts an operation.
   void dispatch(Branch& b, Request req, int64_t now_ms);
+  // dispatch, by request.
+  void dispatch_status(Branch& b, Request req);
+  void dispatch_exec(Branch& b, Request req, int64_t now_ms);
+  void dispatch_prepare(Branch& b, Request req);
+  void dispatch_precommit(Branch& b, Request req);
+  void dispatch_commit(Branch& b, Request req);
+  void dispatch_abort(Branch& b, Request req);
+  void dispatch_resolve(Branch& b, Request req);
+  void dispatch_record(Branch& b, Request req);
+  void dispatch_forget(Branch& b, Request req, int64_t now_ms);
   void start_op(Branch& b, Request req, PgOp op);
   void reply(const Request& req, Reply r);
   void reply_state(const Branch& b, const Request& req, int http_status, std::string_view why = {});
   void reply_error(const Request& req, Status s, const Branch* b = nullptr);
   void reply_vote(const Branch& b, const Request& req);
   void finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms);
+  // finish_op, by operation.
+  void evidence_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
+  void exec_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
+  void one_phase_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
+  void rollback_done(Branch& b, Request req, int64_t now_ms);
+  void prepared_done(Branch& b, OpKind kind, Request req, const OpResult& res, int64_t now_ms);
+  void tombstone_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
+  void record_done(Branch& b, OpKind kind, Request req, const OpResult& res, int64_t now_ms);
   void apply_vote(Branch& b, const OpResult& res, int64_t now_ms);
   void decided_alone(Branch& b, bool commit, std::string_view why, int64_t now_ms);
   std::vector<Peer> others(const Branch& b) const;
