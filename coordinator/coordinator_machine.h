@@ -7,7 +7,7 @@
 // then reply. The machine includes no IO, threads or clocks, so it is unit-tested and
 // simulated deterministically.
 //
-// Protocol rules it enforces (DESIGN.md §4):
+// Protocol rules it enforces (docs/DESIGN.md §4):
 //   - persist before send: a commit (2PC), pre-commit (3PC) or one-phase commit message for a
 //     transaction is emitted only after on_persisted() for its decision record;
 //   - presumed abort: aborts are never written; no record means aborted;
@@ -115,7 +115,7 @@ class CoordinatorMachine {
   // once (as for begin and enlist).
   Result<std::string> run(Protocol protocol, const std::vector<Peer>& branches, uint64_t waiter,
                           CommitOptions opts, int64_t now_ms);
-  // Operator decision (tpcctl resolve): see DESIGN.md; recorded as heuristic.
+  // Operator decision (tpcctl resolve): see docs/DESIGN.md §4.8; recorded as heuristic.
   ClientReply resolve(std::string_view gid, bool commit, int64_t now_ms);
 
   Lookup lookup(std::string_view gid) const;

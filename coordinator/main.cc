@@ -1,4 +1,4 @@
-// tpc-coordinator: the transaction coordinator service. See DESIGN.md §2 for the command line.
+// tpc-coordinator: the transaction coordinator service. Command line: docs/DESIGN.md §2.
 #include <sys/stat.h>
 
 #include <cerrno>

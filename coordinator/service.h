@@ -1,7 +1,7 @@
 // CoordinatorService: the driver around CoordinatorMachine. It owns the HTTP server (the REST
-// API of DESIGN.md §3) and the decision log, reaches time, timers, the agents and its workers
-// through a Runtime (common/runtime.h), and carries out the machine's effects in order:
-// persist, then send, then reply. Reads of the log (answers from finished records,
+// API of docs/DESIGN.md §3) and the decision log, reaches time, timers, the agents and its
+// workers through a Runtime (common/runtime.h), and carries out the machine's effects in
+// order: persist, then send, then reply. Reads of the log (answers from finished records,
 // compaction, rewrites of finished records) run on the runtime's workers, never on a network
 // thread.
 //

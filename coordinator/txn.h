@@ -16,7 +16,7 @@ namespace tpc::coord {
 
 enum class Protocol : uint8_t { two_phase, three_phase };
 
-// Global states (DESIGN.md §3): active → preparing → [precommitted →] committing → committed,
+// Global states (docs/DESIGN.md §3): active → preparing → [precommitted →] committing → committed,
 // or → aborting → aborted; heuristic_mixed when branches ended with different outcomes.
 enum class TxnState : uint8_t {
   active,

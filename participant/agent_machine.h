@@ -6,7 +6,7 @@
 // a Ready the driver takes and carries out: PgOps for the worker pool, enlistments and outcome
 // queries for the coordinator, replies for waiting HTTP requests.
 //
-// Rules it enforces (DESIGN.md §4, §5):
+// Rules it enforces (docs/DESIGN.md §4, §5):
 //   - one operation in flight per branch; later requests queue behind it (bounded);
 //   - the branch enlists with the coordinator before its first statement;
 //   - an abort of a gid never seen succeeds and leaves a tombstone, so a late exec or prepare
@@ -37,8 +37,7 @@
 #include "common/ids.h"
 #include "common/log.h"
 #include "common/status.h"
-#include "participant/pg_branch.h"
-#include "participant/pg_conn.h"
+#include "participant/branch_types.h"
 
 namespace tpc::agent {
 
@@ -132,7 +131,7 @@ enum class OpKind : uint8_t {
   evidence,           // any connection: prepared, committed (marker) or absent
   put_state,          // any connection: durable tpc_agent_state row (3PC, operator)
   delete_state,       // any connection: remove the branch's tpc_agent_state row
-  tombstone,          // any connection: durable "never commits" mark (see pg::put_tombstone)
+  tombstone,          // any connection: durable "never commits" mark (pg_branch.h, put_tombstone)
 };
 
 std::string_view op_name(OpKind k);

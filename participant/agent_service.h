@@ -1,7 +1,7 @@
 // AgentService: the driver around AgentMachine. It owns the HTTP server (the agent API of
-// DESIGN.md §3), the HTTP client to the coordinators, a bounded pool of worker threads that
-// run every PostgreSQL operation (HTTP threads never wait on PostgreSQL), and the connection
-// pool: one session per open branch, any idle connection for the rest.
+// docs/DESIGN.md §3), the HTTP client to the coordinators, a bounded pool of worker threads
+// that run every PostgreSQL operation (HTTP threads never wait on PostgreSQL), and the
+// connection pool: one session per open branch, any idle connection for the rest.
 //
 // Start-up refuses to run when PostgreSQL is unreachable or max_prepared_transactions is 0,
 // creates the agent's tables, and scans pg_prepared_xacts for this agent's branches before it
@@ -32,6 +32,7 @@
 #include "participant/agent_machine.h"
 #include "participant/codec.h"
 #include "participant/branch_executor.h"
+#include "participant/pg_conn.h"  // ConnectOptions
 
 namespace tpc::agent {
 

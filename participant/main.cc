@@ -1,4 +1,4 @@
-// tpc-agent: the participant agent next to one PostgreSQL database. See DESIGN.md §2.
+// tpc-agent: the participant agent next to one PostgreSQL database. See docs/DESIGN.md §2.
 #include <atomic>
 #include <future>
 #include <iostream>

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "participant/branch_types.h"
 #include "participant/pg_conn.h"
 
 namespace tpc::pg {
@@ -72,14 +73,6 @@ Result<std::vector<std::string>> foreign_prepared_agents(PgConn& c, std::string_
 Status begin(PgConn& c);   // BEGIN
 Status rollback(PgConn& c);  // ROLLBACK (a no-op outside a block)
 
-enum class Vote : uint8_t { yes, no, read_only };
-
-struct PrepareResult {
-  Vote vote = Vote::no;
-  std::string reason;     // for no: the server's message
-  std::string sqlstate;   // for no from the server, e.g. "23503", "53200"
-};
-
 // Inside the open block of `c`: if no xid was assigned (read-only) end the block (ROLLBACK,
 // which for a block without writes is the same as COMMIT) and vote read_only;
 // otherwise insert the marker and PREPARE TRANSACTION 'pg_gid', checking that the command tag
@@ -88,8 +81,6 @@ struct PrepareResult {
 // unavailable if the connection broke (the outcome is then unknown until the in-doubt scan).
 Result<PrepareResult> prepare(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                               int64_t epoch, int64_t seq);
-
-enum class Outcome : uint8_t { committed, aborted };
 
 // What a branch does after its statements in the same round trip.
 enum class Finish : uint8_t { none, prepare, commit };
@@ -114,7 +105,6 @@ struct BranchRun {
 // rows returned) differs from its expectation fails like an SQL error with SQLSTATE
 // kExpectRowsSqlstate. With an expectation, the statements and the finish take two round
 // trips, so that nothing is prepared or committed after a mismatch.
-inline constexpr std::string_view kExpectRowsSqlstate = "21000";  // cardinality_violation
 BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
                      std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
                      int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows = {});
@@ -123,13 +113,6 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
 // aborted otherwise (with the reason in the Status message via `reason`).
 Result<Outcome> commit_one_phase(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                                  int64_t epoch, int64_t seq, std::string* reason);
-
-// A branch PostgreSQL no longer has prepared (42704): it committed iff its marker row exists
-// (not a tombstone). "Does not exist" alone is never success: finished earlier, rolled back
-// by someone else, or never prepared all answer it.
-inline Outcome outcome_when_not_prepared(bool marker_exists) {
-  return marker_exists ? Outcome::committed : Outcome::aborted;
-}
 
 // COMMIT PREPARED 'pg_gid' (outside any block). committed when it ran or when it answered
 // 42704 and the marker exists; aborted when 42704 and no marker (a heuristic rollback or never
@@ -145,8 +128,6 @@ Result<Outcome> rollback_prepared(PgConn& c, std::string_view pg_gid);
 Result<Outcome> put_tombstone(PgConn& c, std::string_view pg_gid, std::string_view coordinator,
                               int64_t epoch, int64_t seq);
 
-// Whether the branch is prepared now, and if not whether it committed (marker) or not.
-enum class Evidence : uint8_t { prepared, committed, absent };
 Result<Evidence> evidence(PgConn& c, std::string_view pg_gid);
 
 struct PreparedXact {

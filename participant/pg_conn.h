@@ -15,21 +15,12 @@
 #include <vector>
 
 #include "common/status.h"
+#include "participant/branch_types.h"
 
 struct pg_conn;    // libpq's PGconn
 struct pg_cancel;  // libpq's PGcancel
 
 namespace tpc::pg {
-
-using Value = std::optional<std::string>;  // nullopt is SQL NULL
-
-struct StatementResult {
-  std::vector<std::string> columns;
-  std::vector<std::vector<Value>> rows;
-  int64_t affected = 0;      // PQcmdTuples, 0 when empty
-  std::string command_tag;   // PQcmdStatus, e.g. "UPDATE 1", "PREPARE TRANSACTION"
-  bool truncated = false;    // rows were cut to the agent's limit (after a one-phase commit)
-};
 
 // The outcome of running a statement. status is ok, or sql_error with sqlstate set, or
 // unavailable when the connection broke (sqlstate empty; the session is gone).

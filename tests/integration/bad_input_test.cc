@@ -1,5 +1,5 @@
 // Bad input against the real services: every malformed, oversized, unauthorised or
-// out-of-place request gets the status and JSON error of DESIGN.md §3, and leaves every
+// out-of-place request gets the status and JSON error of docs/DESIGN.md §3, and leaves every
 // transaction exactly as it was (checked by committing the transaction afterwards and
 // counting the money).
 #include <doctest/doctest.h>

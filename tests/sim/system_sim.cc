@@ -24,7 +24,7 @@
 //   told_committed_not_applied, told_aborted_but_applied   answers against the databases
 //   prepared_left, session_left   once settled, no prepared branch and no open session remain
 //   3pc_decided_without_asking, 3pc_termination_rule   a 3PC branch decides alone only after
-//                           asking every peer, and as their answers say (DESIGN.md's rule)
+//                           asking every peer, and as their answers say (docs/DESIGN.md §4.7)
 //   agent_says_committed, agent_says_aborted   an agent's view of its branch against its database
 //   heuristic_in_2pc        a 2PC transaction never ends heuristic here (nobody resolves by hand)
 //   money_created           the sum of all balances is what it was
