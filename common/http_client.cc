@@ -456,6 +456,10 @@ void ClientState::submit(Call call, const std::string& host, uint16_t port) {
     std::lock_guard lock(mu);
     if (closed_locked) {
       refused = unavailable("the HTTP client is shutting down");
+    } else if (pools.size() >= opts.hosts_max && pools.count(host_port(host, port)) == 0) {
+      // Hosts come from URLs others name (enlists, peers): their pools must not pile up.
+      refused = unavailable("the HTTP client already talks to " + std::to_string(opts.hosts_max) +
+                            " hosts (hosts_max)");
     } else {
       HostPool& pool = pool_for(host, port);
       if (pool.busy < opts.connections_per_host_max) {

@@ -21,6 +21,7 @@ namespace tpc {
 struct HttpClientOptions {
   size_t connections_per_host_max = 64;
   size_t queue_per_host_max = 100'000;
+  size_t hosts_max = 4'096;  // distinct host:port pools; a request to one more fails at once
   size_t response_body_max_bytes = 8 << 20;
   int64_t idle_timeout_ms = 30'000;  // a pooled connection idle longer is closed
 };

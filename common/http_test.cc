@@ -491,6 +491,30 @@ TEST_CASE("a handler that never answers makes the client time out") {
   CHECK(s.server->wait_idle(kBoundMs));
 }
 
+TEST_CASE(
+    "past hosts_max distinct hosts, a request to another host fails inline; known hosts still "
+    "work") {
+  Served a([](HttpRequest&&, Responder respond) { respond(HttpResponse{200, "{}"}); });
+  Served b([](HttpRequest&&, Responder respond) { respond(HttpResponse{200, "{}"}); });
+  HttpClientOptions copts;
+  copts.hosts_max = 1;
+  HttpClient client(a.loop, copts);
+  std::promise<HttpResult> first, again;
+  client.send(a.url, get("/"), {}, [&](HttpResult r) { first.set_value(std::move(r)); });
+  CHECK(first.get_future().get().http_status == 200);
+  bool called = false;
+  Status other;
+  client.send(b.url, get("/"), {}, [&](HttpResult r) {
+    called = true;
+    other = r.status;
+  });
+  CHECK(called);
+  CHECK(other.code() == Code::unavailable);
+  CHECK(other.message().find("hosts_max") != std::string::npos);
+  client.send(a.url, get("/"), {}, [&](HttpResult r) { again.set_value(std::move(r)); });
+  CHECK(again.get_future().get().http_status == 200);
+}
+
 TEST_CASE("past queue_per_host_max, send fails inline with unavailable") {
   auto held = std::make_shared<Held>();
   Served s([held](HttpRequest&&, Responder respond) { held->add(std::move(respond)); });

@@ -684,36 +684,56 @@ Lookup CoordinatorMachine::lookup(std::string_view gid) const {
   return l;
 }
 
-std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit) const {
-  std::vector<std::pair<uint64_t, TxnView>> all;
+// The `limit` live transactions with the highest (newest) or lowest (oldest) serials among
+// those `keep` accepts, in that order. Only pointers are gathered and only `limit` of them
+// ordered: a view of a few entries never sorts the whole table under the driver's lock.
+std::vector<const Txn*> CoordinatorMachine::live_by_serial(
+    const std::function<bool(const Txn&)>& keep, size_t limit, bool newest) const {
+  std::vector<const Txn*> picked;
   for (auto& [gid, t] : live_)
-    if (!state || t.state == *state) all.emplace_back(t.serial, view_of(t));
-  for (auto it = finished_by_serial_.rbegin(); it != finished_by_serial_.rend(); ++it)
-    if (!state || it->second.state == *state) all.emplace_back(it->first, it->second);
-  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+    if (keep(t)) picked.push_back(&t);
+  auto order = [newest](const Txn* a, const Txn* b) {
+    return newest ? a->serial > b->serial : a->serial < b->serial;
+  };
+  size_t n = std::min(limit, picked.size());
+  std::partial_sort(picked.begin(), picked.begin() + static_cast<std::ptrdiff_t>(n), picked.end(),
+                    order);
+  picked.resize(n);
+  return picked;
+}
+
+std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit) const {
+  auto live =
+      live_by_serial([&](const Txn& t) { return !state || t.state == *state; }, limit, true);
+  // Newest first: merge the live ones with the finished ones, which are kept by serial.
   std::vector<TxnView> out;
-  for (auto& [serial, v] : all) {
-    if (out.size() >= limit) break;
-    out.push_back(std::move(v));
+  auto fin = finished_by_serial_.rbegin();
+  size_t li = 0;
+  while (out.size() < limit) {
+    while (fin != finished_by_serial_.rend() && state && fin->second.state != *state) ++fin;
+    bool have_fin = fin != finished_by_serial_.rend(), have_live = li < live.size();
+    if (!have_fin && !have_live) break;
+    if (have_live && (!have_fin || live[li]->serial > fin->first)) {
+      out.push_back(view_of(*live[li++]));
+    } else {
+      out.push_back(fin->second);
+      ++fin;
+    }
   }
   return out;
 }
 
 std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) const {
   (void)now_ms;
-  std::vector<std::pair<uint64_t, TxnView>> all;
-  for (auto& [gid, t] : live_)
-    if (t.decision != Decision::none) all.emplace_back(t.serial, view_of(t));
-  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first < b.first; });
   std::vector<TxnView> out;
   for (auto& [key, v] : heuristics_) {
     if (out.size() >= limit) break;
     out.push_back(v);
   }
-  for (auto& [serial, v] : all) {
-    if (out.size() >= limit) break;
-    out.push_back(std::move(v));
-  }
+  if (out.size() >= limit) return out;
+  auto decided = live_by_serial([](const Txn& t) { return t.decision != Decision::none; },
+                                limit - out.size(), false);
+  for (const Txn* t : decided) out.push_back(view_of(*t));
   return out;
 }
 

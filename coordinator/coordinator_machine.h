@@ -21,6 +21,7 @@
 #include <array>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <optional>
 #include <queue>
@@ -244,6 +245,8 @@ class CoordinatorMachine {
   std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
   std::unordered_map<std::string, std::pair<uint64_t, uint64_t>> ending_;
   void release_order(std::pair<uint64_t, uint64_t> key);
+  std::vector<const Txn*> live_by_serial(const std::function<bool(const Txn&)>& keep, size_t limit,
+                                         bool newest) const;
 
   Ready ready_;
   MachineCounters counters_;

@@ -786,6 +786,28 @@ TEST_CASE("finished_below passes a committed transaction only once its end recor
   CHECK(f.m->finished_below().seq == 2);
 }
 
+TEST_CASE("list: newest first across live and finished transactions, by state, up to the limit") {
+  Fixture f;
+  std::string a = f.begin_with({"a1"});
+  std::string b = f.begin_with({"a1"});
+  std::string c = f.begin_with({"a1"});
+  std::string d = f.begin_with({"a1"});
+  for (const std::string& gid : {b, d}) {  // b and d finish (aborted), a and c stay active
+    REQUIRE(f.m->abort(gid, 1, f.now).has_value());
+    f.reply(gid, "a1", MsgKind::abort, ReplyKind::aborted);
+  }
+  auto gids = [](const std::vector<TxnView>& views) {
+    std::vector<std::string> out;
+    for (auto& v : views) out.push_back(v.gid);
+    return out;
+  };
+  CHECK(gids(f.m->list(std::nullopt, 10)) == std::vector<std::string>{d, c, b, a});
+  CHECK(gids(f.m->list(std::nullopt, 3)) == std::vector<std::string>{d, c, b});
+  CHECK(gids(f.m->list(TxnState::active, 10)) == std::vector<std::string>{c, a});
+  CHECK(gids(f.m->list(TxnState::aborted, 1)) == std::vector<std::string>{d});
+  CHECK(f.m->list(TxnState::committed, 10).empty());
+}
+
 TEST_CASE("a transaction with no branches commits after one synced record") {
   Fixture f;
   std::string gid = f.begin();

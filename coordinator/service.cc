@@ -377,7 +377,9 @@ void CoordinatorService::pump(const std::string& lane_key) {
     Url url;
     {
       std::lock_guard lock(outbox_mu_);
-      Lane& lane = lanes_[lane_key];
+      auto it = lanes_.find(lane_key);
+      if (it == lanes_.end()) return;
+      Lane& lane = it->second;
       if (lane.queue.empty() || lane.in_flight >= cfg_.agent_requests_max) return;
       size_t n = std::min(lane.queue.size(), cfg_.batch_max);
       for (size_t i = 0; i < n; ++i) {
@@ -438,8 +440,14 @@ void CoordinatorService::pump(const std::string& lane_key) {
         }
       }
       {
+        // An idle lane goes: lanes are keyed by the URLs agents enlisted with, which any
+        // client can name, so they must not pile up.
         std::lock_guard lock(outbox_mu_);
-        --lanes_[lane_key].in_flight;
+        auto it = lanes_.find(lane_key);
+        if (it != lanes_.end() && --it->second.in_flight == 0 && it->second.queue.empty()) {
+          lanes_.erase(it);
+          return;
+        }
       }
       pump(lane_key);
     });

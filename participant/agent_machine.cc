@@ -1370,21 +1370,23 @@ std::optional<BranchView> AgentMachine::view(std::string_view gid, int64_t now_m
 
 std::vector<BranchView> AgentMachine::list(std::optional<BranchState> state, size_t limit,
                                            int64_t now_ms) const {
-  std::vector<std::pair<uint64_t, BranchView>> all;
+  // Pointers first, and only `limit` of them ordered: the table may hold 100k finished
+  // branches, and this runs under the driver's lock.
+  std::vector<const Branch*> picked;
   for (auto& [gid, b] : branches_) {
     if (b.state == BranchState::unknown) continue;
     BranchState ext = b.state == BranchState::enlisting || b.state == BranchState::failed
                           ? BranchState::active
                           : b.state;
     if (state && ext != *state) continue;
-    all.emplace_back(b.serial, view_of(b, now_ms));
+    picked.push_back(&b);
   }
-  std::sort(all.begin(), all.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  size_t n = std::min(limit, picked.size());
+  std::partial_sort(picked.begin(), picked.begin() + static_cast<std::ptrdiff_t>(n), picked.end(),
+                    [](const Branch* a, const Branch* b) { return a->serial > b->serial; });
   std::vector<BranchView> out;
-  for (auto& [s, v] : all) {
-    if (out.size() >= limit) break;
-    out.push_back(std::move(v));
-  }
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(view_of(*picked[i], now_ms));
   return out;
 }
 
