@@ -181,114 +181,7 @@ OpResult PgExecutor::execute(PgOp& op) {
   auto epoch = static_cast<int64_t>(parts->epoch), seq = static_cast<int64_t>(parts->seq);
   OpResult res;
   switch (op.kind) {
-    case OpKind::exec: {
-      Conn conn = take_session(op.gid);
-      bool begin = !conn;
-      if (!conn) {
-        auto c = acquire();
-        if (!c.ok()) return failed(c.status());
-        conn = std::move(*c);
-      }
-      {
-        std::lock_guard lock(cancel_mu_);
-        if (cancel_requested_.erase(op.gid) > 0) {
-          if (begin)
-            release(std::move(conn));
-          else
-            sessions_keep(op.gid, std::move(conn));
-          return failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
-                        "57014");
-        }
-        running_[op.gid] = conn->canceller();
-      }
-      pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
-                          : op.then_commit ? pg::Finish::commit
-                                           : pg::Finish::none;
-      if (finish == pg::Finish::prepare && op.protocol == 3) {
-        Status st = record_3pc(op, pgg);
-        if (!st.ok()) {
-          {
-            std::lock_guard lock(cancel_mu_);
-            running_.erase(op.gid);
-          }
-          if (!begin) (void)pg::rollback(*conn);
-          res.results = std::make_shared<std::vector<pg::StatementResult>>();
-          res.prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
-          release(std::move(conn));
-          return res;
-        }
-      }
-      std::vector<pg::PipelineStep> steps;
-      steps.reserve(op.statements.size());
-      for (Statement& st : op.statements)
-        steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
-      std::vector<std::optional<int64_t>> expect_rows;
-      for (const Statement& st : op.statements) expect_rows.push_back(st.expect_rows);
-      if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
-      size_t statement_count = steps.size();
-      pg::BranchRun run =
-          pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts->coordinator, epoch, seq,
-                         expect_rows);
-      {
-        std::lock_guard lock(cancel_mu_);
-        running_.erase(op.gid);
-        cancel_requested_.erase(op.gid);
-      }
-      if (run.vote) TPC_FAILPOINT("agent.after_prepare");
-      if (run.outcome && *run.outcome == pg::Outcome::committed) TPC_FAILPOINT("agent.after_one_phase_commit");
-      res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
-      if (!run.status.ok()) {
-        if (run.status.code() == Code::unavailable) return failed(run.status);  // the session died
-        std::string msg = statement_count > 1
-                              ? "statement " + std::to_string(run.failed_statement + 1) + ": " + run.status.message()
-                              : run.status.message();
-        res.status = Status(run.status.code(), msg);
-        res.sqlstate = run.sqlstate;
-        if (finish == pg::Finish::none)
-          sessions_keep(op.gid, std::move(conn));  // the failed block waits for its rollback
-        else
-          release(std::move(conn));  // already rolled back
-        return res;
-      }
-      // Rows past the limit: a statement alone fails (the branch then votes no); a branch that
-      // already prepared is rolled back; one that already committed keeps its outcome and says
-      // its results were cut.
-      for (size_t i = 0; i < res.results->size(); ++i) {
-        auto& r = (*res.results)[i];
-        if (r.rows.size() <= cfg_.result_rows_max) continue;
-        std::string why = "statement " + std::to_string(i + 1) + " returned " + std::to_string(r.rows.size()) +
-                          " rows; the limit is " + std::to_string(cfg_.result_rows_max);
-        if (finish == pg::Finish::commit) {
-          r.rows.resize(cfg_.result_rows_max);
-          r.truncated = true;
-          continue;
-        }
-        if (finish == pg::Finish::prepare && run.vote && run.vote->vote == pg::Vote::yes)
-          (void)pg::rollback_prepared(*conn, pgg);
-        res.status = Status(Code::sql_error, why);
-        res.sqlstate = "54000";
-        res.prepare.reset();
-        if (finish == pg::Finish::none)
-          sessions_keep(op.gid, std::move(conn));
-        else
-          release(std::move(conn));
-        return res;
-      }
-      if (finish == pg::Finish::prepare) {
-        res.prepare = *run.vote;
-        if (op.protocol == 3 && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
-        release(std::move(conn));
-        return res;
-      }
-      if (finish == pg::Finish::commit) {
-        res.outcome = *run.outcome;
-        res.reason = run.reason;
-        release(std::move(conn));
-        return res;
-      }
-      sessions_keep(op.gid, std::move(conn));
-      return res;
-    }
+    case OpKind::exec: return exec_branch(op, pgg, *parts);
     case OpKind::prepare: {
       auto conn = take_session(op.gid);
       if (!conn) return failed(unavailable("the branch has no open session"));
@@ -321,46 +214,178 @@ OpResult PgExecutor::execute(PgOp& op) {
     case OpKind::evidence:
     case OpKind::put_state:
     case OpKind::delete_state:
-    case OpKind::tombstone: {
-      auto c = acquire();
-      if (!c.ok()) return failed(c.status());
-      auto& conn = *c;
-      if (op.kind == OpKind::commit_prepared) {
-        TPC_FAILPOINT("agent.before_commit_prepared");
-        auto o = pg::commit_prepared(*conn, pgg);
-        if (!o.ok()) return failed(o.status());
-        TPC_FAILPOINT("agent.after_commit_prepared");
-        res.outcome = *o;
-      } else if (op.kind == OpKind::rollback_prepared) {
-        auto o = pg::rollback_prepared(*conn, pgg);
-        if (!o.ok()) return failed(o.status());
-        res.outcome = *o;
-      } else if (op.kind == OpKind::tombstone) {
-        auto o = pg::put_tombstone(*conn, pgg, parts->coordinator, epoch, seq);
-        if (!o.ok()) return failed(o.status());
-        res.outcome = *o;
-      } else if (op.kind == OpKind::evidence) {
-        auto e = pg::evidence(*conn, pgg);
-        if (!e.ok()) return failed(e.status());
-        res.evidence = *e;
-      } else if (op.kind == OpKind::delete_state) {
-        Status st = pg::delete_state(*conn, pgg);
-        if (!st.ok()) return failed(st);
-      } else {
-        std::string detail = op.peers.empty() ? op.detail : encode_peers(op.peers);
-        Status st = pg::put_state(*conn, pgg, op.state, detail);
-        if (!st.ok()) return failed(st);
-      }
-      if (op.clear_state) {
-        // The pre-commit record has done its job once the branch is finished; a failure
-        // here leaves a stale row that the next scan ignores.
-        (void)pg::delete_state(*conn, pgg);
-      }
+    case OpKind::tombstone: return outside_session(op, pgg, *parts);
+  }
+  return failed(internal_error("unknown operation"));
+}
+
+// The session for an exec: the branch's own, or a new one (begin); registered for cancel().
+// nullopt with *refused set when the branch is being aborted or no connection is free.
+std::optional<Conn> PgExecutor::exec_session(const std::string& gid, bool* begin,
+                                             OpResult* refused) {
+  Conn conn = take_session(gid);
+  *begin = !conn;
+  if (!conn) {
+    auto c = acquire();
+    if (!c.ok()) {
+      *refused = failed(c.status());
+      return std::nullopt;
+    }
+    conn = std::move(*c);
+  }
+  std::lock_guard lock(cancel_mu_);
+  if (cancel_requested_.erase(gid) > 0) {
+    if (*begin)
+      release(std::move(conn));
+    else
+      sessions_keep(gid, std::move(conn));
+    *refused = failed(Status(Code::sql_error, "canceling statement: the branch is being aborted"),
+                      "57014");
+    return std::nullopt;
+  }
+  running_[gid] = conn->canceller();
+  return conn;
+}
+
+void PgExecutor::exec_done(const std::string& gid) {
+  std::lock_guard lock(cancel_mu_);
+  running_.erase(gid);
+  cancel_requested_.erase(gid);
+}
+
+// The statements of an exec, then, as asked, PREPARE (exec+prepare) or COMMIT (one phase), in
+// one round trip (pg::run_branch).
+OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidParts& parts) {
+  bool begin = false;
+  OpResult res;
+  std::optional<Conn> session = exec_session(op.gid, &begin, &res);
+  if (!session) return res;
+  Conn conn = std::move(*session);
+  pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
+                      : op.then_commit ? pg::Finish::commit
+                                       : pg::Finish::none;
+  if (finish == pg::Finish::prepare && op.protocol == 3) {
+    if (Status st = record_3pc(op, pgg); !st.ok()) {
+      exec_done(op.gid);
+      if (!begin) (void)pg::rollback(*conn);
+      res.results = std::make_shared<std::vector<pg::StatementResult>>();
+      res.prepare =
+          pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
       release(std::move(conn));
       return res;
     }
   }
-  return failed(internal_error("unknown operation"));
+  std::vector<pg::PipelineStep> steps;
+  std::vector<std::optional<int64_t>> expect_rows;
+  steps.reserve(op.statements.size());
+  for (Statement& st : op.statements) {
+    expect_rows.push_back(st.expect_rows);
+    steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
+  }
+  if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
+  size_t statement_count = steps.size();
+  pg::BranchRun run = pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts.coordinator,
+                                     static_cast<int64_t>(parts.epoch),
+                                     static_cast<int64_t>(parts.seq), expect_rows);
+  exec_done(op.gid);
+  if (run.vote) TPC_FAILPOINT("agent.after_prepare");
+  if (run.outcome && *run.outcome == pg::Outcome::committed)
+    TPC_FAILPOINT("agent.after_one_phase_commit");
+  res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
+  if (!run.status.ok()) {
+    if (run.status.code() == Code::unavailable) return failed(run.status);  // the session died
+    std::string msg =
+        statement_count > 1
+            ? "statement " + std::to_string(run.failed_statement + 1) + ": " + run.status.message()
+            : run.status.message();
+    res.status = Status(run.status.code(), msg);
+    res.sqlstate = run.sqlstate;
+  } else if (!over_row_limit(finish, run, pgg, *conn, &res)) {
+    if (finish == pg::Finish::prepare) {
+      res.prepare = *run.vote;
+      if (op.protocol == 3 && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
+    } else if (finish == pg::Finish::commit) {
+      res.outcome = *run.outcome;
+      res.reason = run.reason;
+    }
+  }
+  // An open block (no finish) stays the branch's session, failed or not (a failed one waits
+  // for its rollback); a finished one gave its connection back.
+  if (finish == pg::Finish::none)
+    sessions_keep(op.gid, std::move(conn));
+  else
+    release(std::move(conn));
+  return res;
+}
+
+// Rows past the limit: a statement alone fails (the branch then votes no); a branch that
+// already prepared is rolled back; one that already committed keeps its outcome and says its
+// results were cut. True when the exec failed for it.
+bool PgExecutor::over_row_limit(pg::Finish finish, const pg::BranchRun& run, const std::string& pgg,
+                                pg::PgConn& conn, OpResult* res) {
+  for (size_t i = 0; i < res->results->size(); ++i) {
+    auto& r = (*res->results)[i];
+    if (r.rows.size() <= cfg_.result_rows_max) continue;
+    if (finish == pg::Finish::commit) {
+      r.rows.resize(cfg_.result_rows_max);
+      r.truncated = true;
+      continue;
+    }
+    if (finish == pg::Finish::prepare && run.vote && run.vote->vote == pg::Vote::yes)
+      (void)pg::rollback_prepared(conn, pgg);
+    res->status =
+        Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
+                                    std::to_string(r.rows.size()) + " rows; the limit is " +
+                                    std::to_string(cfg_.result_rows_max));
+    res->sqlstate = "54000";
+    res->prepare.reset();
+    return true;
+  }
+  return false;
+}
+
+// Operations on any connection, outside the branch's session.
+OpResult PgExecutor::outside_session(const PgOp& op, const std::string& pgg,
+                                     const GidParts& parts) {
+  auto epoch = static_cast<int64_t>(parts.epoch), seq = static_cast<int64_t>(parts.seq);
+  OpResult res;
+
+  auto c = acquire();
+  if (!c.ok()) return failed(c.status());
+  auto& conn = *c;
+  if (op.kind == OpKind::commit_prepared) {
+    TPC_FAILPOINT("agent.before_commit_prepared");
+    auto o = pg::commit_prepared(*conn, pgg);
+    if (!o.ok()) return failed(o.status());
+    TPC_FAILPOINT("agent.after_commit_prepared");
+    res.outcome = *o;
+  } else if (op.kind == OpKind::rollback_prepared) {
+    auto o = pg::rollback_prepared(*conn, pgg);
+    if (!o.ok()) return failed(o.status());
+    res.outcome = *o;
+  } else if (op.kind == OpKind::tombstone) {
+    auto o = pg::put_tombstone(*conn, pgg, parts.coordinator, epoch, seq);
+    if (!o.ok()) return failed(o.status());
+    res.outcome = *o;
+  } else if (op.kind == OpKind::evidence) {
+    auto e = pg::evidence(*conn, pgg);
+    if (!e.ok()) return failed(e.status());
+    res.evidence = *e;
+  } else if (op.kind == OpKind::delete_state) {
+    Status st = pg::delete_state(*conn, pgg);
+    if (!st.ok()) return failed(st);
+  } else {
+    std::string detail = op.peers.empty() ? op.detail : encode_peers(op.peers);
+    Status st = pg::put_state(*conn, pgg, op.state, detail);
+    if (!st.ok()) return failed(st);
+  }
+  if (op.clear_state) {
+    // The pre-commit record has done its job once the branch is finished; a failure
+    // here leaves a stale row that the next scan ignores.
+    (void)pg::delete_state(*conn, pgg);
+  }
+  release(std::move(conn));
+  return res;
 }
 
 void PgExecutor::cancel(const std::string& gid) {

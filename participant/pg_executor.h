@@ -7,13 +7,16 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
+#include "common/ids.h"
 #include "common/log.h"
 #include "common/runtime.h"
 #include "participant/branch_executor.h"
+#include "participant/pg_branch.h"
 #include "participant/pg_conn.h"
 
 namespace tpc::agent {
@@ -52,6 +55,12 @@ class PgExecutor final : public BranchExecutor {
   uint64_t connections_opened() const override { return connections_opened_.load(); }
 
  private:
+  OpResult exec_branch(PgOp& op, const std::string& pgg, const GidParts& parts);
+  std::optional<Conn> exec_session(const std::string& gid, bool* begin, OpResult* refused);
+  void exec_done(const std::string& gid);
+  bool over_row_limit(pg::Finish finish, const pg::BranchRun& run, const std::string& pgg,
+                      pg::PgConn& conn, OpResult* res);
+  OpResult outside_session(const PgOp& op, const std::string& pgg, const GidParts& parts);
   void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
                       pg::PgConn& conn, OpResult* res);
   Status record_3pc(const PgOp& op, const std::string& pgg);
