@@ -175,7 +175,7 @@ void CoordinatorMachine::schedule_resend(Txn& t, size_t i, int64_t now_ms) {
 wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const {
   wal::TxnRecord r;
   r.gid = t.gid;
-  r.protocol = t.protocol == Protocol::two_phase ? 2 : 3;
+  r.protocol = t.protocol;
   bool all_read_only = std::all_of(t.branches.begin(), t.branches.end(), [](const BranchSlot& b) {
     return b.state == BranchState::read_only;
   });
@@ -271,7 +271,7 @@ ClientReply CoordinatorMachine::reply_from_record(const wal::TxnRecord& rec, Req
 TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
   TxnView v;
   v.gid = rec.gid;
-  v.protocol = rec.protocol == 3 ? Protocol::three_phase : Protocol::two_phase;
+  v.protocol = rec.protocol;
   v.decided_ms = rec.decided_wall_ms;
   v.one_phase = rec.decision == wal::Decision::one_phase;
   bool commit = rec.decision != wal::Decision::aborted;
@@ -374,7 +374,7 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
     t.serial = next_serial_++;
     t.gid = rec.gid;
     t.parts = *parts;
-    t.protocol = rec.protocol == 3 ? Protocol::three_phase : Protocol::two_phase;
+    t.protocol = rec.protocol;
     t.recovered = true;
     t.created_ms = now_ms;
     t.decided_ms = rec.decided_wall_ms;
@@ -846,6 +846,24 @@ void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms) {
   maybe_finish(*t, now_ms);
 }
 
+namespace {
+
+// The state a branch waits in for the answer to a message of this kind.
+BranchState awaited_state(MsgKind kind) {
+  switch (kind) {
+    case MsgKind::prepare:
+    case MsgKind::exec_prepare: return BranchState::preparing;
+    case MsgKind::precommit: return BranchState::precommitting;
+    case MsgKind::commit:
+    case MsgKind::commit_one_phase:
+    case MsgKind::exec_commit: return BranchState::committing;
+    case MsgKind::abort: return BranchState::aborting;
+  }
+  return BranchState::active;
+}
+
+}  // namespace
+
 void CoordinatorMachine::on_reply(const BranchReply& reply, int64_t now_ms) {
   Txn* t = find(reply.gid);
   if (!t) return;
@@ -853,105 +871,97 @@ void CoordinatorMachine::on_reply(const BranchReply& reply, int64_t now_ms) {
   while (i < t->branches.size() && t->branches[i].participant != reply.participant) ++i;
   if (i == t->branches.size()) return;
   BranchSlot& b = t->branches[i];
-  MsgKind kind = reply.kind == MsgKind::exec_prepare  ? MsgKind::prepare
-                 : reply.kind == MsgKind::exec_commit ? MsgKind::commit_one_phase
-                                                      : reply.kind;
-
   // Only the answer to the message the branch is waiting for counts; anything else is late.
-  BranchState expected = BranchState::active;
-  switch (kind) {
-    case MsgKind::prepare: expected = BranchState::preparing; break;
-    case MsgKind::precommit: expected = BranchState::precommitting; break;
-    case MsgKind::commit:
-    case MsgKind::commit_one_phase: expected = BranchState::committing; break;
-    case MsgKind::abort: expected = BranchState::aborting; break;
-    case MsgKind::exec_prepare:
-    case MsgKind::exec_commit: break;  // mapped above
-  }
-  if (b.state != expected || !b.in_flight) return;
+  if (b.state != awaited_state(reply.kind) || !b.in_flight) return;
   b.in_flight = false;
   if (!reply.reason.empty()) b.last_error = reply.reason;
-
-  switch (kind) {
-    case MsgKind::exec_prepare:
-    case MsgKind::exec_commit: break;  // mapped above
+  bool settled = false;
+  switch (reply.kind) {
     case MsgKind::prepare:
-      if (t->decision != Decision::none) return;
-      switch (reply.reply) {
-        case ReplyKind::vote_yes: b.state = BranchState::prepared; break;
-        case ReplyKind::vote_read_only:
-          b.state = BranchState::read_only;
-          ++counters_.read_only_branches;
-          break;
-        case ReplyKind::vote_no:
-          b.state = BranchState::aborted;
-          decide_abort(*t, "vote_no", b.participant, now_ms);
-          return;
-        default:
-          // No usable answer: the branch may or may not be prepared; abort is sent to it.
-          decide_abort(*t, "prepare_failed", b.participant, now_ms);
-          return;
-      }
-      after_votes(*t, now_ms);
-      return;
-
-    case MsgKind::precommit:
-      if (reply.reply == ReplyKind::precommitted) {
-        b.state = BranchState::precommitted;
-      } else if (reply.reply == ReplyKind::aborted || reply.reply == ReplyKind::committed) {
-        // The branch decided on its own (3PC timeout): commit is fine, abort is heuristic.
-        b.state = reply.reply == ReplyKind::committed ? BranchState::committed : BranchState::aborted;
-        b.heuristic = reply.reply == ReplyKind::aborted;
-        if (b.heuristic) t->heuristic_mixed = true;
-      } else {
-        schedule_resend(*t, i, now_ms);
-        return;
-      }
-      if (std::none_of(t->branches.begin(), t->branches.end(), [](const BranchSlot& s) {
-            return s.state == BranchState::precommitting;
-          })) {
-        set_state(*t, TxnState::committing);
-        send_to_all(*t, BranchState::precommitted, MsgKind::commit);
-      }
-      break;
-
+    case MsgKind::exec_prepare: return on_vote(*t, b, reply, now_ms);
+    case MsgKind::precommit: settled = on_precommit_answer(*t, b, reply); break;
     case MsgKind::commit:
     case MsgKind::commit_one_phase:
-      if (reply.reply == ReplyKind::committed) {
-        b.state = BranchState::committed;
-      } else if (reply.reply == ReplyKind::aborted) {
-        b.state = BranchState::aborted;
-        if (t->one_phase) {
-          t->reason = "branch_aborted";
-          t->reason_branch = b.participant;
-        } else {
-          b.heuristic = true;
-          t->heuristic_mixed = true;
-          log_.warn("branch aborted against a commit decision",
-                     {{"gid", t->gid}, {"branch", b.participant}, {"reason", reply.reason}});
-        }
-      } else {
-        schedule_resend(*t, i, now_ms);
-        return;
-      }
-      break;
-
-    case MsgKind::abort:
-      if (reply.reply == ReplyKind::aborted) {
-        b.state = BranchState::aborted;
-      } else if (reply.reply == ReplyKind::committed) {
-        b.state = BranchState::committed;
-        b.heuristic = true;
-        t->heuristic_mixed = true;
-        log_.warn("branch committed against an abort decision",
-                   {{"gid", t->gid}, {"branch", b.participant}});
-      } else {
-        schedule_resend(*t, i, now_ms);
-        return;
-      }
-      break;
+    case MsgKind::exec_commit: settled = on_commit_answer(*t, b, reply); break;
+    case MsgKind::abort: settled = on_abort_answer(*t, b, reply); break;
+  }
+  if (!settled) return schedule_resend(*t, i, now_ms);
+  if (reply.kind == MsgKind::precommit &&
+      std::none_of(t->branches.begin(), t->branches.end(),
+                   [](const BranchSlot& s) { return s.state == BranchState::precommitting; })) {
+    set_state(*t, TxnState::committing);
+    send_to_all(*t, BranchState::precommitted, MsgKind::commit);
   }
   maybe_finish(*t, now_ms);
+}
+
+void CoordinatorMachine::on_vote(Txn& t, BranchSlot& b, const BranchReply& reply, int64_t now_ms) {
+  if (t.decision != Decision::none) return;
+  switch (reply.reply) {
+    case ReplyKind::vote_yes: b.state = BranchState::prepared; break;
+    case ReplyKind::vote_read_only:
+      b.state = BranchState::read_only;
+      ++counters_.read_only_branches;
+      break;
+    case ReplyKind::vote_no:
+      b.state = BranchState::aborted;
+      decide_abort(t, "vote_no", b.participant, now_ms);
+      return;
+    default:
+      // No usable answer: the branch may or may not be prepared; abort is sent to it.
+      decide_abort(t, "prepare_failed", b.participant, now_ms);
+      return;
+  }
+  after_votes(t, now_ms);
+}
+
+// False: no usable answer, the pre-commit is sent again.
+bool CoordinatorMachine::on_precommit_answer(Txn& t, BranchSlot& b, const BranchReply& reply) {
+  if (reply.reply == ReplyKind::precommitted) {
+    b.state = BranchState::precommitted;
+    return true;
+  }
+  if (reply.reply != ReplyKind::aborted && reply.reply != ReplyKind::committed) return false;
+  // The branch decided on its own (3PC timeout): commit is fine, abort is heuristic.
+  b.state = reply.reply == ReplyKind::committed ? BranchState::committed : BranchState::aborted;
+  b.heuristic = reply.reply == ReplyKind::aborted;
+  if (b.heuristic) t.heuristic_mixed = true;
+  return true;
+}
+
+// False: no usable answer, the commit is sent again.
+bool CoordinatorMachine::on_commit_answer(Txn& t, BranchSlot& b, const BranchReply& reply) {
+  if (reply.reply == ReplyKind::committed) {
+    b.state = BranchState::committed;
+    return true;
+  }
+  if (reply.reply != ReplyKind::aborted) return false;
+  b.state = BranchState::aborted;
+  if (t.one_phase) {
+    t.reason = "branch_aborted";
+    t.reason_branch = b.participant;
+  } else {
+    b.heuristic = true;
+    t.heuristic_mixed = true;
+    log_.warn("branch aborted against a commit decision",
+              {{"gid", t.gid}, {"branch", b.participant}, {"reason", reply.reason}});
+  }
+  return true;
+}
+
+// False: no usable answer, the abort is sent again.
+bool CoordinatorMachine::on_abort_answer(Txn& t, BranchSlot& b, const BranchReply& reply) {
+  if (reply.reply == ReplyKind::aborted) {
+    b.state = BranchState::aborted;
+    return true;
+  }
+  if (reply.reply != ReplyKind::committed) return false;
+  b.state = BranchState::committed;
+  b.heuristic = true;
+  t.heuristic_mixed = true;
+  log_.warn("branch committed against an abort decision",
+            {{"gid", t.gid}, {"branch", b.participant}});
+  return true;
 }
 
 void CoordinatorMachine::maybe_finish(Txn& t, int64_t now_ms) {

@@ -245,6 +245,11 @@ class CoordinatorMachine {
   std::map<std::pair<uint64_t, uint64_t>, uint32_t> unfinished_order_;
   std::unordered_map<std::string, std::pair<uint64_t, uint64_t>> ending_;
   void release_order(std::pair<uint64_t, uint64_t> key);
+  // on_reply, by message.
+  void on_vote(Txn& t, BranchSlot& b, const BranchReply& reply, int64_t now_ms);
+  bool on_precommit_answer(Txn& t, BranchSlot& b, const BranchReply& reply);
+  bool on_commit_answer(Txn& t, BranchSlot& b, const BranchReply& reply);
+  bool on_abort_answer(Txn& t, BranchSlot& b, const BranchReply& reply);
   std::vector<const Txn*> live_by_serial(const std::function<bool(const Txn&)>& keep, size_t limit,
                                          bool newest) const;
 

@@ -589,7 +589,7 @@ TEST_CASE("recovery resends a one-phase commit and a 3PC pre-commit is driven to
   one.branches = {{"a1", "http://h:1", wal::BranchOutcome::pending}};
   wal::TxnRecord three;
   three.gid = "c1-1-2";
-  three.protocol = 3;
+  three.protocol = Protocol::three_phase;
   three.decision = wal::Decision::precommit;
   three.branches = {{"a1", "http://h:1", wal::BranchOutcome::pending},
                     {"a2", "http://h:2", wal::BranchOutcome::pending}};
@@ -607,7 +607,7 @@ TEST_CASE("3PC: prepare, a durable pre-commit decision, pre-commit to all, then 
   REQUIRE(r.persist.size() == 1);
   CHECK(r.persist[0].sync);
   CHECK(r.persist[0].record.decision == wal::Decision::precommit);
-  CHECK(r.persist[0].record.protocol == 3);
+  CHECK(r.persist[0].record.protocol == Protocol::three_phase);
   CHECK(r.messages.empty());
   f.m->on_persisted(gid, f.now);
   r = f.ready();

@@ -720,70 +720,10 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     return;
   }
   int64_t now = rt_.now_ms();
-  if (action.empty()) {
-    Lookup l;
-    {
-      std::lock_guard lock(mu_);
-      l = machine_.lookup(gid);
-    }
-    ClientReply r;
-    r.kind = RequestKind::get;
-    switch (l.kind) {
-      case LookupKind::live: r.view = std::move(l.view); break;
-      case LookupKind::in_log:
-        r.view.gid = gid;
-        r.view.forgotten = l.forgotten_if_absent;
-        r.needs_log = true;
-        break;
-      default:
-        r.http_status = 404;
-        r.error = not_found("no transaction " + gid);
-        break;
-    }
-    return answer(r, respond);
-  }
-  if (action == "branches") {
-    auto body = decode_enlist(req.body);
-    if (!body.ok()) return respond(error_response(body.status()));
-    ClientReply r;
-    with_machine([&](CoordinatorMachine& m) { r = m.enlist(gid, body->participant, body->url, now, body->instance); });
-    HttpResponse resp = encode_reply(r);
-    if (r.error.ok() && r.view.deadline_ms > 0) {
-      // The agent rolls its branch back on its own once the transaction's timeout passed.
-      auto j = parse_json(resp.body);
-      if (j.ok()) {
-        (*j)["expires_in_ms"] = std::max<int64_t>(0, r.view.deadline_ms - now);
-        resp.body = dump(*j);
-      }
-    }
-    return respond(std::move(resp));
-  }
-  if (action == "commit" || action == "abort") {
-    bool commit = action == "commit";
-    CommitOptions opts;
-    if (commit) {
-      auto o = decode_commit(req.body);
-      if (!o.ok()) return respond(error_response(o.status()));
-      opts = *o;
-    } else {
-      auto o = parse_empty_object(req.body);
-      if (!o.ok()) return respond(error_response(o.status()));
-    }
-    uint64_t waiter = next_waiter_++;
-    {
-      std::lock_guard lock(waiters_mu_);
-      waiters_[waiter] = Pending{respond, now};
-    }
-    std::optional<ClientReply> immediate;
-    with_machine([&](CoordinatorMachine& m) {
-      immediate = commit ? m.commit(gid, waiter, opts, now) : m.abort(gid, waiter, now);
-    });
-    if (immediate) {
-      immediate->waiter = waiter;
-      reply(*immediate);
-    }
-    return;
-  }
+  if (action.empty()) return get_transaction(gid, respond);
+  if (action == "branches") return enlist(gid, req, respond, now);
+  if (action == "commit" || action == "abort")
+    return finish(gid, action == "commit", req, respond, now);
   if (action == "heuristic") {
     auto report = decode_branch_report(req.body);
     if (!report.ok()) return respond(error_response(report.status()));
@@ -797,26 +737,99 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     if (!o.ok()) return respond(error_response(o.status()));
     return forget(gid, respond);
   }
-  if (action == "resolve") {
-    auto outcome = decode_resolve(req.body);
-    if (!outcome.ok()) return respond(error_response(outcome.status()));
-    ClientReply r;
-    with_machine([&](CoordinatorMachine& m) { r = m.resolve(gid, *outcome, now); });
-    if (r.needs_log) {
-      rt_.submit([this, r, gid, commit = *outcome, respond] {
-        ClientReply fr = from_log(r);
-        bool committed = fr.view.state == TxnState::committed;
-        if (fr.error.ok() && committed != commit) {
-          fr.http_status = 409;
-          fr.error = conflict("transaction " + gid + " ended " + std::string(state_name(fr.view.state)));
-        }
-        respond(encode_reply(fr));
-      });
-      return;
-    }
-    return respond(encode_reply(r));
-  }
+  if (action == "resolve") return resolve(gid, req, respond, now);
   respond(error_response(not_found("no such action: " + echo(action))));
+}
+
+void CoordinatorService::get_transaction(const std::string& gid, const Responder& respond) {
+  Lookup l;
+  {
+    std::lock_guard lock(mu_);
+    l = machine_.lookup(gid);
+  }
+  ClientReply r;
+  r.kind = RequestKind::get;
+  switch (l.kind) {
+    case LookupKind::live: r.view = std::move(l.view); break;
+    case LookupKind::in_log:
+      r.view.gid = gid;
+      r.view.forgotten = l.forgotten_if_absent;
+      r.needs_log = true;
+      break;
+    default:
+      r.http_status = 404;
+      r.error = not_found("no transaction " + gid);
+      break;
+  }
+  answer(r, respond);
+}
+
+void CoordinatorService::enlist(const std::string& gid, const HttpRequest& req,
+                                const Responder& respond, int64_t now) {
+  auto body = decode_enlist(req.body);
+  if (!body.ok()) return respond(error_response(body.status()));
+  ClientReply r;
+  with_machine([&](CoordinatorMachine& m) {
+    r = m.enlist(gid, body->participant, body->url, now, body->instance);
+  });
+  HttpResponse resp = encode_reply(r);
+  if (r.error.ok() && r.view.deadline_ms > 0) {
+    // The agent rolls its branch back on its own once the transaction's timeout passed.
+    auto j = parse_json(resp.body);
+    if (j.ok()) {
+      (*j)["expires_in_ms"] = std::max<int64_t>(0, r.view.deadline_ms - now);
+      resp.body = dump(*j);
+    }
+  }
+  respond(std::move(resp));
+}
+
+void CoordinatorService::finish(const std::string& gid, bool commit, const HttpRequest& req,
+                                const Responder& respond, int64_t now) {
+  CommitOptions opts;
+  if (commit) {
+    auto o = decode_commit(req.body);
+    if (!o.ok()) return respond(error_response(o.status()));
+    opts = *o;
+  } else {
+    auto o = parse_empty_object(req.body);
+    if (!o.ok()) return respond(error_response(o.status()));
+  }
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  std::optional<ClientReply> immediate;
+  with_machine([&](CoordinatorMachine& m) {
+    immediate = commit ? m.commit(gid, waiter, opts, now) : m.abort(gid, waiter, now);
+  });
+  if (immediate) {
+    immediate->waiter = waiter;
+    reply(*immediate);
+  }
+}
+
+void CoordinatorService::resolve(const std::string& gid, const HttpRequest& req,
+                                 const Responder& respond, int64_t now) {
+  auto outcome = decode_resolve(req.body);
+  if (!outcome.ok()) return respond(error_response(outcome.status()));
+  ClientReply r;
+  with_machine([&](CoordinatorMachine& m) { r = m.resolve(gid, *outcome, now); });
+  if (r.needs_log) {
+    rt_.submit([this, r, gid, commit = *outcome, respond] {
+      ClientReply fr = from_log(r);
+      bool committed = fr.view.state == TxnState::committed;
+      if (fr.error.ok() && committed != commit) {
+        fr.http_status = 409;
+        fr.error =
+            conflict("transaction " + gid + " ended " + std::string(state_name(fr.view.state)));
+      }
+      respond(encode_reply(fr));
+    });
+    return;
+  }
+  respond(encode_reply(r));
 }
 
 // Heuristic reports and forget change the record of a finished transaction: one at a time,

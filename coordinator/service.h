@@ -140,6 +140,13 @@ class CoordinatorService {
   void list(const HttpRequest& req, const Responder& respond);
   void transaction(const std::string& gid, std::string_view action, const HttpRequest& req,
                    const Responder& respond);
+  void get_transaction(const std::string& gid, const Responder& respond);
+  void enlist(const std::string& gid, const HttpRequest& req, const Responder& respond,
+              int64_t now);
+  void finish(const std::string& gid, bool commit, const HttpRequest& req, const Responder& respond,
+              int64_t now);
+  void resolve(const std::string& gid, const HttpRequest& req, const Responder& respond,
+               int64_t now);
   void status(const Responder& respond);
   void in_doubt(const Responder& respond);
 

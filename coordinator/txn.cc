@@ -2,14 +2,6 @@
 
 namespace tpc::coord {
 
-std::string_view protocol_name(Protocol p) { return p == Protocol::two_phase ? "2pc" : "3pc"; }
-
-std::optional<Protocol> parse_protocol(std::string_view s) {
-  if (s == "2pc") return Protocol::two_phase;
-  if (s == "3pc") return Protocol::three_phase;
-  return std::nullopt;
-}
-
 std::string_view state_name(TxnState s) {
   switch (s) {
     case TxnState::active: return "active";

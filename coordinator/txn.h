@@ -9,12 +9,11 @@
 #include <vector>
 
 #include "common/ids.h"
+#include "common/protocol.h"
 #include "common/status.h"
 #include "wal/record.h"
 
 namespace tpc::coord {
-
-enum class Protocol : uint8_t { two_phase, three_phase };
 
 // Global states (docs/DESIGN.md §3): active → preparing → [precommitted →] committing → committed,
 // or → aborting → aborted; heuristic_mixed when branches ended with different outcomes.
@@ -61,8 +60,6 @@ struct Peer {
   bool operator==(const Peer&) const = default;
 };
 
-std::string_view protocol_name(Protocol p);  // "2pc" / "3pc"
-std::optional<Protocol> parse_protocol(std::string_view s);
 std::string_view state_name(TxnState s);
 std::optional<TxnState> parse_state(std::string_view s);
 std::string_view branch_state_name(BranchState s);

@@ -477,11 +477,11 @@ void AgentMachine::dispatch_prepare(Branch& b, Request req) {
 void AgentMachine::dispatch_precommit(Branch& b, Request req) {
   const BranchState s = b.state;
   if (s == BranchState::prepared) {
-    b.protocol = 3;
+    b.protocol = Protocol::three_phase;
     PgOp op;
     op.kind = OpKind::put_state;
     op.state = "precommitted";
-    op.protocol = 3;
+    op.protocol = Protocol::three_phase;
     op.peers = b.peers;
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::precommitted || s == BranchState::committed) {
@@ -502,7 +502,7 @@ void AgentMachine::dispatch_commit(Branch& b, Request req) {
   if (prepared) {
     PgOp op;
     op.kind = OpKind::commit_prepared;
-    op.clear_state = b.protocol == 3 && b.recorded.empty();
+    op.clear_state = b.protocol == Protocol::three_phase && b.recorded.empty();
     start_op(b, std::move(req), std::move(op));
   } else if (req.one_phase && s == BranchState::active) {
     PgOp op;
@@ -531,7 +531,7 @@ void AgentMachine::dispatch_abort(Branch& b, Request req) {
     start_op(b, std::move(req), std::move(op));
   } else if (prepared) {
     op.kind = OpKind::rollback_prepared;
-    op.clear_state = b.protocol == 3 && b.recorded.empty();
+    op.clear_state = b.protocol == Protocol::three_phase && b.recorded.empty();
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::committed) {
     reply_state(b, req, 409);
@@ -1041,7 +1041,7 @@ void AgentMachine::on_outcome(std::string_view gid, Outcome outcome, std::string
       pump(b, now_ms);
       return;
     case Outcome::unreachable:
-      if (b.protocol == 3) {
+      if (b.protocol == Protocol::three_phase) {
         int64_t age = now_ms - b.prepared_ms;
         bool timed_out = (b.state == BranchState::prepared && age >= opts_.precommit_timeout_ms) ||
                          (b.state == BranchState::precommitted && age >= opts_.commit_timeout_ms);
@@ -1178,7 +1178,7 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
       Branch& nb = create(e.gid, precommitted ? BranchState::precommitted : BranchState::prepared,
                           now_ms);
       nb.recovered = true;
-      nb.protocol = three ? 3 : 2;
+      nb.protocol = three ? Protocol::three_phase : Protocol::two_phase;
       nb.peers = e.peers;
       nb.prepared_ms = now_ms - e.age_ms;
       log_.info("found prepared branch", {{"gid", nb.gid},
@@ -1268,9 +1268,9 @@ void AgentMachine::tick(int64_t now_ms) {
       case BranchState::precommitted: {
         if (b.asking || now_ms < b.next_ask_ms) break;
         int64_t age = now_ms - b.prepared_ms;
-        int64_t after = b.protocol == 2                      ? opts_.in_doubt_after_ms
+        int64_t after = b.protocol == Protocol::two_phase  ? opts_.in_doubt_after_ms
                         : b.state == BranchState::prepared ? opts_.precommit_timeout_ms
-                                                            : opts_.commit_timeout_ms;
+                                                           : opts_.commit_timeout_ms;
         if (age >= after || b.ask_now) {
           b.asking = true;
           b.ask_now = false;
@@ -1335,7 +1335,8 @@ int64_t AgentMachine::timeout_for(const Branch& b) const {
     case BranchState::active:
     case BranchState::failed: return b.idle_deadline_ms > 0 ? b.idle_deadline_ms - b.created_ms : 0;
     case BranchState::prepared:
-      return b.protocol == 3 ? opts_.precommit_timeout_ms : opts_.in_doubt_after_ms;
+      return b.protocol == Protocol::three_phase ? opts_.precommit_timeout_ms
+                                                 : opts_.in_doubt_after_ms;
     case BranchState::precommitted: return opts_.commit_timeout_ms;
     default: return 0;
   }

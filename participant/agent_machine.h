@@ -27,8 +27,8 @@
 #include <deque>
 #include <map>
 #include <memory>
-#include <set>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -36,6 +36,7 @@
 
 #include "common/ids.h"
 #include "common/log.h"
+#include "common/protocol.h"
 #include "common/status.h"
 #include "participant/branch_types.h"
 
@@ -117,7 +118,7 @@ struct Request {
   bool commit = true;                 // resolve: the operator's outcome
   bool alone = false;                 // internal resolve: 3PC deciding without the coordinator
   std::string detail;                 // internal resolve: why
-  uint8_t protocol = 2;               // prepare: 2 or 3
+  Protocol protocol = Protocol::two_phase;  // prepare
   std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
 };
 
@@ -145,7 +146,8 @@ struct PgOp {
   std::string state;                  // put_state: the state to store
   std::string detail;                 // put_state: free text
   bool clear_state = false;           // commit/rollback_prepared: delete the 3PC record
-  uint8_t protocol = 2;               // prepare: 3 records "prepared3" (with the peers) first
+  Protocol protocol =
+      Protocol::two_phase;            // prepare: 3PC records "prepared3" (with the peers) first
   std::vector<Peer> peers;            // prepare, put_state: kept with the 3PC record
 };
 
@@ -227,7 +229,7 @@ struct AgentOptions {
 struct BranchView {
   std::string gid;
   BranchState state = BranchState::unknown;
-  uint8_t protocol = 2;
+  Protocol protocol = Protocol::two_phase;
   bool recovered = false;   // found by the in-doubt scan
   bool unilateral = false;  // 3PC: decided alone after a timeout
   bool heuristic = false;   // decided by an operator, or against the coordinator
@@ -321,7 +323,7 @@ class AgentMachine {
     uint64_t epoch = 0;
     uint64_t serial = 0;
     BranchState state = BranchState::unknown;
-    uint8_t protocol = 2;
+    Protocol protocol = Protocol::two_phase;
     bool busy = false;
     bool session = false;  // counts against branches_max
     bool recovered = false;

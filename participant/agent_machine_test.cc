@@ -511,7 +511,7 @@ TEST_CASE("3PC: pre-commit is recorded durably before it is acknowledged") {
   f.open_branch("c1-1-1");
   Request p;
   p.kind = RequestKind::prepare;
-  p.protocol = 3;
+  p.protocol = Protocol::three_phase;
   f.send("c1-1-1", p);
   f.ready();
   f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
@@ -535,7 +535,7 @@ TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed co
   f.open_branch("c1-1-1");
   Request p;
   p.kind = RequestKind::prepare;
-  p.protocol = 3;
+  p.protocol = Protocol::three_phase;
   f.send("c1-1-1", p);
   f.ready();
   f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
@@ -955,12 +955,12 @@ void prepare_3pc(Fixture& f, const std::string& gid) {
   f.open_branch(gid);
   Request p;
   p.kind = RequestKind::prepare;
-  p.protocol = 3;
+  p.protocol = Protocol::three_phase;
   p.peers = {{"a1", "http://h:1"}, {"a2", "http://h:2"}};
   f.send(gid, p);
   Ready r = f.ready();
   REQUIRE(r.ops.size() == 1);
-  CHECK(r.ops[0].protocol == 3);
+  CHECK(r.ops[0].protocol == Protocol::three_phase);
   CHECK(r.ops[0].peers.size() == 2);
   f.m->on_op_done(gid, OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
   f.ready();
@@ -1063,7 +1063,7 @@ TEST_CASE("the scan restores a 3PC branch with its peers from its durable record
   f.m->on_scan({e}, f.now, f.now);
   auto v = f.m->view("c1-1-1", f.now);
   REQUIRE(v.has_value());
-  CHECK(v->protocol == 3);
+  CHECK(v->protocol == Protocol::three_phase);
   CHECK(v->state == BranchState::prepared);
   CHECK(v->timeout_ms == f.opts.precommit_timeout_ms);
   PeerQuery q = time_out(f, "c1-1-1", f.opts.precommit_timeout_ms);

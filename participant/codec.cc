@@ -68,12 +68,12 @@ Status decode_peers(FieldReader& r, std::vector<Peer>* out) {
   return ok_status();
 }
 
-Result<uint8_t> decode_protocol(FieldReader& r) {
+Result<Protocol> decode_protocol(FieldReader& r) {
   std::string protocol;
   r.string("protocol", &protocol, false, 16);
   if (!r.ok()) return r.status();
-  if (protocol.empty() || protocol == "2pc") return static_cast<uint8_t>(2);
-  if (protocol == "3pc") return static_cast<uint8_t>(3);
+  if (protocol.empty()) return Protocol::two_phase;
+  if (auto p = parse_protocol(protocol)) return *p;
   return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
 }
 
@@ -177,7 +177,7 @@ Json encode_results(const std::vector<pg::StatementResult>& results) {
 Json encode_view(const BranchView& v) {
   Json j = {{"gid", v.gid},
             {"state", std::string(external_state_name(v.state))},
-            {"protocol", v.protocol == 3 ? "3pc" : "2pc"},
+            {"protocol", std::string(protocol_name(v.protocol))},
             {"age_ms", v.age_ms}};
   if (v.recovered) j["recovered"] = true;
   if (v.unilateral) j["unilateral"] = true;

@@ -25,7 +25,7 @@ TEST_CASE("exec bodies: one statement or a list, params of every allowed type") 
   REQUIRE(many.ok());
   CHECK(many->statements.size() == 2);
   CHECK(many->prepare);
-  CHECK(many->protocol == 3);
+  CHECK(many->protocol == Protocol::three_phase);
 }
 
 TEST_CASE("exec bodies that are refused") {
@@ -47,8 +47,8 @@ TEST_CASE("exec bodies that are refused") {
 }
 
 TEST_CASE("prepare, commit and resolve bodies") {
-  CHECK(decode_prepare("")->protocol == 2);
-  CHECK(decode_prepare(R"({"protocol":"3pc"})")->protocol == 3);
+  CHECK(decode_prepare("")->protocol == Protocol::two_phase);
+  CHECK(decode_prepare(R"({"protocol":"3pc"})")->protocol == Protocol::three_phase);
   CHECK_FALSE(decode_prepare(R"({"protocol":3})").ok());
   CHECK_FALSE(decode_commit("")->one_phase);
   CHECK(decode_commit(R"({"one_phase":true})")->one_phase);
@@ -144,7 +144,7 @@ TEST_CASE("exec bodies from the coordinator: enlisted, with prepare or with a on
   auto p = decode_exec(R"({"enlisted":true,"prepare":true,"protocol":"3pc","peers":[{"participant":"a1","url":"http://h:1"}],"statements":[{"sql":"x"}]})", lim);
   REQUIRE(p.ok());
   CHECK(p->prepare);
-  CHECK(p->protocol == 3);
+  CHECK(p->protocol == Protocol::three_phase);
   REQUIRE(p->peers.size() == 1);
   CHECK_FALSE(decode_exec(R"({"prepare":true,"commit":true,"sql":"x"})", lim).ok());
   CHECK_FALSE(decode_exec(R"({"sql":"x","peers":[{"participant":"a b","url":"http://h:1"}]})", lim).ok());

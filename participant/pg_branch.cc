@@ -337,56 +337,49 @@ Status check_rows(const StatementResult& r, size_t i,
 
 }  // namespace
 
-BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
-                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
-                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows) {
+namespace {
+
+// A prepare or commit with no open block: the steps would run in an implicit transaction of
+// their own, and a branch whose work is gone could vote read_only, or leave a marker for
+// nothing. The answer for it.
+BranchRun without_block(PgConn& c, Finish finish) {
   BranchRun run;
-  if (!begin && finish != Finish::none && !c.in_transaction()) {
-    // Without an open block the steps below would run in an implicit transaction of their own:
-    // a branch whose work is gone could vote read_only, or leave a marker for nothing.
-    if (!c.usable()) {
-      run.status = unavailable("the connection to the server is lost");
-      return run;
-    }
-    if (finish == Finish::prepare) run.vote = vote_no("no open transaction block for the branch", "");
-    if (finish == Finish::commit) {
-      run.outcome = Outcome::aborted;
-      run.reason = "no open transaction block for the branch";
-    }
-    return run;
+  if (!c.usable()) {
+    run.status = unavailable("the connection to the server is lost");
+  } else if (finish == Finish::prepare) {
+    run.vote = vote_no("no open transaction block for the branch", "");
+  } else {
+    run.outcome = Outcome::aborted;
+    run.reason = "no open transaction block for the branch";
   }
-  std::vector<PipelineStep> steps;
-  steps.reserve(statements.size() + 4);
-  if (begin) steps.push_back(PipelineStep{"BEGIN", {}, true});
-  size_t first = steps.size();
-  for (auto& st : statements) steps.push_back(std::move(st));
-  size_t finish_at = steps.size();
-  std::vector<Value> marker = {std::string(pg_gid), std::string(coordinator), std::to_string(epoch),
-                               std::to_string(seq)};
+  return run;
+}
+
+// The steps after the statements: the read-only check, the marker and PREPARE, or the marker
+// and COMMIT.
+Status add_finish(PgConn& c, Finish finish, std::string_view pg_gid, std::vector<Value> marker,
+                  std::vector<PipelineStep>* steps) {
   if (finish == Finish::prepare) {
     auto gid_lit = c.quote_literal(pg_gid);
-    if (!gid_lit.ok()) {
-      run.status = gid_lit.status();
-      return run;
-    }
+    if (!gid_lit.ok()) return gid_lit.status();
     // No xid means nothing was written: 1/0 stops the pipeline before the marker and PREPARE.
-    steps.push_back(PipelineStep{"SELECT 1/(pg_current_xact_id_if_assigned() IS NOT NULL)::int", {}, true});
-    steps.push_back(PipelineStep{std::string(kMarkerInsert), marker, true});
-    steps.push_back(PipelineStep{"PREPARE TRANSACTION " + *gid_lit, {}, false});
+    steps->push_back(
+        PipelineStep{"SELECT 1/(pg_current_xact_id_if_assigned() IS NOT NULL)::int", {}, true});
+    steps->push_back(PipelineStep{std::string(kMarkerInsert), std::move(marker), true});
+    steps->push_back(PipelineStep{"PREPARE TRANSACTION " + *gid_lit, {}, false});
   } else if (finish == Finish::commit) {
-    steps.push_back(PipelineStep{std::string(kMarkerInsert), marker, true});
-    steps.push_back(PipelineStep{"COMMIT", {}, true});
+    steps->push_back(PipelineStep{std::string(kMarkerInsert), std::move(marker), true});
+    steps->push_back(PipelineStep{"COMMIT", {}, true});
   }
-  // With an expectation the finish waits until the row counts are checked.
-  std::vector<PipelineStep> finish_steps;
-  if (has_expectation(expect_rows)) {
-    finish_steps.assign(std::make_move_iterator(steps.begin() + finish_at),
-                        std::make_move_iterator(steps.end()));
-    steps.resize(finish_at);
-  }
-  std::vector<ExecResult> rs = run_steps(c, steps);
+  return ok_status();
+}
 
-  // BEGIN and the statements.
+// BEGIN (rs[0..first)) and the statements (rs[first..finish_at)): their results into run;
+// false, with run's status set, at the first that failed (the block rolled back if a finish
+// was to follow).
+bool statements_ran(PgConn& c, std::vector<ExecResult>& rs, size_t first, size_t finish_at,
+                    Finish finish, const std::vector<std::optional<int64_t>>& expect_rows,
+                    BranchRun* run) {
   for (size_t i = 0; i < finish_at; ++i) {
     ExecResult& r = rs[i];
     if (r.status.ok() && i >= first) {
@@ -397,89 +390,130 @@ BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements
       }
     }
     if (r.status.ok()) {
-      if (i >= first) run.results.push_back(std::move(r.result));
+      if (i >= first) run->results.push_back(std::move(r.result));
       continue;
     }
-    run.status = r.status;
-    run.sqlstate = r.sqlstate;
-    run.failed_statement = i >= first ? i - first : 0;
-    if (i < first && r.status.code() == Code::sql_error) run.status = unavailable("BEGIN: " + r.status.message());
+    run->status = r.status;
+    run->sqlstate = r.sqlstate;
+    run->failed_statement = i >= first ? i - first : 0;
+    if (i < first && r.status.code() == Code::sql_error)
+      run->status = unavailable("BEGIN: " + r.status.message());
     if (finish != Finish::none && r.status.code() != Code::unavailable) rollback_if_open(c);
-    return run;
+    return false;
   }
-  if (finish == Finish::none) return run;
-  if (!finish_steps.empty()) {
-    std::vector<ExecResult> more = run_steps(c, finish_steps);
-    rs.insert(rs.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
-  }
+  return true;
+}
 
-  if (finish == Finish::prepare) {
-    const ExecResult& check = rs[finish_at];
-    const ExecResult& ins = rs[finish_at + 1];
-    const ExecResult& prep = rs[finish_at + 2];
-    if (prep.status.ok()) {
-      const std::string& tag = prep.result.command_tag;
-      if (tag == "PREPARE TRANSACTION") {
-        run.vote = PrepareResult{Vote::yes, "", ""};
-      } else {
-        // A block that had failed is rolled back by PREPARE, answered with the tag ROLLBACK.
-        rollback_if_open(c);
-        run.vote = vote_no("the transaction block had failed; PREPARE rolled it back (" + tag + ")", "");
-      }
-      return run;
-    }
-    if (check.sqlstate == kDivisionByZero) {
-      // No xid: ROLLBACK ends it exactly like COMMIT would. Even if the connection breaks now,
-      // the server rolls the session back: read_only stays true.
+// The vote, from the read-only check, the marker insert and PREPARE (rs[at..at+3)).
+void read_prepare(PgConn& c, const std::vector<ExecResult>& rs, size_t at, BranchRun* run) {
+  const ExecResult& check = rs[at];
+  const ExecResult& ins = rs[at + 1];
+  const ExecResult& prep = rs[at + 2];
+  if (prep.status.ok()) {
+    const std::string& tag = prep.result.command_tag;
+    if (tag == "PREPARE TRANSACTION") {
+      run->vote = PrepareResult{Vote::yes, "", ""};
+    } else {
+      // A block that had failed is rolled back by PREPARE, answered with the tag ROLLBACK.
       rollback_if_open(c);
-      run.vote = PrepareResult{Vote::read_only, "", ""};
-      return run;
+      run->vote =
+          vote_no("the transaction block had failed; PREPARE rolled it back (" + tag + ")", "");
     }
-    for (const ExecResult* r : {&check, &ins, &prep}) {
-      if (r->status.ok() || r->skipped) continue;
-      if (r->status.code() == Code::unavailable) {
-        // The session is gone: the PREPARE may or may not have happened.
-        run.status = unavailable("prepare: " + r->status.message());
-        return run;
-      }
-      // 53200 (no free prepared-transaction slot), 0A000 (temp objects), 23503 (deferred FK),
-      // 23505 (gid used before: its marker), 25P02 (failed block): the branch cannot commit.
-      rollback_if_open(c);
-      run.vote = vote_no(r->status.message(), r->sqlstate);
-      return run;
-    }
-    run.status = internal_error("prepare: no result said what happened");
-    return run;
+    return;
   }
+  if (check.sqlstate == kDivisionByZero) {
+    // No xid: ROLLBACK ends it exactly like COMMIT would. Even if the connection breaks now,
+    // the server rolls the session back: read_only stays true.
+    rollback_if_open(c);
+    run->vote = PrepareResult{Vote::read_only, "", ""};
+    return;
+  }
+  for (const ExecResult* r : {&check, &ins, &prep}) {
+    if (r->status.ok() || r->skipped) continue;
+    if (r->status.code() == Code::unavailable) {
+      // The session is gone: the PREPARE may or may not have happened.
+      run->status = unavailable("prepare: " + r->status.message());
+      return;
+    }
+    // 53200 (no free prepared-transaction slot), 0A000 (temp objects), 23503 (deferred FK),
+    // 23505 (gid used before: its marker), 25P02 (failed block): the branch cannot commit.
+    rollback_if_open(c);
+    run->vote = vote_no(r->status.message(), r->sqlstate);
+    return;
+  }
+  run->status = internal_error("prepare: no result said what happened");
+}
 
-  const ExecResult& ins = rs[finish_at];
-  const ExecResult& commit = rs[finish_at + 1];
+// The one-phase outcome, from the marker insert and COMMIT (rs[at..at+2)).
+void read_commit(PgConn& c, const std::vector<ExecResult>& rs, size_t at, BranchRun* run) {
+  const ExecResult& ins = rs[at];
+  const ExecResult& commit = rs[at + 1];
   if (commit.status.ok()) {
     const std::string& tag = commit.result.command_tag;
     if (tag == "COMMIT") {
-      run.outcome = Outcome::committed;
+      run->outcome = Outcome::committed;
     } else {
-      run.outcome = Outcome::aborted;
-      run.reason = "the transaction block had failed; COMMIT rolled it back (" + tag + ")";
+      run->outcome = Outcome::aborted;
+      run->reason = "the transaction block had failed; COMMIT rolled it back (" + tag + ")";
     }
-    return run;
+    return;
   }
   for (const ExecResult* r : {&ins, &commit}) {
     if (r->status.ok() || r->skipped) continue;
     if (r->status.code() == Code::unavailable) {
       // The COMMIT may have happened: the marker tells, once the server is reachable again.
-      run.status = unavailable("commit: " + r->status.message());
-      return run;
+      run->status = unavailable("commit: " + r->status.message());
+      return;
     }
     // An error at COMMIT (a deferred constraint) has ended the block; an error in the INSERT
     // (a failed block, a tombstone for this gid) left it open.
     rollback_if_open(c);
-    run.outcome = Outcome::aborted;
-    run.reason = r->status.message();
-    if (!r->sqlstate.empty()) run.reason += " (SQLSTATE " + r->sqlstate + ")";
+    run->outcome = Outcome::aborted;
+    run->reason = r->status.message();
+    if (!r->sqlstate.empty()) run->reason += " (SQLSTATE " + r->sqlstate + ")";
+    return;
+  }
+  run->status = internal_error("commit: no result said what happened");
+}
+
+}  // namespace
+
+BranchRun run_branch(PgConn& c, bool begin, std::vector<PipelineStep> statements, Finish finish,
+                     std::string_view pg_gid, std::string_view coordinator, int64_t epoch,
+                     int64_t seq, const std::vector<std::optional<int64_t>>& expect_rows) {
+  if (!begin && finish != Finish::none && !c.in_transaction()) return without_block(c, finish);
+  BranchRun run;
+  std::vector<PipelineStep> steps;
+  steps.reserve(statements.size() + 4);
+  if (begin) steps.push_back(PipelineStep{"BEGIN", {}, true});
+  size_t first = steps.size();
+  for (auto& st : statements) steps.push_back(std::move(st));
+  size_t finish_at = steps.size();
+  std::vector<Value> marker = {std::string(pg_gid), std::string(coordinator), std::to_string(epoch),
+                               std::to_string(seq)};
+  if (Status st = add_finish(c, finish, pg_gid, std::move(marker), &steps); !st.ok()) {
+    run.status = st;
     return run;
   }
-  run.status = internal_error("commit: no result said what happened");
+  // With an expectation the finish waits until the row counts are checked.
+  std::vector<PipelineStep> finish_steps;
+  if (has_expectation(expect_rows)) {
+    finish_steps.assign(
+        std::make_move_iterator(steps.begin() + static_cast<std::ptrdiff_t>(finish_at)),
+        std::make_move_iterator(steps.end()));
+    steps.resize(finish_at);
+  }
+  std::vector<ExecResult> rs = run_steps(c, steps);
+  if (!statements_ran(c, rs, first, finish_at, finish, expect_rows, &run) || finish == Finish::none)
+    return run;
+  if (!finish_steps.empty()) {
+    std::vector<ExecResult> more = run_steps(c, finish_steps);
+    rs.insert(rs.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+  }
+  if (finish == Finish::prepare)
+    read_prepare(c, rs, finish_at, &run);
+  else
+    read_commit(c, rs, finish_at, &run);
   return run;
 }
 

@@ -154,7 +154,7 @@ void PgExecutor::forget_3pc(const std::string& pgg) {
 
 void PgExecutor::prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
                                   pg::PgConn& conn, OpResult* res) {
-  if (op.protocol == 3) {
+  if (op.protocol == Protocol::three_phase) {
     Status st = record_3pc(op, pgg);
     if (!st.ok()) {
       (void)pg::rollback(conn);
@@ -171,7 +171,7 @@ void PgExecutor::prepare_branch(const PgOp& op, const std::string& pgg, const Gi
   }
   TPC_FAILPOINT("agent.after_prepare");
   res->prepare = *p;
-  if (op.protocol == 3 && p->vote != pg::Vote::yes) forget_3pc(pgg);
+  if (op.protocol == Protocol::three_phase && p->vote != pg::Vote::yes) forget_3pc(pgg);
 }
 
 OpResult PgExecutor::execute(PgOp& op) {
@@ -264,7 +264,7 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
   pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
                       : op.then_commit ? pg::Finish::commit
                                        : pg::Finish::none;
-  if (finish == pg::Finish::prepare && op.protocol == 3) {
+  if (finish == pg::Finish::prepare && op.protocol == Protocol::three_phase) {
     if (Status st = record_3pc(op, pgg); !st.ok()) {
       exec_done(op.gid);
       if (!begin) (void)pg::rollback(*conn);
@@ -303,7 +303,7 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
   } else if (!over_row_limit(finish, run, pgg, *conn, &res)) {
     if (finish == pg::Finish::prepare) {
       res.prepare = *run.vote;
-      if (op.protocol == 3 && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
+      if (op.protocol == Protocol::three_phase && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
     } else if (finish == pg::Finish::commit) {
       res.outcome = *run.outcome;
       res.reason = run.reason;

@@ -163,10 +163,11 @@ Status decode_outcome(Reader& r, BranchOutcome& out) {
 Status decode_payload(std::string_view payload, TxnRecord& rec) {
   Reader r(payload);
   TPC_RETURN_IF_ERROR(r.bytes("gid", rec.gid));
-  TPC_RETURN_IF_ERROR(r.u8("protocol", rec.protocol));
-  if (rec.protocol != 2 && rec.protocol != 3) {
-    return Reader::bad("protocol", "value " + std::to_string(rec.protocol) + " is not 2 or 3");
-  }
+  uint8_t protocol = 0;
+  TPC_RETURN_IF_ERROR(r.u8("protocol", protocol));
+  auto p = protocol_from_byte(protocol);
+  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 or 3");
+  rec.protocol = *p;
   TPC_RETURN_IF_ERROR(decode_decision(r, rec.decision));
   uint8_t flags = 0;
   TPC_RETURN_IF_ERROR(r.u8("flags", flags));
@@ -226,7 +227,7 @@ std::string encode_record(const TxnRecord& r) {
   std::string payload;
   payload.reserve(32 + r.gid.size() + r.branches.size() * 48);
   put_bytes(payload, r.gid);
-  put_u8(payload, r.protocol);
+  put_u8(payload, protocol_byte(r.protocol));
   put_u8(payload, static_cast<uint8_t>(r.decision));
   put_u8(payload, static_cast<uint8_t>((r.ended ? kFlagEnded : 0) |
                                        (r.heuristic_mixed ? kFlagHeuristicMixed : 0)));

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/protocol.h"
 #include "common/status.h"
 
 namespace tpc::wal {
@@ -41,7 +42,7 @@ struct BranchRecord {
 
 struct TxnRecord {
   std::string gid;
-  uint8_t protocol = 2;  // 2 or 3
+  Protocol protocol = Protocol::two_phase;
   Decision decision = Decision::commit;
   bool ended = false;            // every branch acknowledged: nothing left to drive
   bool heuristic_mixed = false;  // branches reached different outcomes

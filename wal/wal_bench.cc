@@ -30,7 +30,7 @@ using Clock = std::chrono::steady_clock;
 tpc::wal::TxnRecord commit_record(int writer, uint64_t n) {
   tpc::wal::TxnRecord r;
   r.gid = "c1-17-" + std::to_string(writer) + "-" + std::to_string(n);
-  r.protocol = 2;
+  r.protocol = tpc::Protocol::two_phase;
   r.decision = tpc::wal::Decision::commit;
   r.decided_wall_ms = 1'700'000'000'000 + static_cast<int64_t>(n);
   r.branches = {{"a1", "http://127.0.0.1:7401", tpc::wal::BranchOutcome::pending},

@@ -32,7 +32,7 @@ namespace fs = std::filesystem;
 TxnRecord full_record(std::string gid, Decision d = Decision::commit) {
   TxnRecord r;
   r.gid = std::move(gid);
-  r.protocol = 3;
+  r.protocol = tpc::Protocol::three_phase;
   r.decision = d;
   r.ended = true;
   r.heuristic_mixed = true;
@@ -216,7 +216,7 @@ TEST_CASE("a record with every field set survives encode and decode, for every d
 TEST_CASE("every branch outcome, extreme integers and empty strings round-trip") {
   TxnRecord r;
   r.gid = "g";
-  r.protocol = 2;
+  r.protocol = tpc::Protocol::two_phase;
   r.decision = Decision::one_phase;
   r.decided_wall_ms = INT64_MIN;
   r.ended_wall_ms = INT64_MAX;

@@ -206,7 +206,7 @@ pg::PrepareResult SimExecutor::prepare_in(uint64_t s, const agent::PgOp& op, con
     return pg::PrepareResult{pg::Vote::no, "duplicate key value violates unique constraint \"tpc_marker_pkey\"", "23505"};
   if (static_cast<int>(db_.prepared.size()) >= db_.max_prepared)
     return pg::PrepareResult{pg::Vote::no, "maximum number of prepared transactions reached", "53200"};
-  if (op.protocol == 3) {
+  if (op.protocol == Protocol::three_phase) {
     db_.states[pgg] = {"prepared3", agent::encode_peers(op.peers)};
     db_.state_written_ms[pgg] = w_.now();
   }

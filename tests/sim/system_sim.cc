@@ -693,7 +693,8 @@ void Cluster::check_end() {
       if (st != a->db.states.end() && agent::parse_check_record(st->second.first)) reported = true;
     }
     bool three_phase = false;
-    if (auto rec = store_.get(gid); rec.ok() && rec->has_value()) three_phase = (*rec)->protocol == 3;
+    if (auto rec = store_.get(gid); rec.ok() && rec->has_value())
+      three_phase = (*rec)->protocol == Protocol::three_phase;
     if (three_phase && partitioned_ && reported) continue;  // the documented 3PC risk, reported
     std::string at;
     for (auto& w : x.where) at += (at.empty() ? "" : ",") + w;
@@ -703,7 +704,8 @@ void Cluster::check_end() {
   // A heuristic outcome of a 2PC transaction: nobody resolved anything by hand here.
   for (auto& gid : watch_.heuristic) {
     auto rec = store_.get(gid);
-    if (rec.ok() && rec->has_value() && (*rec)->protocol == 2) violation("heuristic_in_2pc " + gid);
+    if (rec.ok() && rec->has_value() && (*rec)->protocol == Protocol::two_phase)
+      violation("heuristic_in_2pc " + gid);
   }
   for (auto& t : transfers_) {
     if (t->gid.empty()) continue;
