@@ -56,6 +56,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/rng.h"
 #include "coordinator/coordinator_machine.h"
 #include "wal/decision_log.h"
 
@@ -73,30 +74,6 @@ constexpr int64_t kStartMs = 1'000'000;
 constexpr size_t kOpenPerClientMax = 6;  // transactions the clients keep open at once
 
 // --- randomness --------------------------------------------------------------------------
-
-// splitmix64: small, fast, and the same on every platform (std distributions are not).
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : s_(seed) {}
-  uint64_t next() {
-    uint64_t z = (s_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  uint64_t below(uint64_t n) { return n == 0 ? 0 : next() % n; }
-  int64_t between(int64_t lo, int64_t hi) {
-    return lo + static_cast<int64_t>(below(static_cast<uint64_t>(hi - lo + 1)));
-  }
-  bool chance(double p) { return static_cast<double>(next() >> 11) * 0x1.0p-53 < p; }
-  template <class T>
-  const T& pick(const std::vector<T>& v) {
-    return v[below(v.size())];
-  }
-
- private:
-  uint64_t s_;
-};
 
 // What a seed's world looks like and how hostile it is ("swarm testing": every seed draws
 // its own mix, so some seeds hammer one fault and others never see it).

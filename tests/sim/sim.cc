@@ -149,7 +149,7 @@ void SimRuntime::send(const Url& url, HttpRequest req, SendOptions opts, std::fu
 }
 
 void SimRuntime::submit(std::function<void()> job) {
-  w_.at(w_.now() + w_.rng().range(0, 2), proc_, std::move(job));
+  w_.at(w_.now() + w_.rng().between(0, 2), proc_, std::move(job));
 }
 
 // --- the decision log --------------------------------------------------------------------------
@@ -175,7 +175,8 @@ void LogWatch::durable_record(const wal::TxnRecord& r) {
 
 void SimLog::write(std::vector<wal::LogWrite> writes, bool sync, wal::WriteDone done) {
   TPC_ASSERT(!crashed_);
-  int64_t due = std::max(last_due_ms_, w_.now() + (sync ? w_.rng().range(1, 8) : w_.rng().range(0, 4)));
+  int64_t due =
+      std::max(last_due_ms_, w_.now() + (sync ? w_.rng().between(1, 8) : w_.rng().between(0, 4)));
   last_due_ms_ = due;
   pending_.push_back(Pending{std::move(writes), sync, std::move(done)});
   w_.at(due, proc_, [this] { apply_one(); });

@@ -21,30 +21,11 @@
 
 #include "common/http.h"
 #include "common/http_client.h"
+#include "common/rng.h"
 #include "common/runtime.h"
 #include "wal/decision_log.h"
 
 namespace tpc::sim {
-
-// splitmix64: the same sequence on every platform (std distributions are not).
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : s_(seed) {}
-  uint64_t next() {
-    uint64_t z = (s_ += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [lo, hi].
-  int64_t range(int64_t lo, int64_t hi) {
-    return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1));
-  }
-  bool chance(double p) { return static_cast<double>(next() >> 11) * 0x1.0p-53 < p; }
-
- private:
-  uint64_t s_;
-};
 
 // What the network does to a message, while faults are on.
 struct NetFaults {
@@ -125,9 +106,9 @@ class World {
   static std::pair<int, int> ordered(int a, int b) { return a < b ? std::pair{a, b} : std::pair{b, a}; }
   int process_at(uint16_t port) const;
   int64_t delay() {
-    if (!faults_on) return rng_.range(0, 1);
-    if (rng_.chance(faults.late)) return rng_.range(500, 5'000);
-    return rng_.range(faults.delay_min_ms, faults.delay_max_ms);
+    if (!faults_on) return rng_.between(0, 1);
+    if (rng_.chance(faults.late)) return rng_.between(500, 5'000);
+    return rng_.between(faults.delay_min_ms, faults.delay_max_ms);
   }
   bool lost() { return faults_on && rng_.chance(faults.loss); }
 

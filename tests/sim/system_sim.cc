@@ -94,20 +94,15 @@ class TraceSink final : public LogSink {
   std::string who_;
 };
 
-// The value of `key=` in a text log line ("" if absent).
-std::string quoted_field(const std::string& line, const std::string& key) {
-  size_t at = line.find(" " + key + "=\"");
-  if (at == std::string::npos) return "";
-  size_t from = at + key.size() + 3;
-  size_t to = line.find('"', from);
-  return line.substr(from, to == std::string::npos ? std::string::npos : to - from);
-}
-
+// The value of `key=` in a text log line ("" if absent): up to the next space, or, for a
+// quoted value, the text between the quotes.
 std::string log_field(const std::string& line, const std::string& key) {
   size_t at = line.find(" " + key + "=");
   if (at == std::string::npos) return "";
   size_t from = at + key.size() + 2;
-  size_t to = line.find(' ', from);
+  bool quoted = from < line.size() && line[from] == '"';
+  if (quoted) ++from;
+  size_t to = line.find(quoted ? '"' : ' ', from);
   return line.substr(from, to == std::string::npos ? std::string::npos : to - from);
 }
 
@@ -259,7 +254,7 @@ void Cluster::crash_coordinator() {
   if (coord_wal_) coord_wal_->crash();
   coordinator_.reset();
   coord_wal_ = nullptr;
-  w_.at(w_.now() + w_.rng().range(50, 5'000), -1, [this] {
+  w_.at(w_.now() + w_.rng().between(50, 5'000), -1, [this] {
     w_.restart(coord_);
     start_coordinator();
   });
@@ -291,7 +286,7 @@ void Cluster::start_agent(size_t i) {
   a.exec->crash_after_op = [this, i] {
     if (!w_.faults_on || !w_.rng().chance(0.01)) return false;
     w_.note("database of " + agents_[i]->name + " crashes after an operation ran");
-    crash_database(i, w_.rng().range(20, 800));
+    crash_database(i, w_.rng().between(20, 800));
     return true;
   };
   auto svc = agent::AgentService::start_with(cfg, *a.log, *a.rt, *a.exec);
@@ -315,7 +310,7 @@ void Cluster::crash_agent(size_t i) {
   Agent& a = *agents_[i];
   a.service.reset();  // its connections close: the database rolls back its open blocks
   a.exec.reset();
-  w_.at(w_.now() + w_.rng().range(50, 2'000), -1, [this, i, proc] {
+  w_.at(w_.now() + w_.rng().between(50, 2'000), -1, [this, i, proc] {
     w_.restart(proc);
     start_agent(i);
   });
@@ -336,7 +331,7 @@ void Cluster::crash_database(size_t i, int64_t down_ms) {
 // --- faults -------------------------------------------------------------------------------------
 
 void Cluster::schedule_fault() {
-  w_.at(w_.now() + w_.rng().range(50, 600), -1, [this] {
+  w_.at(w_.now() + w_.rng().between(50, 600), -1, [this] {
     if (!w_.faults_on) return;
     inject_fault();
     schedule_fault();
@@ -346,26 +341,27 @@ void Cluster::schedule_fault() {
 void Cluster::inject_fault() {
   Rng& r = w_.rng();
   size_t n = agents_.size();
-  size_t i = static_cast<size_t>(r.range(0, static_cast<int64_t>(n) - 1));
+  size_t i = static_cast<size_t>(r.between(0, static_cast<int64_t>(n) - 1));
   int agent = agent_procs_[i];
-  switch (r.range(0, 9)) {
+  switch (r.between(0, 9)) {
     case 0:
-      w_.faults = NetFaults{static_cast<double>(r.range(0, 15)) / 100.0, static_cast<double>(r.range(0, 8)) / 100.0,
-                            0, r.range(1, 40), static_cast<double>(r.range(0, 3)) / 100.0};
+      w_.faults = NetFaults{static_cast<double>(r.between(0, 15)) / 100.0,
+                            static_cast<double>(r.between(0, 8)) / 100.0, 0, r.between(1, 40),
+                            static_cast<double>(r.between(0, 3)) / 100.0};
       w_.note("network: loss " + std::to_string(w_.faults.loss) + " dup " + std::to_string(w_.faults.duplicate) +
               " delay ≤" + std::to_string(w_.faults.delay_max_ms));
       break;
     case 1:
     case 2: {
       // An agent cut from the coordinator, from its peers, or both (the 3PC partition).
-      int how = static_cast<int>(r.range(0, 2));
+      int how = static_cast<int>(r.between(0, 2));
       if (how != 1) w_.cut(coord_, agent);
       if (how != 0)
         for (int other : agent_procs_)
           if (other != agent) w_.cut(agent, other);
       partitioned_ = true;
       w_.note("partition: " + agents_[i]->name + (how == 0 ? " | coordinator" : how == 1 ? " | peers" : " | all"));
-      w_.at(w_.now() + r.range(200, 6'000), -1, [this] {
+      w_.at(w_.now() + r.between(200, 6'000), -1, [this] {
         w_.heal();
 
         w_.note("partition healed");
@@ -375,10 +371,10 @@ void Cluster::inject_fault() {
     case 3: crash_coordinator(); break;
     case 4:
     case 5: crash_agent(i); break;
-    case 6: crash_database(i, r.range(50, 1'500)); break;
+    case 6: crash_database(i, r.between(50, 1'500)); break;
     case 7: {
       int who = r.chance(0.5) ? coord_ : agent;
-      int64_t jump = r.range(-30'000, 30'000);
+      int64_t jump = r.between(-30'000, 30'000);
       w_.process(who).wall_offset_ms += jump;
       w_.note("clock of " + w_.process(who).name + " jumps " + std::to_string(jump) + " ms");
       break;
@@ -438,11 +434,11 @@ std::shared_ptr<Transfer> Cluster::new_transfer() {
   t->kind = r.chance(0.5) ? Kind::interactive : Kind::oneshot;
   t->three_phase = r.chance(0.4);
   int n = static_cast<int>(agents_.size());
-  int from = static_cast<int>(r.range(0, n - 1));
+  int from = static_cast<int>(r.between(0, n - 1));
   // One in five moves money inside one database: a single branch, committed in one phase.
-  int to = r.chance(0.2) ? from : static_cast<int>((from + r.range(1, n - 1)) % n);
-  int64_t amount = r.range(1, 9);
-  int64_t a = r.range(1, kAccountsPerDb), b = r.range(1, kAccountsPerDb - 1);
+  int to = r.chance(0.2) ? from : static_cast<int>((from + r.between(1, n - 1)) % n);
+  int64_t amount = r.between(1, 9);
+  int64_t a = r.between(1, kAccountsPerDb), b = r.between(1, kAccountsPerDb - 1);
   if (to == from && b >= a) ++b;  // two different accounts
   t->legs.push_back({from, a, -amount});
   t->legs.push_back({to, b, amount});
@@ -471,7 +467,7 @@ void Cluster::done(int client, std::shared_ptr<Transfer> t) {
           (t->told.empty() ? "nothing" : t->told));
   --clients_busy_;
   // A client that learned nothing (the coordinator down, say) waits longer before the next.
-  int64_t pause = t->told.empty() ? w_.rng().range(100, 400) : w_.rng().range(0, 50);
+  int64_t pause = t->told.empty() ? w_.rng().between(100, 400) : w_.rng().between(0, 50);
   app_rt_->run_after(pause, [this, client] { client_next(client); });
 }
 
@@ -619,7 +615,7 @@ void Cluster::check_agent_views(const Transfer& t) {
 void Cluster::check_unilateral(size_t i, const std::string& line) {
   if (line.find("deciding without it") == std::string::npos) return;
   const std::string gid = log_field(line, "gid"), outcome = log_field(line, "outcome");
-  std::string why = quoted_field(line, "why");
+  std::string why = log_field(line, "why");
   std::set<std::string> asked;
   bool any_commit = false, any_abort = false;
   if (why.rfind("peers ", 0) == 0) {
@@ -725,7 +721,7 @@ void Cluster::check_end() {
 
 std::vector<std::string> Cluster::run() {
   Rng setup(seed_ ^ 0x5eed);
-  size_t n = static_cast<size_t>(setup.range(2, 4));
+  size_t n = static_cast<size_t>(setup.between(2, 4));
   w_.echo = opts_.replay;
   w_.run_until(kStartMs);
   coord_ = w_.add_process("c1", kCoordinatorPort);
@@ -733,7 +729,7 @@ std::vector<std::string> Cluster::run() {
     auto a = std::make_unique<Agent>();
     a->name = "a" + std::to_string(i + 1);
     a->db.name = a->name;
-    a->db.max_prepared = static_cast<int>(setup.range(3, 10));
+    a->db.max_prepared = static_cast<int>(setup.between(3, 10));
     for (int id = 1; id <= kAccountsPerDb; ++id) a->db.balances[id] = kBalance;
     initial_total_ += a->db.total();
     agent_procs_.push_back(w_.add_process(a->name, static_cast<uint16_t>(kCoordinatorPort + 1 + i)));
@@ -760,7 +756,8 @@ std::vector<std::string> Cluster::run() {
   w_.faults_on = true;
   w_.faults = NetFaults{0.02, 0.02, 0, 10, 0.01};
   schedule_fault();
-  for (int c = 0; c < kClients; ++c) app_rt_->run_after(w_.rng().range(0, 100), [this, c] { client_next(c); });
+  for (int c = 0; c < kClients; ++c)
+    app_rt_->run_after(w_.rng().between(0, 100), [this, c] { client_next(c); });
   const int64_t faults_end = w_.now() + opts_.faulty_ms;
   w_.at(faults_end, -1, [this] { stop_faults(); });
   w_.run_until(faults_end);
