@@ -181,16 +181,27 @@ Json encode_reply_body(const ClientReply& r) {
   Json body = encode_view(r.view);
   if (!r.error.ok()) {
     body["error"] = {{"code", std::string(code_name(r.error.code()))}, {"message", r.error.message()}};
-  } else if (r.http_status == 409) {
+  } else if (r.answer == Answer::contrary) {
     std::string msg = "transaction " + r.view.gid + " is " + std::string(state_name(r.view.state));
     body["error"] = {{"code", "conflict"}, {"message", msg}};
   }
   return body;
 }
 
+int http_status_of(const ClientReply& r) {
+  if (!r.error.ok() && r.view.gid.empty()) return http_status_for(r.error.code());
+  switch (r.answer) {
+    case Answer::done: return 200;
+    case Answer::created: return 201;
+    case Answer::pending: return 202;
+    case Answer::contrary: return 409;
+  }
+  return 500;
+}
+
 HttpResponse encode_reply(const ClientReply& r) {
   if (!r.error.ok() && r.view.gid.empty()) return error_response(r.error);
-  return json_response(r.http_status, encode_reply_body(r));
+  return json_response(http_status_of(r), encode_reply_body(r));
 }
 
 std::string encode_message_body(const Message& m, std::string_view statements) {

@@ -54,6 +54,8 @@ Result<BranchReport> decode_branch_report(std::string_view body);
 Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the
 // outcome is not what was asked).
+// The HTTP status of a reply: its error's alone (no view), else its answer's.
+int http_status_of(const ClientReply& r);
 HttpResponse encode_reply(const ClientReply& r);
 // The JSON of a reply that has a view (not a bare error).
 Json encode_reply_body(const ClientReply& r);

@@ -93,7 +93,7 @@ TEST_CASE("views carry state, branches, reason and the decision") {
 
 TEST_CASE("replies: a 409 outcome carries the view and an error; a plain error only the error") {
   ClientReply r;
-  r.http_status = 409;
+  r.answer = Answer::contrary;
   r.view.gid = "c1-1-1";
   r.view.state = TxnState::aborted;
   HttpResponse resp = encode_reply(r);
@@ -104,7 +104,6 @@ TEST_CASE("replies: a 409 outcome carries the view and an error; a plain error o
   CHECK((*j)["error"]["code"] == "conflict");
 
   ClientReply e;
-  e.http_status = 404;
   e.error = not_found("no transaction c9-1-1");
   HttpResponse er = encode_reply(e);
   CHECK(er.status == 404);

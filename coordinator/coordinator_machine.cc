@@ -233,21 +233,21 @@ ClientReply CoordinatorMachine::reply_for(const Txn& t, RequestKind kind, uint64
   if (kind == RequestKind::get) return r;
   bool commit_asked = kind == RequestKind::commit;
   if (t.state == TxnState::heuristic_mixed) {
-    r.http_status = 409;
+    r.answer = Answer::contrary;
   } else if (t.decision == Decision::abort) {
     if (!terminal(t.state)) r.view.state = TxnState::aborted;  // the outcome is settled
-    r.http_status = commit_asked ? 409 : 200;
+    r.answer = commit_asked ? Answer::contrary : Answer::done;
   } else if (t.decision == Decision::commit) {
     if (t.state == TxnState::aborted) {  // a one-phase branch answered abort
-      r.http_status = commit_asked ? 409 : 200;
+      r.answer = commit_asked ? Answer::contrary : Answer::done;
     } else if (t.state == TxnState::committed) {
-      r.http_status = commit_asked ? 200 : 409;
+      r.answer = commit_asked ? Answer::done : Answer::contrary;
     } else {
       // Decided, phase 2 still running: the outcome is commit.
-      r.http_status = commit_asked ? 202 : 409;
+      r.answer = commit_asked ? Answer::pending : Answer::contrary;
     }
   } else {
-    r.http_status = 409;
+    r.answer = Answer::contrary;
     r.error = conflict("transaction " + t.gid + " is " + std::string(state_name(t.state)));
   }
   return r;
@@ -260,10 +260,10 @@ ClientReply CoordinatorMachine::reply_from_record(const wal::TxnRecord& rec, Req
   if (kind == RequestKind::get) return r;
   bool commit_asked = kind == RequestKind::commit;
   switch (r.view.state) {
-    case TxnState::committed: r.http_status = commit_asked ? 200 : 409; break;
-    case TxnState::aborted: r.http_status = commit_asked ? 409 : 200; break;
-    case TxnState::committing: r.http_status = commit_asked ? 202 : 409; break;
-    default: r.http_status = 409; break;
+    case TxnState::committed: r.answer = commit_asked ? Answer::done : Answer::contrary; break;
+    case TxnState::aborted: r.answer = commit_asked ? Answer::contrary : Answer::done; break;
+    case TxnState::committing: r.answer = commit_asked ? Answer::pending : Answer::contrary; break;
+    default: r.answer = Answer::contrary; break;
   }
   return r;
 }
@@ -308,13 +308,13 @@ ClientReply CoordinatorMachine::reply_without_record(std::string_view gid, Reque
     r.view.forgotten = true;
     r.error = Status(Code::not_found, "the outcome of " + std::string(gid) +
                                           " is older than the retention window and was forgotten");
-    r.http_status = kind == RequestKind::get ? 200 : 409;
+    r.answer = kind == RequestKind::get ? Answer::done : Answer::contrary;
     return r;
   }
   r.view.presumed = true;
   r.view.decision = Decision::abort;
   r.view.reason = "presumed_abort";
-  r.http_status = kind == RequestKind::commit ? 409 : 200;
+  r.answer = kind == RequestKind::commit ? Answer::contrary : Answer::done;
   return r;
 }
 
@@ -329,9 +329,13 @@ std::optional<ClientReply> CoordinatorMachine::reply_not_live(std::string_view g
   if (it != finished_index_.end()) {
     r.view = finished_by_serial_.at(it->second);
     switch (r.view.state) {
-      case TxnState::committed: r.http_status = kind == RequestKind::abort ? 409 : 200; break;
-      case TxnState::aborted: r.http_status = kind == RequestKind::commit ? 409 : 200; break;
-      default: r.http_status = kind == RequestKind::get ? 200 : 409; break;
+      case TxnState::committed:
+        r.answer = kind == RequestKind::abort ? Answer::contrary : Answer::done;
+        break;
+      case TxnState::aborted:
+        r.answer = kind == RequestKind::commit ? Answer::contrary : Answer::done;
+        break;
+      default: r.answer = kind == RequestKind::get ? Answer::done : Answer::contrary; break;
     }
     return r;
   }
@@ -350,7 +354,6 @@ std::optional<ClientReply> CoordinatorMachine::reply_not_live(std::string_view g
       return r;
     case LookupKind::not_ours: break;
   }
-  r.http_status = 404;
   r.error = not_found("no transaction " + std::string(gid));
   return r;
 }
@@ -451,7 +454,6 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
                                        std::string_view url, int64_t now_ms, std::string_view instance) {
   ClientReply r;
   if (!valid_participant_name(participant)) {
-    r.http_status = 400;
     r.error = invalid_argument("participant name must match [A-Za-z0-9_-]{1,32}");
     return r;
   }
@@ -459,16 +461,15 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   if (!t) {
     auto parts = parse_gid(gid);
     if (parts && issued(*parts)) {
-      r.http_status = 409;
+      r.answer = Answer::contrary;
       r.error = conflict("transaction " + std::string(gid) + " is not active");
     } else {
-      r.http_status = 404;
       r.error = not_found("no transaction " + std::string(gid));
     }
     return r;
   }
   if (t->state != TxnState::active) {
-    r.http_status = 409;
+    r.answer = Answer::contrary;
     r.error = conflict("transaction " + t->gid + " is " + std::string(state_name(t->state)) +
                        "; branches enlist only while it is active");
     refuse_enlist(*t, participant, now_ms);
@@ -477,24 +478,23 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   for (auto& b : t->branches) {
     if (b.participant != participant) continue;
     if (b.url != url) {
-      r.http_status = 409;
+      r.answer = Answer::contrary;
       r.error = conflict("participant " + b.participant + " is enlisted with url " + b.url);
       refuse_enlist(*t, participant, now_ms);
       return r;
     }
     if (!b.instance.empty() && !instance.empty() && b.instance != instance) {
-      r.http_status = 409;
+      r.answer = Answer::contrary;
       r.error = conflict("participant " + b.participant +
                          " restarted since it enlisted: the branch's work is lost, the transaction can only roll back");
       refuse_enlist(*t, participant, now_ms);
       return r;
     }
-    r.http_status = 200;
+    r.answer = Answer::done;
     r.view = view_of(*t);
     return r;
   }
   if (t->branches.size() >= opts_.branches_per_txn_max) {
-    r.http_status = 413;
     r.error = Status(Code::too_large, "a transaction has at most " +
                                           std::to_string(opts_.branches_per_txn_max) + " branches");
     refuse_enlist(*t, participant, now_ms);
@@ -507,7 +507,7 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
   t->branches.push_back(std::move(b));
   if (log_.enabled(LogLevel::debug))
     log_.debug("enlist", {{"gid", t->gid}, {"branch", participant}, {"url", url}});
-  r.http_status = 201;
+  r.answer = Answer::created;
   r.view = view_of(*t);
   return r;
 }
@@ -536,7 +536,6 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
     ClientReply r;
     r.waiter = waiter;
     r.kind = RequestKind::commit;
-    r.http_status = 503;
     r.error = unavailable("too many requests waiting on " + t->gid);
     return r;
   }
@@ -611,21 +610,21 @@ ClientReply CoordinatorMachine::resolve(std::string_view gid, bool commit, int64
     TPC_ASSERT(r.has_value());
     if (r->needs_log || !r->error.ok()) return *r;
     bool committed = r->view.state == TxnState::committed;
-    r->http_status = committed == commit ? 200 : 409;
+    r->answer = committed == commit ? Answer::done : Answer::contrary;
     return *r;
   }
   ClientReply r;
   r.kind = kind;
   if (t->decision == Decision::none) {
     if (commit) {
-      r.http_status = 409;
+      r.answer = Answer::contrary;
       r.error = conflict("transaction " + t->gid +
                          " has no commit decision; the only safe resolution is abort");
       return r;
     }
     decide_abort(*t, "operator", "", now_ms);
   } else if ((t->decision == Decision::commit) != commit) {
-    r.http_status = 409;
+    r.answer = Answer::contrary;
     r.error = conflict(std::string("the decision of ") + t->gid + " is " +
                        (t->decision == Decision::commit ? "commit" : "abort") +
                        " and never changes");

@@ -1,11 +1,13 @@
 // Unit tests of the coordinator's state machine: every transition of the 2PC, one-phase and
 // 3PC paths, the refused ones, recovery, and the answers built from the log.
+#include "coordinator/coordinator_machine.h"
+
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <memory>
 
-#include "coordinator/coordinator_machine.h"
+#include "coordinator/codec.h"
 
 using namespace tpc;
 using namespace tpc::coord;
@@ -38,7 +40,7 @@ struct Fixture {
     std::string gid = begin(p);
     for (auto& b : branches) {
       auto r = m->enlist(gid, b, "http://127.0.0.1:1/" + b, now);
-      REQUIRE(r.http_status == 201);
+      REQUIRE(http_status_of(r) == 201);
     }
     return gid;
   }
@@ -105,19 +107,19 @@ TEST_CASE("enlist: new, repeated, conflicting, too many, unknown and not active"
   o.branches_per_txn_max = 2;
   Fixture f(o);
   std::string gid = f.begin();
-  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now).http_status == 201);
-  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now).http_status == 200);
-  CHECK(f.m->enlist(gid, "a1", "http://h:2", f.now).http_status == 409);
-  CHECK(f.m->enlist(gid, "a2", "http://h:2", f.now).http_status == 201);
-  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 413);
-  CHECK(f.m->enlist(gid, "bad name", "http://h:3", f.now).http_status == 400);
-  CHECK(f.m->enlist("c9-1-1", "a1", "http://h:1", f.now).http_status == 404);
-  CHECK(f.m->enlist("c1-1-99", "a1", "http://h:1", f.now).http_status == 404);  // never issued
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:1", f.now)) == 201);
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:1", f.now)) == 200);
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:2", f.now)) == 409);
+  CHECK(http_status_of(f.m->enlist(gid, "a2", "http://h:2", f.now)) == 201);
+  CHECK(http_status_of(f.m->enlist(gid, "a3", "http://h:3", f.now)) == 413);
+  CHECK(http_status_of(f.m->enlist(gid, "bad name", "http://h:3", f.now)) == 400);
+  CHECK(http_status_of(f.m->enlist("c9-1-1", "a1", "http://h:1", f.now)) == 404);
+  CHECK(http_status_of(f.m->enlist("c1-1-99", "a1", "http://h:1", f.now)) == 404);  // never issued
   Fixture g;
   std::string other = g.begin_with({"a1", "a2"});
   REQUIRE_FALSE(g.m->commit(other, 1, {}, g.now).has_value());
   auto late = g.m->enlist(other, "a3", "http://h:3", g.now);
-  CHECK(late.http_status == 409);
+  CHECK(http_status_of(late) == 409);
   CHECK(late.error.message().find("preparing") != std::string::npos);
 }
 
@@ -127,10 +129,10 @@ TEST_CASE("enlist: new, repeated, conflicting, too many, unknown and not active"
 TEST_CASE("an enlist from a restarted agent run is refused and the transaction can only abort") {
   Fixture f;
   std::string gid = f.begin();
-  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1").http_status == 201);
-  CHECK(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1").http_status == 200);
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1")) == 201);
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:1", f.now, "run-1")) == 200);
   auto again = f.m->enlist(gid, "a1", "http://h:1", f.now, "run-2");
-  CHECK(again.http_status == 409);
+  CHECK(http_status_of(again) == 409);
   CHECK(again.error.message().find("restarted") != std::string::npos);
   auto r = f.m->commit(gid, 1, {}, f.now);
   f.ready();
@@ -147,9 +149,9 @@ TEST_CASE("a refused enlist makes the transaction rollback-only: its commit answ
     Fixture f(o);
     std::string gid = f.begin_with({"a1", "a2"});
     if (refusal == 0) {
-      CHECK(f.m->enlist(gid, "a1", "http://elsewhere:1", f.now).http_status == 409);
+      CHECK(http_status_of(f.m->enlist(gid, "a1", "http://elsewhere:1", f.now)) == 409);
     } else {
-      CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 413);
+      CHECK(http_status_of(f.m->enlist(gid, "a3", "http://h:3", f.now)) == 413);
     }
     CHECK(f.state(gid) == TxnState::active);  // the client may still abort it itself
     REQUIRE_FALSE(f.m->commit(gid, 7, {}, f.now).has_value());
@@ -158,7 +160,7 @@ TEST_CASE("a refused enlist makes the transaction rollback-only: its commit answ
     CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 2);
     REQUIRE(r.replies.size() == 1);
     CHECK(r.replies[0].waiter == 7);
-    CHECK(r.replies[0].http_status == 409);
+    CHECK(http_status_of(r.replies[0]) == 409);
     CHECK(r.replies[0].view.state != TxnState::committed);
     CHECK(r.replies[0].view.reason == "enlist_refused");
     CHECK(r.replies[0].view.reason_branch == (refusal == 0 ? "a1" : "a3"));
@@ -170,7 +172,7 @@ TEST_CASE("an enlist refused while votes are out aborts the transaction at once"
   std::string gid = f.begin_with({"a1", "a2"});
   REQUIRE_FALSE(f.m->commit(gid, 1, {}, f.now).has_value());
   f.ready();
-  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 409);
+  CHECK(http_status_of(f.m->enlist(gid, "a3", "http://h:3", f.now)) == 409);
   Ready r = f.ready();
   CHECK(Fixture::of_kind(r, MsgKind::abort).size() == 2);
   REQUIRE(r.replies.size() == 1);
@@ -187,7 +189,7 @@ TEST_CASE("an enlist refused after the commit decision leaves the decision alone
   std::string gid = f.begin_with({"a1", "a2"});
   Ready d = f.commit_to_decision(gid, {"a1", "a2"}, 1);
   REQUIRE(d.persist.size() == 1);
-  CHECK(f.m->enlist(gid, "a3", "http://h:3", f.now).http_status == 409);
+  CHECK(http_status_of(f.m->enlist(gid, "a3", "http://h:3", f.now)) == 409);
   f.m->on_persisted(gid, f.now);
   CHECK(Fixture::of_kind(f.ready(), MsgKind::commit).size() == 2);
 }
@@ -217,7 +219,7 @@ TEST_CASE("2PC: the commit decision is durable before any commit is sent") {
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].waiter == 7);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
   CHECK(r.replies[0].view.state == TxnState::committed);
   REQUIRE(r.persist.size() == 1);
   CHECK(r.persist[0].record.ended);
@@ -243,7 +245,7 @@ TEST_CASE("a vote of no aborts every other branch and writes nothing (presumed a
   CHECK(aborts[0].participant == "a1");
   CHECK(aborts[1].participant == "a3");
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(http_status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].view.state == TxnState::aborted);
   CHECK(r.replies[0].view.reason == "vote_no");
   CHECK(r.replies[0].view.reason_branch == "a2");
@@ -302,7 +304,7 @@ TEST_CASE("read-only branches leave at prepare") {
   f.reply(gid, "a2", MsgKind::commit, ReplyKind::committed);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
 
   std::string ro = f.begin_with({"a1", "a2"});
   REQUIRE_FALSE(f.m->commit(ro, 2, {}, f.now).has_value());
@@ -320,7 +322,7 @@ TEST_CASE("read-only branches leave at prepare") {
   f.m->on_persisted(ro, f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
   CHECK(r.persist.empty());
 }
 
@@ -340,7 +342,7 @@ TEST_CASE("a single branch commits in one phase, after a synced one-phase record
   f.reply(gid, "a1", MsgKind::commit_one_phase, ReplyKind::committed);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
   CHECK(f.m->counters().one_phase == 1);
 }
 
@@ -354,7 +356,7 @@ TEST_CASE("a one-phase branch that aborts at commit makes the answer aborted, an
   f.reply(gid, "a1", MsgKind::commit_one_phase, ReplyKind::aborted, "23503");
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(http_status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].view.state == TxnState::aborted);
   CHECK(r.replies[0].view.reason == "branch_aborted");
   REQUIRE(r.persist.size() == 1);
@@ -362,7 +364,7 @@ TEST_CASE("a one-phase branch that aborts at commit makes the answer aborted, an
   // After a restart the record alone answers aborted, not committed.
   auto from_log = CoordinatorMachine::reply_from_record(r.persist[0].record, RequestKind::commit);
   CHECK(from_log.view.state == TxnState::aborted);
-  CHECK(from_log.http_status == 409);
+  CHECK(http_status_of(from_log) == 409);
 }
 
 TEST_CASE("phase 2 is resent with capped exponential backoff and never gives up") {
@@ -415,7 +417,7 @@ TEST_CASE("repeated commit and abort answer the outcome already reached") {
   // An abort after the decision is refused.
   auto ab = f.m->abort(gid, 3, f.now);
   REQUIRE(ab.has_value());
-  CHECK(ab->http_status == 409);
+  CHECK(http_status_of(*ab) == 409);
   f.m->on_persisted(gid, f.now);
   f.ready();
   f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
@@ -424,11 +426,11 @@ TEST_CASE("repeated commit and abort answer the outcome already reached") {
   CHECK(r.replies.size() == 2);
   auto again = f.m->commit(gid, 4, {}, f.now);
   REQUIRE(again.has_value());
-  CHECK(again->http_status == 200);
+  CHECK(http_status_of(*again) == 200);
   CHECK(again->view.state == TxnState::committed);
   auto abort_after = f.m->abort(gid, 5, f.now);
   REQUIRE(abort_after.has_value());
-  CHECK(abort_after->http_status == 409);
+  CHECK(http_status_of(*abort_after) == 409);
   CHECK(abort_after->view.state == TxnState::committed);
 }
 
@@ -437,24 +439,24 @@ TEST_CASE("abort of an active transaction answers at once and reaches its branch
   std::string gid = f.begin_with({"a1", "a2"});
   auto r = f.m->abort(gid, 1, f.now);
   REQUIRE(r.has_value());
-  CHECK(r->http_status == 200);
+  CHECK(http_status_of(*r) == 200);
   CHECK(r->view.state == TxnState::aborted);
   Ready ready = f.ready();
   CHECK(Fixture::of_kind(ready, MsgKind::abort).size() == 2);
   CHECK(ready.persist.empty());
   auto again = f.m->abort(gid, 2, f.now);
   REQUIRE(again.has_value());
-  CHECK(again->http_status == 200);
+  CHECK(http_status_of(*again) == 200);
   auto c = f.m->commit(gid, 3, {}, f.now);
   REQUIRE(c.has_value());
-  CHECK(c->http_status == 409);
+  CHECK(http_status_of(*c) == 409);
   CHECK(c->view.state == TxnState::aborted);
   CHECK(c->view.reason == "client");
 
   std::string none = f.begin();
   auto r2 = f.m->abort(none, 4, f.now);
   REQUIRE(r2.has_value());
-  CHECK(r2->http_status == 200);
+  CHECK(http_status_of(*r2) == 200);
   CHECK(f.state(none) == TxnState::aborted);
 }
 
@@ -465,11 +467,11 @@ TEST_CASE("abort while preparing answers the waiting commit with aborted") {
   f.ready();
   auto r = f.m->abort(gid, 2, f.now);
   REQUIRE(r.has_value());
-  CHECK(r->http_status == 200);
+  CHECK(http_status_of(*r) == 200);
   Ready ready = f.ready();
   REQUIRE(ready.replies.size() == 1);
   CHECK(ready.replies[0].waiter == 1);
-  CHECK(ready.replies[0].http_status == 409);
+  CHECK(http_status_of(ready.replies[0]) == 409);
   CHECK(ready.replies[0].view.reason == "client");
 }
 
@@ -477,7 +479,7 @@ TEST_CASE("an active transaction past its timeout aborts") {
   Fixture f;
   auto v = f.m->begin(Protocol::two_phase, 1000, f.now);
   REQUIRE(v.ok());
-  REQUIRE(f.m->enlist(v->gid, "a1", "http://h:1", f.now).http_status == 201);
+  REQUIRE(http_status_of(f.m->enlist(v->gid, "a1", "http://h:1", f.now)) == 201);
   f.m->tick(f.now + 999);
   CHECK(f.state(v->gid) == TxnState::active);
   f.m->tick(f.now + 1000);
@@ -538,7 +540,7 @@ TEST_CASE("a commit not finished within commit_wait_ms is answered 202 committin
   f.m->tick(f.now + f.opts.commit_wait_ms);
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 202);
+  CHECK(http_status_of(r.replies[0]) == 202);
   CHECK(r.replies[0].view.state == TxnState::committing);
 }
 
@@ -555,7 +557,7 @@ TEST_CASE("wait for the decision only: answered once the decision is durable") {
   f.m->on_persisted(gid, f.now);
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 202);
+  CHECK(http_status_of(r.replies[0]) == 202);
   CHECK(r.replies[0].view.state == TxnState::committing);
 }
 
@@ -643,7 +645,7 @@ TEST_CASE("a branch that aborted against a commit decision is reported as heuris
   REQUIRE(r.persist.size() == 1);
   CHECK(r.persist[0].record.heuristic_mixed);
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(http_status_of(r.replies[0]) == 409);
   auto errors = f.sink.find("heuristic outcome", LogLevel::error);
   REQUIRE(errors.size() == 1);
   CHECK(errors[0].find("branches=a1:committed,a2:aborted") != std::string::npos);
@@ -698,8 +700,10 @@ TEST_CASE("lookups: live, in the log, not ours, forgotten") {
   auto presumed = CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::get, false);
   CHECK(presumed.view.state == TxnState::aborted);
   CHECK(presumed.view.presumed);
-  CHECK(CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::commit, false).http_status == 409);
-  CHECK(CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::abort, false).http_status == 200);
+  CHECK(http_status_of(CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::commit,
+                                                                false)) == 409);
+  CHECK(http_status_of(
+            CoordinatorMachine::reply_without_record("c1-2-11", RequestKind::abort, false)) == 200);
   auto forgotten = CoordinatorMachine::reply_without_record("c1-2-5", RequestKind::get, true);
   CHECK(forgotten.view.forgotten);
   CHECK_FALSE(forgotten.view.presumed);
@@ -712,11 +716,11 @@ TEST_CASE("answers from a record: committed, committing, heuristic") {
   rec.branches = {{"a1", "u", wal::BranchOutcome::committed}, {"a2", "u", wal::BranchOutcome::pending}};
   auto r = CoordinatorMachine::reply_from_record(rec, RequestKind::commit);
   CHECK(r.view.state == TxnState::committing);
-  CHECK(r.http_status == 202);
-  CHECK(CoordinatorMachine::reply_from_record(rec, RequestKind::abort).http_status == 409);
+  CHECK(http_status_of(r) == 202);
+  CHECK(http_status_of(CoordinatorMachine::reply_from_record(rec, RequestKind::abort)) == 409);
   rec.ended = true;
   rec.branches[1].outcome = wal::BranchOutcome::committed;
-  CHECK(CoordinatorMachine::reply_from_record(rec, RequestKind::commit).http_status == 200);
+  CHECK(http_status_of(CoordinatorMachine::reply_from_record(rec, RequestKind::commit)) == 200);
   rec.heuristic_mixed = true;
   CHECK(CoordinatorMachine::view_from_record(rec).state == TxnState::heuristic_mixed);
 }
@@ -724,9 +728,9 @@ TEST_CASE("answers from a record: committed, committing, heuristic") {
 TEST_CASE("resolve: abort before a decision; never against the decision; forced finish") {
   Fixture f;
   std::string undecided = f.begin_with({"a1", "a2"});
-  CHECK(f.m->resolve(undecided, true, f.now).http_status == 409);
+  CHECK(http_status_of(f.m->resolve(undecided, true, f.now)) == 409);
   auto r = f.m->resolve(undecided, false, f.now);
-  CHECK(r.http_status == 200);
+  CHECK(http_status_of(r) == 200);
   CHECK(f.m->lookup(undecided).view.reason == "operator");
 
   std::string gid = f.begin_with({"a1", "a2"});
@@ -735,10 +739,10 @@ TEST_CASE("resolve: abort before a decision; never against the decision; forced 
   f.ready();
   f.reply(gid, "a1", MsgKind::commit, ReplyKind::committed);
   auto refused = f.m->resolve(gid, false, f.now);
-  CHECK(refused.http_status == 409);
+  CHECK(http_status_of(refused) == 409);
   CHECK(refused.error.message().find("never changes") != std::string::npos);
   auto forced = f.m->resolve(gid, true, f.now);
-  CHECK(forced.http_status == 200);
+  CHECK(http_status_of(forced) == 200);
   CHECK(f.state(gid) == TxnState::committed);
   Ready ready = f.ready();
   REQUIRE(ready.persist.size() == 1);
@@ -819,7 +823,7 @@ TEST_CASE("a transaction with no branches commits after one synced record") {
   f.m->on_persisted(gid, f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
   CHECK(r.replies[0].view.state == TxnState::committed);
 }
 
@@ -879,7 +883,7 @@ TEST_CASE("one-shot: statements go out with prepare, and a single branch with it
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].waiter == 7);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(http_status_of(r.replies[0]) == 200);
 
   auto one = f.m->run(Protocol::two_phase, {{"a1", "http://h:1"}}, 8, {}, f.now);
   REQUIRE(one.ok());
@@ -912,7 +916,7 @@ TEST_CASE("one-shot: a failed statement is a vote of no; bad branch lists are re
   f.reply(*gid, "a1", MsgKind::exec_prepare, ReplyKind::vote_no, "23514");
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(http_status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].view.reason_branch == "a1");
   CHECK(f.m->run(Protocol::two_phase, {}, 2, {}, f.now).status().code() == Code::invalid_argument);
   CHECK(f.m->run(Protocol::two_phase, {{"a1", "u"}, {"a1", "u"}}, 3, {}, f.now).status().code() ==

@@ -460,7 +460,6 @@ ClientReply CoordinatorService::from_log(const ClientReply& r) {
     ClientReply e;
     e.waiter = r.waiter;
     e.kind = r.kind;
-    e.http_status = 500;
     e.error = rec.status();
     return e;
   }
@@ -474,7 +473,7 @@ ClientReply CoordinatorService::from_log(const ClientReply& r) {
   out.kind = r.kind;
   if (r.kind == RequestKind::resolve && out.error.ok()) {
     // An operator's resolve of a finished transaction: fine if it matches, refused if not.
-    out.http_status = 200;
+    out.answer = Answer::done;
   }
   return out;
 }
@@ -514,7 +513,7 @@ void CoordinatorService::reply(const ClientReply& r) {
     }
     Json body = encode_reply_body(r);
     body["results"] = std::move(results);
-    p.respond(json_response(r.http_status, body));
+    p.respond(json_response(http_status_of(r), body));
     return;
   }
   answer(r, p.respond);
@@ -756,10 +755,7 @@ void CoordinatorService::get_transaction(const std::string& gid, const Responder
       r.view.forgotten = l.forgotten_if_absent;
       r.needs_log = true;
       break;
-    default:
-      r.http_status = 404;
-      r.error = not_found("no transaction " + gid);
-      break;
+    default: r.error = not_found("no transaction " + gid); break;
   }
   answer(r, respond);
 }
@@ -821,7 +817,7 @@ void CoordinatorService::resolve(const std::string& gid, const HttpRequest& req,
       ClientReply fr = from_log(r);
       bool committed = fr.view.state == TxnState::committed;
       if (fr.error.ok() && committed != commit) {
-        fr.http_status = 409;
+        fr.answer = Answer::contrary;
         fr.error =
             conflict("transaction " + gid + " ended " + std::string(state_name(fr.view.state)));
       }

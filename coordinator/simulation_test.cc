@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "coordinator/codec.h"
 #include "coordinator/coordinator_machine.h"
 #include "wal/decision_log.h"
 
@@ -280,7 +281,7 @@ const char* reply_text(ReplyKind r) {
 }
 
 std::string describe(const ClientReply& r) {
-  std::string s = std::to_string(r.http_status);
+  std::string s = std::to_string(http_status_of(r));
   if (!r.view.gid.empty()) {
     s += " state=" + std::string(state_name(r.view.state));
     s += " decision=" + std::string(decision_text(r.view.decision));
@@ -294,7 +295,8 @@ std::string describe(const ClientReply& r) {
 }
 
 Said classify(const ClientReply& r) {
-  if (r.view.gid.empty() || r.http_status == 404 || r.http_status >= 500) return Said::nothing;
+  if (r.view.gid.empty() || http_status_of(r) == 404 || http_status_of(r) >= 500)
+    return Said::nothing;
   const TxnView& v = r.view;
   if (v.forgotten) return Said::nothing;
   switch (v.state) {
@@ -803,7 +805,7 @@ class World {
         ClientReply r = get(gid);
         note_answer(gid, r, "in-doubt query of " + p.name);
         PBranch& b = p.branches[gid];
-        if (r.http_status != 200 || r.view.forgotten) continue;
+        if (http_status_of(r) != 200 || r.view.forgotten) continue;
         if (r.view.decision == Decision::commit) {
           trace("participant " + p.name + " commits in-doubt " + gid + " (" + describe(r) + ")");
           b.state = PState::committed;
@@ -911,9 +913,9 @@ class World {
     if (p.down(now_)) return;
     ClientReply r = machine_->enlist(gid, p.name, p.url, now_);
     drain();
-    trace("enlist " + gid + " " + p.name + ": " + std::to_string(r.http_status));
-    if (r.http_status != 201) {
-      if (r.http_status == 409)
+    trace("enlist " + gid + " " + p.name + ": " + std::to_string(http_status_of(r)));
+    if (http_status_of(r) != 201) {
+      if (http_status_of(r) == 409)
         open_.erase(std::remove(open_.begin(), open_.end(), gid), open_.end());
       return;
     }
@@ -993,7 +995,7 @@ class World {
         r.view.forgotten = l.forgotten_if_absent;
         return from_log(r);
       default:
-        r.http_status = 404;
+
         r.error = not_found("no transaction " + gid);
         break;
     }
@@ -1375,8 +1377,8 @@ TEST_CASE("simulation finding: no view says decision commit before the decision 
   auto begun = m.begin(Protocol::two_phase, std::nullopt, 0);
   REQUIRE(begun.ok());
   const std::string gid = begun->gid;
-  REQUIRE(m.enlist(gid, "a1", "http://a1:7401", 0).http_status == 201);
-  REQUIRE(m.enlist(gid, "a2", "http://a2:7401", 0).http_status == 201);
+  REQUIRE(http_status_of(m.enlist(gid, "a1", "http://a1:7401", 0)) == 201);
+  REQUIRE(http_status_of(m.enlist(gid, "a2", "http://a2:7401", 0)) == 201);
   REQUIRE_FALSE(m.commit(gid, 1, {}, 0).has_value());
   m.take_ready();
   m.on_reply(BranchReply{gid, "a1", MsgKind::prepare, ReplyKind::vote_yes, ""}, 0);
@@ -1394,7 +1396,7 @@ TEST_CASE("simulation finding: no view says decision commit before the decision 
   auto aborted = m.abort(gid, 2, 0);
   REQUIRE(aborted.has_value());
   CHECK_MESSAGE(aborted->view.decision != Decision::commit,
-                "abort answered " << aborted->http_status
+                "abort answered " << http_status_of(*aborted)
                                   << " with decision=commit before the record is durable");
 
   // The coordinator crashes before the fsync completes: the record never reached the log, so

@@ -128,11 +128,20 @@ struct TxnView {
   std::vector<BranchView> branches;
 };
 
+// How a reply answers, as the protocol sees it; the codec gives it its HTTP status
+// (encode_reply) and nothing else does.
+enum class Answer : uint8_t {
+  done,      // the request's outcome
+  created,   // a new branch enlisted
+  pending,   // commit decided, phase 2 still running
+  contrary,  // the transaction is, or ended, otherwise than asked (the view says how)
+};
+
 struct ClientReply {
   uint64_t waiter = 0;
   RequestKind kind = RequestKind::get;
-  int http_status = 200;
-  Status error;            // not ok: answer with the error body
+  Answer answer = Answer::done;
+  Status error;            // not ok: the error; alone (no view.gid) it is the whole answer
   TxnView view;            // ok: answer with the view
   bool needs_log = false;  // the driver answers from the log record of view.gid
 };

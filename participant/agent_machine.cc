@@ -211,10 +211,10 @@ void AgentMachine::reply(const Request& req, Reply r) {
   ready_.replies.push_back(std::move(r));
 }
 
-void AgentMachine::reply_state(const Branch& b, const Request& req, int http_status,
+void AgentMachine::reply_state(const Branch& b, const Request& req, bool contrary,
                                std::string_view why) {
   Reply r;
-  r.http_status = http_status;
+  r.contrary = contrary;
   r.state = b.state;
   r.reason = why.empty() ? b.reason : std::string(why);
   r.sqlstate = b.sqlstate;
@@ -223,7 +223,6 @@ void AgentMachine::reply_state(const Branch& b, const Request& req, int http_sta
 
 void AgentMachine::reply_error(const Request& req, Status s, const Branch* b) {
   Reply r;
-  r.http_status = s.code() == Code::sql_error ? 422 : 0;
   r.error = std::move(s);
   if (b) {
     r.state = b->state;
@@ -418,7 +417,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
 void AgentMachine::dispatch_status(Branch& b, Request req) {
   const bool prepared = b.state == BranchState::prepared || b.state == BranchState::precommitted;
   if (req.id != 0) {  // a peer's query (3PC termination): our state, from evidence if need be
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
   } else if (prepared) {  // verify a prepared branch PostgreSQL no longer lists
     PgOp op;
     op.kind = OpKind::evidence;
@@ -485,9 +484,9 @@ void AgentMachine::dispatch_precommit(Branch& b, Request req) {
     op.peers = b.peers;
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::precommitted || s == BranchState::committed) {
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
   } else if (s == BranchState::aborted) {
-    reply_state(b, req, 409);
+    reply_state(b, req, true);
   } else {
     reply_error(req,
                 conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
@@ -513,9 +512,9 @@ void AgentMachine::dispatch_commit(Branch& b, Request req) {
     op.kind = OpKind::rollback;
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::committed || s == BranchState::read_only) {
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
   } else if (s == BranchState::aborted) {
-    reply_state(b, req, 409);
+    reply_state(b, req, true);
   } else {
     reply_error(req, conflict("branch " + b.gid + " is active; it must be prepared first"), &b);
   }
@@ -534,9 +533,9 @@ void AgentMachine::dispatch_abort(Branch& b, Request req) {
     op.clear_state = b.protocol == Protocol::three_phase && b.recorded.empty();
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::committed) {
-    reply_state(b, req, 409);
+    reply_state(b, req, true);
   } else {
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
   }
 }
 
@@ -555,7 +554,7 @@ void AgentMachine::dispatch_resolve(Branch& b, Request req) {
     bool done_abort = s == BranchState::aborted;
     bool match = req.commit ? done_commit : done_abort;
     if (match)
-      reply_state(b, req, 200);
+      reply_state(b, req, false);
     else
       reply_error(req,
                   conflict("branch " + b.gid + " is " + std::string(external_state_name(s)) +
@@ -591,7 +590,7 @@ void AgentMachine::dispatch_forget(Branch& b, Request req, int64_t now_ms) {
   }
   if (b.recorded.empty()) {
     apply_forget(b, now_ms);
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
     return;
   }
   PgOp op;
@@ -782,7 +781,7 @@ void AgentMachine::exec_done(Branch& b, Request req, const OpResult& res, int64_
       ++counters_.aborted;
       b.reason = res.reason;
       set_state(b, BranchState::aborted, now_ms);
-      r.http_status = 409;
+      r.contrary = true;
       r.reason = b.reason;
     }
     r.state = b.state;
@@ -819,7 +818,6 @@ void AgentMachine::exec_done(Branch& b, Request req, const OpResult& res, int64_
       return;
     }
     Reply r;
-    r.http_status = 422;
     r.error = Status(Code::sql_error, st.message());
     r.state = b.state;
     r.sqlstate = res.sqlstate;
@@ -846,12 +844,12 @@ void AgentMachine::one_phase_done(Branch& b, Request req, const OpResult& res, i
     if (*res.outcome == pg::Outcome::committed) {
       ++counters_.committed;
       set_state(b, BranchState::committed, now_ms);
-      reply_state(b, req, 200);
+      reply_state(b, req, false);
     } else {
       ++counters_.aborted;
       b.reason = res.reason;
       set_state(b, BranchState::aborted, now_ms);
-      reply_state(b, req, 409);
+      reply_state(b, req, true);
     }
     return;
   }
@@ -867,7 +865,6 @@ void AgentMachine::rollback_done(Branch& b, Request req, int64_t now_ms) {
   switch (req.kind) {
     case RequestKind::exec: {  // exec+prepare or exec+commit whose statements failed
       Reply r;
-      r.http_status = 422;
       r.error = Status(Code::sql_error, b.reason);
       r.state = b.state;
       r.sqlstate = b.sqlstate;
@@ -879,8 +876,8 @@ void AgentMachine::rollback_done(Branch& b, Request req, int64_t now_ms) {
       ++counters_.votes_no;
       reply_vote(b, req);
       return;
-    case RequestKind::commit: reply_state(b, req, 409); return;
-    default: reply_state(b, req, 200); return;
+    case RequestKind::commit: reply_state(b, req, true); return;
+    default: reply_state(b, req, false); return;
   }
 }
 
@@ -907,7 +904,7 @@ void AgentMachine::prepared_done(Branch& b, OpKind kind, Request req, const OpRe
     if (committed != wanted_commit)
       log_.error("the branch had already ended the other way", {{"gid", b.gid}});
     set_check(b, Check::unchecked, now_ms);
-    reply_state(b, req, committed == wanted_commit ? 200 : 409);
+    reply_state(b, req, committed != wanted_commit);
     return;
   }
   if (committed != wanted_commit) {
@@ -922,7 +919,7 @@ void AgentMachine::prepared_done(Branch& b, OpKind kind, Request req, const OpRe
     set_check(b, req.id != 0 ? Check::reported : Check::mismatch, now_ms);
   }
   correct_coordinator(b, now_ms);
-  reply_state(b, req, committed == wanted_commit ? 200 : 409);
+  reply_state(b, req, committed != wanted_commit);
 }
 
 void AgentMachine::tombstone_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
@@ -946,7 +943,7 @@ void AgentMachine::record_done(Branch& b, OpKind kind, Request req, const OpResu
     if (req.kind == RequestKind::precommit) {
       if (st.ok()) {
         set_state(b, BranchState::precommitted, now_ms);
-        reply_state(b, req, 200);
+        reply_state(b, req, false);
       } else {
         reply_error(req, unavailable("cannot record the pre-commit: " + st.message()), &b);
       }
@@ -977,7 +974,7 @@ void AgentMachine::record_done(Branch& b, OpKind kind, Request req, const OpResu
   b.recorded = kind == OpKind::delete_state ? std::string() : req.detail;
   if (req.kind == RequestKind::forget) {
     apply_forget(b, now_ms);
-    reply_state(b, req, 200);
+    reply_state(b, req, false);
     return;
   }
   persist_check(b);  // the check moved on while this was written

@@ -173,8 +173,8 @@ enum class Outcome : uint8_t {
 struct Reply {
   uint64_t request = 0;
   RequestKind kind = RequestKind::exec;
-  int http_status = 200;
-  Status error;                 // not ok: an error body (with sqlstate if set)
+  Status error;           // not ok: an error (its code says which; sqlstate if set)
+  bool contrary = false;  // the branch is, or ended, otherwise than the request asked
   BranchState state = BranchState::unknown;
   std::optional<pg::Vote> vote;  // prepare, exec+prepare
   std::string reason;
@@ -377,7 +377,8 @@ class AgentMachine {
   void dispatch_forget(Branch& b, Request req, int64_t now_ms);
   void start_op(Branch& b, Request req, PgOp op);
   void reply(const Request& req, Reply r);
-  void reply_state(const Branch& b, const Request& req, int http_status, std::string_view why = {});
+  // The branch's state as the answer; contrary: it is, or ended, otherwise than asked.
+  void reply_state(const Branch& b, const Request& req, bool contrary, std::string_view why = {});
   void reply_error(const Request& req, Status s, const Branch* b = nullptr);
   void reply_vote(const Branch& b, const Request& req);
   void finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms);

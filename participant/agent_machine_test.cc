@@ -8,10 +8,17 @@
 #include <algorithm>
 #include <memory>
 
+#include "participant/codec.h"
+
 using namespace tpc;
 using namespace tpc::agent;
 
 namespace {
+
+// The HTTP status the agent's codec answers a reply with: what a client would see.
+int status_of(const Reply& r) {
+  return encode_reply(r).status;
+}
 
 struct Fixture {
   MemorySink sink;
@@ -117,7 +124,7 @@ TEST_CASE("the first exec enlists the branch before any statement runs") {
   f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::ok(), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
   CHECK(f.state("c1-1-1") == BranchState::active);
   CHECK(f.m->open_sessions() == 1);
 }
@@ -168,7 +175,7 @@ TEST_CASE("an SQL error answers 422 with the sqlstate, and the branch then votes
   f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::failure(Code::sql_error, "23505"), f.now);
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 422);
+  CHECK(status_of(r.replies[0]) == 422);
   CHECK(r.replies[0].sqlstate == "23505");
   // Further statements are refused without touching PostgreSQL.
   f.exec("c1-1-1");
@@ -261,7 +268,7 @@ TEST_CASE("exec with prepare answers results and the vote in one request") {
   f.m->on_op_done("c1-1-2", OpKind::rollback, Fixture::ok(), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 422);
+  CHECK(status_of(r.replies[0]) == 422);
   CHECK(r.replies[0].vote == pg::Vote::no);
   CHECK(r.replies[0].sqlstate == "22012");
 }
@@ -280,13 +287,13 @@ TEST_CASE("commit of a prepared branch, repeated commits, and a refused abort af
   f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 2);
-  CHECK(r.replies[0].http_status == 200);
-  CHECK(r.replies[1].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
+  CHECK(status_of(r.replies[1]) == 200);
   CHECK(r.replies[0].state == BranchState::committed);
   f.simple("c1-1-1", RequestKind::abort);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].state == BranchState::committed);
 }
 
@@ -299,7 +306,7 @@ TEST_CASE("commit of a branch that was rolled back outside is answered 409 abort
   f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::aborted), f.now);
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].state == BranchState::aborted);
   CHECK(f.m->counters().heuristic_mismatch == 1);
   CHECK(f.sink.find("rolled back", LogLevel::error).size() == 1);
@@ -326,7 +333,7 @@ TEST_CASE("one-phase commit of an active branch") {
   CHECK(r.ops[0].kind == OpKind::commit_one_phase);
   f.m->on_op_done("c1-1-1", OpKind::commit_one_phase, Fixture::outcome(pg::Outcome::committed), f.now);
   r = f.ready();
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
 
   f.open_branch("c1-1-2");
   f.simple("c1-1-2", RequestKind::commit, true);
@@ -335,7 +342,7 @@ TEST_CASE("one-phase commit of an active branch") {
   aborted.reason = "deferred constraint";
   f.m->on_op_done("c1-1-2", OpKind::commit_one_phase, aborted, f.now);
   r = f.ready();
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].reason == "deferred constraint");
 
   // A session lost mid-commit: unknown until the marker is read on the next request.
@@ -352,7 +359,7 @@ TEST_CASE("one-phase commit of an active branch") {
   f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::committed), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
 }
 
 TEST_CASE("abort of a gid never seen succeeds and blocks a late exec and prepare") {
@@ -364,7 +371,7 @@ TEST_CASE("abort of a gid never seen succeeds and blocks a late exec and prepare
   f.m->on_op_done("c1-1-9", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
   CHECK(r.replies[0].state == BranchState::aborted);
   f.exec("c1-1-9");
   r = f.ready();
@@ -393,7 +400,7 @@ TEST_CASE("prepare of a gid never seen votes no; commit of one answers from evid
   f.ready();
   f.m->on_op_done("c1-1-3", OpKind::evidence, Fixture::evidence(pg::Evidence::absent), f.now);
   r = f.ready();
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].state == BranchState::aborted);
 }
 
@@ -527,7 +534,7 @@ TEST_CASE("3PC: pre-commit is recorded durably before it is acknowledged") {
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].state == BranchState::precommitted);
   f.simple("c1-1-1", RequestKind::precommit);
-  CHECK(f.ready().replies[0].http_status == 200);
+  CHECK(status_of(f.ready().replies[0]) == 200);
 }
 
 TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed commits alone") {
@@ -631,7 +638,7 @@ TEST_CASE("operator resolve: records the decision, then rolls back the prepared 
                   f.now);
   ready = f.ready();
   REQUIRE(ready.replies.size() == 1);
-  CHECK(ready.replies[0].http_status == 200);
+  CHECK(status_of(ready.replies[0]) == 200);
   CHECK(ready.ops.empty());  // the record already says what happened
   auto v = f.m->view("c1-1-1", f.now);
   CHECK(v->heuristic);
@@ -753,7 +760,7 @@ TEST_CASE("a decision by hand against the coordinator is reported to it and kept
   f.m->on_op_done("c1-1-1", OpKind::delete_state, Fixture::ok(), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
   CHECK(r.replies[0].state == BranchState::committed);
   CHECK(f.m->heuristic_outcomes() == 0);
   CHECK(f.m->in_doubt(f.now).empty());
@@ -772,7 +779,7 @@ TEST_CASE("the coordinator's own request meeting a decision by hand needs no rep
   f.simple("c1-1-1", RequestKind::abort);
   Ready r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);  // the coordinator learns it from this answer
+  CHECK(status_of(r.replies[0]) == 409);  // the coordinator learns it from this answer
   CHECK(f.m->counters().heuristic_mismatch == 1);
   REQUIRE(r.ops.size() == 1);
   CHECK(r.ops[0].state == "reported_commit");
@@ -1098,7 +1105,7 @@ TEST_CASE("an exec the coordinator sent enlisted skips enlistment; with commit i
   f.m->on_op_done("c1-1-2", OpKind::rollback, Fixture::ok(), f.now);
   ready = f.ready();
   REQUIRE(ready.replies.size() == 1);
-  CHECK(ready.replies[0].http_status == 422);
+  CHECK(status_of(ready.replies[0]) == 422);
   CHECK(ready.replies[0].state == BranchState::aborted);
   CHECK_FALSE(ready.replies[0].vote.has_value());
 }
@@ -1117,7 +1124,7 @@ TEST_CASE("a resent one-phase commit for a branch never seen writes a tombstone 
   f.m->on_op_done("c1-1-1", OpKind::tombstone, Fixture::outcome(pg::Outcome::aborted), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 409);
+  CHECK(status_of(r.replies[0]) == 409);
   CHECK(r.replies[0].state == BranchState::aborted);
   // If the branch's own commit got there first, the answer is committed.
   f.simple("c1-1-2", RequestKind::commit, true);
@@ -1127,7 +1134,7 @@ TEST_CASE("a resent one-phase commit for a branch never seen writes a tombstone 
   f.m->on_op_done("c1-1-2", OpKind::tombstone, Fixture::outcome(pg::Outcome::committed), f.now);
   r = f.ready();
   REQUIRE(r.replies.size() == 1);
-  CHECK(r.replies[0].http_status == 200);
+  CHECK(status_of(r.replies[0]) == 200);
   // A plain abort of a gid never seen needs no tombstone: nothing can enlist it any more.
   f.simple("c1-1-3", RequestKind::abort);
   f.ready();

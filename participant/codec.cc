@@ -198,10 +198,7 @@ HttpResponse encode_reply(const Reply& r) {
   Json extra = Json::object();
   if (!r.sqlstate.empty()) extra["sqlstate"] = r.sqlstate;
   if (!r.error.ok()) {
-    HttpResponse resp = r.http_status >= 400
-                            ? error_response(r.http_status, code_name(r.error.code()),
-                                             r.error.message(), extra)
-                            : error_response(r.error, extra);
+    HttpResponse resp = error_response(r.error, extra);  // sql_error: 422
     if (r.vote || r.state != BranchState::unknown) {
       auto j = parse_json(resp.body);
       if (j.ok()) {
@@ -228,12 +225,12 @@ HttpResponse encode_reply(const Reply& r) {
       r.state == BranchState::aborted)
     body["state"] = std::string(external_state_name(r.state));
   if (r.kind != RequestKind::prepare && r.kind != RequestKind::exec && !r.reason.empty() &&
-      r.http_status != 200)
+      r.contrary)
     body["reason"] = r.reason;
-  if (r.http_status == 409)
+  if (r.contrary)
     body["error"] = {{"code", "conflict"},
                      {"message", "branch is " + std::string(external_state_name(r.state))}};
-  return json_response(r.http_status, body);
+  return json_response(r.contrary ? 409 : 200, body);
 }
 
 Status decode_enlist_answer(int http_status, std::string_view body, const Status& transport,

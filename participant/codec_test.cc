@@ -86,7 +86,7 @@ TEST_CASE("replies: votes, states, 409 outcomes and SQL errors") {
 
   Reply c;
   c.kind = RequestKind::commit;
-  c.http_status = 409;
+  c.contrary = true;
   c.state = BranchState::aborted;
   auto cr = encode_reply(c);
   CHECK(cr.status == 409);
@@ -96,7 +96,6 @@ TEST_CASE("replies: votes, states, 409 outcomes and SQL errors") {
 
   Reply sql;
   sql.kind = RequestKind::exec;
-  sql.http_status = 422;
   sql.error = Status(Code::sql_error, "duplicate key");
   sql.sqlstate = "23505";
   sql.state = BranchState::failed;
