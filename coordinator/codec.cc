@@ -1,5 +1,7 @@
 #include "coordinator/codec.h"
 
+#include "common/wire.h"
+
 namespace tpc::coord {
 namespace {
 
@@ -141,9 +143,9 @@ Result<BranchReport> decode_branch_report(std::string_view body) {
   if (!r.ok()) return r.status();
   if (!valid_participant_name(out.participant))
     return invalid_argument("participant name must match [A-Za-z0-9_-]{1,32}");
-  if (state != "committed" && state != "aborted")
+  if (state != wire::kCommitted && state != wire::kAborted)
     return invalid_argument("\"state\" must be \"committed\" or \"aborted\"");
-  out.committed = state == "committed";
+  out.committed = state == wire::kCommitted;
   return out;
 }
 
@@ -304,47 +306,48 @@ BranchReply decode_branch_answer(const Message& m, int http_status, Json* body,
     case MsgKind::exec_prepare:
       if (refused) out.reply = ReplyKind::vote_no;
       if (http_status == 200) {
-        if (vote == "yes") out.reply = ReplyKind::vote_yes;
-        if (vote == "no") out.reply = ReplyKind::vote_no;
-        if (vote == "read_only") out.reply = ReplyKind::vote_read_only;
+        if (vote == wire::kVoteYes) out.reply = ReplyKind::vote_yes;
+        if (vote == wire::kVoteNo) out.reply = ReplyKind::vote_no;
+        if (vote == wire::kVoteReadOnly) out.reply = ReplyKind::vote_read_only;
       }
       if (http_status == 422 || http_status == 409) out.reply = ReplyKind::vote_no;  // the statements failed
       break;
     case MsgKind::exec_commit:
       // The statements travel only with the first attempt: a refusal of it is final.
       if (refused) out.reply = ReplyKind::aborted;
-      if (http_status == 200 && state == "committed") out.reply = ReplyKind::committed;
-      if ((http_status == 409 || http_status == 422) && state == "aborted") out.reply = ReplyKind::aborted;
+      if (http_status == 200 && state == wire::kCommitted) out.reply = ReplyKind::committed;
+      if ((http_status == 409 || http_status == 422) && state == wire::kAborted)
+        out.reply = ReplyKind::aborted;
       break;
     case MsgKind::prepare:
       if (refused) out.reply = ReplyKind::vote_no;
       if (http_status == 200) {
-        if (vote == "yes") out.reply = ReplyKind::vote_yes;
-        if (vote == "no") out.reply = ReplyKind::vote_no;
-        if (vote == "read_only") out.reply = ReplyKind::vote_read_only;
+        if (vote == wire::kVoteYes) out.reply = ReplyKind::vote_yes;
+        if (vote == wire::kVoteNo) out.reply = ReplyKind::vote_no;
+        if (vote == wire::kVoteReadOnly) out.reply = ReplyKind::vote_read_only;
       }
       break;
     case MsgKind::precommit:
-      if (http_status == 200 && state == "precommitted") out.reply = ReplyKind::precommitted;
-      if (http_status == 200 && state == "committed") out.reply = ReplyKind::committed;
-      if (http_status == 409 && state == "aborted") out.reply = ReplyKind::aborted;
+      if (http_status == 200 && state == wire::kPrecommitted) out.reply = ReplyKind::precommitted;
+      if (http_status == 200 && state == wire::kCommitted) out.reply = ReplyKind::committed;
+      if (http_status == 409 && state == wire::kAborted) out.reply = ReplyKind::aborted;
       break;
     case MsgKind::commit:
     case MsgKind::commit_one_phase:
       // A first one-phase commit refused as it arrived never committed the unprepared branch
       // (which cannot commit without it); a resend may follow one that did.
       if (refused && m.kind == MsgKind::commit_one_phase && m.attempt == 1) out.reply = ReplyKind::aborted;
-      if (http_status == 200 && (state == "committed" || state == "read_only"))
+      if (http_status == 200 && (state == wire::kCommitted || state == wire::kReadOnly))
         out.reply = ReplyKind::committed;
-      if (http_status == 409 && state == "aborted") out.reply = ReplyKind::aborted;
+      if (http_status == 409 && state == wire::kAborted) out.reply = ReplyKind::aborted;
       break;
     case MsgKind::abort:
       // Presumed abort: an agent that refuses the abort and later finds the branch prepared
       // asks, and a gid without a record reads aborted. A commit refused this way is retried.
       if (refused) out.reply = ReplyKind::aborted;
-      if (http_status == 200 && (state == "aborted" || state == "read_only"))
+      if (http_status == 200 && (state == wire::kAborted || state == wire::kReadOnly))
         out.reply = ReplyKind::aborted;
-      if (http_status == 409 && state == "committed") out.reply = ReplyKind::committed;
+      if (http_status == 409 && state == wire::kCommitted) out.reply = ReplyKind::committed;
       break;
   }
   if (out.reply == ReplyKind::failed && out.reason.empty())

@@ -6,6 +6,7 @@
 #include "common/cli.h"
 #include "common/failpoint.h"
 #include "common/json.h"
+#include "common/wire.h"
 #include "coordinator/codec.h"
 
 namespace tpc::coord {
@@ -274,10 +275,10 @@ void CoordinatorService::send(const Message& m) {
     return;
   }
   bool exec = m.kind == MsgKind::exec_prepare || m.kind == MsgKind::exec_commit;
-  std::string action = m.kind == MsgKind::commit_one_phase ? "commit"
-                       : exec                              ? "exec"
-                                                           : std::string(msg_name(m.kind));
-  std::string target = "/v1/branches/" + m.gid + "/" + action;
+  std::string_view action = m.kind == MsgKind::commit_one_phase ? wire::kCommit
+                            : exec                              ? wire::kExec
+                                                                : msg_name(m.kind);
+  std::string target = std::string(wire::kBranchesPrefix) + m.gid + "/" + std::string(action);
   std::string body;
   if (exec) {
     std::string statements;
@@ -403,10 +404,12 @@ void CoordinatorService::pump(const std::string& lane_key) {
       req.body = std::move(batch[0].body);
     } else {
       req.target = "/v1/batch";
-      std::string body = "{\"requests\":[";
+      // The bodies are spliced in as encoded; the envelope's names are the wire's.
+      std::string body = "{\"" + std::string(wire::kRequests) + "\":[";
       for (size_t i = 0; i < batch.size(); ++i) {
         if (i > 0) body += ",";
-        body += "{\"path\":\"" + batch[i].target + "\",\"body\":" + batch[i].body + "}";
+        body += "{\"" + std::string(wire::kPath) + "\":\"" + batch[i].target + "\",\"" +
+                std::string(wire::kBody) + "\":" + batch[i].body + "}";
       }
       body += "]}";
       req.body = std::move(body);
@@ -419,8 +422,9 @@ void CoordinatorService::pump(const std::string& lane_key) {
         // Split the batch's answer; anything short of a full answer fails every message.
         Result<Json> j = unavailable("");
         if (res.status.ok() && res.http_status == 200) j = parse_json(res.body);
-        bool ok = j.ok() && j->is_object() && j->contains("responses") && (*j)["responses"].is_array() &&
-                  (*j)["responses"].size() == items->size();
+        const std::string responses(wire::kResponses);
+        bool ok = j.ok() && j->is_object() && j->contains(responses) &&
+                  (*j)[responses].is_array() && (*j)[responses].size() == items->size();
         Status failure = res.status.ok() ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
                                          : res.status;
         for (size_t i = 0; i < items->size(); ++i) {
@@ -431,9 +435,10 @@ void CoordinatorService::pump(const std::string& lane_key) {
             delivered(m, exec, decode_branch_answer(m, 0, nullptr, failure, &none), Json(), false);
             continue;
           }
-          Json& r = (*j)["responses"][i];
-          int status = r.contains("status") && r["status"].is_number_integer() ? r["status"].get<int>() : 0;
-          Json* body = r.contains("body") ? &r["body"] : nullptr;
+          Json& r = (*j)[responses][i];
+          const std::string st(wire::kStatus), bd(wire::kBody);
+          int status = r.contains(st) && r[st].is_number_integer() ? r[st].get<int>() : 0;
+          Json* body = r.contains(bd) ? &r[bd] : nullptr;
           Json results;
           BranchReply br = decode_branch_answer(m, status, body, ok_status(), &results);
           delivered(m, exec, std::move(br), std::move(results), true);

@@ -1,5 +1,7 @@
 #include "coordinator/txn.h"
 
+#include "common/wire.h"
+
 namespace tpc::coord {
 
 std::string_view state_name(TxnState s) {
@@ -42,11 +44,11 @@ std::string_view branch_state_name(BranchState s) {
 
 std::string_view msg_name(MsgKind k) {
   switch (k) {
-    case MsgKind::prepare: return "prepare";
-    case MsgKind::precommit: return "precommit";
-    case MsgKind::commit: return "commit";
+    case MsgKind::prepare: return wire::kPrepare;
+    case MsgKind::precommit: return wire::kPrecommit;
+    case MsgKind::commit: return wire::kCommit;
     case MsgKind::commit_one_phase: return "commit_one_phase";
-    case MsgKind::abort: return "abort";
+    case MsgKind::abort: return wire::kAbort;
     case MsgKind::exec_prepare: return "exec_prepare";
     case MsgKind::exec_commit: return "exec_commit";
   }

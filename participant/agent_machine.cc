@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <set>
 
+#include "common/wire.h"
+
 namespace tpc::agent {
 namespace {
 
@@ -18,21 +20,21 @@ bool session_state(BranchState s) {
 
 std::string_view branch_state_name(BranchState s) {
   switch (s) {
-    case BranchState::unknown: return "unknown";
+    case BranchState::unknown: return wire::kUnknown;
     case BranchState::enlisting: return "enlisting";
-    case BranchState::active: return "active";
+    case BranchState::active: return wire::kActive;
     case BranchState::failed: return "failed";
-    case BranchState::prepared: return "prepared";
-    case BranchState::precommitted: return "precommitted";
-    case BranchState::committed: return "committed";
-    case BranchState::aborted: return "aborted";
-    case BranchState::read_only: return "read_only";
+    case BranchState::prepared: return wire::kPrepared;
+    case BranchState::precommitted: return wire::kPrecommitted;
+    case BranchState::committed: return wire::kCommitted;
+    case BranchState::aborted: return wire::kAborted;
+    case BranchState::read_only: return wire::kReadOnly;
   }
   return "?";
 }
 
 std::string_view external_state_name(BranchState s) {
-  if (s == BranchState::enlisting || s == BranchState::failed) return "active";
+  if (s == BranchState::enlisting || s == BranchState::failed) return wire::kActive;
   return branch_state_name(s);
 }
 

@@ -7,6 +7,7 @@
 #include "common/failpoint.h"
 #include "common/ids.h"
 #include "common/json.h"
+#include "common/wire.h"
 #include "participant/pg_executor.h"
 
 namespace tpc::agent {
@@ -398,28 +399,32 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
   auto j = parse_object(req.body);
   if (!j.ok()) return respond(error_response(j.status()));
   FieldReader r(*j);
-  const Json* items = r.array("requests", true, cfg_.batch_max);
+  const std::string path(wire::kPath), body_key(wire::kBody);
+  const Json* items = r.array(std::string(wire::kRequests), true, cfg_.batch_max);
   if (Status st = r.finish(); !st.ok()) return respond(error_response(st));
-  if (items->empty()) return respond(json_response(200, Json{{"responses", Json::array()}}));
+  if (items->empty())
+    return respond(json_response(200, Json{{std::string(wire::kResponses), Json::array()}}));
   std::vector<HttpRequest> subs;
   for (size_t i = 0; i < items->size(); ++i) {
     const Json& it = (*items)[i];
-    std::string where = "requests[" + std::to_string(i) + "]";
-    if (!it.is_object() || !it.contains("path") || !it["path"].is_string())
-      return respond(error_response(invalid_argument(where + " needs a \"path\" string")));
+    std::string where = std::string(wire::kRequests) + "[" + std::to_string(i) + "]";
+    if (!it.is_object() || !it.contains(path) || !it[path].is_string())
+      return respond(error_response(invalid_argument(where + " needs a \"" + path + "\" string")));
     FieldReader ir(it);
-    ir.allow("path");
-    ir.allow("body");
+    ir.allow(path);
+    ir.allow(body_key);
     if (Status st = ir.finish(); !st.ok())
       return respond(error_response(Status(st.code(), where + ": " + st.message())));
     HttpRequest sub;
     sub.method = "POST";
-    sub.target = it["path"].get<std::string>();
-    if (sub.target.rfind("/v1/branches/", 0) != 0)
+    sub.target = it[path].get<std::string>();
+    if (sub.target.rfind(wire::kBranchesPrefix, 0) != 0)
       return respond(error_response(invalid_argument(where + ": only /v1/branches/... requests can be batched")));
-    if (it.contains("body")) {
-      if (!it["body"].is_object()) return respond(error_response(invalid_argument(where + ".body must be an object")));
-      sub.body = dump(it["body"]);
+    if (it.contains(body_key)) {
+      if (!it[body_key].is_object())
+        return respond(
+            error_response(invalid_argument(where + "." + body_key + " must be an object")));
+      sub.body = dump(it[body_key]);
     }
     sub.headers = req.headers;  // the batch's authorization covers its requests
     subs.push_back(std::move(sub));
@@ -440,10 +445,11 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
       std::lock_guard lock(g->mu);
       g->out[i] = std::move(resp);
       if (--g->left > 0) return;
-      std::string body = "{\"responses\":[";
+      std::string body = "{\"" + std::string(wire::kResponses) + "\":[";
       for (size_t k = 0; k < g->out.size(); ++k) {
         if (k > 0) body += ",";
-        body += "{\"status\":" + std::to_string(g->out[k].status) + ",\"body\":";
+        body += "{\"" + std::string(wire::kStatus) + "\":" + std::to_string(g->out[k].status) +
+                ",\"" + std::string(wire::kBody) + "\":";
         body += g->out[k].body.empty() ? "{}" : g->out[k].body;
         body += "}";
       }
@@ -497,22 +503,23 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
     return respond(json_response(200, encode_view(*v)));
   }
   Result<Request> r = invalid_argument("");
-  if (action == "exec")
+  if (action == wire::kExec)
     r = decode_exec(req.body, cfg_.exec);
-  else if (action == "prepare")
+  else if (action == wire::kPrepare)
     r = decode_prepare(req.body);
-  else if (action == "commit")
+  else if (action == wire::kCommit)
     r = decode_commit(req.body);
   else if (action == "resolve")
     r = decode_resolve(req.body);
-  else if (action == "precommit" || action == "abort" || action == "query" || action == "forget") {
+  else if (action == wire::kPrecommit || action == wire::kAbort || action == "query" ||
+           action == "forget") {
     auto o = parse_empty_object(req.body);
     if (!o.ok()) return respond(error_response(o.status()));
     Request q;
-    q.kind = action == "abort"    ? RequestKind::abort
-             : action == "query"  ? RequestKind::status
-             : action == "forget" ? RequestKind::forget
-                                  : RequestKind::precommit;
+    q.kind = action == wire::kAbort ? RequestKind::abort
+             : action == "query"    ? RequestKind::status
+             : action == "forget"   ? RequestKind::forget
+                                    : RequestKind::precommit;
     r = q;
   } else {
     return respond(error_response(not_found("no such action: " + echo(action))));

@@ -1,6 +1,7 @@
 #include "participant/codec.h"
 
 #include "common/ids.h"
+#include "common/wire.h"
 
 namespace tpc::agent {
 namespace {
@@ -202,7 +203,7 @@ HttpResponse encode_reply(const Reply& r) {
     if (r.vote || r.state != BranchState::unknown) {
       auto j = parse_json(resp.body);
       if (j.ok()) {
-        if (r.vote) (*j)["vote"] = "no";
+        if (r.vote) (*j)["vote"] = std::string(wire::kVoteNo);
         if (r.state != BranchState::unknown) (*j)["state"] = std::string(external_state_name(r.state));
         resp.body = dump(*j);
       }
@@ -217,7 +218,9 @@ HttpResponse encode_reply(const Reply& r) {
     default: break;
   }
   if (r.vote) {
-    body["vote"] = *r.vote == pg::Vote::yes ? "yes" : *r.vote == pg::Vote::no ? "no" : "read_only";
+    body["vote"] = std::string(*r.vote == pg::Vote::yes  ? wire::kVoteYes
+                               : *r.vote == pg::Vote::no ? wire::kVoteNo
+                                                         : wire::kVoteReadOnly);
     if (*r.vote == pg::Vote::no && !r.reason.empty()) body["reason"] = r.reason;
     if (*r.vote == pg::Vote::no && !r.sqlstate.empty()) body["sqlstate"] = r.sqlstate;
   }
