@@ -27,6 +27,7 @@
 #include "common/event_loop.h"
 #include "common/http_client.h"
 #include "common/http_server.h"
+#include "common/runtime.h"
 
 namespace tpc {
 namespace {
@@ -160,6 +161,26 @@ uint16_t unused_port() {
   ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
   ::close(fd);
   return ntohs(a.sin_port);
+}
+
+TEST_CASE(
+    "a worker pool holds at most queue_max waiting jobs and refuses the next; after stop, all") {
+  WorkerPool pool(1, 1);
+  std::promise<void> started, release;
+  std::shared_future<void> go = release.get_future().share();
+  REQUIRE(pool.submit([&] {
+    started.set_value();
+    go.wait();
+  }));
+  started.get_future().wait();  // the one worker is busy; the queue is empty
+  std::atomic<int> ran{0};
+  CHECK(pool.submit([&] { ++ran; }));        // waits
+  CHECK_FALSE(pool.submit([&] { ++ran; }));  // past queue_max: refused, never runs
+  CHECK(pool.queued() == 1);
+  release.set_value();
+  pool.stop();
+  CHECK(ran.load() == 1);
+  CHECK_FALSE(pool.submit([&] { ++ran; }));
 }
 
 TEST_CASE("run_after fires once and cancel prevents firing") {

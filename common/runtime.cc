@@ -4,18 +4,20 @@
 
 namespace tpc {
 
-WorkerPool::WorkerPool(int threads) {
+WorkerPool::WorkerPool(int threads, size_t queue_max) : queue_max_(queue_max) {
   for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
 }
 
 WorkerPool::~WorkerPool() { stop(); }
 
-void WorkerPool::submit(std::function<void()> job) {
+bool WorkerPool::submit(std::function<void()> job) {
   {
     std::lock_guard lock(mu_);
+    if (stopping_ || jobs_.size() >= queue_max_) return false;
     jobs_.push_back(std::move(job));
   }
   cv_.notify_one();
+  return true;
 }
 
 void WorkerPool::stop() {
@@ -47,8 +49,8 @@ void WorkerPool::work() {
   }
 }
 
-RealRuntime::RealRuntime(int loop_threads, int workers)
-    : loop_(loop_threads), client_(loop_), workers_(workers) {}
+RealRuntime::RealRuntime(int loop_threads, int workers, size_t jobs_max)
+    : loop_(loop_threads), client_(loop_), workers_(workers, jobs_max) {}
 
 RealRuntime::~RealRuntime() { stop(); }
 

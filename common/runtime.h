@@ -9,6 +9,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -36,22 +37,24 @@ class Runtime {
   // Sends req to url; done is called exactly once with the answer or the transport's error.
   virtual void send(const Url& url, HttpRequest req, SendOptions opts,
                     std::function<void(HttpResult)> done) = 0;
-  // Runs job on a worker, where it may block.
-  virtual void submit(std::function<void()> job) = 0;
+  // Runs job on a worker, where it may block. false: the workers' queue is full (its limit),
+  // and the job will not run; the caller fails what it stood for.
+  [[nodiscard]] virtual bool submit(std::function<void()> job) = 0;
   // 64 random bits (epochs); the simulator's come from its seed.
   virtual uint64_t random64() = 0;
 };
 
-// A fixed set of threads taking jobs from one queue, in order. stop() lets the queued jobs
-// finish, then joins.
+// A fixed set of threads taking jobs from one queue, in order, at most queue_max waiting.
+// stop() lets the queued jobs finish, then joins.
 class WorkerPool {
  public:
-  explicit WorkerPool(int threads);
+  explicit WorkerPool(int threads, size_t queue_max = SIZE_MAX);
   ~WorkerPool();  // stop()
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;
 
-  void submit(std::function<void()> job);
+  // false (and the job dropped) when queue_max jobs wait already, or after stop().
+  [[nodiscard]] bool submit(std::function<void()> job);
   void stop();
   size_t queued() const;
 
@@ -62,6 +65,7 @@ class WorkerPool {
   std::condition_variable cv_;
   std::deque<std::function<void()>> jobs_;
   std::vector<std::thread> threads_;
+  const size_t queue_max_;
   bool stopping_ = false;
 };
 
@@ -69,7 +73,8 @@ class WorkerPool {
 // clock and a worker pool.
 class RealRuntime final : public Runtime {
  public:
-  RealRuntime(int loop_threads, int workers);
+  // jobs_max: jobs waiting for a worker; past it submit() refuses.
+  RealRuntime(int loop_threads, int workers, size_t jobs_max);
   ~RealRuntime() override;  // stop()
 
   EventLoop& loop() { return loop_; }
@@ -88,7 +93,7 @@ class RealRuntime final : public Runtime {
             std::function<void(HttpResult)> done) override {
     client_.send(url, std::move(req), opts, std::move(done));
   }
-  void submit(std::function<void()> job) override { workers_.submit(std::move(job)); }
+  bool submit(std::function<void()> job) override { return workers_.submit(std::move(job)); }
   uint64_t random64() override;  // the OS's random source
 
  private:

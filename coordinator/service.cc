@@ -25,6 +25,14 @@ std::optional<GidParts> parse_horizon(const std::string& text) {
   }
 }
 
+// The answer when the worker's queue is full (jobs_max).
+HttpResponse busy() {
+  HttpResponse r =
+      error_response(unavailable("too many log reads waiting for the worker; try again"));
+  r.headers.emplace_back("retry-after", "1");
+  return r;
+}
+
 }  // namespace
 
 uint64_t next_epoch(uint64_t previous, uint64_t wall_seconds, uint64_t random) {
@@ -43,7 +51,7 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
   // One worker: log reads off the network threads (answers from finished records, rewrites,
   // compaction), in order.
-  auto real = std::make_unique<RealRuntime>(cfg.threads, 1);
+  auto real = std::make_unique<RealRuntime>(cfg.threads, 1, cfg.jobs_max);
   std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger, *real));
   s->real_ = std::move(real);
   TPC_RETURN_IF_ERROR(s->open());
@@ -485,7 +493,7 @@ ClientReply CoordinatorService::from_log(const ClientReply& r) {
 
 void CoordinatorService::answer(const ClientReply& r, const Responder& respond) {
   if (r.needs_log) {
-    rt_.submit([this, r, respond] { respond(encode_reply(from_log(r))); });
+    if (!rt_.submit([this, r, respond] { respond(encode_reply(from_log(r))); })) respond(busy());
     return;
   }
   respond(encode_reply(r));
@@ -818,7 +826,7 @@ void CoordinatorService::resolve(const std::string& gid, const HttpRequest& req,
   ClientReply r;
   with_machine([&](CoordinatorMachine& m) { r = m.resolve(gid, *outcome, now); });
   if (r.needs_log) {
-    rt_.submit([this, r, gid, commit = *outcome, respond] {
+    bool queued = rt_.submit([this, r, gid, commit = *outcome, respond] {
       ClientReply fr = from_log(r);
       bool committed = fr.view.state == TxnState::committed;
       if (fr.error.ok() && committed != commit) {
@@ -828,6 +836,7 @@ void CoordinatorService::resolve(const std::string& gid, const HttpRequest& req,
       }
       respond(encode_reply(fr));
     });
+    if (!queued) respond(busy());
     return;
   }
   respond(encode_reply(r));
@@ -845,7 +854,7 @@ void CoordinatorService::rewrite_finished(const std::string& gid, const Responde
   if (l.kind == LookupKind::live && !terminal(l.view.state))
     return respond(error_response(conflict("transaction " + gid + " has not ended; report again once it has")));
   if (l.kind == LookupKind::not_ours) return respond(error_response(not_found("no transaction " + gid)));
-  rt_.submit([this, gid, respond, l, change = std::move(change)] {
+  bool queued = rt_.submit([this, gid, respond, l, change = std::move(change)] {
     std::lock_guard rewrite(rewrite_mu_);
     wal_->flush();
     auto rec = wal_->get(gid);
@@ -870,6 +879,7 @@ void CoordinatorService::rewrite_finished(const std::string& gid, const Responde
       respond(encode_reply(CoordinatorMachine::reply_from_record(next, RequestKind::get)));
     });
   });
+  if (!queued) respond(busy());
 }
 
 void CoordinatorService::forget(const std::string& gid, const Responder& respond) {
@@ -946,11 +956,12 @@ void CoordinatorService::schedule_compaction() {
   if (stopping_) return;
   rt_.run_after(cfg_.compaction_interval_ms, [this] {
     if (stopping_) return;
-    rt_.submit([this] {
+    bool queued = rt_.submit([this] {
       if (stopping_) return;
       compact_once();
       schedule_compaction();
     });
+    if (!queued) schedule_compaction();  // the worker is busy: the next interval
   });
 }
 

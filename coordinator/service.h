@@ -56,6 +56,7 @@ struct CoordinatorConfig {
   size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
   size_t agent_requests_max = 4;  // phase-2 requests in flight per agent; more messages wait
   size_t batch_max = 64;          // messages in one POST /v1/batch (1: never batch)
+  size_t jobs_max = 10'000;       // log reads waiting for the worker; past it a request gets 503
   size_t transactions_per_client_max = 10'000;  // active transactions begun from one address
   bool failpoints_endpoint = false;  // serve POST /v1/failpoints (else 404)
   Transport transport;            // empty: HTTP

@@ -22,7 +22,7 @@ AgentService::AgentService(const AgentConfig& cfg, Logger& logger, Runtime& rt, 
 AgentService::~AgentService() { shutdown(0); }
 
 Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg, Logger& logger) {
-  auto real = std::make_unique<RealRuntime>(cfg.threads, cfg.pg_workers);
+  auto real = std::make_unique<RealRuntime>(cfg.threads, cfg.pg_workers, cfg.jobs_max);
   auto pg = std::make_unique<PgExecutor>(
       PgExecutorConfig{cfg.machine.name, cfg.pg, cfg.pg_idle_max, cfg.pg_connections_max,
                        cfg.result_rows_max, cfg.machine.branches_max},
@@ -128,12 +128,20 @@ void AgentService::schedule(int64_t delay_ms, std::function<void()> fn) {
 
 void AgentService::run(Ready ready) {
   for (auto& op : ready.ops) {
-    rt_.submit([this, op = std::move(op)]() mutable {
+    std::string gid = op.gid;
+    OpKind kind = op.kind;
+    bool queued = rt_.submit([this, op = std::move(op)]() mutable {
       int64_t started = rt_.now_ms();
       OpResult res = pg_.execute(op);
       if (op_latency_) op_latency_->observe(static_cast<double>(rt_.now_ms() - started) / 1000.0);
       with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), rt_.now_ms()); });
     });
+    if (!queued) {
+      OpResult res;
+      res.status = unavailable("too many PostgreSQL operations waiting (" +
+                               std::to_string(cfg_.jobs_max) + ")");
+      with_machine([&](AgentMachine& m) { m.on_op_done(gid, kind, std::move(res), rt_.now_ms()); });
+    }
   }
   for (auto& q : ready.peer_queries) query_peers(q);
   for (auto& gid : ready.cancels) pg_.cancel(gid);
@@ -283,11 +291,12 @@ void AgentService::reply(const Reply& r) {
 // --- PostgreSQL ----------------------------------------------------------------------------
 
 void AgentService::scan() {
-  rt_.submit([this] {
+  bool queued = rt_.submit([this] {
     Status st = scan_once();
     if (!st.ok()) log_.warn("in-doubt scan failed", {{"error", st.to_string()}});
     schedule(cfg_.scan_interval_ms, [this] { scan(); });
   });
+  if (!queued) schedule(cfg_.scan_interval_ms, [this] { scan(); });  // the workers are full: later
 }
 
 void AgentService::purge() {
@@ -306,13 +315,13 @@ void AgentService::purge() {
           !fb["epoch"].is_number_unsigned() || !fb["seq"].is_number_unsigned())
         return;
       auto epoch = fb["epoch"].get<int64_t>(), seq = fb["seq"].get<int64_t>();
-      rt_.submit([this, id, epoch, seq] {
+      (void)rt_.submit([this, id, epoch, seq] {  // full: the next purge does it
         auto n = pg_.purge_markers(id, epoch, seq);
         if (n.ok() && *n > 0) log_.info("purged markers", {{"coordinator", id}, {"rows", *n}});
       });
     });
   }
-  rt_.submit([this] {
+  (void)rt_.submit([this] {  // full: the next purge does it
     auto n = pg_.purge_stale_states();
     if (n.ok() && *n > 0) log_.info("purged stale 3PC records", {{"rows", *n}});
   });

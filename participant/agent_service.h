@@ -61,6 +61,7 @@ struct AgentConfig {
   int64_t coordinator_timeout_ms = 5'000;
   size_t list_limit_max = 1'000;
   size_t batch_max = 1'000;  // requests in one POST /v1/batch
+  size_t jobs_max = 4'096;   // PostgreSQL operations waiting for a worker; past it one fails (503)
   bool failpoints_endpoint = false;  // serve POST /v1/failpoints (else 404)
 };
 

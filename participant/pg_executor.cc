@@ -398,7 +398,9 @@ void PgExecutor::cancel(const std::string& gid) {
   }
   // PQcancel opens a connection to the server: on the cancellers' own threads, never on a
   // loop thread nor behind the branch operations.
-  if (c) cancellers_.submit([c] { (void)c->cancel(); });
+  // Full: the statement runs to its own end, and the abort waits for it.
+  if (c && !cancellers_.submit([c] { (void)c->cancel(); }))
+    log_.warn("too many cancels waiting; the statement is not cancelled", {{"gid", gid}});
 }
 
 Result<BranchExecutor::Scan> PgExecutor::scan() {

@@ -84,7 +84,8 @@ class PgExecutor final : public BranchExecutor {
   std::mutex cancel_mu_;
   std::unordered_map<std::string, std::shared_ptr<pg::PgCancel>> running_;
   std::unordered_map<std::string, bool> cancel_requested_;
-  WorkerPool cancellers_{2};
+  WorkerPool cancellers_{2, kCancelsWaitingMax};
+  static constexpr size_t kCancelsWaitingMax = 1'024;
 };
 
 }  // namespace tpc::agent

@@ -148,8 +148,9 @@ void SimRuntime::send(const Url& url, HttpRequest req, SendOptions opts, std::fu
   w_.send(proc_, url, std::move(req), opts, std::move(done));
 }
 
-void SimRuntime::submit(std::function<void()> job) {
+bool SimRuntime::submit(std::function<void()> job) {
   w_.at(w_.now() + w_.rng().between(0, 2), proc_, std::move(job));
+  return true;
 }
 
 // --- the decision log --------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class SimRuntime final : public Runtime {
   uint64_t run_after(int64_t delay_ms, std::function<void()> fn) override;
   bool cancel(uint64_t timer) override { return w_.cancel(timer); }
   void send(const Url& url, HttpRequest req, SendOptions opts, std::function<void(HttpResult)> done) override;
-  void submit(std::function<void()> job) override;  // a job runs 0-2 ms later
+  bool submit(std::function<void()> job) override;  // a job runs 0-2 ms later
   uint64_t random64() override { return w_.rng().next(); }
 
  private:
