@@ -481,7 +481,7 @@ void AgentMachine::dispatch_precommit(Branch& b, Request req) {
     b.protocol = Protocol::three_phase;
     PgOp op;
     op.kind = OpKind::put_state;
-    op.state = "precommitted";
+    op.state = std::string(pg::three_pc_record_text(pg::ThreePcRecord::precommitted));
     op.protocol = Protocol::three_phase;
     op.peers = b.peers;
     start_op(b, std::move(req), std::move(op));
@@ -1171,8 +1171,9 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
   for (auto& e : prepared) {
     seen.insert(e.gid);
     Branch* b = find(e.gid);
-    bool precommitted = e.durable_state && *e.durable_state == "precommitted";
-    bool three = precommitted || (e.durable_state && *e.durable_state == "prepared3");
+    auto three_pc = e.durable_state ? pg::parse_three_pc_record(*e.durable_state) : std::nullopt;
+    bool precommitted = three_pc == pg::ThreePcRecord::precommitted;
+    bool three = three_pc.has_value();
     if (!b) {
       Branch& nb = create(e.gid, precommitted ? BranchState::precommitted : BranchState::prepared,
                           now_ms);

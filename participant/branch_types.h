@@ -42,6 +42,19 @@ inline Outcome outcome_when_not_prepared(bool marker_exists) {
   return marker_exists ? Outcome::committed : Outcome::aborted;
 }
 
+// The 3PC rows of tpc_agent_state, one text form each (the other rows are decision records,
+// agent_machine.h's check_record_state): a branch that is 3PC, recorded with its peers before
+// it votes, and one that is pre-committed.
+enum class ThreePcRecord : uint8_t { prepared3, precommitted };
+constexpr std::string_view three_pc_record_text(ThreePcRecord r) {
+  return r == ThreePcRecord::prepared3 ? "prepared3" : "precommitted";
+}
+constexpr std::optional<ThreePcRecord> parse_three_pc_record(std::string_view s) {
+  if (s == "prepared3") return ThreePcRecord::prepared3;
+  if (s == "precommitted") return ThreePcRecord::precommitted;
+  return std::nullopt;
+}
+
 // A statement whose row count differs from its expectation fails with this SQLSTATE.
 inline constexpr std::string_view kExpectRowsSqlstate = "21000";  // cardinality_violation
 

@@ -140,7 +140,8 @@ Status PgExecutor::record_3pc(const PgOp& op, const std::string& pgg) {
   // restart it must still apply the 3PC timeouts and know whom to ask.
   auto other = acquire();
   if (!other.ok()) return other.status();
-  Status st = pg::put_state(**other, pgg, "prepared3", encode_peers(op.peers));
+  Status st = pg::put_state(**other, pgg, pg::three_pc_record_text(pg::ThreePcRecord::prepared3),
+                            encode_peers(op.peers));
   if (st.ok()) release(std::move(*other));
   return st;
 }

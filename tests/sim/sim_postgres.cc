@@ -207,7 +207,8 @@ pg::PrepareResult SimExecutor::prepare_in(uint64_t s, const agent::PgOp& op, con
   if (static_cast<int>(db_.prepared.size()) >= db_.max_prepared)
     return pg::PrepareResult{pg::Vote::no, "maximum number of prepared transactions reached", "53200"};
   if (op.protocol == Protocol::three_phase) {
-    db_.states[pgg] = {"prepared3", agent::encode_peers(op.peers)};
+    db_.states[pgg] = {std::string(pg::three_pc_record_text(pg::ThreePcRecord::prepared3)),
+                       agent::encode_peers(op.peers)};
     db_.state_written_ms[pgg] = w_.now();
   }
   auto parts = parse_gid(op.gid);
@@ -337,7 +338,7 @@ Result<int64_t> SimExecutor::purge_markers(const std::string& coordinator, int64
 Result<int64_t> SimExecutor::purge_stale_states() {
   if (!db_.up) return unavailable("could not connect to server: Connection refused");
   int64_t n = std::erase_if(db_.states, [&](const auto& kv) {
-    bool threepc = kv.second.first == "prepared3" || kv.second.first == "precommitted";
+    bool threepc = pg::parse_three_pc_record(kv.second.first).has_value();
     return threepc && db_.prepared.count(kv.first) == 0;
   });
   return n;

@@ -48,6 +48,7 @@
 
 #include "common/json.h"
 #include "common/log.h"
+#include "common/wire.h"
 #include "coordinator/service.h"
 #include "participant/agent_service.h"
 #include "participant/pg_branch.h"
@@ -628,8 +629,8 @@ void Cluster::check_unilateral(size_t i, const std::string& line) {
       if (colon != std::string::npos) {
         std::string state = item.substr(colon + 1);
         asked.insert(item.substr(0, colon));
-        any_commit = any_commit || state == "committed" || state == "precommitted";
-        any_abort = any_abort || state == "aborted";
+        any_commit = any_commit || state == wire::kCommitted || state == wire::kPrecommitted;
+        any_abort = any_abort || state == wire::kAborted;
       }
       if (comma == std::string::npos) break;
       from = comma + 1;
