@@ -511,7 +511,7 @@ void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
   post(coord_, "/v1/transactions/run", body, 5'000, [this, client, t](const HttpResult& res, const Json& j) {
     if (j.is_object() && j.contains("gid") && j["gid"].is_string()) {
       t->gid = j["gid"].get<std::string>();
-      }
+    }
     std::string state = j.is_object() && j.contains("state") && j["state"].is_string() ? j["state"].get<std::string>() : "";
     if (res.status.ok() && (state == "committed" || state == "aborted")) return told(client, t, state);
     if (t->gid.empty()) return done(client, t);  // never learned its gid: the databases judge it
