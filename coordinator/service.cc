@@ -49,8 +49,9 @@ CoordinatorService::~CoordinatorService() { shutdown(0); }
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
-  // One worker: log reads off the network threads (answers from finished records, rewrites,
-  // compaction), in order.
+  // One worker for the log reads off the network threads (answers from finished records,
+  // rewrites of finished records, compaction), in order: a compaction pass never erases a
+  // record that a rewrite is changing. An answer may wait behind a compaction pass.
   auto real = std::make_unique<RealRuntime>(cfg.threads, 1, cfg.jobs_max);
   std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger, *real));
   s->real_ = std::move(real);
