@@ -260,6 +260,20 @@ void AgentMachine::start_op(Branch& b, Request req, PgOp op) {
   ready_.ops.push_back(std::move(op));
 }
 
+// A 3PC branch records that it is one, and who its peers are, before it prepares: after a
+// restart it must still apply the 3PC timeouts and know whom to ask. True when the record is
+// being written (the request runs again once it is, see record_done).
+bool AgentMachine::record_three_pc_first(Branch& b, Request& req) {
+  const std::string_view prepared3 = pg::three_pc_record_text(pg::ThreePcRecord::prepared3);
+  if (b.protocol != Protocol::three_phase || b.recorded == prepared3) return false;
+  PgOp op;
+  op.kind = OpKind::put_state;
+  op.state = std::string(prepared3);
+  op.peers = b.peers;
+  start_op(b, std::move(req), std::move(op));
+  return true;
+}
+
 // --- requests ------------------------------------------------------------------------------
 
 void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
@@ -431,17 +445,16 @@ void AgentMachine::dispatch_exec(Branch& b, Request req, int64_t now_ms) {
   const BranchState s = b.state;
   if (s == BranchState::active) {
     b.last_activity_ms = now_ms;
+    if (req.prepare) {
+      b.protocol = req.protocol;
+      b.peers = req.peers;
+      if (record_three_pc_first(b, req)) return;
+    }
     PgOp op;
     op.kind = OpKind::exec;
     op.then_prepare = req.prepare;
     op.then_commit = req.one_phase;
     op.statements = std::move(req.statements);  // the reply does not need them
-    if (req.prepare) {
-      b.protocol = req.protocol;
-      b.peers = req.peers;
-      op.protocol = b.protocol;
-      op.peers = b.peers;
-    }
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::failed) {
     reply_error(req,
@@ -461,10 +474,9 @@ void AgentMachine::dispatch_prepare(Branch& b, Request req) {
   if (s == BranchState::active) {
     b.protocol = req.protocol;
     b.peers = req.peers;
+    if (record_three_pc_first(b, req)) return;
     PgOp op;
     op.kind = OpKind::prepare;
-    op.protocol = b.protocol;
-    op.peers = b.peers;
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::failed) {
     PgOp op;
@@ -482,7 +494,6 @@ void AgentMachine::dispatch_precommit(Branch& b, Request req) {
     PgOp op;
     op.kind = OpKind::put_state;
     op.state = std::string(pg::three_pc_record_text(pg::ThreePcRecord::precommitted));
-    op.protocol = Protocol::three_phase;
     op.peers = b.peers;
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::precommitted || s == BranchState::committed) {
@@ -503,7 +514,7 @@ void AgentMachine::dispatch_commit(Branch& b, Request req) {
   if (prepared) {
     PgOp op;
     op.kind = OpKind::commit_prepared;
-    op.clear_state = b.protocol == Protocol::three_phase && b.recorded.empty();
+    op.clear_state = pg::parse_three_pc_record(b.recorded).has_value();
     start_op(b, std::move(req), std::move(op));
   } else if (req.one_phase && s == BranchState::active) {
     PgOp op;
@@ -532,7 +543,7 @@ void AgentMachine::dispatch_abort(Branch& b, Request req) {
     start_op(b, std::move(req), std::move(op));
   } else if (prepared) {
     op.kind = OpKind::rollback_prepared;
-    op.clear_state = b.protocol == Protocol::three_phase && b.recorded.empty();
+    op.clear_state = pg::parse_three_pc_record(b.recorded).has_value();
     start_op(b, std::move(req), std::move(op));
   } else if (s == BranchState::committed) {
     reply_state(b, req, true);
@@ -693,6 +704,7 @@ void AgentMachine::apply_vote(Branch& b, const OpResult& res, int64_t now_ms) {
       case pg::Vote::read_only:
         ++counters_.read_only;
         set_state(b, BranchState::read_only, now_ms);
+        persist_check(b);  // a 3PC record has no use any more
         return;
       case pg::Vote::no:
         b.reason = p.reason;
@@ -701,11 +713,14 @@ void AgentMachine::apply_vote(Branch& b, const OpResult& res, int64_t now_ms) {
     }
   } else {
     // The connection broke: PREPARE may or may not have happened. Vote no; if it did, the
-    // in-doubt scan finds it prepared while we say aborted, and rolls it back.
+    // in-doubt scan finds it prepared while we say aborted, and rolls it back. A 3PC record
+    // stays for that scan (the stale-record purge removes it otherwise).
     b.reason = "lost the PostgreSQL session during prepare: " + res.status.message();
+    b.recorded.clear();
   }
   ++counters_.votes_no;
   set_state(b, BranchState::aborted, now_ms);
+  persist_check(b);  // a 3PC record has no use any more
 }
 
 void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms) {
@@ -722,7 +737,10 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
     case OpKind::commit_one_phase: return one_phase_done(b, std::move(req), res, now_ms);
     case OpKind::rollback: return rollback_done(b, std::move(req), now_ms);
     case OpKind::commit_prepared:
-    case OpKind::rollback_prepared: return prepared_done(b, kind, std::move(req), res, now_ms);
+    case OpKind::rollback_prepared:
+      if (req.kind == RequestKind::exec)  // exec+prepare whose results broke the row limit
+        return rollback_done(b, std::move(req), now_ms);
+      return prepared_done(b, kind, std::move(req), res, now_ms);
     case OpKind::tombstone: return tombstone_done(b, std::move(req), res, now_ms);
     case OpKind::put_state:
     case OpKind::delete_state: return record_done(b, kind, std::move(req), res, now_ms);
@@ -770,7 +788,33 @@ void AgentMachine::evidence_done(Branch& b, Request req, const OpResult& res, in
   if (req.kind != RequestKind::status || req.id != 0) b.queue.push_front(std::move(req));
 }
 
-void AgentMachine::exec_done(Branch& b, Request req, const OpResult& res, int64_t now_ms) {
+// Rows past result_rows_max: a branch that committed keeps its outcome and its results are
+// cut; otherwise the statement fails (54000), so the branch votes no. True when the branch
+// already prepared, so its prepared transaction must be rolled back.
+bool AgentMachine::over_row_limit(const Request& req, OpResult& res) const {
+  if (!res.status.ok() || !res.results) return false;
+  for (size_t i = 0; i < res.results->size(); ++i) {
+    pg::StatementResult& r = (*res.results)[i];
+    if (r.rows.size() <= opts_.result_rows_max) continue;
+    if (req.one_phase) {
+      r.rows.resize(opts_.result_rows_max);
+      r.truncated = true;
+      continue;
+    }
+    bool prepared = req.prepare && res.prepare && res.prepare->vote == pg::Vote::yes;
+    res.status =
+        Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
+                                    std::to_string(r.rows.size()) + " rows; the limit is " +
+                                    std::to_string(opts_.result_rows_max));
+    res.sqlstate = "54000";  // program_limit_exceeded
+    res.prepare.reset();
+    return prepared;
+  }
+  return false;
+}
+
+void AgentMachine::exec_done(Branch& b, Request req, OpResult& res, int64_t now_ms) {
+  const bool undo_prepare = over_row_limit(req, res);
   const Status& st = res.status;
   if (st.ok() && req.one_phase) {  // statements, then a one-phase commit
     Reply r;
@@ -815,7 +859,7 @@ void AgentMachine::exec_done(Branch& b, Request req, const OpResult& res, int64_
     if (req.prepare || req.one_phase) {
       // exec+prepare votes no, exec+commit aborts: roll back before answering.
       PgOp op;
-      op.kind = OpKind::rollback;
+      op.kind = undo_prepare ? OpKind::rollback_prepared : OpKind::rollback;
       start_op(b, std::move(req), std::move(op));
       return;
     }
@@ -892,6 +936,7 @@ void AgentMachine::prepared_done(Branch& b, OpKind kind, Request req, const OpRe
                 &b);
     return;
   }
+  if (pg::parse_three_pc_record(b.recorded)) b.recorded.clear();  // the op cleared it
   bool wanted_commit = kind == OpKind::commit_prepared;
   bool committed = *res.outcome == pg::Outcome::committed;
   if (committed) {
@@ -942,8 +987,22 @@ void AgentMachine::record_done(Branch& b, OpKind kind, Request req, const OpResu
                                int64_t now_ms) {
   const Status& st = res.status;
   if (kind == OpKind::put_state) {
+    if (req.kind == RequestKind::prepare || req.kind == RequestKind::exec) {
+      if (st.ok()) {
+        b.recorded = pg::three_pc_record_text(pg::ThreePcRecord::prepared3);
+        b.queue.push_front(std::move(req));  // now prepare
+        return;
+      }
+      // Without the record the branch cannot prepare: it votes no.
+      b.reason = "cannot record the 3PC state: " + st.message();
+      PgOp op;
+      op.kind = OpKind::rollback;
+      start_op(b, std::move(req), std::move(op));
+      return;
+    }
     if (req.kind == RequestKind::precommit) {
       if (st.ok()) {
+        b.recorded = pg::three_pc_record_text(pg::ThreePcRecord::precommitted);
         set_state(b, BranchState::precommitted, now_ms);
         reply_state(b, req, false);
       } else {
@@ -1179,6 +1238,7 @@ void AgentMachine::on_scan(std::vector<ScanEntry> prepared, int64_t started_ms, 
                           now_ms);
       nb.recovered = true;
       nb.protocol = three ? Protocol::three_phase : Protocol::two_phase;
+      if (three) nb.recorded = *e.durable_state;
       nb.peers = e.peers;
       nb.prepared_ms = now_ms - e.age_ms;
       log_.info("found prepared branch", {{"gid", nb.gid},

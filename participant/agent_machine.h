@@ -146,9 +146,7 @@ struct PgOp {
   std::string state;                  // put_state: the state to store
   std::string detail;                 // put_state: free text
   bool clear_state = false;           // commit/rollback_prepared: delete the 3PC record
-  Protocol protocol =
-      Protocol::two_phase;            // prepare: 3PC records "prepared3" (with the peers) first
-  std::vector<Peer> peers;            // prepare, put_state: kept with the 3PC record
+  std::vector<Peer> peers;            // put_state: kept with the 3PC record
 };
 
 // What the driver reports back for a PgOp.
@@ -224,6 +222,7 @@ struct AgentOptions {
   int64_t ask_max_ms = 30'000;       // ...to this
   int64_t precommit_timeout_ms = 10'000;  // 3PC: prepared, no pre-commit by then → ask
   int64_t commit_timeout_ms = 10'000;     // 3PC: pre-committed, no commit by then → ask
+  size_t result_rows_max = 10'000;        // per statement; more fails the statement (54000)
 };
 
 struct BranchView {
@@ -330,7 +329,7 @@ class AgentMachine {
     bool unilateral = false;
     bool heuristic = false;
     Check check = Check::none;
-    std::string recorded;         // the tpc_agent_state text written for the check
+    std::string recorded;         // its tpc_agent_state row as written: a 3PC or a check record
     std::string check_detail;     // who decided, and why
     bool report_pending = false;  // the coordinator's record of this branch is wrong
     bool reporting = false;
@@ -376,6 +375,7 @@ class AgentMachine {
   void dispatch_record(Branch& b, Request req);
   void dispatch_forget(Branch& b, Request req, int64_t now_ms);
   void start_op(Branch& b, Request req, PgOp op);
+  bool record_three_pc_first(Branch& b, Request& req);
   void reply(const Request& req, Reply r);
   // The branch's state as the answer; contrary: it is, or ended, otherwise than asked.
   void reply_state(const Branch& b, const Request& req, bool contrary, std::string_view why = {});
@@ -384,7 +384,8 @@ class AgentMachine {
   void finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_ms);
   // finish_op, by operation.
   void evidence_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
-  void exec_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
+  void exec_done(Branch& b, Request req, OpResult& res, int64_t now_ms);
+  bool over_row_limit(const Request& req, OpResult& res) const;
   void one_phase_done(Branch& b, Request req, const OpResult& res, int64_t now_ms);
   void rollback_done(Branch& b, Request req, int64_t now_ms);
   void prepared_done(Branch& b, OpKind kind, Request req, const OpResult& res, int64_t now_ms);

@@ -101,6 +101,30 @@ struct Fixture {
     REQUIRE(r.replies[0].vote == pg::Vote::yes);
   }
 
+  // A 3PC prepare of an open branch: the record first, then PREPARE, voting yes.
+  void prepare_3pc(const std::string& gid,
+                   std::vector<Peer> peers = {{"a1", "http://h:1"}, {"a2", "http://h:2"}}) {
+    Request p;
+    p.kind = RequestKind::prepare;
+    p.protocol = Protocol::three_phase;
+    p.peers = peers;
+    send(gid, p);
+    Ready r = ready();
+    REQUIRE(r.ops.size() == 1);
+    REQUIRE(r.ops[0].kind == OpKind::put_state);
+    CHECK(r.ops[0].state == "prepared3");
+    CHECK(r.ops[0].peers == peers);
+    CHECK(r.replies.empty());
+    m->on_op_done(gid, OpKind::put_state, ok(), now);
+    r = ready();
+    REQUIRE(r.ops.size() == 1);
+    REQUIRE(r.ops[0].kind == OpKind::prepare);
+    m->on_op_done(gid, OpKind::prepare, vote(pg::Vote::yes), now);
+    r = ready();
+    REQUIRE(r.replies.size() == 1);
+    REQUIRE(r.replies[0].vote == pg::Vote::yes);
+  }
+
   BranchState state(const std::string& gid) {
     auto v = m->view(gid, now);
     REQUIRE(v.has_value());
@@ -516,13 +540,7 @@ TEST_CASE("the in-doubt scan adopts prepared transactions and reconciles stale m
 TEST_CASE("3PC: pre-commit is recorded durably before it is acknowledged") {
   Fixture f;
   f.open_branch("c1-1-1");
-  Request p;
-  p.kind = RequestKind::prepare;
-  p.protocol = Protocol::three_phase;
-  f.send("c1-1-1", p);
-  f.ready();
-  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
-  f.ready();
+  f.prepare_3pc("c1-1-1", {});
   f.simple("c1-1-1", RequestKind::precommit);
   Ready r = f.ready();
   REQUIRE(r.ops.size() == 1);
@@ -537,7 +555,53 @@ TEST_CASE("3PC: pre-commit is recorded durably before it is acknowledged") {
   CHECK(status_of(f.ready().replies[0]) == 200);
 }
 
-TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed commits alone") {
+TEST_CASE("3PC: a branch that cannot record its 3PC state votes no without preparing") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  Request p;
+  p.kind = RequestKind::prepare;
+  p.protocol = Protocol::three_phase;
+  f.send("c1-1-1", p);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  REQUIRE(r.ops[0].kind == OpKind::put_state);
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::failure(Code::unavailable), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::rollback);  // never PREPARE
+  CHECK(r.replies.empty());
+  f.m->on_op_done("c1-1-1", OpKind::rollback, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(r.replies[0].reason.find("cannot record the 3PC state") != std::string::npos);
+  CHECK(f.state("c1-1-1") == BranchState::aborted);
+  CHECK(r.ops.empty());  // nothing was written, nothing to remove
+}
+
+TEST_CASE("3PC: a vote other than yes removes the 3PC record; a lost session keeps it") {
+  for (pg::Vote v : {pg::Vote::no, pg::Vote::read_only}) {
+    Fixture f;
+    f.open_branch("c1-1-1");
+    Request p;
+    p.kind = RequestKind::prepare;
+    p.protocol = Protocol::three_phase;
+    f.send("c1-1-1", p);
+    f.ready();
+    f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+    REQUIRE(f.ready().ops.size() == 1);
+    f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(v), f.now);
+    Ready r = f.ready();
+    REQUIRE(r.replies.size() == 1);
+    CHECK(r.replies[0].vote == v);
+    REQUIRE(r.ops.size() == 1);
+    CHECK(r.ops[0].kind == OpKind::delete_state);
+    f.m->on_op_done("c1-1-1", OpKind::delete_state, Fixture::ok(), f.now);
+    f.now += 60'000;
+    f.m->tick(f.now);
+    CHECK(f.ready().empty());
+  }
+  // PREPARE may have happened: the record stays for the in-doubt scan.
   Fixture f;
   f.open_branch("c1-1-1");
   Request p;
@@ -545,8 +609,131 @@ TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed co
   p.protocol = Protocol::three_phase;
   f.send("c1-1-1", p);
   f.ready();
-  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
   f.ready();
+  f.m->on_op_done("c1-1-1", OpKind::prepare, Fixture::failure(Code::unavailable), f.now);
+  Ready r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::no);
+  CHECK(r.ops.empty());
+  f.now += 60'000;
+  f.m->tick(f.now);
+  CHECK(f.ready().ops.empty());
+}
+
+TEST_CASE("3PC: exec with prepare records the 3PC state before its statements run") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  Request e;
+  e.kind = RequestKind::exec;
+  e.statements = {{"UPDATE t SET v = 2", {}}};
+  e.prepare = true;
+  e.protocol = Protocol::three_phase;
+  e.peers = {{"a1", "http://h:1"}};
+  f.send("c1-1-1", e);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::put_state);
+  CHECK(r.ops[0].peers == e.peers);
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::ok(), f.now);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::exec);
+  CHECK(r.ops[0].then_prepare);
+  CHECK(r.ops[0].statements.size() == 1);
+  f.m->on_op_done("c1-1-1", OpKind::exec, Fixture::vote(pg::Vote::yes), f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.replies[0].vote == pg::Vote::yes);
+  // Finishing the branch clears the record in the same operation.
+  f.simple("c1-1-1", RequestKind::commit);
+  r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  CHECK(r.ops[0].kind == OpKind::commit_prepared);
+  CHECK(r.ops[0].clear_state);
+  f.m->on_op_done("c1-1-1", OpKind::commit_prepared, Fixture::outcome(pg::Outcome::committed),
+                  f.now);
+  r = f.ready();
+  REQUIRE(r.replies.size() == 1);
+  CHECK(r.ops.empty());
+  CHECK(f.state("c1-1-1") == BranchState::committed);
+}
+
+namespace {
+
+OpResult rows_result(size_t rows) {
+  OpResult res;
+  res.results = std::make_shared<std::vector<pg::StatementResult>>(1);
+  (*res.results)[0].rows.assign(rows, std::vector<pg::Value>{pg::Value("1")});
+  return res;
+}
+
+}  // namespace
+
+TEST_CASE("rows past result_rows_max: the statement fails, a prepared branch is rolled back") {
+  AgentOptions o;
+  o.result_rows_max = 3;
+  {
+    Fixture f(o);
+    f.open_branch("c1-1-1");
+    f.exec("c1-1-1");
+    REQUIRE(f.ready().ops.size() == 1);
+    f.m->on_op_done("c1-1-1", OpKind::exec, rows_result(3), f.now);
+    Reply ok = f.ready().replies.at(0);
+    CHECK(ok.error.ok());
+    f.exec("c1-1-1");
+    f.ready();
+    f.m->on_op_done("c1-1-1", OpKind::exec, rows_result(4), f.now);
+    Reply r = f.ready().replies.at(0);
+    CHECK(r.error.code() == Code::sql_error);
+    CHECK(r.sqlstate == "54000");
+    CHECK(f.state("c1-1-1") == BranchState::failed);
+  }
+  {
+    Fixture f(o);
+    f.open_branch("c1-1-1");
+    f.exec("c1-1-1", /*prepare=*/true);
+    REQUIRE(f.ready().ops.size() == 1);
+    OpResult res = rows_result(4);
+    res.prepare = pg::PrepareResult{pg::Vote::yes, "", ""};
+    f.m->on_op_done("c1-1-1", OpKind::exec, res, f.now);
+    Ready r = f.ready();
+    CHECK(r.replies.empty());
+    REQUIRE(r.ops.size() == 1);
+    CHECK(r.ops[0].kind == OpKind::rollback_prepared);
+    f.m->on_op_done("c1-1-1", OpKind::rollback_prepared, Fixture::outcome(pg::Outcome::aborted),
+                    f.now);
+    r = f.ready();
+    REQUIRE(r.replies.size() == 1);
+    CHECK(r.replies[0].vote == pg::Vote::no);
+    CHECK(r.replies[0].sqlstate == "54000");
+    CHECK(f.state("c1-1-1") == BranchState::aborted);
+  }
+  {
+    Fixture f(o);
+    f.open_branch("c1-1-1");
+    Request e;
+    e.kind = RequestKind::exec;
+    e.statements = {{"SELECT 1", {}}};
+    e.one_phase = true;
+    f.send("c1-1-1", e);
+    REQUIRE(f.ready().ops.size() == 1);
+    OpResult res = rows_result(5);
+    res.outcome = pg::Outcome::committed;
+    f.m->on_op_done("c1-1-1", OpKind::exec, res, f.now);
+    Reply r = f.ready().replies.at(0);
+    CHECK(r.error.ok());
+    CHECK(r.state == BranchState::committed);  // it committed: the answer is cut, not failed
+    REQUIRE(r.results->size() == 1);
+    CHECK((*r.results)[0].rows.size() == 3);
+    CHECK((*r.results)[0].truncated);
+  }
+}
+
+TEST_CASE("3PC timeouts: prepared and unreachable aborts alone, pre-committed commits alone") {
+  Fixture f;
+  f.open_branch("c1-1-1");
+  f.prepare_3pc("c1-1-1", {});
   f.now += f.opts.precommit_timeout_ms;
   f.m->tick(f.now);
   REQUIRE(f.ready().asks.size() == 1);
@@ -960,17 +1147,7 @@ namespace {
 // A 3PC branch of agent a1 (the fixture's name) with peers a1 and a2, prepared.
 void prepare_3pc(Fixture& f, const std::string& gid) {
   f.open_branch(gid);
-  Request p;
-  p.kind = RequestKind::prepare;
-  p.protocol = Protocol::three_phase;
-  p.peers = {{"a1", "http://h:1"}, {"a2", "http://h:2"}};
-  f.send(gid, p);
-  Ready r = f.ready();
-  REQUIRE(r.ops.size() == 1);
-  CHECK(r.ops[0].protocol == Protocol::three_phase);
-  CHECK(r.ops[0].peers.size() == 2);
-  f.m->on_op_done(gid, OpKind::prepare, Fixture::vote(pg::Vote::yes), f.now);
-  f.ready();
+  f.prepare_3pc(gid);
 }
 
 // Times the branch out with the coordinator unreachable; returns the peer query.

@@ -25,7 +25,7 @@ Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg
   auto real = std::make_unique<RealRuntime>(cfg.threads, cfg.pg_workers, cfg.jobs_max);
   auto pg = std::make_unique<PgExecutor>(
       PgExecutorConfig{cfg.machine.name, cfg.pg, cfg.pg_idle_max, cfg.pg_connections_max,
-                       cfg.result_rows_max, cfg.machine.branches_max},
+                       cfg.machine.branches_max},
       logger);
   std::unique_ptr<AgentService> s(new AgentService(cfg, logger, *real, *pg));
   s->real_ = std::move(real);

@@ -54,7 +54,6 @@ struct AgentConfig {
   std::string peer_token;         // sent to other agents (3PC termination)
   AgentOptions machine;
   ExecLimits exec;
-  size_t result_rows_max = 10'000;         // per statement; more fails the statement (54000)
   int64_t scan_interval_ms = 5'000;
   int64_t purge_interval_ms = 60'000;
   int64_t tick_ms = 50;

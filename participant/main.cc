@@ -120,7 +120,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.pg_workers = workers > 0 ? static_cast<int>(workers) : static_cast<int>(branches) + 16;
   cfg.machine.branches_max = static_cast<size_t>(branches);
   cfg.exec.statements_max = static_cast<size_t>(statements);
-  cfg.result_rows_max = static_cast<size_t>(rows);
+  cfg.machine.result_rows_max = static_cast<size_t>(rows);
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
   cfg.http.connections_per_client_max = static_cast<size_t>(conns_per_client);

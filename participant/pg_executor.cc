@@ -135,34 +135,8 @@ void PgExecutor::sessions_keep(const std::string& gid, Conn conn) {
   sessions_[gid] = std::move(conn);
 }
 
-Status PgExecutor::record_3pc(const PgOp& op, const std::string& pgg) {
-  // A 3PC branch records that it is one, and who its peers are, before it votes: after a
-  // restart it must still apply the 3PC timeouts and know whom to ask.
-  auto other = acquire();
-  if (!other.ok()) return other.status();
-  Status st = pg::put_state(**other, pgg, pg::three_pc_record_text(pg::ThreePcRecord::prepared3),
-                            encode_peers(op.peers));
-  if (st.ok()) release(std::move(*other));
-  return st;
-}
-
-void PgExecutor::forget_3pc(const std::string& pgg) {
-  if (auto other = acquire(); other.ok()) {
-    (void)pg::delete_state(**other, pgg);
-    release(std::move(*other));
-  }
-}
-
-void PgExecutor::prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
-                                  pg::PgConn& conn, OpResult* res) {
-  if (op.protocol == Protocol::three_phase) {
-    Status st = record_3pc(op, pgg);
-    if (!st.ok()) {
-      (void)pg::rollback(conn);
-      res->prepare = pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
-      return;
-    }
-  }
+void PgExecutor::prepare_branch(const std::string& pgg, const GidParts& parts, pg::PgConn& conn,
+                                OpResult* res) {
   TPC_FAILPOINT("agent.before_prepare");
   auto p = pg::prepare(conn, pgg, parts.coordinator, static_cast<int64_t>(parts.epoch),
                        static_cast<int64_t>(parts.seq));
@@ -172,7 +146,6 @@ void PgExecutor::prepare_branch(const PgOp& op, const std::string& pgg, const Gi
   }
   TPC_FAILPOINT("agent.after_prepare");
   res->prepare = *p;
-  if (op.protocol == Protocol::three_phase && p->vote != pg::Vote::yes) forget_3pc(pgg);
 }
 
 OpResult PgExecutor::execute(PgOp& op) {
@@ -186,7 +159,7 @@ OpResult PgExecutor::execute(PgOp& op) {
     case OpKind::prepare: {
       auto conn = take_session(op.gid);
       if (!conn) return failed(unavailable("the branch has no open session"));
-      prepare_branch(op, pgg, *parts, *conn, &res);
+      prepare_branch(pgg, *parts, *conn, &res);
       if (res.prepare) release(std::move(conn));
       return res;
     }
@@ -265,17 +238,6 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
   pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
                       : op.then_commit ? pg::Finish::commit
                                        : pg::Finish::none;
-  if (finish == pg::Finish::prepare && op.protocol == Protocol::three_phase) {
-    if (Status st = record_3pc(op, pgg); !st.ok()) {
-      exec_done(op.gid);
-      if (!begin) (void)pg::rollback(*conn);
-      res.results = std::make_shared<std::vector<pg::StatementResult>>();
-      res.prepare =
-          pg::PrepareResult{pg::Vote::no, "cannot record the 3PC state: " + st.message(), ""};
-      release(std::move(conn));
-      return res;
-    }
-  }
   std::vector<pg::PipelineStep> steps;
   std::vector<std::optional<int64_t>> expect_rows;
   steps.reserve(op.statements.size());
@@ -301,14 +263,11 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
             : run.status.message();
     res.status = Status(run.status.code(), msg);
     res.sqlstate = run.sqlstate;
-  } else if (!over_row_limit(finish, run, pgg, *conn, &res)) {
-    if (finish == pg::Finish::prepare) {
-      res.prepare = *run.vote;
-      if (op.protocol == Protocol::three_phase && run.vote->vote != pg::Vote::yes) forget_3pc(pgg);
-    } else if (finish == pg::Finish::commit) {
-      res.outcome = *run.outcome;
-      res.reason = run.reason;
-    }
+  } else if (finish == pg::Finish::prepare) {
+    res.prepare = *run.vote;
+  } else if (finish == pg::Finish::commit) {
+    res.outcome = *run.outcome;
+    res.reason = run.reason;
   }
   // An open block (no finish) stays the branch's session, failed or not (a failed one waits
   // for its rollback); a finished one gave its connection back.
@@ -317,32 +276,6 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
   else
     release(std::move(conn));
   return res;
-}
-
-// Rows past the limit: a statement alone fails (the branch then votes no); a branch that
-// already prepared is rolled back; one that already committed keeps its outcome and says its
-// results were cut. True when the exec failed for it.
-bool PgExecutor::over_row_limit(pg::Finish finish, const pg::BranchRun& run, const std::string& pgg,
-                                pg::PgConn& conn, OpResult* res) {
-  for (size_t i = 0; i < res->results->size(); ++i) {
-    auto& r = (*res->results)[i];
-    if (r.rows.size() <= cfg_.result_rows_max) continue;
-    if (finish == pg::Finish::commit) {
-      r.rows.resize(cfg_.result_rows_max);
-      r.truncated = true;
-      continue;
-    }
-    if (finish == pg::Finish::prepare && run.vote && run.vote->vote == pg::Vote::yes)
-      (void)pg::rollback_prepared(conn, pgg);
-    res->status =
-        Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
-                                    std::to_string(r.rows.size()) + " rows; the limit is " +
-                                    std::to_string(cfg_.result_rows_max));
-    res->sqlstate = "54000";
-    res->prepare.reset();
-    return true;
-  }
-  return false;
 }
 
 // Operations on any connection, outside the branch's session.

@@ -36,7 +36,6 @@ struct PgExecutorConfig {
   pg::ConnectOptions pg;
   size_t pg_idle_max = 80;          // idle connections kept open (opening one forks a backend)
   size_t pg_connections_max = 80;   // open at once, sessions included
-  size_t result_rows_max = 10'000;  // per statement; more fails the statement (54000)
   size_t branches_max = 64;         // for the max_prepared_transactions warning
 };
 
@@ -58,13 +57,9 @@ class PgExecutor final : public BranchExecutor {
   OpResult exec_branch(PgOp& op, const std::string& pgg, const GidParts& parts);
   std::optional<Conn> exec_session(const std::string& gid, bool* begin, OpResult* refused);
   void exec_done(const std::string& gid);
-  bool over_row_limit(pg::Finish finish, const pg::BranchRun& run, const std::string& pgg,
-                      pg::PgConn& conn, OpResult* res);
   OpResult outside_session(const PgOp& op, const std::string& pgg, const GidParts& parts);
-  void prepare_branch(const PgOp& op, const std::string& pgg, const GidParts& parts,
-                      pg::PgConn& conn, OpResult* res);
-  Status record_3pc(const PgOp& op, const std::string& pgg);
-  void forget_3pc(const std::string& pgg);
+  void prepare_branch(const std::string& pgg, const GidParts& parts, pg::PgConn& conn,
+                      OpResult* res);
   void sessions_keep(const std::string& gid, Conn conn);
   Result<Conn> acquire();
   void release(Conn conn);

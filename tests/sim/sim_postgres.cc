@@ -205,12 +205,8 @@ pg::PrepareResult SimExecutor::prepare_in(uint64_t s, const agent::PgOp& op, con
   if (db_.markers.count(pgg) > 0)
     return pg::PrepareResult{pg::Vote::no, "duplicate key value violates unique constraint \"tpc_marker_pkey\"", "23505"};
   if (static_cast<int>(db_.prepared.size()) >= db_.max_prepared)
-    return pg::PrepareResult{pg::Vote::no, "maximum number of prepared transactions reached", "53200"};
-  if (op.protocol == Protocol::three_phase) {
-    db_.states[pgg] = {std::string(pg::three_pc_record_text(pg::ThreePcRecord::prepared3)),
-                       agent::encode_peers(op.peers)};
-    db_.state_written_ms[pgg] = w_.now();
-  }
+    return pg::PrepareResult{pg::Vote::no, "maximum number of prepared transactions reached",
+                             "53200"};
   auto parts = parse_gid(op.gid);
   TPC_ASSERT(parts.has_value());
   db_.prepared[pgg] = SimDb::Prepared{sess.deltas, parts->coordinator, static_cast<int64_t>(parts->epoch),
