@@ -54,6 +54,94 @@ Status read_file(const std::vector<OptionSpec>& specs, const std::string& path, 
   return ok_status();
 }
 
+struct CommandLine {
+  Values flags;
+  std::vector<std::string> positional;
+  std::string config_path;  // --config, or empty
+};
+
+// One "--name[=value]" argument at argv[*i]; advances *i past a separate value.
+Status read_flag(const std::vector<OptionSpec>& specs, int argc, const char* const* argv, int* i,
+                 CommandLine* out) {
+  std::string name(std::string_view(argv[*i]).substr(2));
+  std::string value;
+  bool has_value = false;
+  if (size_t eq = name.find('='); eq != std::string::npos) {
+    value = name.substr(eq + 1);
+    name = name.substr(0, eq);
+    has_value = true;
+  }
+  const OptionSpec* spec = find_spec(specs, name);
+  if (!spec && name != "config")
+    return invalid_argument("unknown flag --" + name + " (see --help)");
+  if (spec && spec->is_switch) {
+    if (has_value) return invalid_argument("--" + name + " takes no value");
+    out->flags[name].push_back("true");
+    return ok_status();
+  }
+  if (!has_value) {
+    if (*i + 1 >= argc) return invalid_argument("--" + name + " needs a value");
+    value = argv[++*i];
+  }
+  if (name == "config") {
+    out->config_path = value;
+    return ok_status();
+  }
+  auto& v = out->flags[name];
+  if (!spec->repeated) v.clear();
+  v.push_back(value);
+  return ok_status();
+}
+
+Status read_command_line(const std::vector<OptionSpec>& specs, int argc, const char* const* argv,
+                         CommandLine* out) {
+  for (int i = 1; i < argc; ++i) {
+    std::string_view arg = argv[i];
+    if (arg.size() >= 3 && arg.substr(0, 2) == "--") {
+      TPC_RETURN_IF_ERROR(read_flag(specs, argc, argv, &i, out));
+      continue;
+    }
+    if (!arg.empty() && arg[0] == '-' && arg != "-")
+      return invalid_argument("unknown flag " + std::string(arg) + " (see --help)");
+    out->positional.emplace_back(arg);
+  }
+  return ok_status();
+}
+
+std::string env_config_path(const char* const* envp) {
+  if (!envp) return "";
+  for (const char* const* e = envp; *e; ++e)
+    if (std::string_view(*e).substr(0, 11) == "TPC_CONFIG=") return *e + 11;
+  return "";
+}
+
+// TPC_<OPTION> variables; a repeated option takes a comma-separated list.
+Values read_environment(const std::vector<OptionSpec>& specs, const char* const* envp) {
+  Values env;
+  if (!envp) return env;
+  for (const char* const* e = envp; *e; ++e) {
+    std::string_view kv = *e;
+    if (kv.substr(0, 4) != "TPC_") continue;
+    size_t eq = kv.find('=');
+    if (eq == std::string_view::npos) continue;
+    std::string_view key = kv.substr(0, eq);
+    for (auto& s : specs) {
+      if (env_name(s.name) != key) continue;
+      std::string value(kv.substr(eq + 1));
+      auto& v = env[s.name];
+      if (!s.repeated) {
+        v.push_back(value);
+        continue;
+      }
+      std::stringstream ss(value);
+      std::string item;
+      while (std::getline(ss, item, ','))
+        if (!trim(item).empty()) v.push_back(trim(item));
+    }
+  }
+  return env;
+}
+
 }  // namespace
 
 Result<std::pair<std::string, std::string>> split_name_value(std::string_view text,
@@ -71,76 +159,18 @@ Result<Config> Config::parse(const std::vector<OptionSpec>& specs, int argc,
   for (auto& s : specs)
     if (!s.default_value.empty()) cfg.defaults_[s.name] = s.default_value;
 
-  Values flags;
-  std::string config_path;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg.size() < 3 || arg.substr(0, 2) != "--") {
-      if (!arg.empty() && arg[0] == '-' && arg != "-")
-        return invalid_argument("unknown flag " + std::string(arg) + " (see --help)");
-      cfg.positional_.emplace_back(arg);
-      continue;
-    }
-    std::string name(arg.substr(2));
-    std::string value;
-    bool has_value = false;
-    if (size_t eq = name.find('='); eq != std::string::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-      has_value = true;
-    }
-    const OptionSpec* spec = find_spec(specs, name);
-    if (!spec && name != "config") return invalid_argument("unknown flag --" + name + " (see --help)");
-    if (spec && spec->is_switch) {
-      if (has_value) return invalid_argument("--" + name + " takes no value");
-      flags[name].push_back("true");
-      continue;
-    }
-    if (!has_value) {
-      if (i + 1 >= argc) return invalid_argument("--" + name + " needs a value");
-      value = argv[++i];
-    }
-    if (name == "config") {
-      config_path = value;
-      continue;
-    }
-    auto& v = flags[name];
-    if (!spec->repeated) v.clear();
-    v.push_back(value);
-  }
-
+  CommandLine line;
+  TPC_RETURN_IF_ERROR(read_command_line(specs, argc, argv, &line));
+  cfg.positional_ = std::move(line.positional);
+  std::string config_path = line.config_path;
+  if (config_path.empty()) config_path = env_config_path(envp);
   Values file;
-  if (config_path.empty() && envp)
-    for (const char* const* e = envp; *e; ++e)
-      if (std::string_view(*e).substr(0, 11) == "TPC_CONFIG=") config_path = *e + 11;
   if (!config_path.empty()) TPC_RETURN_IF_ERROR(read_file(specs, config_path, &file));
+  Values env = read_environment(specs, envp);
 
-  Values env;
-  if (envp) {
-    for (const char* const* e = envp; *e; ++e) {
-      std::string_view kv = *e;
-      if (kv.substr(0, 4) != "TPC_") continue;
-      size_t eq = kv.find('=');
-      if (eq == std::string_view::npos) continue;
-      std::string_view key = kv.substr(0, eq);
-      for (auto& s : specs) {
-        if (env_name(s.name) != key) continue;
-        std::string value(kv.substr(eq + 1));
-        auto& v = env[s.name];
-        if (s.repeated) {
-          std::stringstream ss(value);
-          std::string item;
-          while (std::getline(ss, item, ','))
-            if (!trim(item).empty()) v.push_back(trim(item));
-        } else {
-          v.push_back(value);
-        }
-      }
-    }
-  }
-
+  // Precedence: flags, then the environment, then the config file, then the defaults.
   for (auto& s : specs) {
-    for (const Values* src : {&flags, &env, &file}) {
+    for (const Values* src : {&line.flags, &env, &file}) {
       auto it = src->find(s.name);
       if (it != src->end()) {
         cfg.values_[s.name] = it->second;

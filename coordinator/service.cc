@@ -385,21 +385,7 @@ void CoordinatorService::pump(const std::string& lane_key) {
   for (;;) {
     std::vector<Outgoing> batch;
     Url url;
-    {
-      std::lock_guard lock(outbox_mu_);
-      auto it = lanes_.find(lane_key);
-      if (it == lanes_.end()) return;
-      Lane& lane = it->second;
-      if (lane.queue.empty() || lane.in_flight >= cfg_.agent_requests_max) return;
-      size_t n = std::min(lane.queue.size(), cfg_.batch_max);
-      for (size_t i = 0; i < n; ++i) {
-        batch.push_back(std::move(lane.queue.front()));
-        lane.queue.pop_front();
-      }
-      ++lane.in_flight;
-      url = lane.url;
-    }
-    HttpRequest req;
+    if (!take_batch(lane_key, &batch, &url)) return;
     SendOptions opts;
     opts.timeout_ms = 0;
     bool exec = false;
@@ -408,64 +394,96 @@ void CoordinatorService::pump(const std::string& lane_key) {
       exec = exec || o.exec;
     }
     opts.idempotent = !exec;  // statements must never run twice: no automatic retry
-    if (batch.size() == 1) {
-      req.target = std::move(batch[0].target);
-      req.body = std::move(batch[0].body);
-    } else {
-      req.target = "/v1/batch";
-      // The bodies are spliced in as encoded; the envelope's names are the wire's.
-      std::string body = "{\"" + std::string(wire::kRequests) + "\":[";
-      for (size_t i = 0; i < batch.size(); ++i) {
-        if (i > 0) body += ",";
-        body += "{\"" + std::string(wire::kPath) + "\":\"" + batch[i].target + "\",\"" +
-                std::string(wire::kBody) + "\":" + batch[i].body + "}";
-      }
-      body += "]}";
-      req.body = std::move(body);
-    }
+    HttpRequest req = batch_request(batch);
     auto items = std::make_shared<std::vector<Outgoing>>(std::move(batch));
     transmit(url, std::move(req), opts, [this, items, lane_key](HttpResult res) {
       if (items->size() == 1) {
         deliver((*items)[0].m, (*items)[0].exec, res);
       } else {
-        // Split the batch's answer; anything short of a full answer fails every message.
-        Result<Json> j = unavailable("");
-        if (res.status.ok() && res.http_status == 200) j = parse_json(res.body);
-        const std::string responses(wire::kResponses);
-        bool ok = j.ok() && j->is_object() && j->contains(responses) &&
-                  (*j)[responses].is_array() && (*j)[responses].size() == items->size();
-        Status failure = res.status.ok() ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
-                                         : res.status;
-        for (size_t i = 0; i < items->size(); ++i) {
-          const Message& m = (*items)[i].m;
-          bool exec = (*items)[i].exec;
-          if (!ok) {
-            Json none;
-            delivered(m, exec, decode_branch_answer(m, 0, nullptr, failure, &none), Json(), false);
-            continue;
-          }
-          Json& r = (*j)[responses][i];
-          const std::string st(wire::kStatus), bd(wire::kBody);
-          int status = r.contains(st) && r[st].is_number_integer() ? r[st].get<int>() : 0;
-          Json* body = r.contains(bd) ? &r[bd] : nullptr;
-          Json results;
-          BranchReply br = decode_branch_answer(m, status, body, ok_status(), &results);
-          delivered(m, exec, std::move(br), std::move(results), true);
-        }
+        deliver_batch(*items, res);
       }
-      {
-        // An idle lane goes: lanes are keyed by the URLs agents enlisted with, which any
-        // client can name, so they must not pile up.
-        std::lock_guard lock(outbox_mu_);
-        auto it = lanes_.find(lane_key);
-        if (it != lanes_.end() && --it->second.in_flight == 0 && it->second.queue.empty()) {
-          lanes_.erase(it);
-          return;
-        }
-      }
+      if (lane_done(lane_key)) return;
       pump(lane_key);
     });
   }
+}
+
+// Takes up to batch_max waiting messages of a lane that has room for another request.
+bool CoordinatorService::take_batch(const std::string& lane_key, std::vector<Outgoing>* batch,
+                                    Url* url) {
+  std::lock_guard lock(outbox_mu_);
+  auto it = lanes_.find(lane_key);
+  if (it == lanes_.end()) return false;
+  Lane& lane = it->second;
+  if (lane.queue.empty() || lane.in_flight >= cfg_.agent_requests_max) return false;
+  size_t n = std::min(lane.queue.size(), cfg_.batch_max);
+  for (size_t i = 0; i < n; ++i) {
+    batch->push_back(std::move(lane.queue.front()));
+    lane.queue.pop_front();
+  }
+  ++lane.in_flight;
+  *url = lane.url;
+  return true;
+}
+
+// One message as itself; several in the batch envelope, their bodies spliced in as encoded.
+HttpRequest CoordinatorService::batch_request(std::vector<Outgoing>& batch) {
+  HttpRequest req;
+  if (batch.size() == 1) {
+    req.target = std::move(batch[0].target);
+    req.body = std::move(batch[0].body);
+    return req;
+  }
+  req.target = "/v1/batch";
+  std::string body = "{\"" + std::string(wire::kRequests) + "\":[";
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (i > 0) body += ",";
+    body += "{\"" + std::string(wire::kPath) + "\":\"" + batch[i].target + "\",\"" +
+            std::string(wire::kBody) + "\":" + batch[i].body + "}";
+  }
+  body += "]}";
+  req.body = std::move(body);
+  return req;
+}
+
+// Splits a batch's answer; anything short of a full answer fails every message.
+void CoordinatorService::deliver_batch(const std::vector<Outgoing>& items, const HttpResult& res) {
+  Result<Json> j = unavailable("");
+  if (res.status.ok() && res.http_status == 200) j = parse_json(res.body);
+  const std::string responses(wire::kResponses);
+  bool ok = j.ok() && j->is_object() && j->contains(responses) && (*j)[responses].is_array() &&
+            (*j)[responses].size() == items.size();
+  Status failure = res.status.ok()
+                       ? unavailable("the batch failed: HTTP " + std::to_string(res.http_status))
+                       : res.status;
+  const std::string st(wire::kStatus), bd(wire::kBody);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Message& m = items[i].m;
+    bool exec = items[i].exec;
+    if (!ok) {
+      Json none;
+      delivered(m, exec, decode_branch_answer(m, 0, nullptr, failure, &none), Json(), false);
+      continue;
+    }
+    Json& r = (*j)[responses][i];
+    int status = r.contains(st) && r[st].is_number_integer() ? r[st].get<int>() : 0;
+    Json* body = r.contains(bd) ? &r[bd] : nullptr;
+    Json results;
+    BranchReply br = decode_branch_answer(m, status, body, ok_status(), &results);
+    delivered(m, exec, std::move(br), std::move(results), true);
+  }
+}
+
+// One request of the lane finished. An idle lane goes: lanes are keyed by the URLs agents
+// enlisted with, which any client can name, so they must not pile up.
+bool CoordinatorService::lane_done(const std::string& lane_key) {
+  std::lock_guard lock(outbox_mu_);
+  auto it = lanes_.find(lane_key);
+  if (it != lanes_.end() && --it->second.in_flight == 0 && it->second.queue.empty()) {
+    lanes_.erase(it);
+    return true;
+  }
+  return false;
 }
 
 ClientReply CoordinatorService::from_log(const ClientReply& r) {

@@ -126,6 +126,10 @@ class CoordinatorService {
   void enqueue(const std::string& lane, const Url& url, Outgoing out);
   void send_alone(const Url& url, Outgoing out);
   void pump(const std::string& lane);
+  bool take_batch(const std::string& lane, std::vector<Outgoing>* batch, Url* url);
+  static HttpRequest batch_request(std::vector<Outgoing>& batch);
+  void deliver_batch(const std::vector<Outgoing>& items, const HttpResult& res);
+  bool lane_done(const std::string& lane);
   void deliver(const Message& m, bool exec, const HttpResult& res);
   void transmit(const Url& url, HttpRequest req, SendOptions opts, std::function<void(HttpResult)> done);
   void delivered(const Message& m, bool exec, BranchReply br, Json results, bool answered);

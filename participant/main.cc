@@ -51,6 +51,26 @@ std::vector<tpc::OptionSpec> specs() {
   return s;
 }
 
+// --coordinator ID=URL, one or more.
+tpc::Status read_coordinators(const tpc::Config& c, std::map<std::string, std::string>* out) {
+  using tpc::invalid_argument;
+  auto coordinators = c.all("coordinator");
+  if (coordinators.empty())
+    return invalid_argument("at least one --coordinator ID=URL is required");
+  for (auto& entry : coordinators) {
+    auto nv = tpc::split_name_value(entry, "coordinator");
+    if (!nv.ok()) return nv.status();
+    if (!tpc::valid_coordinator_id(nv->first))
+      return invalid_argument("--coordinator id \"" + nv->first +
+                              "\" must match [A-Za-z0-9_]{1,32}");
+    auto url = tpc::parse_url(nv->second);
+    if (!url.ok())
+      return invalid_argument("--coordinator " + nv->first + ": " + url.status().message());
+    (*out)[nv->first] = nv->second;
+  }
+  return tpc::ok_status();
+}
+
 tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   using tpc::invalid_argument;
   tpc::agent::AgentConfig cfg;
@@ -65,17 +85,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.machine.name = name;
   cfg.pg.conninfo = c.get("pg");
   if (cfg.pg.conninfo.empty()) return invalid_argument("--pg is required");
-  auto coordinators = c.all("coordinator");
-  if (coordinators.empty()) return invalid_argument("at least one --coordinator ID=URL is required");
-  for (auto& entry : coordinators) {
-    auto nv = tpc::split_name_value(entry, "coordinator");
-    if (!nv.ok()) return nv.status();
-    if (!tpc::valid_coordinator_id(nv->first))
-      return invalid_argument("--coordinator id \"" + nv->first + "\" must match [A-Za-z0-9_]{1,32}");
-    auto url = tpc::parse_url(nv->second);
-    if (!url.ok()) return invalid_argument("--coordinator " + nv->first + ": " + url.status().message());
-    cfg.coordinators[nv->first] = nv->second;
-  }
+  if (auto st = read_coordinators(c, &cfg.coordinators); !st.ok()) return st;
   cfg.advertise_url = c.get("advertise-url");
   if (cfg.advertise_url.empty()) {
     std::string host = listen->first == "0.0.0.0" || listen->first.empty() ? "127.0.0.1" : listen->first;
