@@ -31,6 +31,16 @@ std::optional<uint64_t> parse_decimal(std::string_view s) {
 bool valid_coordinator_id(std::string_view id) { return valid_name(id, false); }
 bool valid_participant_name(std::string_view name) { return valid_name(name, true); }
 
+bool valid_branch_name(std::string_view name) {
+  if (name.empty() || name.size() > kBranchNameMaxBytes) return false;
+  for (char c : name) {
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '-' || c == '.' || c == ':';
+    if (!ok) return false;
+  }
+  return true;
+}
+
 std::optional<GidParts> parse_gid(std::string_view text) {
   if (text.size() > kGidMaxBytes) return std::nullopt;
   size_t last = text.rfind('-');

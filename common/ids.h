@@ -21,6 +21,10 @@ bool valid_coordinator_id(std::string_view id);
 // [A-Za-z0-9_-]{1,32}
 bool valid_participant_name(std::string_view name);
 
+inline constexpr size_t kBranchNameMaxBytes = 64;
+// A TCC branch's or a saga step's name: [A-Za-z0-9_.:-]{1,64}.
+bool valid_branch_name(std::string_view name);
+
 struct GidParts {
   std::string coordinator;
   uint64_t epoch = 0;

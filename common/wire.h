@@ -14,6 +14,7 @@ inline constexpr std::string_view kPrepare = "prepare";
 inline constexpr std::string_view kPrecommit = "precommit";
 inline constexpr std::string_view kCommit = "commit";
 inline constexpr std::string_view kAbort = "abort";
+inline constexpr std::string_view kStep = "step";  // docs/DESIGN.md §8
 inline constexpr std::string_view kBranchesPrefix = "/v1/branches/";
 
 // Branch states in an agent's answers.

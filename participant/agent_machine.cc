@@ -87,6 +87,7 @@ std::string_view op_name(OpKind k) {
     case OpKind::put_state: return "put_state";
     case OpKind::delete_state: return "delete_state";
     case OpKind::tombstone: return "tombstone";
+    case OpKind::step: return "step";
   }
   return "?";
 }
@@ -277,6 +278,7 @@ bool AgentMachine::record_three_pc_first(Branch& b, Request& req) {
 // --- requests ------------------------------------------------------------------------------
 
 void AgentMachine::request(std::string_view gid, Request req, int64_t now_ms) {
+  if (req.kind == RequestKind::step) return step(gid, std::move(req), now_ms);
   if (auto parts = parse_gid(gid)) on_coordinator_epoch(parts->coordinator, parts->epoch, now_ms);
   Branch* b = find(gid);
   if (!b) {
@@ -427,6 +429,7 @@ void AgentMachine::dispatch(Branch& b, Request req, int64_t now_ms) {
     case RequestKind::resolve: return dispatch_resolve(b, std::move(req));
     case RequestKind::record: return dispatch_record(b, std::move(req));
     case RequestKind::forget: return dispatch_forget(b, std::move(req), now_ms);
+    case RequestKind::step: TPC_ASSERT_MSG(false, "a step never joins a branch's queue");
   }
 }
 
@@ -684,6 +687,7 @@ void AgentMachine::on_enlisted(std::string_view gid, Status status, int64_t bran
 }
 
 void AgentMachine::on_op_done(std::string_view gid, OpKind kind, OpResult result, int64_t now_ms) {
+  TPC_ASSERT_MSG(kind != OpKind::step, "a step's op ends in on_step_done");
   Branch* b = find(gid);
   if (!b || !b->busy) return;
   TPC_ASSERT(b->current_op == kind);
@@ -744,6 +748,7 @@ void AgentMachine::finish_op(Branch& b, OpKind kind, OpResult& res, int64_t now_
     case OpKind::tombstone: return tombstone_done(b, std::move(req), res, now_ms);
     case OpKind::put_state:
     case OpKind::delete_state: return record_done(b, kind, std::move(req), res, now_ms);
+    case OpKind::step: TPC_ASSERT_MSG(false, "a step's op ends in on_step_done");
   }
 }
 
@@ -806,7 +811,7 @@ bool AgentMachine::over_row_limit(const Request& req, OpResult& res) const {
         Status(Code::sql_error, "statement " + std::to_string(i + 1) + " returned " +
                                     std::to_string(r.rows.size()) + " rows; the limit is " +
                                     std::to_string(opts_.result_rows_max));
-    res.sqlstate = "54000";  // program_limit_exceeded
+    res.sqlstate = std::string(pg::kTooManyRowsSqlstate);
     res.prepare.reset();
     return prepared;
   }
@@ -1151,10 +1156,15 @@ void AgentMachine::on_peer_states(std::string_view gid, std::vector<PeerAnswer> 
     any_abort = any_abort || *a.state == BranchState::aborted;
   }
   bool commit = any_commit ? true : any_abort ? false : b.state == BranchState::precommitted;
+  // A decision taken alone earlier and not carried out yet (PostgreSQL was down, say) is
+  // changed only by a peer's outcome, never by silence: the peers that answered then may be
+  // unreachable now, and what they said still holds.
+  if (!any_commit && !any_abort && b.alone_commit) commit = *b.alone_commit;
   decided_alone(b, commit, "peers " + said, now_ms);
 }
 
 void AgentMachine::decided_alone(Branch& b, bool commit, std::string_view why, int64_t now_ms) {
+  b.alone_commit = commit;
   b.unilateral = true;
   if (commit)
     ++counters_.unilateral_commits;

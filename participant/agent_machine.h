@@ -69,6 +69,7 @@ enum class RequestKind : uint8_t {
   status,
   forget,  // an operator clears a heuristic outcome (HTTP)
   record,  // internal: write the branch's local-decision record
+  step,    // a step with its barrier (docs/DESIGN.md §8), outside any branch's session
 };
 
 // A branch finished by a decision taken here — an operator's resolve, or 3PC deciding alone —
@@ -120,6 +121,8 @@ struct Request {
   std::string detail;                 // internal resolve: why
   Protocol protocol = Protocol::two_phase;  // prepare
   std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
+  std::string branch;                 // step: the TCC branch or saga step it belongs to
+  StepOp step_op = StepOp::action;    // step
 };
 
 enum class OpKind : uint8_t {
@@ -133,6 +136,7 @@ enum class OpKind : uint8_t {
   put_state,          // any connection: durable tpc_agent_state row (3PC, operator)
   delete_state,       // any connection: remove the branch's tpc_agent_state row
   tombstone,          // any connection: durable "never commits" mark (pg_branch.h, put_tombstone)
+  step,               // any connection: a step's statements with its barrier rows (pg_barrier.h)
 };
 
 std::string_view op_name(OpKind k);
@@ -147,6 +151,10 @@ struct PgOp {
   std::string detail;                 // put_state: free text
   bool clear_state = false;           // commit/rollback_prepared: delete the 3PC record
   std::vector<Peer> peers;            // put_state: kept with the 3PC record
+  uint64_t step = 0;                  // step: the machine's id for it (on_step_done)
+  std::string branch;                 // step
+  StepOp step_op = StepOp::action;    // step
+  size_t rows_max = 0;                // step: rows a statement may return; more fails it
 };
 
 // What the driver reports back for a PgOp.
@@ -158,6 +166,8 @@ struct OpResult {
   std::optional<pg::Outcome> outcome;      // commit_one_phase, commit/rollback_prepared
   std::optional<pg::Evidence> evidence;    // evidence
   std::string reason;                      // commit_one_phase aborted: why
+  std::optional<pg::Barrier> barrier;      // step, when ok
+  std::optional<std::string> stored_results;  // step, duplicate: the first call's (encoded)
 };
 
 enum class Outcome : uint8_t {
@@ -178,6 +188,8 @@ struct Reply {
   std::string reason;
   std::string sqlstate;
   std::shared_ptr<std::vector<pg::StatementResult>> results;
+  std::optional<pg::Barrier> barrier;         // step; refused comes with a conflict error
+  std::optional<std::string> stored_results;  // step, duplicate: the first call's (encoded)
 };
 
 // Ask every peer for its state of gid (3PC termination).
@@ -223,6 +235,7 @@ struct AgentOptions {
   int64_t precommit_timeout_ms = 10'000;  // 3PC: prepared, no pre-commit by then → ask
   int64_t commit_timeout_ms = 10'000;     // 3PC: pre-committed, no commit by then → ask
   size_t result_rows_max = 10'000;        // per statement; more fails the statement (54000)
+  size_t steps_max = 256;                 // steps in flight; past it 503
 };
 
 struct BranchView {
@@ -257,6 +270,14 @@ struct AgentCounters {
   uint64_t heuristic_mismatch = 0;  // a decision taken alone or by hand met a different one
   uint64_t refused_overload = 0;
   uint64_t reports_sent = 0;  // heuristic outcomes the coordinator accepted
+  // Steps, by what their barrier said; failed: a business failure (an SQL error other than
+  // the retryable ones); unknown: the outcome is unknown to the caller, who resends.
+  uint64_t steps_applied = 0;
+  uint64_t steps_duplicate = 0;
+  uint64_t steps_empty_compensation = 0;
+  uint64_t steps_refused = 0;
+  uint64_t steps_failed = 0;
+  uint64_t steps_unknown = 0;
 };
 
 class AgentMachine {
@@ -274,6 +295,19 @@ class AgentMachine {
   // The coordinator's answer to a Report: ok; not_found or invalid_argument (it will never
   // take it: not its gid, forgotten); anything else is retried with backoff.
   void on_reported(std::string_view gid, Status status, int64_t now_ms);
+
+  // A step (RequestKind::step): its statements run with its barrier rows in one local
+  // transaction on any connection. The answer says what the barrier found; a business failure
+  // (an SQL error not retryable_sqlstate) is final, anything else unknown (unavailable). A
+  // step of a transaction its coordinator has reported finished (on_finished_below) runs no
+  // more: a try/action is refused, any other op answered duplicate (it ran before the
+  // transaction could finish), since its barrier rows may be purged already.
+  void step(std::string_view gid, Request req, int64_t now_ms);
+  void on_step_done(uint64_t step, OpResult result, int64_t now_ms);
+  // Every transaction of `coordinator` below (epoch, seq) has finished (its status's
+  // finished_below): their barrier rows and markers may go.
+  void on_finished_below(std::string_view coordinator, uint64_t epoch, uint64_t seq);
+  size_t steps_in_flight() const { return steps_.size(); }
 
   struct ScanEntry {
     std::string gid;
@@ -347,6 +381,7 @@ class AgentMachine {
     bool ask_now = false;          // skip the in-doubt delay (the coordinator restarted)
     bool cancel_sent = false;      // the running statement was asked to stop
     bool terminating = false;      // waiting for the peers' answers
+    std::optional<bool> alone_commit;  // 3PC: the decision taken alone, kept until carried out
     std::vector<Peer> peers;       // 3PC: every branch of the transaction
     std::string last_answer;
     std::string reason;
@@ -413,6 +448,9 @@ class AgentMachine {
   void erase_branch(const std::string& gid);
   void cancel_running(Branch& b, std::string_view why);
   void abort_stale(Branch& b, std::string_view why, int64_t now_ms);
+  bool finished_at_coordinator(std::string_view gid) const;
+  void reply_finished_step(const Request& req);
+  void count_step(const Reply& r);
 
   AgentOptions opts_;
   Logger& log_;
@@ -424,6 +462,9 @@ class AgentMachine {
   std::set<std::string, std::less<>> live_;
   std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
   std::set<std::string, std::less<>> disagreements_;     // check mismatch or reported
+  std::unordered_map<uint64_t, Request> steps_;          // steps in flight, by id
+  uint64_t next_step_ = 1;
+  std::map<std::string, GidParts, std::less<>> finished_below_;  // coordinator → its watermark
   uint64_t next_serial_ = 1;
   size_t open_sessions_ = 0;
   Ready ready_;

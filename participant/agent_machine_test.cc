@@ -1200,6 +1200,25 @@ TEST_CASE("3PC termination: a timed-out branch asks its peers before deciding") 
   CHECK(f.m->counters().unilateral_commits + f.m->counters().unilateral_aborts == 1);
 }
 
+TEST_CASE("3PC termination: a decision taken alone and not carried out stands against silence") {
+  Fixture f;
+  prepare_3pc(f, "c1-1-1");
+  time_out(f, "c1-1-1", f.opts.precommit_timeout_ms);
+  f.m->on_peer_states("c1-1-1", {{"a2", BranchState::committed}}, f.now);
+  Ready r = f.ready();
+  REQUIRE(r.ops.size() == 1);
+  REQUIRE(r.ops[0].kind == OpKind::put_state);
+  // PostgreSQL is down: the decision is neither recorded nor carried out.
+  f.m->on_op_done("c1-1-1", OpKind::put_state, Fixture::failure(Code::unavailable), f.now);
+  f.ready();
+  CHECK(f.m->view("c1-1-1", f.now)->state == BranchState::prepared);
+  // Later the peer that committed is unreachable; silence does not turn commit into abort.
+  PeerQuery q = time_out(f, "c1-1-1", 60'000);
+  f.m->on_peer_states("c1-1-1", {{"a2", std::nullopt}}, f.now);
+  CHECK(decided_op(f, "c1-1-1").kind == OpKind::commit_prepared);
+  CHECK(f.m->counters().unilateral_aborts == 0);
+}
+
 TEST_CASE("3PC termination: a pre-committed branch commits unless a peer aborted") {
   Fixture f;
   prepare_3pc(f, "c1-1-1");

@@ -126,21 +126,31 @@ void AgentService::schedule(int64_t delay_ms, std::function<void()> fn) {
 
 // --- effects -------------------------------------------------------------------------------
 
+void AgentService::op_done(const std::string& gid, OpKind kind, uint64_t step, OpResult res) {
+  with_machine([&](AgentMachine& m) {
+    if (kind == OpKind::step)
+      m.on_step_done(step, std::move(res), rt_.now_ms());
+    else
+      m.on_op_done(gid, kind, std::move(res), rt_.now_ms());
+  });
+}
+
 void AgentService::run(Ready ready) {
   for (auto& op : ready.ops) {
     std::string gid = op.gid;
     OpKind kind = op.kind;
+    uint64_t step = op.step;
     bool queued = rt_.submit([this, op = std::move(op)]() mutable {
       int64_t started = rt_.now_ms();
       OpResult res = pg_.execute(op);
       if (op_latency_) op_latency_->observe(static_cast<double>(rt_.now_ms() - started) / 1000.0);
-      with_machine([&](AgentMachine& m) { m.on_op_done(op.gid, op.kind, std::move(res), rt_.now_ms()); });
+      op_done(op.gid, op.kind, op.step, std::move(res));
     });
     if (!queued) {
       OpResult res;
       res.status = unavailable("too many PostgreSQL operations waiting (" +
                                std::to_string(cfg_.jobs_max) + ")");
-      with_machine([&](AgentMachine& m) { m.on_op_done(gid, kind, std::move(res), rt_.now_ms()); });
+      op_done(gid, kind, step, std::move(res));
     }
   }
   for (auto& q : ready.peer_queries) query_peers(q);
@@ -315,9 +325,14 @@ void AgentService::purge() {
           !fb["epoch"].is_number_unsigned() || !fb["seq"].is_number_unsigned())
         return;
       auto epoch = fb["epoch"].get<int64_t>(), seq = fb["seq"].get<int64_t>();
+      with_machine([&](AgentMachine& m) {
+        m.on_finished_below(id, static_cast<uint64_t>(epoch), static_cast<uint64_t>(seq));
+      });
       (void)rt_.submit([this, id, epoch, seq] {  // full: the next purge does it
-        auto n = pg_.purge_markers(id, epoch, seq);
-        if (n.ok() && *n > 0) log_.info("purged markers", {{"coordinator", id}, {"rows", *n}});
+        auto n = pg_.purge_finished(id, epoch, seq);
+        if (n.ok() && n->markers + n->barriers > 0)
+          log_.info("purged the rows of finished transactions",
+                    {{"coordinator", id}, {"markers", n->markers}, {"barriers", n->barriers}});
       });
     });
   }
@@ -514,6 +529,8 @@ void AgentService::branch_request(const std::string& gid, std::string_view actio
   Result<Request> r = invalid_argument("");
   if (action == wire::kExec)
     r = decode_exec(req.body, cfg_.exec);
+  else if (action == wire::kStep)
+    r = decode_step(req.body, gid, cfg_.exec);
   else if (action == wire::kPrepare)
     r = decode_prepare(req.body);
   else if (action == wire::kCommit)
@@ -593,6 +610,21 @@ void AgentService::register_metrics() {
       });
   counter("tpc_agent_refused_total", "new branches refused past branches_max", {},
           [](const AgentCounters& c) { return c.refused_overload; });
+  struct StepCounter {
+    const char* outcome;
+    uint64_t AgentCounters::*field;
+  };
+  for (auto [outcome, field] :
+       {StepCounter{"applied", &AgentCounters::steps_applied},
+        StepCounter{"duplicate", &AgentCounters::steps_duplicate},
+        StepCounter{"empty_compensation", &AgentCounters::steps_empty_compensation},
+        StepCounter{"refused", &AgentCounters::steps_refused},
+        StepCounter{"failed", &AgentCounters::steps_failed},
+        StepCounter{"unknown", &AgentCounters::steps_unknown}})
+    counter("tpc_agent_steps_total",
+            "steps (docs/DESIGN.md §8) by outcome: what the barrier found, a business failure "
+            "(failed), or an outcome the caller must resend to learn (unknown)",
+            {{"outcome", outcome}}, [field](const AgentCounters& c) { return c.*field; });
   metrics_.gauge("tpc_agent_open_branches", "branches with an open session", [this] {
     std::lock_guard lock(mu_);
     return static_cast<double>(machine_.open_sessions());

@@ -87,6 +87,7 @@ class AgentService {
 
   // Effects.
   void run(Ready ready);
+  void op_done(const std::string& gid, OpKind kind, uint64_t step, OpResult res);
   void enlist(const std::string& gid);
   void query_peers(const PeerQuery& q);
   void ask(const std::string& gid);

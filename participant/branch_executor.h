@@ -35,8 +35,14 @@ class BranchExecutor {
   // This agent's prepared transactions (with their 3PC or decision records) and the decision
   // records of branches no longer prepared.
   virtual Result<Scan> scan() = 0;
-  // Markers of `coordinator` below (epoch, seq); rows deleted.
-  virtual Result<int64_t> purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) = 0;
+  // The rows of finished transactions: markers and barrier rows of `coordinator` below
+  // (epoch, seq).
+  struct Purged {
+    int64_t markers = 0;
+    int64_t barriers = 0;
+  };
+  virtual Result<Purged> purge_finished(const std::string& coordinator, int64_t epoch,
+                                        int64_t seq) = 0;
   // 3PC records left behind by a crash; rows deleted.
   virtual Result<int64_t> purge_stale_states() = 0;
   // Ends every session (PostgreSQL rolls back what was not prepared) and idle connection.

@@ -10,6 +10,8 @@
 #include <string_view>
 #include <vector>
 
+#include "common/protocol.h"
+
 namespace tpc::pg {
 
 using Value = std::optional<std::string>;  // nullopt is SQL NULL
@@ -55,7 +57,58 @@ constexpr std::optional<ThreePcRecord> parse_three_pc_record(std::string_view s)
   return std::nullopt;
 }
 
+// A step's barrier (docs/DESIGN.md §8): what its rows in tpc_barrier, keyed (gid, branch, op),
+// say about this call of the step.
+enum class Barrier : uint8_t {
+  applied,             // first call: the statements ran and committed with the barrier row
+  duplicate,           // called before: nothing ran again (the first call's results stand)
+  empty_compensation,  // a cancel/compensate whose try/action never ran: only the rows commit
+  refused,             // a try/action after its cancel/compensate (anti-hanging): nothing ran
+};
+
+constexpr std::string_view barrier_name(Barrier b) {
+  switch (b) {
+    case Barrier::applied: return "applied";
+    case Barrier::duplicate: return "duplicate";
+    case Barrier::empty_compensation: return "empty_compensation";
+    case Barrier::refused: return "refused";
+  }
+  return "?";
+}
+
+// The barrier rows as a step finds them, inside its local transaction, after inserting them
+// with ON CONFLICT DO NOTHING: its own row (gid, branch, op), and for a cancel/compensate
+// also the row of the op it undoes, written in that op's name so that the op, if it comes
+// later, finds its row taken.
+struct BarrierRows {
+  bool own_inserted = false;     // the row (gid, branch, op) is this call's
+  std::string own_written_by;    // the op named in that row, when it was there already
+  bool undone_inserted = false;  // cancel/compensate: the undone op's row is this call's
+};
+
+// The barrier rule, one place for every executor.
+inline Barrier barrier_verdict(StepOp op, const BarrierRows& rows) {
+  if (!rows.own_inserted)
+    return rows.own_written_by == step_op_name(op) ? Barrier::duplicate : Barrier::refused;
+  if (undoes(op) && rows.undone_inserted) return Barrier::empty_compensation;
+  return Barrier::applied;
+}
+
+// The SQLSTATEs after which a step's outcome is unknown and the call is retried (docs/DESIGN.md
+// §8): connection exceptions (08), transaction rollbacks such as serialization failures and
+// deadlocks (40), lock_not_available (55P03), query_canceled (57014), and the server going
+// away or not accepting connections yet (57P01-57P03, 53300). Any other SQL error is the
+// business's answer, final.
+constexpr bool retryable_sqlstate(std::string_view s) {
+  if (s.size() != 5) return false;
+  std::string_view cls = s.substr(0, 2);
+  return cls == "08" || cls == "40" || s == "55P03" || s == "57014" || s == "57P01" ||
+         s == "57P02" || s == "57P03" || s == "53300";
+}
+
 // A statement whose row count differs from its expectation fails with this SQLSTATE.
 inline constexpr std::string_view kExpectRowsSqlstate = "21000";  // cardinality_violation
+// A statement that returns more rows than the agent allows fails with this SQLSTATE.
+inline constexpr std::string_view kTooManyRowsSqlstate = "54000";  // program_limit_exceeded
 
 }  // namespace tpc::pg

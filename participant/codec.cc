@@ -6,7 +6,26 @@
 namespace tpc::agent {
 namespace {
 
-Result<pg::Value> decode_param(const Json& p, size_t i) {
+// What {"tpc":"gid"} and {"tpc":"branch"} stand for in a step's params; null outside steps.
+struct ParamNames {
+  std::string_view gid;
+  std::string_view branch;
+};
+
+Result<pg::Value> decode_name_param(const Json& p, size_t i, const ParamNames* names) {
+  std::string where = "params[" + std::to_string(i) + "]";
+  if (!names) return invalid_argument(where + " must be a string, number, boolean or null");
+  if (p.size() != 1 || !p.contains("tpc") || !p["tpc"].is_string())
+    return invalid_argument(
+        where + ": the only object allowed is {\"tpc\":\"gid\"} or {\"tpc\":\"branch\"}");
+  std::string name = p["tpc"].get<std::string>();
+  if (name == "gid") return pg::Value{std::string(names->gid)};
+  if (name == "branch") return pg::Value{std::string(names->branch)};
+  return invalid_argument(where + ": {\"tpc\":" + echo(name) + "} names nothing (gid or branch)");
+}
+
+Result<pg::Value> decode_param(const Json& p, size_t i, const ParamNames* names) {
+  if (p.is_object()) return decode_name_param(p, i, names);
   if (p.is_null()) return pg::Value{};
   if (p.is_string()) return pg::Value{p.get<std::string>()};
   if (p.is_boolean()) return pg::Value{p.get<bool>() ? "true" : "false"};
@@ -17,7 +36,8 @@ Result<pg::Value> decode_param(const Json& p, size_t i) {
 }
 
 // The fields of one statement, read from `r` (a statements item, or the exec body itself).
-Status decode_statement(FieldReader& r, const ExecLimits& limits, Statement* out) {
+Status decode_statement(FieldReader& r, const ExecLimits& limits, const ParamNames* names,
+                        Statement* out) {
   r.string("sql", &out->sql, true);
   const Json* params = r.array("params", false, limits.params_max);
   int64_t expect = 0;
@@ -29,7 +49,7 @@ Status decode_statement(FieldReader& r, const ExecLimits& limits, Statement* out
     return invalid_argument("\"sql\" must not contain NUL bytes");
   if (params) {
     for (size_t i = 0; i < params->size(); ++i) {
-      auto v = decode_param((*params)[i], i);
+      auto v = decode_param((*params)[i], i, names);
       if (!v.ok()) return v.status();
       if (*v && v->value().find('\0') != std::string::npos)
         return invalid_argument("params[" + std::to_string(i) + "] must not contain NUL bytes");
@@ -39,13 +59,36 @@ Status decode_statement(FieldReader& r, const ExecLimits& limits, Statement* out
   return ok_status();
 }
 
-Status decode_statement_item(const Json& item, size_t i, const ExecLimits& limits, Statement* out) {
+Status decode_statement_item(const Json& item, size_t i, const ExecLimits& limits,
+                             const ParamNames* names, Statement* out) {
   std::string where = "statements[" + std::to_string(i) + "]";
   if (!item.is_object()) return invalid_argument(where + " must be an object");
   FieldReader r(item);
-  Status st = decode_statement(r, limits, out);
+  Status st = decode_statement(r, limits, names, out);
   if (st.ok()) st = r.finish();
   if (!st.ok()) return Status(st.code(), where + ": " + st.message());
+  return ok_status();
+}
+
+// "sql" (with "params") or "statements", from r; `empty_ok`: neither, or an empty list, is
+// allowed and gives no statements.
+Status decode_statements(FieldReader& r, const ExecLimits& limits, const ParamNames* names,
+                         bool empty_ok, std::vector<Statement>* out) {
+  if (r.has("sql")) {
+    Statement s;
+    TPC_RETURN_IF_ERROR(decode_statement(r, limits, names, &s));
+    out->push_back(std::move(s));
+    return ok_status();
+  }
+  const Json* list = r.array("statements", !empty_ok, limits.statements_max);
+  if (!r.ok()) return r.status();
+  if (!list) return ok_status();
+  if (list->empty() && !empty_ok) return invalid_argument("\"statements\" must not be empty");
+  for (size_t i = 0; i < list->size(); ++i) {
+    Statement s;
+    TPC_RETURN_IF_ERROR(decode_statement_item((*list)[i], i, limits, names, &s));
+    out->push_back(std::move(s));
+  }
   return ok_status();
 }
 
@@ -95,23 +138,35 @@ Result<Request> decode_exec(std::string_view body, const ExecLimits& limits) {
   if (!protocol.ok()) return protocol.status();
   req.protocol = *protocol;
   TPC_RETURN_IF_ERROR(decode_peers(r, &req.peers));
-  bool has_sql = r.has("sql"), has_list = r.has("statements");
-  if (has_sql == has_list)
+  if (r.has("sql") == r.has("statements"))
     return invalid_argument("give either \"sql\" (with \"params\") or \"statements\"");
-  if (has_sql) {
-    Statement s;
-    TPC_RETURN_IF_ERROR(decode_statement(r, limits, &s));
-    req.statements.push_back(std::move(s));
-  } else {
-    const Json* list = r.array("statements", true, limits.statements_max);
-    if (!r.ok()) return r.status();
-    if (list->empty()) return invalid_argument("\"statements\" must not be empty");
-    for (size_t i = 0; i < list->size(); ++i) {
-      Statement s;
-      TPC_RETURN_IF_ERROR(decode_statement_item((*list)[i], i, limits, &s));
-      req.statements.push_back(std::move(s));
-    }
-  }
+  TPC_RETURN_IF_ERROR(decode_statements(r, limits, nullptr, false, &req.statements));
+  TPC_RETURN_IF_ERROR(r.finish());
+  return req;
+}
+
+Result<Request> decode_step(std::string_view body, std::string_view gid, const ExecLimits& limits) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  Request req;
+  req.kind = RequestKind::step;
+  FieldReader r(*j);
+  std::string op;
+  r.string("branch", &req.branch, true, kBranchNameMaxBytes);
+  r.string("op", &op, true, 16);
+  if (!r.ok()) return r.status();
+  if (!valid_branch_name(req.branch))
+    return invalid_argument("\"branch\" must match [A-Za-z0-9_.:-]{1,64}, got " + echo(req.branch));
+  auto step_op = parse_step_op(op);
+  if (!step_op)
+    return invalid_argument(
+        "\"op\" must be try, confirm, cancel, action, compensate, deliver or local, got " +
+        echo(op));
+  req.step_op = *step_op;
+  if (r.has("sql") && r.has("statements"))
+    return invalid_argument("give either \"sql\" (with \"params\") or \"statements\", not both");
+  ParamNames names{gid, req.branch};
+  TPC_RETURN_IF_ERROR(decode_statements(r, limits, &names, true, &req.statements));
   TPC_RETURN_IF_ERROR(r.finish());
   return req;
 }
@@ -195,7 +250,33 @@ Json encode_view(const BranchView& v) {
   return j;
 }
 
+namespace {
+
+// 200 {"barrier","results"}; 409 barrier_refused; 422 (sqlstate) or 503 from the error.
+HttpResponse encode_step_reply(const Reply& r) {
+  if (r.barrier == pg::Barrier::refused)
+    return error_response(409, "barrier_refused", r.error.message());
+  if (!r.error.ok()) {
+    Json extra = Json::object();
+    if (!r.sqlstate.empty()) extra["sqlstate"] = r.sqlstate;
+    return error_response(r.error, extra);
+  }
+  TPC_ASSERT(r.barrier.has_value());
+  Json results = Json::array();
+  if (r.stored_results) {
+    auto stored = parse_json(*r.stored_results);
+    if (stored.ok() && stored->is_array()) results = std::move(*stored);
+  } else if (r.results) {
+    results = encode_results(*r.results);
+  }
+  return json_response(200, Json{{"barrier", std::string(pg::barrier_name(*r.barrier))},
+                                 {"results", std::move(results)}});
+}
+
+}  // namespace
+
 HttpResponse encode_reply(const Reply& r) {
+  if (r.kind == RequestKind::step) return encode_step_reply(r);
   Json extra = Json::object();
   if (!r.sqlstate.empty()) extra["sqlstate"] = r.sqlstate;
   if (!r.error.ok()) {

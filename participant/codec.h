@@ -18,6 +18,11 @@ struct ExecLimits {
 // {"sql":"…","params":[…]} or {"statements":[{"sql","params"},…]}, optionally "prepare":true
 // (and "protocol" with it). Params: strings, numbers, booleans or null, bound as text.
 Result<Request> decode_exec(std::string_view body, const ExecLimits& limits);
+// A step of transaction `gid`: {"branch":"NAME","op":"try|confirm|cancel|action|compensate|
+// deliver|local","statements":[{"sql","params","expect_rows"?},…]} (or "sql" and "params";
+// no statements: only the barrier). In params, {"tpc":"gid"} stands for gid and
+// {"tpc":"branch"} for the branch.
+Result<Request> decode_step(std::string_view body, std::string_view gid, const ExecLimits& limits);
 // {"protocol":"2pc"|"3pc"} (optional).
 Result<Request> decode_prepare(std::string_view body);
 // {"one_phase":true} (optional).

@@ -9,6 +9,8 @@
 
 #include <charconv>
 
+#include "participant/pg_run.h"
+
 namespace tpc::pg {
 namespace {
 
@@ -23,7 +25,8 @@ std::string agent_prefix(std::string_view agent) {
   return p;
 }
 
-// "<message> (SQLSTATE 23503)" for functions that return only a Status.
+}  // namespace
+
 Status with_sqlstate(const ExecResult& r, std::string_view what) {
   TPC_ASSERT(!r.status.ok());
   std::string msg(what);
@@ -32,6 +35,8 @@ Status with_sqlstate(const ExecResult& r, std::string_view what) {
   if (!r.sqlstate.empty()) msg += " (SQLSTATE " + r.sqlstate + ")";
   return Status(r.status.code(), msg);
 }
+
+namespace {
 
 Result<int64_t> parse_int(const Value& v, std::string_view what) {
   int64_t out = 0;
@@ -47,10 +52,13 @@ Result<int64_t> parse_int(const Value& v, std::string_view what) {
 constexpr std::string_view kMarkerInsert =
     "INSERT INTO tpc_marker (pg_gid, coordinator, epoch, seq) VALUES ($1, $2, $3, $4)";
 
-// Ends a block the server left open after an error; the vote or outcome is already known.
+}  // namespace
+
 void rollback_if_open(PgConn& c) {
   if (c.in_transaction()) (void)c.exec_simple("ROLLBACK");
 }
+
+namespace {
 
 PrepareResult vote_no(std::string reason, std::string sqlstate) {
   PrepareResult r;
@@ -115,6 +123,12 @@ Status ensure_schema(PgConn& c) {
       "CREATE TABLE IF NOT EXISTS tpc_agent_identity ("
       "singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), agent text NOT NULL, "
       "system_identifier text, database text NOT NULL, created_at timestamptz DEFAULT now())",
+      "CREATE TABLE IF NOT EXISTS tpc_barrier ("
+      "gid text NOT NULL, branch text NOT NULL, op text NOT NULL, written_by text NOT NULL, "
+      "coordinator text NOT NULL, epoch bigint NOT NULL, seq bigint NOT NULL, result text, "
+      "created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (gid, branch, op))",
+      "CREATE INDEX IF NOT EXISTS tpc_barrier_by_gid_order ON tpc_barrier (coordinator, epoch, "
+      "seq)",
   };
   if (c.in_transaction()) return internal_error("ensure_schema inside a transaction block");
   for (std::string_view sql : kTables) {
@@ -155,6 +169,7 @@ constexpr TableNeeds kTableNeeds[] = {
     {"tpc_marker", {"SELECT", "INSERT", "DELETE", ""}},
     {"tpc_agent_state", {"SELECT", "INSERT", "UPDATE", "DELETE"}},
     {"tpc_agent_identity", {"SELECT", "INSERT", "UPDATE", ""}},
+    {"tpc_barrier", {"SELECT", "INSERT", "UPDATE", "DELETE"}},
 };
 
 Result<bool> ask_bool(PgConn& c, const std::string& sql, std::vector<Value> params,
@@ -294,6 +309,8 @@ size_t step_bytes(const std::vector<PipelineStep>& steps) {
   return n;
 }
 
+}  // namespace
+
 std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& steps) {
   if (step_bytes(steps) <= kPipelineBytesMax) return c.exec_pipeline(steps);
   std::vector<ExecResult> out;
@@ -312,6 +329,8 @@ std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& st
   return out;
 }
 
+namespace {
+
 // The rows a statement affected (INSERT, UPDATE, DELETE) or returned (SELECT).
 int64_t row_count(const StatementResult& r) {
   return std::max<int64_t>(r.affected, static_cast<int64_t>(r.rows.size()));
@@ -323,7 +342,8 @@ bool has_expectation(const std::vector<std::optional<int64_t>>& expect_rows) {
   return false;
 }
 
-// sql_error when statement i has an expectation its result does not meet.
+}  // namespace
+
 Status check_rows(const StatementResult& r, size_t i,
                   const std::vector<std::optional<int64_t>>& expect_rows) {
   if (i >= expect_rows.size() || !expect_rows[i] || row_count(r) == *expect_rows[i])
@@ -334,8 +354,6 @@ Status check_rows(const StatementResult& r, size_t i,
                     (r.command_tag.rfind("SELECT", 0) == 0 ? "returned " : "affected ") +
                     std::to_string(row_count(r)));
 }
-
-}  // namespace
 
 namespace {
 

@@ -30,7 +30,8 @@ std::string pg_gid(std::string_view agent, std::string_view gid);
 // The inverse, for rows of pg_prepared_xacts: the global gid if `pg_gid` belongs to `agent`.
 std::optional<std::string> global_gid(std::string_view agent, std::string_view pg_gid);
 
-// Creates tpc_marker, tpc_agent_state and tpc_agent_identity if missing. Run once at start on any
+// Creates tpc_marker, tpc_agent_state, tpc_agent_identity and tpc_barrier (pg_step.h) if
+// missing. Run once at start on any
 // connection.
 //   tpc_marker(pg_gid text primary key, coordinator text, epoch bigint, seq bigint,
 //              created_at timestamptz default now(), aborted boolean default false)

@@ -1,8 +1,11 @@
 #include "participant/pg_executor.h"
 
+#include <functional>
+
 #include "common/failpoint.h"
 #include "common/ids.h"
 #include "participant/codec.h"
+#include "participant/pg_barrier.h"
 #include "participant/pg_branch.h"
 
 namespace tpc::agent {
@@ -189,8 +192,40 @@ OpResult PgExecutor::execute(PgOp& op) {
     case OpKind::put_state:
     case OpKind::delete_state:
     case OpKind::tombstone: return outside_session(op, pgg, *parts);
+    case OpKind::step: return run_step(op, *parts);
   }
   return failed(internal_error("unknown operation"));
+}
+
+// A step on any idle connection: its statements and barrier rows in one local transaction
+// (pg::run_step). The connection goes back to the pool unless it broke.
+OpResult PgExecutor::run_step(PgOp& op, const GidParts& parts) {
+  auto conn = acquire();
+  if (!conn.ok()) return failed(conn.status());
+  pg::StepCall call{op.gid,
+                    op.branch,
+                    op.step_op,
+                    parts.coordinator,
+                    static_cast<int64_t>(parts.epoch),
+                    static_cast<int64_t>(parts.seq)};
+  std::vector<pg::PipelineStep> steps;
+  std::vector<std::optional<int64_t>> expect_rows;
+  steps.reserve(op.statements.size());
+  for (Statement& st : op.statements) {
+    expect_rows.push_back(st.expect_rows);
+    steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
+  }
+  TPC_FAILPOINT("agent.before_step");
+  pg::StepRun run = pg::run_step(
+      **conn, call, std::move(steps), expect_rows, op.rows_max,
+      [](const std::vector<pg::StatementResult>& r) { return dump(encode_results(r)); });
+  if ((*conn)->usable()) release(std::move(*conn));
+  if (run.status.ok()) TPC_FAILPOINT("agent.after_step");
+  OpResult res = failed(run.status, run.sqlstate);
+  res.barrier = run.barrier;
+  res.results = std::make_shared<std::vector<pg::StatementResult>>(std::move(run.results));
+  res.stored_results = std::move(run.stored);
+  return res;
 }
 
 // The session for an exec: the branch's own, or a new one (begin); registered for cancel().
@@ -371,18 +406,37 @@ Result<BranchExecutor::Scan> PgExecutor::scan() {
   return Scan{std::move(entries), std::move(decided)};
 }
 
-Result<int64_t> PgExecutor::purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) {
-  auto c = acquire();
-  if (!c.ok()) return c.status();
+namespace {
+
+// Deletes rows with `purge` in statements of at most kRowsPerStatement, at most
+// kRowsPerPass in all, so a purge never holds locks for long.
+Result<int64_t> purge_in_rounds(const std::function<Result<int64_t>(int64_t limit)>& purge) {
+  constexpr int64_t kRowsPerStatement = 10'000, kRowsPerPass = 100'000;
   int64_t total = 0;
-  for (int round = 0; round < 10; ++round) {  // at most 100k rows a pass, 10k per statement
-    auto n = pg::purge_markers(**c, coordinator, epoch, seq, 10'000);
+  while (total < kRowsPerPass) {
+    auto n = purge(kRowsPerStatement);
     if (!n.ok()) return n.status();
     total += *n;
-    if (*n < 10'000) break;
+    if (*n < kRowsPerStatement) break;
   }
-  release(std::move(*c));
   return total;
+}
+
+}  // namespace
+
+Result<BranchExecutor::Purged> PgExecutor::purge_finished(const std::string& coordinator,
+                                                          int64_t epoch, int64_t seq) {
+  auto c = acquire();
+  if (!c.ok()) return c.status();
+  pg::PgConn& conn = **c;
+  auto markers = purge_in_rounds(
+      [&](int64_t limit) { return pg::purge_markers(conn, coordinator, epoch, seq, limit); });
+  if (!markers.ok()) return markers.status();
+  auto barriers = purge_in_rounds(
+      [&](int64_t limit) { return pg::purge_barriers(conn, coordinator, epoch, seq, limit); });
+  if (!barriers.ok()) return barriers.status();
+  release(std::move(*c));
+  return Purged{*markers, *barriers};
 }
 
 Result<int64_t> PgExecutor::purge_stale_states() {

@@ -48,13 +48,15 @@ class PgExecutor final : public BranchExecutor {
   OpResult execute(PgOp& op) override;
   void cancel(const std::string& gid) override;
   Result<Scan> scan() override;
-  Result<int64_t> purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) override;
+  Result<Purged> purge_finished(const std::string& coordinator, int64_t epoch,
+                                int64_t seq) override;
   Result<int64_t> purge_stale_states() override;
   void close() override;
   uint64_t connections_opened() const override { return connections_opened_.load(); }
 
  private:
   OpResult exec_branch(PgOp& op, const std::string& pgg, const GidParts& parts);
+  OpResult run_step(PgOp& op, const GidParts& parts);
   std::optional<Conn> exec_session(const std::string& gid, bool* begin, OpResult* refused);
   void exec_done(const std::string& gid);
   OpResult outside_session(const PgOp& op, const std::string& pgg, const GidParts& parts);

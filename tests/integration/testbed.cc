@@ -89,13 +89,15 @@ void Testbed::reset_databases() {
       auto r = query(ci, "ROLLBACK PREPARED '" + *row[0] + "'");
       REQUIRE_MESSAGE(r.ok(), r.status().to_string());
     }
-    auto r = query(ci,
-                   "DROP TABLE IF EXISTS ledger, accounts, tpc_marker, tpc_agent_state;"
-                   "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));"
-                   "CREATE TABLE ledger (id bigserial PRIMARY KEY, account int NOT NULL"
-                   "  REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED, amount bigint NOT NULL);"
-                   "INSERT INTO accounts SELECT g, " + std::to_string(kInitial) +
-                       " FROM generate_series(1, " + std::to_string(kAccounts) + ") g;");
+    auto r = query(
+        ci,
+        "DROP TABLE IF EXISTS ledger, accounts, tpc_marker, tpc_agent_state, tpc_barrier;"
+        "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL CHECK (balance >= 0));"
+        "CREATE TABLE ledger (id bigserial PRIMARY KEY, account int NOT NULL"
+        "  REFERENCES accounts (id) DEFERRABLE INITIALLY DEFERRED, amount bigint NOT NULL);"
+        "INSERT INTO accounts SELECT g, " +
+            std::to_string(kInitial) + " FROM generate_series(1, " + std::to_string(kAccounts) +
+            ") g;");
     REQUIRE_MESSAGE(r.ok(), r.status().to_string());
   }
 }

@@ -118,6 +118,7 @@ OpResult SimExecutor::run_op(agent::PgOp& op, const std::string& pgg) {
       sessions_.erase(op.gid);
       return OpResult{};
     }
+    case OpKind::step: return step(op);
     default: return any_connection(op, pgg);
   }
 }
@@ -234,6 +235,59 @@ pg::Outcome SimExecutor::commit_in(uint64_t s, const agent::PgOp& op, const std:
   return pg::Outcome::committed;
 }
 
+// A step: its barrier rows decide (the rule PostgreSQL's run_step follows), then its
+// statements run in a session of their own and commit together with its rows. A step's writes
+// count in `applied` under "step:<gid>/<branch>/<op>".
+OpResult SimExecutor::step(agent::PgOp& op) {
+  auto parts = parse_gid(op.gid);
+  TPC_ASSERT(parts.has_value());
+  auto row = [&](StepOp written) {
+    return SimDb::BarrierRow{std::string(step_op_name(written)), parts->coordinator,
+                             static_cast<int64_t>(parts->epoch), static_cast<int64_t>(parts->seq),
+                             std::nullopt};
+  };
+  SimDb::BarrierKey own{op.gid, op.branch, std::string(step_op_name(op.step_op))};
+  pg::BarrierRows rows;
+  auto found = db_.barriers.find(own);
+  rows.own_inserted = found == db_.barriers.end();
+  if (!rows.own_inserted) rows.own_written_by = found->second.written_by;
+  std::optional<SimDb::BarrierKey> undone;
+  if (auto u = undoes(op.step_op)) {
+    undone = SimDb::BarrierKey{op.gid, op.branch, std::string(step_op_name(*u))};
+    rows.undone_inserted = db_.barriers.count(*undone) == 0;
+  }
+  OpResult res;
+  res.results = std::make_shared<std::vector<pg::StatementResult>>();
+  res.barrier = pg::barrier_verdict(op.step_op, rows);
+  if (*res.barrier == pg::Barrier::duplicate) res.stored_results = found->second.result;
+  if (*res.barrier == pg::Barrier::duplicate || *res.barrier == pg::Barrier::refused) return res;
+  if (undone && rows.undone_inserted) db_.barriers[*undone] = row(op.step_op);
+  if (*res.barrier == pg::Barrier::empty_compensation) {
+    db_.barriers[own] = row(op.step_op);
+    return res;
+  }
+  uint64_t s = db_.next_session++;
+  db_.sessions[s];
+  for (size_t i = 0; i < op.statements.size(); ++i) {
+    if (run_statement(s, op.statements[i], &res)) continue;
+    db_.end_session(s);
+    if (undone && rows.undone_inserted) db_.barriers.erase(*undone);  // rolled back with it
+    res.barrier.reset();
+    res.results->clear();
+    res.status = Status(res.status.code(),
+                        "statement " + std::to_string(i + 1) + ": " + res.status.message());
+    return res;
+  }
+  SimDb::Session sess = db_.sessions[s];
+  db_.end_session(s);
+  db_.apply("step:" + op.gid + "/" + op.branch + "/" + std::string(step_op_name(op.step_op)),
+            sess.deltas);
+  SimDb::BarrierRow mine = row(op.step_op);
+  mine.result = dump(agent::encode_results(*res.results));
+  db_.barriers[own] = std::move(mine);
+  return res;
+}
+
 OpResult SimExecutor::any_connection(const agent::PgOp& op, const std::string& pgg) {
   OpResult res;
   auto marker = db_.markers.find(pgg);
@@ -315,19 +369,19 @@ Result<agent::BranchExecutor::Scan> SimExecutor::scan() {
   return out;
 }
 
-Result<int64_t> SimExecutor::purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) {
+Result<agent::BranchExecutor::Purged> SimExecutor::purge_finished(const std::string& coordinator,
+                                                                  int64_t epoch, int64_t seq) {
   if (!db_.up) return unavailable("could not connect to server: Connection refused");
-  int64_t n = 0;
-  for (auto it = db_.markers.begin(); it != db_.markers.end();) {
-    const SimDb::Marker& m = it->second;
-    bool below = m.coordinator == coordinator && (m.epoch < epoch || (m.epoch == epoch && m.seq < seq));
-    if (below) {
-      it = db_.markers.erase(it);
-      ++n;
-    } else {
-      ++it;
-    }
-  }
+  auto below = [&](const std::string& c, int64_t e, int64_t q) {
+    return c == coordinator && (e < epoch || (e == epoch && q < seq));
+  };
+  Purged n;
+  n.markers = static_cast<int64_t>(std::erase_if(db_.markers, [&](const auto& kv) {
+    return below(kv.second.coordinator, kv.second.epoch, kv.second.seq);
+  }));
+  n.barriers = static_cast<int64_t>(std::erase_if(db_.barriers, [&](const auto& kv) {
+    return below(kv.second.coordinator, kv.second.epoch, kv.second.seq);
+  }));
   return n;
 }
 

@@ -9,6 +9,8 @@
 //     second marker or a tombstone), tpc_agent_state rows;
 //   - row locks on accounts: a statement that needs a row another transaction holds fails at
 //     once with 55P03 (as with a short lock_timeout);
+//   - tpc_barrier rows keyed (gid, branch, op), and steps run against them by the same rule as
+//     PostgreSQL's (pg::barrier_verdict), in one local transaction;
 //   - two statements: UPDATE accounts SET balance = balance + $1 WHERE id = $2, and
 //     SELECT balance FROM accounts WHERE id = $1.
 // `applied` counts how often each branch's writes were applied: more than once is a bug.
@@ -16,7 +18,9 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "participant/branch_executor.h"
 #include "tests/sim/sim.h"
@@ -56,6 +60,14 @@ struct SimDb {
   std::map<std::string, int64_t> state_written_ms;                      // when each row was written
   std::map<std::string, int> applied;  // pg gid → times its writes were applied
   std::map<std::string, int64_t> applied_sum;  // pg gid → the sum of its changes
+  struct BarrierRow {
+    std::string written_by;
+    std::string coordinator;
+    int64_t epoch = 0, seq = 0;
+    std::optional<std::string> result;
+  };
+  using BarrierKey = std::tuple<std::string, std::string, std::string>;  // gid, branch, op
+  std::map<BarrierKey, BarrierRow> barriers;
 
   int64_t total() const;
   void end_session(uint64_t id);  // rollback
@@ -73,7 +85,8 @@ class SimExecutor final : public agent::BranchExecutor {
   agent::OpResult execute(agent::PgOp& op) override;
   void cancel(const std::string&) override {}  // statements never wait here
   Result<Scan> scan() override;
-  Result<int64_t> purge_markers(const std::string& coordinator, int64_t epoch, int64_t seq) override;
+  Result<Purged> purge_finished(const std::string& coordinator, int64_t epoch,
+                                int64_t seq) override;
   Result<int64_t> purge_stale_states() override;
   void close() override;
   uint64_t connections_opened() const override { return opened_; }
@@ -92,6 +105,7 @@ class SimExecutor final : public agent::BranchExecutor {
   pg::PrepareResult prepare_in(uint64_t s, const agent::PgOp& op, const std::string& pgg);
   pg::Outcome commit_in(uint64_t s, const agent::PgOp& op, const std::string& pgg, std::string* reason);
   agent::OpResult any_connection(const agent::PgOp& op, const std::string& pgg);
+  agent::OpResult step(agent::PgOp& op);
   // The branch's session, if it is still alive; 0 if none (or lost, *lost set).
   uint64_t session_of(const std::string& gid, bool* lost);
 

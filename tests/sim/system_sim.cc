@@ -19,12 +19,20 @@
 //   applied_twice           no branch's writes are applied twice
 //   atomicity               once settled, each transfer moved its amount on both sides or on
 //                           neither (the sum of its applied changes is 0); a 3PC transfer may
-//                           end mixed only after a partition, and then it must be reported
-//                           (a heuristic record at the coordinator or a check row at an agent)
+//                           end mixed only after a partition or an agent's crash (a branch
+//                           found no peer to ask), and then it must be reported (a heuristic
+//                           record at the coordinator or a check row at an agent)
 //   told_committed_not_applied, told_aborted_but_applied   answers against the databases
 //   prepared_left, session_left   once settled, no prepared branch and no open session remain
 //   3pc_decided_without_asking, 3pc_termination_rule   a 3PC branch decides alone only after
 //                           asking every peer, and as their answers say (docs/DESIGN.md §4.7)
+//   3pc_decision_reversed   a branch that decided alone changes its mind only on a peer's
+//                           outcome (committed, pre-committed, aborted), never on silence
+//   step_applied_twice, confirm_and_cancel, step_atomicity, step_missing, step_failed
+//                           steps (tcc transfers): each applies at most once, a branch is never
+//                           both confirmed and cancelled, a finished transfer moved its amount
+//                           on both sides or neither, with every leg's confirm (or cancel)
+//                           recorded, and a confirm or cancel is never refused
 //   agent_says_committed, agent_says_aborted   an agent's view of its branch against its database
 //   heuristic_in_2pc        a 2PC transaction never ends heuristic here (nobody resolves by hand)
 //   money_created           the sum of all balances is what it was
@@ -107,7 +115,13 @@ std::string log_field(const std::string& line, const std::string& key) {
   return line.substr(from, to == std::string::npos ? std::string::npos : to - from);
 }
 
-enum class Kind { interactive, oneshot };
+// tcc: a transfer made of steps (docs/DESIGN.md §8) the client sends to the agents itself,
+// TCC-shaped: try debits the paying leg, confirm credits the paid one, cancel refunds a debit.
+// Its gids belong to coordinator kStepCoordinator, which the agents know but which never
+// answers, so they never see the transfers finished.
+enum class Kind { interactive, oneshot, tcc };
+constexpr char kStepCoordinator[] = "s1";
+constexpr int kTryAttemptsMax = 5;  // a try still unknown after these is given up: cancel
 
 // One transfer as the client sees it.
 struct Transfer {
@@ -125,6 +139,7 @@ struct Transfer {
   std::string told;  // "committed", "aborted", or empty (unknown)
   bool asked_commit = false;
   int polls = 0;
+  bool cancelling = false;  // tcc: a try failed, every leg is cancelled
 };
 
 class Cluster {
@@ -155,11 +170,17 @@ class Cluster {
   void exec_leg(int client, std::shared_ptr<Transfer> t);
   void finish(int client, std::shared_ptr<Transfer> t, bool commit);
   void run_oneshot(int client, std::shared_ptr<Transfer> t);
+  void tcc_phase(int client, std::shared_ptr<Transfer> t, size_t leg, const std::string& op);
+  void tcc_step(int client, std::shared_ptr<Transfer> t, size_t leg, const std::string& op,
+                int attempt);
+  void tcc_stepped(int client, std::shared_ptr<Transfer> t, size_t leg, const std::string& op,
+                   int attempt, const HttpResult& res);
+  void check_steps();
   void poll(int client, std::shared_ptr<Transfer> t);
   void told(int client, std::shared_ptr<Transfer> t, const std::string& state);
   void done(int client, std::shared_ptr<Transfer> t);
   void post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
-            std::function<void(const HttpResult&, const Json&)> then);
+            std::function<void(const HttpResult&, const Json&)> then, bool idempotent = false);
   void get(int proc, const std::string& target, std::function<void(const HttpResult&, const Json&)> then);
   std::shared_ptr<Transfer> new_transfer();
 
@@ -215,9 +236,13 @@ class Cluster {
   uint64_t next_transfer_ = 1;
   std::vector<std::shared_ptr<Transfer>> transfers_;
   std::map<std::string, std::string> answers_;  // gid → committed/aborted, as first answered
-  bool partitioned_ = false;  // a partition happened (3PC may then end mixed, reported)
+  // A partition happened, or an agent crashed: a 3PC branch may have found no peer to ask, so
+  // 3PC may end mixed (reported; docs/DESIGN.md §4.7).
+  bool peers_cut_ = false;
+  std::map<std::string, std::string> alone_;  // "agent gid" → the outcome it decided alone
 
   int64_t initial_total_ = 0;
+  int64_t unfinished_steps_sum_ = 0;  // money moved by steps of transfers the client left
   std::vector<std::string> violations_;
 };
 
@@ -277,6 +302,7 @@ void Cluster::start_agent(size_t i) {
   cfg.machine.precommit_timeout_ms = 3'000;
   cfg.machine.commit_timeout_ms = 3'000;
   cfg.coordinators["c1"] = url_of(coord_);
+  cfg.coordinators[kStepCoordinator] = url_of(app_);  // never answers: its gids never finish
   cfg.advertise_url = url_of(proc);
   cfg.tick_ms = 50;
   cfg.scan_interval_ms = 1'000;
@@ -307,6 +333,11 @@ void Cluster::crash_agent(size_t i) {
   int proc = agent_procs_[i];
   if (!w_.process(proc).up) return;
   w_.crash(proc);
+  peers_cut_ = true;
+  // A decision taken alone and never carried out dies with the process (it is durable only
+  // once recorded); the next run decides afresh.
+  std::erase_if(alone_,
+                [&](const auto& kv) { return kv.first.rfind(agents_[i]->name + " ", 0) == 0; });
   Agent& a = *agents_[i];
   a.service.reset();  // its connections close: the database rolls back its open blocks
   a.exec.reset();
@@ -359,7 +390,7 @@ void Cluster::inject_fault() {
       if (how != 0)
         for (int other : agent_procs_)
           if (other != agent) w_.cut(agent, other);
-      partitioned_ = true;
+      peers_cut_ = true;
       w_.note("partition: " + agents_[i]->name + (how == 0 ? " | coordinator" : how == 1 ? " | peers" : " | all"));
       w_.at(w_.now() + r.between(200, 6'000), -1, [this] {
         w_.heal();
@@ -393,14 +424,14 @@ void Cluster::stop_faults() {
 // --- clients ------------------------------------------------------------------------------------
 
 void Cluster::post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
-                   std::function<void(const HttpResult&, const Json&)> then) {
+                   std::function<void(const HttpResult&, const Json&)> then, bool idempotent) {
   HttpRequest req;
   req.method = "POST";
   req.target = target;
   req.body = dump(body);
   SendOptions opts;
   opts.timeout_ms = timeout_ms;
-  opts.idempotent = false;
+  opts.idempotent = idempotent;  // the network may deliver an idempotent request twice
   Url url{"127.0.0.1", w_.process(proc).port, ""};
   app_rt_->send(url, std::move(req), opts, [then](HttpResult res) {
     Json j;
@@ -431,7 +462,7 @@ std::shared_ptr<Transfer> Cluster::new_transfer() {
   Rng& r = w_.rng();
   auto t = std::make_shared<Transfer>();
   t->id = next_transfer_++;
-  t->kind = r.chance(0.5) ? Kind::interactive : Kind::oneshot;
+  t->kind = r.chance(0.25) ? Kind::tcc : r.chance(0.5) ? Kind::interactive : Kind::oneshot;
   t->three_phase = r.chance(0.4);
   int n = static_cast<int>(agents_.size());
   int from = static_cast<int>(r.between(0, n - 1));
@@ -454,6 +485,12 @@ void Cluster::client_next(int client) {
   if (clients_stop_) return;
   ++clients_busy_;
   auto t = new_transfer();
+  if (t->kind == Kind::tcc) {
+    t->gid = std::string(kStepCoordinator) + "-1-" + std::to_string(t->id);
+    w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) + " tcc " +
+            t->gid);
+    return tcc_phase(client, t, 0, "try");
+  }
   w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) +
           (t->kind == Kind::interactive ? " interactive" : " one-shot") + (t->three_phase ? " 3pc" : " 2pc"));
   if (t->kind == Kind::interactive)
@@ -517,6 +554,56 @@ void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
     if (t->gid.empty()) return done(client, t);  // never learned its gid: the databases judge it
     poll(client, t);
   });
+}
+
+// The legs one after the other: every try, then every confirm — or, once a try failed, every
+// cancel (legs never tried included: their cancel is an empty compensation).
+void Cluster::tcc_phase(int client, std::shared_ptr<Transfer> t, size_t leg,
+                        const std::string& op) {
+  if (leg < t->legs.size()) return tcc_step(client, t, leg, op, 1);
+  if (op == "try") return tcc_phase(client, t, 0, "confirm");
+  t->told = op == "confirm" ? "committed" : "aborted";
+  (op == "confirm" ? told_committed : told_aborted)++;
+  done(client, t);
+}
+
+void Cluster::tcc_step(int client, std::shared_ptr<Transfer> t, size_t leg, const std::string& op,
+                       int attempt) {
+  const Transfer::Leg& l = t->legs[leg];
+  Json statements = Json::array();
+  bool pays = l.delta < 0;
+  if ((op == "try" && pays) || (op == "confirm" && !pays))
+    statements.push_back(transfer_statement(l));
+  if (op == "cancel" && pays)
+    statements.push_back(transfer_statement(Transfer::Leg{l.agent, l.account, -l.delta}));
+  Json body{{"branch", "leg" + std::to_string(leg)}, {"op", op}, {"statements", statements}};
+  post(
+      agent_procs_[static_cast<size_t>(l.agent)], "/v1/branches/" + t->gid + "/step", body, 1'000,
+      [this, client, t, leg, op, attempt](const HttpResult& res, const Json&) {
+        tcc_stepped(client, t, leg, op, attempt, res);
+      },
+      true);
+}
+
+void Cluster::tcc_stepped(int client, std::shared_ptr<Transfer> t, size_t leg,
+                          const std::string& op, int attempt, const HttpResult& res) {
+  bool ok = res.status.ok() && res.http_status == 200;
+  bool final_failure = res.status.ok() && (res.http_status == 409 || res.http_status == 422);
+  if (op == "try" && !ok && (final_failure || attempt >= kTryAttemptsMax)) {
+    t->cancelling = true;
+    return tcc_phase(client, t, 0, "cancel");
+  }
+  if (op == "try" && t->cancelling) return;  // a late answer of a try given up
+  if (!ok) {
+    // Unknown (or, for confirm/cancel, refused by the business): resend; confirm and cancel
+    // until they succeed.
+    if (final_failure && op != "try")
+      violation("step_failed " + t->gid + " leg" + std::to_string(leg) + " " + op);
+    app_rt_->run_after(
+        100, [this, client, t, leg, op, attempt] { tcc_step(client, t, leg, op, attempt + 1); });
+    return;
+  }
+  tcc_phase(client, t, leg + 1, op);
 }
 
 // The answer did not come: ask again — a GET, or the commit once more (a client retrying its
@@ -614,6 +701,7 @@ void Cluster::check_unilateral(size_t i, const std::string& line) {
   if (line.find("deciding without it") == std::string::npos) return;
   const std::string gid = log_field(line, "gid"), outcome = log_field(line, "outcome");
   std::string why = log_field(line, "why");
+
   std::set<std::string> asked;
   bool any_commit = false, any_abort = false;
   if (why.rfind("peers ", 0) == 0) {
@@ -633,6 +721,12 @@ void Cluster::check_unilateral(size_t i, const std::string& line) {
       from = comma + 1;
     }
   }
+  // Only a peer's outcome may change a decision taken alone in this run.
+  auto [first, fresh] = alone_.emplace(agents_[i]->name + " " + gid, outcome);
+  if (!fresh && first->second != outcome && !any_commit && !any_abort)
+    violation("3pc_decision_reversed " + gid + ": " + agents_[i]->name + " decided " +
+              first->second + " alone, then " + outcome + " on \"" + why + "\"");
+  first->second = outcome;
   for (size_t j = 0; j < agents_.size(); ++j) {
     if (j == i) continue;
     Agent& p = *agents_[j];
@@ -689,7 +783,7 @@ void Cluster::check_end() {
     bool three_phase = false;
     if (auto rec = store_.get(gid); rec.ok() && rec->has_value())
       three_phase = (*rec)->protocol == Protocol::three_phase;
-    if (three_phase && partitioned_ && reported) continue;  // the documented 3PC risk, reported
+    if (three_phase && peers_cut_ && reported) continue;  // the documented 3PC risk, reported
     std::string at;
     for (auto& w : x.where) at += (at.empty() ? "" : ",") + w;
     violation(std::string(reported ? "atomicity " : "atomicity (not reported) ") + gid + ": only " + at +
@@ -702,17 +796,55 @@ void Cluster::check_end() {
       violation("heuristic_in_2pc " + gid);
   }
   for (auto& t : transfers_) {
-    if (t->gid.empty()) continue;
+    if (t->gid.empty() || t->kind == Kind::tcc) continue;  // steps: check_steps
     check_agent_views(*t);
     bool applied = by_gid.count(t->gid) > 0;
     if (t->told == "committed" && !applied) violation("told_committed_not_applied " + t->gid);
     if (t->told == "aborted" && applied) violation("told_aborted_but_applied " + t->gid);
   }
+  check_steps();
   int64_t total = 0, excused = 0;
   for (auto& a : agents_) total += a->db.total();
   for (auto& [gid, x] : by_gid) excused += x.sum;
+  excused += unfinished_steps_sum_;
   if (total - excused != initial_total_)
     violation("money_created: the balances sum to " + std::to_string(total) + ", not " + std::to_string(initial_total_));
+}
+
+// Steps: each applied at most once; a branch never both confirmed and cancelled; a transfer
+// the client finished moved its amount on both sides (confirmed) or on neither (cancelled);
+// one it did not finish is excused from the money check no more than its applied steps say.
+void Cluster::check_steps() {
+  std::map<std::string, int64_t> sum_by_gid;
+  for (auto& a : agents_) {
+    for (auto& [key, n] : a->db.applied) {
+      if (key.rfind("step:", 0) != 0) continue;
+      if (n > 1)
+        violation("step_applied_twice " + key + " at " + a->name + " (" + std::to_string(n) +
+                  " times)");
+      sum_by_gid[key.substr(5, key.find('/') - 5)] += a->db.applied_sum[key];
+    }
+    for (auto& [key, row] : a->db.barriers) {
+      auto& [gid, branch, op] = key;
+      if (op == "confirm" && a->db.barriers.count({gid, branch, "cancel"}))
+        violation("confirm_and_cancel " + gid + " " + branch + " at " + a->name);
+    }
+  }
+  for (auto& t : transfers_) {
+    if (t->kind != Kind::tcc) continue;
+    int64_t sum = sum_by_gid.count(t->gid) ? sum_by_gid[t->gid] : 0;
+    if (!t->told.empty() && sum != 0)
+      violation("step_atomicity " + t->gid + " told " + t->told + ", its steps moved " +
+                std::to_string(sum));
+    for (size_t leg = 0; leg < t->legs.size() && !t->told.empty(); ++leg) {
+      SimDb& db = agents_[static_cast<size_t>(t->legs[leg].agent)]->db;
+      std::string op = t->told == "committed" ? "confirm" : "cancel";
+      if (!db.barriers.count({t->gid, "leg" + std::to_string(leg), op}))
+        violation("step_missing " + t->gid + " leg" + std::to_string(leg) + " told " + t->told +
+                  " without its " + op);
+    }
+    if (t->told.empty() && sum != 0) unfinished_steps_sum_ += sum;
+  }
 }
 
 // --- the run ------------------------------------------------------------------------------------
