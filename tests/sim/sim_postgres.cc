@@ -213,6 +213,7 @@ pg::PrepareResult SimExecutor::prepare_in(uint64_t s, const agent::PgOp& op, con
   db_.prepared[pgg] = SimDb::Prepared{sess.deltas, parts->coordinator, static_cast<int64_t>(parts->epoch),
                                       static_cast<int64_t>(parts->seq), w_.now()};
   for (auto& [id, d] : sess.deltas) db_.locks[id] = "p" + pgg;
+  if (on_kept) on_kept(pgg);
   return pg::PrepareResult{pg::Vote::yes, "", ""};
 }
 
@@ -232,6 +233,7 @@ pg::Outcome SimExecutor::commit_in(uint64_t s, const agent::PgOp& op, const std:
   db_.markers[pgg] = SimDb::Marker{parts->coordinator, static_cast<int64_t>(parts->epoch),
                                    static_cast<int64_t>(parts->seq), false};
   db_.apply(pgg, sess.deltas);
+  if (on_kept) on_kept(pgg);
   return pg::Outcome::committed;
 }
 

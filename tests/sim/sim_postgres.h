@@ -96,6 +96,8 @@ class SimExecutor final : public agent::BranchExecutor {
   // connection for work that was done: a COMMIT PREPARED that committed, a PREPARE that
   // prepared — the ambiguity the marker row exists for.
   std::function<bool()> crash_after_op;
+  // Told when a branch's work becomes permanent or may: it prepared, or committed in one phase.
+  std::function<void(const std::string& pgg)> on_kept;
 
  private:
   agent::OpResult run_op(agent::PgOp& op, const std::string& pgg);

@@ -35,6 +35,8 @@
 //                           recorded, and a confirm or cancel is never refused
 //   agent_says_committed, agent_says_aborted   an agent's view of its branch against its database
 //   heuristic_in_2pc        a 2PC transaction never ends heuristic here (nobody resolves by hand)
+//   work_after_aborted      a branch an agent answered "aborted" for is never prepared or
+//                           committed afterwards (the tombstone's promise)
 //   money_created           the sum of all balances is what it was
 //
 //   tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] [--verbose]
@@ -192,6 +194,8 @@ class Cluster {
   void check_agent_views(const Transfer& t);
   void check_unilateral(size_t i, const std::string& line);
   void check_end();
+  void note_aborts(size_t i, const HttpRequest& req, const HttpResponse& resp);
+  void note_abort(size_t i, const std::string& path, int status, const Json& body);
   void violation(std::string what) {
     w_.note("VIOLATION " + what);
     violations_.push_back(std::move(what));
@@ -239,7 +243,9 @@ class Cluster {
   // A partition happened, or an agent crashed: a 3PC branch may have found no peer to ask, so
   // 3PC may end mixed (reported; docs/DESIGN.md §4.7).
   bool peers_cut_ = false;
-  std::map<std::string, std::string> alone_;  // "agent gid" → the outcome it decided alone
+  std::map<std::string, std::string> alone_;
+  std::set<std::string> aborted_told_;  // pg gids whose agent answered an abort "aborted"  //
+                                        // "agent gid" → the outcome it decided alone
 
   int64_t initial_total_ = 0;
   int64_t unfinished_steps_sum_ = 0;  // money moved by steps of transfers the client left
@@ -324,9 +330,20 @@ void Cluster::start_agent(size_t i) {
     w_.at(w_.now() + 200, -1, [this, i] { start_agent(i); });
     return;
   }
+  a.exec->on_kept = [this, i](const std::string& pgg) {
+    if (aborted_told_.count(pgg))
+      violation("work_after_aborted " + pgg + ": " + agents_[i]->name +
+                " answered aborted, then kept its work");
+  };
   a.service = std::move(*svc);
   agent::AgentService* s = a.service.get();
-  w_.process(proc).handler = [s](HttpRequest&& req, Responder respond) { s->handle(std::move(req), std::move(respond)); };
+  w_.process(proc).handler = [this, i, s](HttpRequest&& req, Responder respond) {
+    auto seen = std::make_shared<HttpRequest>(req);
+    s->handle(std::move(req), Responder([this, i, seen, respond](HttpResponse resp) {
+                note_aborts(i, *seen, resp);
+                respond(std::move(resp));
+              }));
+  };
 }
 
 void Cluster::crash_agent(size_t i) {
@@ -737,6 +754,33 @@ void Cluster::check_unilateral(size_t i, const std::string& line) {
   }
   if ((outcome == "abort" && any_commit) || (outcome == "commit" && any_abort))
     violation("3pc_termination_rule " + gid + ": " + agents_[i]->name + " decided " + outcome + " on \"" + why + "\"");
+}
+
+// An agent answered "aborted" to an abort (alone or in a batch): that branch must never be
+// prepared or committed afterwards (a late exec or prepare refused: the tombstone's job).
+void Cluster::note_aborts(size_t i, const HttpRequest& req, const HttpResponse& resp) {
+  std::string path(req.path());
+  auto body = parse_json(resp.body);
+  if (!body.ok()) return;
+  if (path != "/v1/batch") return note_abort(i, path, resp.status, *body);
+  auto sent = parse_json(req.body);
+  if (!sent.ok() || !sent->contains("requests") || !body->contains("responses")) return;
+  const Json& reqs = (*sent)["requests"];
+  const Json& resps = (*body)["responses"];
+  for (size_t k = 0; k < reqs.size() && k < resps.size(); ++k)
+    if (reqs[k].contains("path") && resps[k].contains("status") && resps[k].contains("body"))
+      note_abort(i, reqs[k]["path"].get<std::string>(), resps[k]["status"].get<int>(),
+                 resps[k]["body"]);
+}
+
+void Cluster::note_abort(size_t i, const std::string& path, int status, const Json& body) {
+  const std::string prefix = "/v1/branches/", suffix = "/abort";
+  if (status != 200 || path.rfind(prefix, 0) != 0 || path.size() <= prefix.size() + suffix.size() ||
+      path.compare(path.size() - suffix.size(), suffix.size(), suffix) != 0)
+    return;
+  if (!body.is_object() || !body.contains("state") || body["state"] != wire::kAborted) return;
+  std::string gid = path.substr(prefix.size(), path.size() - prefix.size() - suffix.size());
+  aborted_told_.insert(pg::pg_gid(agents_[i]->name, gid));
 }
 
 bool Cluster::settled() const {
