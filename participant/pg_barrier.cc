@@ -159,15 +159,7 @@ StepRun run_step(PgConn& c, const StepCall& call, std::vector<PipelineStep> stat
 
 Result<int64_t> purge_barriers(PgConn& c, std::string_view coordinator, int64_t epoch, int64_t seq,
                                int64_t limit) {
-  if (limit <= 0) return invalid_argument("purge_barriers: limit must be positive");
-  ExecResult r = c.exec(
-      "DELETE FROM tpc_barrier WHERE (gid, branch, op) IN (SELECT gid, branch, op FROM tpc_barrier"
-      " WHERE coordinator = $1 AND (epoch < $2::bigint OR (epoch = $2::bigint AND seq < "
-      "$3::bigint)) LIMIT $4::bigint)",
-      {std::string(coordinator), std::to_string(epoch), std::to_string(seq),
-       std::to_string(limit)});
-  if (!r.status.ok()) return with_sqlstate(r, "purging tpc_barrier");
-  return r.result.affected;
+  return delete_finished(c, "tpc_barrier", coordinator, epoch, seq, limit);
 }
 
 }  // namespace tpc::pg

@@ -592,18 +592,24 @@ Result<std::vector<PreparedXact>> list_prepared(PgConn& c, std::string_view agen
   return out;
 }
 
+Result<int64_t> delete_finished(PgConn& c, std::string_view table, std::string_view coordinator,
+                                int64_t epoch, int64_t seq, int64_t limit) {
+  if (limit <= 0)
+    return invalid_argument("purging " + std::string(table) + ": limit must be positive");
+  // table is one of the agent's own names, never input.
+  std::string sql = "DELETE FROM " + std::string(table) + " WHERE ctid IN (SELECT ctid FROM " +
+                    std::string(table) +
+                    " WHERE coordinator = $1 AND (epoch < $2::bigint OR (epoch = $2::bigint AND"
+                    " seq < $3::bigint)) LIMIT $4::bigint)";
+  ExecResult r = c.exec(sql, {std::string(coordinator), std::to_string(epoch), std::to_string(seq),
+                              std::to_string(limit)});
+  if (!r.status.ok()) return with_sqlstate(r, "purging " + std::string(table));
+  return r.result.affected;
+}
+
 Result<int64_t> purge_markers(PgConn& c, std::string_view coordinator, int64_t epoch, int64_t seq,
                               int64_t limit) {
-  if (limit <= 0) return invalid_argument("purge_markers: limit must be positive");
-  ExecResult r = c.exec(
-      "DELETE FROM tpc_marker WHERE pg_gid IN (SELECT pg_gid FROM tpc_marker"
-      " WHERE coordinator = $1 AND (epoch < $2::bigint OR (epoch = $2::bigint AND seq < "
-      "$3::bigint))"
-      " LIMIT $4::bigint)",
-      {std::string(coordinator), std::to_string(epoch), std::to_string(seq),
-       std::to_string(limit)});
-  if (!r.status.ok()) return with_sqlstate(r, "purging tpc_marker");
-  return r.result.affected;
+  return delete_finished(c, "tpc_marker", coordinator, epoch, seq, limit);
 }
 
 Status put_state(PgConn& c, std::string_view pg_gid, std::string_view state,

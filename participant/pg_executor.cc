@@ -18,6 +18,18 @@ OpResult failed(Status s, std::string sqlstate = "") {
   return r;
 }
 
+// The op's statements as cached pipeline steps (moved out), and their row expectations.
+std::vector<pg::PipelineStep> pipeline_of(std::vector<Statement>& statements,
+                                          std::vector<std::optional<int64_t>>* expect_rows) {
+  std::vector<pg::PipelineStep> steps;
+  steps.reserve(statements.size());
+  for (Statement& st : statements) {
+    expect_rows->push_back(st.expect_rows);
+    steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
+  }
+  return steps;
+}
+
 std::string joined(const std::vector<std::string>& items) {
   std::string out;
   for (auto& i : items) out += (out.empty() ? "" : ", ") + i;
@@ -208,13 +220,8 @@ OpResult PgExecutor::run_step(PgOp& op, const GidParts& parts) {
                     parts.coordinator,
                     static_cast<int64_t>(parts.epoch),
                     static_cast<int64_t>(parts.seq)};
-  std::vector<pg::PipelineStep> steps;
   std::vector<std::optional<int64_t>> expect_rows;
-  steps.reserve(op.statements.size());
-  for (Statement& st : op.statements) {
-    expect_rows.push_back(st.expect_rows);
-    steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
-  }
+  std::vector<pg::PipelineStep> steps = pipeline_of(op.statements, &expect_rows);
   TPC_FAILPOINT("agent.before_step");
   pg::StepRun run = pg::run_step(
       **conn, call, std::move(steps), expect_rows, op.rows_max,
@@ -273,13 +280,8 @@ OpResult PgExecutor::exec_branch(PgOp& op, const std::string& pgg, const GidPart
   pg::Finish finish = op.then_prepare  ? pg::Finish::prepare
                       : op.then_commit ? pg::Finish::commit
                                        : pg::Finish::none;
-  std::vector<pg::PipelineStep> steps;
   std::vector<std::optional<int64_t>> expect_rows;
-  steps.reserve(op.statements.size());
-  for (Statement& st : op.statements) {
-    expect_rows.push_back(st.expect_rows);
-    steps.push_back(pg::PipelineStep{std::move(st.sql), std::move(st.params), true});
-  }
+  std::vector<pg::PipelineStep> steps = pipeline_of(op.statements, &expect_rows);
   if (finish == pg::Finish::prepare) TPC_FAILPOINT("agent.before_prepare");
   size_t statement_count = steps.size();
   pg::BranchRun run = pg::run_branch(*conn, begin, std::move(steps), finish, pgg, parts.coordinator,

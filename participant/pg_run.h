@@ -24,4 +24,10 @@ std::vector<ExecResult> run_steps(PgConn& c, const std::vector<PipelineStep>& st
 Status check_rows(const StatementResult& r, size_t i,
                   const std::vector<std::optional<int64_t>>& expect_rows);
 
+// Deletes at most `limit` rows of `table` (tpc_marker or tpc_barrier: columns coordinator,
+// epoch, seq) whose coordinator is `coordinator` and whose (epoch, seq) is below the given one;
+// returns the rows deleted.
+Result<int64_t> delete_finished(PgConn& c, std::string_view table, std::string_view coordinator,
+                                int64_t epoch, int64_t seq, int64_t limit);
+
 }  // namespace tpc::pg
