@@ -44,7 +44,6 @@ void AgentMachine::step(std::string_view gid, Request req, int64_t now_ms) {
   (void)now_ms;
   if (finished_at_coordinator(gid)) return reply_finished_step(req);
   if (steps_.size() >= opts_.steps_max) {
-    ++counters_.refused_overload;
     Reply r;
     r.error =
         unavailable("too many steps in flight (steps_max=" + std::to_string(opts_.steps_max) + ")");

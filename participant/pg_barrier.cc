@@ -142,7 +142,7 @@ StepRun run_step(PgConn& c, const StepCall& call, std::vector<PipelineStep> stat
     end_block(c, {}, *run.barrier == Barrier::empty_compensation, &run);
     return run;
   }
-  if (compensating) rs = run_steps(c, statements);
+  if (compensating) rs = statements.empty() ? std::vector<ExecResult>{} : run_steps(c, statements);
   if (!statements_ok(c, rs, compensating ? 0 : first, expect_rows, rows_max, &run)) {
     run.barrier.reset();  // rolled back: nothing applied
     return run;

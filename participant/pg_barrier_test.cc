@@ -163,6 +163,18 @@ TEST_CASE("a cancel after its try undoes it, once") {
   CHECK(b.balance() == "100/0");
 }
 
+TEST_CASE("a compensation with no statements after its action commits its row only") {
+  Bank b;
+  REQUIRE(b.run(StepOp::action, {{"UPDATE accounts SET balance = balance - 1 WHERE id = 1", {}}})
+              .barrier == Barrier::applied);
+  StepRun comp = b.run(StepOp::compensate, {});
+  REQUIRE_MESSAGE(comp.status.ok(), comp.status.to_string());
+  CHECK(comp.barrier == Barrier::applied);
+  CHECK(comp.results.empty());
+  CHECK(b.barrier_rows() == 2);
+  CHECK(b.balance() == "99/0");
+}
+
 TEST_CASE("a business failure rolls back the work and the barrier row; a later call may apply") {
   Bank b;
   // Freezing 500 breaks balance >= 0.
