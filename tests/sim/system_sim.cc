@@ -990,8 +990,20 @@ std::optional<Options> parse_args(int argc, char** argv) {
     else if (a == "--threads") ok = number(&o.threads) && o.threads >= 1;
     else if (a == "--faulty-ms") ok = number(&o.faulty_ms) && o.faulty_ms >= 100;
     else if (a == "--verbose") o.verbose = true;
-    else {
-      std::fprintf(stderr, "tpc-sim: unknown argument \"%s\" (see the top of tests/sim/system_sim.cc)\n", a.c_str());
+    else if (a == "-h" || a == "--help") {
+      std::printf(
+          "usage: tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] "
+          "[--verbose]\n"
+          "  --seeds N      run seeds 1..N (default 1000); the first failure stops the run\n"
+          "  --seed S       replay seed S alone, printing its events as they happen\n"
+          "  --minutes M    run seeds until M minutes passed\n"
+          "  --threads T    seeds in parallel (default 2)\n"
+          "  --faulty-ms F  how long faults are injected per seed (default 8000, at least 100)\n"
+          "  --verbose      also trace every message sent\n"
+          "The invariants are listed at the top of tests/sim/system_sim.cc.\n");
+      std::exit(0);
+    } else {
+      std::fprintf(stderr, "tpc-sim: unknown argument \"%s\" (see --help)\n", a.c_str());
       return std::nullopt;
     }
     if (!ok) {
