@@ -78,8 +78,8 @@ constexpr std::string_view barrier_name(Barrier b) {
 
 // The barrier rows as a step finds them, inside its local transaction, after inserting them
 // with ON CONFLICT DO NOTHING: its own row (gid, branch, op), and for a cancel/compensate
-// also the row of the op it undoes, written in that op's name so that the op, if it comes
-// later, finds its row taken.
+// also the row of the op it undoes, written in the cancel's (compensate's) name, so that the
+// undone op, if it comes later, finds its row taken by another op and is refused.
 struct BarrierRows {
   bool own_inserted = false;     // the row (gid, branch, op) is this call's
   std::string own_written_by;    // the op named in that row, when it was there already
