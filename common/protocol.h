@@ -2,32 +2,59 @@
 // record. A protocol's value is the one the decision log stores (a record's protocol byte).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string_view>
 
 namespace tpc {
 
-enum class Protocol : uint8_t { two_phase = 2, three_phase = 3 };
+enum class Protocol : uint8_t { two_phase = 2, three_phase = 3, tcc = 4, saga = 5 };
 
-// "2pc" / "3pc": the wire's and the logs' spelling.
+inline constexpr Protocol kProtocols[] = {Protocol::two_phase, Protocol::three_phase, Protocol::tcc,
+                                          Protocol::saga};
+
+// "2pc" / "3pc" / "tcc" / "saga": the wire's and the logs' spelling.
 constexpr std::string_view protocol_name(Protocol p) {
-  return p == Protocol::two_phase ? "2pc" : "3pc";
+  switch (p) {
+    case Protocol::two_phase: return "2pc";
+    case Protocol::three_phase: return "3pc";
+    case Protocol::tcc: return "tcc";
+    case Protocol::saga: return "saga";
+  }
+  return "?";
 }
 
 constexpr std::optional<Protocol> parse_protocol(std::string_view s) {
-  if (s == "2pc") return Protocol::two_phase;
-  if (s == "3pc") return Protocol::three_phase;
+  for (Protocol p : kProtocols)
+    if (protocol_name(p) == s) return p;
   return std::nullopt;
 }
+
+// 2PC and 3PC: the protocols whose branches are prepared transactions at our agents (and so
+// the only ones an agent's prepare, commit and abort messages carry).
+constexpr bool prepares_branches(Protocol p) {
+  return p == Protocol::two_phase || p == Protocol::three_phase;
+}
+
+// TCC and saga: the protocols whose branches are ops (docs/DESIGN.md §8).
+constexpr bool calls_ops(Protocol p) {
+  return !prepares_branches(p);
+}
+
+// A dense index per protocol, for counters kept by protocol.
+constexpr size_t protocol_index(Protocol p) {
+  return static_cast<size_t>(p) - 2;
+}
+inline constexpr size_t kProtocolCount = 4;
 
 // The decision log's byte, and back (nullopt: not a protocol).
 constexpr uint8_t protocol_byte(Protocol p) {
   return static_cast<uint8_t>(p);
 }
 constexpr std::optional<Protocol> protocol_from_byte(uint8_t b) {
-  if (b == 2) return Protocol::two_phase;
-  if (b == 3) return Protocol::three_phase;
+  for (Protocol p : kProtocols)
+    if (protocol_byte(p) == b) return p;
   return std::nullopt;
 }
 

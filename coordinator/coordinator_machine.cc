@@ -1,11 +1,8 @@
 #include "coordinator/coordinator_machine.h"
 
 #include <algorithm>
-
 namespace tpc::coord {
 namespace {
-
-int proto_index(Protocol p) { return p == Protocol::two_phase ? 0 : 1; }
 
 bool branch_final(BranchState s) {
   return s == BranchState::committed || s == BranchState::aborted || s == BranchState::read_only;
@@ -444,7 +441,7 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
   unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
   if (expires)
     schedule(tx, tx.deadline_ms, TimerKind::txn_timeout, 0, !timeout_ms.has_value());
-  ++counters_.begun[proto_index(protocol)];
+  ++counters_.begun[protocol_index(protocol)];
   if (log_.enabled(LogLevel::info))
     log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
   return view_of(tx);
@@ -821,7 +818,8 @@ void CoordinatorMachine::after_votes(Txn& t, int64_t now_ms) {
   decide_commit(t, now_ms);
 }
 
-void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms) {
+void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms, uint64_t seq) {
+  (void)seq;
   Txn* t = find(gid);
   if (!t || t->decision != Decision::commit || t->decision_durable) return;
   t->decision_durable = true;
@@ -1002,7 +1000,7 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
   // Presumed abort: a plain abort leaves no record. Everything else is recorded as ended.
   bool record = (t.decision == Decision::commit && !t.nothing_to_drive) || t.heuristic_mixed;
   if (record) persist(t, /*sync=*/false, /*notify=*/false, now_ms);
-  int p = proto_index(t.protocol);
+  int p = protocol_index(t.protocol);
   if (t.state == TxnState::committed) ++counters_.committed[p];
   if (t.state == TxnState::aborted) ++counters_.aborted[p];
   answer_waiters(t, false);

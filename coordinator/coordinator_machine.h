@@ -54,9 +54,12 @@ struct MachineOptions {
 
 // Counters read by the driver for /metrics (under the driver's lock).
 struct MachineCounters {
-  uint64_t begun[2] = {0, 0};       // by protocol: [0] 2pc, [1] 3pc
-  uint64_t committed[2] = {0, 0};
-  uint64_t aborted[2] = {0, 0};
+  uint64_t begun[kProtocolCount] = {};  // by protocol_index()
+  uint64_t committed[kProtocolCount] = {};
+  uint64_t aborted[kProtocolCount] = {};
+  uint64_t saga_failed = 0;                  // forward sagas stopped past their attempts
+  uint64_t ops[kStepOps][kOpOutcomes] = {};  // op answers, by StepOp and OpOutcome
+  uint64_t op_failures = 0;  // business failures of confirm, cancel and compensate (retried)
   uint64_t heuristic_mixed = 0;
   uint64_t one_phase = 0;
   uint64_t read_only_branches = 0;
@@ -116,8 +119,22 @@ class CoordinatorMachine {
   // once (as for begin and enlist).
   Result<std::string> run(Protocol protocol, const std::vector<Peer>& branches, uint64_t waiter,
                           CommitOptions opts, int64_t now_ms);
-  // Operator decision (tpcctl resolve): see docs/DESIGN.md §4.8; recorded as heuristic.
+  // Operator decision (tpcctl resolve): see docs/DESIGN.md §4.8; recorded as heuristic. For a
+  // saga: abort skips its stuck compensations, commit skips the failed step of a failed
+  // forward saga (docs/DESIGN.md §9).
   ClientReply resolve(std::string_view gid, bool commit, int64_t now_ms);
+
+  // --- TCC and saga (docs/DESIGN.md §9) ----------------------------------------------------
+  // A TCC branch's try: the branch is registered in a synced record before its try is sent.
+  // The answer comes later for `waiter`, or at once when refused or already tried.
+  std::optional<ClientReply> try_branch(std::string_view gid, OpBranch branch, uint64_t waiter,
+                                        int64_t now_ms);
+  // A saga: begins, is synced to the log with every step, then runs. The answer comes later
+  // for `waiter` (as it ends, or once durable with wait_accepted); errors come back at once.
+  Result<std::string> run_saga(std::vector<OpBranch> steps, SagaOptions opts, uint64_t waiter,
+                               int64_t now_ms);
+  // The answer to an OpCall.
+  void on_op_reply(const OpReply& reply, int64_t now_ms);
 
   Lookup lookup(std::string_view gid) const;
   // Compaction erased records below this gid; a gid below it without a record is forgotten.
@@ -148,8 +165,8 @@ class CoordinatorMachine {
 
   // --- branch replies and log completions -------------------------------------------------
   void on_reply(const BranchReply& reply, int64_t now_ms);
-  // The synced write of gid's decision record is durable.
-  void on_persisted(std::string_view gid, int64_t now_ms);
+  // The synced write of gid's decision record is durable; `seq` is its Persist::seq.
+  void on_persisted(std::string_view gid, int64_t now_ms, uint64_t seq = 0);
 
   // --- time -------------------------------------------------------------------------------
   void tick(int64_t now_ms);
@@ -223,6 +240,32 @@ class CoordinatorMachine {
   void on_timer(const Timer& timer, int64_t now_ms);
   void log_mixed(const Txn& t);
   void log_mixed_record(const wal::TxnRecord& rec);
+
+  // TCC and saga (op_machine.cc).
+  void recover_ops(Txn& t, const wal::TxnRecord& rec, int64_t now_ms);
+  wal::TxnRecord record_of_ops(const Txn& t, int64_t now_ms) const;
+  void persist_ops(Txn& t, bool sync, int64_t now_ms);
+  void send_op(Txn& t, size_t branch, StepOp op);
+  void retry_op(Txn& t, size_t branch, int64_t now_ms);
+  void resend_op(Txn& t, size_t branch);
+  void ops_persisted(Txn& t, uint64_t seq, int64_t now_ms);
+  std::optional<ClientReply> tcc_commit(Txn& t, uint64_t waiter, int64_t now_ms);
+  std::optional<ClientReply> ops_abort(Txn& t, uint64_t waiter, int64_t now_ms);
+  void tcc_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
+  void tcc_send_tries(Txn& t);
+  void on_try_answer(Txn& t, size_t branch, const OpReply& reply, int64_t now_ms);
+  bool on_settling_answer(Txn& t, size_t branch, const OpReply& reply, int64_t now_ms);
+  void saga_advance(Txn& t, int64_t now_ms);
+  void on_action_answer(Txn& t, size_t step, const OpReply& reply, int64_t now_ms);
+  bool action_gives_up(const Txn& t, const BranchSlot& step, OpOutcome outcome) const;
+  void saga_compensate(Txn& t, std::string_view reason, std::string_view step, int64_t now_ms);
+  void saga_compensate_next(Txn& t);
+  void saga_fail(Txn& t, size_t step, std::string_view reason, int64_t now_ms);
+  ClientReply resolve_ops(Txn& t, bool commit, int64_t now_ms);
+  void maybe_finish_ops(Txn& t, int64_t now_ms);
+  void on_op_timeout(Txn& t, int64_t now_ms);
+  ClientReply reply_for_ops(const Txn& t, RequestKind kind, uint64_t waiter) const;
+  int64_t op_retry_delay(const Txn& t, const BranchSlot& b) const;
 
   MachineOptions opts_;
   Logger& log_;

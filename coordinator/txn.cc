@@ -14,14 +14,18 @@ std::string_view state_name(TxnState s) {
     case TxnState::aborting: return "aborting";
     case TxnState::aborted: return "aborted";
     case TxnState::heuristic_mixed: return "heuristic_mixed";
+    case TxnState::running: return "running";
+    case TxnState::compensating: return "compensating";
+    case TxnState::failed: return "failed";
   }
   return "?";
 }
 
 std::optional<TxnState> parse_state(std::string_view s) {
-  for (TxnState t : {TxnState::active, TxnState::preparing, TxnState::precommitted,
-                     TxnState::committing, TxnState::committed, TxnState::aborting,
-                     TxnState::aborted, TxnState::heuristic_mixed})
+  for (TxnState t :
+       {TxnState::active, TxnState::preparing, TxnState::precommitted, TxnState::committing,
+        TxnState::committed, TxnState::aborting, TxnState::aborted, TxnState::heuristic_mixed,
+        TxnState::running, TxnState::compensating, TxnState::failed})
     if (state_name(t) == s) return t;
   return std::nullopt;
 }
@@ -38,6 +42,18 @@ std::string_view branch_state_name(BranchState s) {
     case BranchState::committed: return "committed";
     case BranchState::aborting: return "aborting";
     case BranchState::aborted: return "aborted";
+    case BranchState::trying: return "trying";
+    case BranchState::tried: return "tried";
+    case BranchState::confirming: return "confirming";
+    case BranchState::confirmed: return "confirmed";
+    case BranchState::cancelling: return "cancelling";
+    case BranchState::cancelled: return "cancelled";
+    case BranchState::pending: return "pending";
+    case BranchState::running: return "running";
+    case BranchState::done: return "done";
+    case BranchState::failed: return "failed";
+    case BranchState::compensating: return "compensating";
+    case BranchState::compensated: return "compensated";
   }
   return "?";
 }
@@ -51,6 +67,15 @@ std::string_view msg_name(MsgKind k) {
     case MsgKind::abort: return wire::kAbort;
     case MsgKind::exec_prepare: return "exec_prepare";
     case MsgKind::exec_commit: return "exec_commit";
+  }
+  return "?";
+}
+
+std::string_view op_outcome_name(OpOutcome o) {
+  switch (o) {
+    case OpOutcome::ok: return "ok";
+    case OpOutcome::business_failure: return "business_failure";
+    case OpOutcome::unknown: return "unknown";
   }
   return "?";
 }

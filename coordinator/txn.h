@@ -17,6 +17,9 @@ namespace tpc::coord {
 
 // Global states (docs/DESIGN.md §3): active → preparing → [precommitted →] committing → committed,
 // or → aborting → aborted; heuristic_mixed when branches ended with different outcomes.
+// TCC (§9): active → committing (confirms) → committed, or → aborting (cancels) → aborted.
+// Saga (§9): running → committed, or running → compensating → aborted, or running → failed
+// (forward recovery past its attempts: stuck until an operator resolves it).
 enum class TxnState : uint8_t {
   active,
   preparing,
@@ -26,6 +29,9 @@ enum class TxnState : uint8_t {
   aborting,
   aborted,
   heuristic_mixed,
+  running,
+  compensating,
+  failed,
 };
 
 // A branch as the coordinator sees it.
@@ -40,15 +46,37 @@ enum class BranchState : uint8_t {
   committed,      // commit acknowledged
   aborting,       // abort sent
   aborted,        // abort acknowledged, or voted no
+  // A TCC branch (docs/DESIGN.md §9):
+  trying,      // registered; its try goes once the registration is durable
+  tried,       // its try succeeded
+  confirming,  // confirm sent (and resent until it succeeds)
+  confirmed,
+  cancelling,  // cancel sent (and resent until it succeeds)
+  cancelled,
+  // A saga step (its names are the contract's step states):
+  pending,       // its action has not been sent
+  running,       // action sent
+  done,          // action succeeded
+  failed,        // action failed for good (a business failure, or past its attempts)
+  compensating,  // compensate sent (and resent until it succeeds)
+  compensated,
 };
+inline constexpr uint8_t kBranchStateMax = static_cast<uint8_t>(BranchState::compensated);
 
 // exec_prepare / exec_commit carry a one-shot branch's statements with its prepare (or, for a
 // single branch, with its one-phase commit); a resent one-phase commit never carries them.
 enum class MsgKind : uint8_t { prepare, precommit, commit, commit_one_phase, abort, exec_prepare, exec_commit };
 
-enum class RequestKind : uint8_t { get, commit, abort, resolve };
+// try_op: a TCC branch's try; run: a saga (answered as the saga ends, or once it is durable).
+enum class RequestKind : uint8_t { get, commit, abort, resolve, try_op, run };
 
 enum class TimerKind : uint8_t { txn_timeout, prepare_timeout, resend, wait_timeout };
+
+// How an op's answer counts (docs/DESIGN.md §8): 2xx, 409/422, anything else.
+enum class OpOutcome : uint8_t { ok, business_failure, unknown };
+inline constexpr size_t kOpOutcomes = 3;
+inline constexpr size_t kStepOps = 7;
+std::string_view op_outcome_name(OpOutcome o);
 
 // The coordinator's decision for a transaction.
 enum class Decision : uint8_t { none, commit, abort };
@@ -88,6 +116,27 @@ enum class ReplyKind : uint8_t {
   failed,     // no usable answer: unreachable, timeout, 5xx, garbage
 };
 
+// One call of a TCC branch's or saga step's op. The driver carries it out (an HTTP op, or a
+// SQL op through an agent's step endpoint) and feeds the answer back as an OpReply with the
+// same gid, branch and op.
+struct OpCall {
+  std::string gid;
+  std::string branch;
+  StepOp op = StepOp::action;
+  uint32_t attempt = 0;  // 1 for the first call
+  std::string spec;      // the op's JSON, as the client described it
+};
+
+struct OpReply {
+  std::string gid;
+  std::string branch;
+  StepOp op = StepOp::action;
+  OpOutcome outcome = OpOutcome::unknown;
+  std::string result;          // ok: the answer's JSON text (empty: none)
+  std::string error;           // otherwise: why
+  int64_t retry_after_ms = 0;  // the answer's Retry-After (unknown answers)
+};
+
 struct BranchReply {
   std::string gid;
   std::string participant;
@@ -102,13 +151,14 @@ struct CommitOptions {
 };
 
 struct BranchView {
-  std::string participant;
+  std::string participant;  // TCC/saga: the branch or step name
   std::string url;
   BranchState state = BranchState::active;
   uint32_t attempts = 0;
   std::string last_error;
   bool heuristic = false;  // ended with the outcome opposite to the decision
   bool forced = false;     // an operator declared it finished
+  std::string result;      // TCC/saga: JSON text of its last successful op's answer
 };
 
 struct TxnView {
@@ -126,6 +176,7 @@ struct TxnView {
   int64_t decided_ms = 0;
   int64_t deadline_ms = 0;    // while active: when it times out
   std::vector<BranchView> branches;
+  std::string step;  // TCC/saga: the branch or step whose failure decided the outcome
 };
 
 // How a reply answers, as the protocol sees it; the codec gives it its HTTP status
@@ -144,19 +195,42 @@ struct ClientReply {
   Status error;            // not ok: the error; alone (no view.gid) it is the whole answer
   TxnView view;            // ok: answer with the view
   bool needs_log = false;  // the driver answers from the log record of view.gid
+  std::string branch;      // try_op: the branch tried
 };
 
 struct Persist {
   wal::TxnRecord record;
   bool sync = false;
-  bool notify = false;  // call on_persisted(gid) when durable
+  bool notify = false;  // call on_persisted(gid, now, seq) when durable
+  uint64_t seq = 0;     // TCC/saga: the transaction's write count, passed back to on_persisted
 };
 
 struct Ready {
   std::vector<Persist> persist;
   std::vector<Message> messages;
+  std::vector<OpCall> calls;
   std::vector<ClientReply> replies;
-  bool empty() const { return persist.empty() && messages.empty() && replies.empty(); }
+  bool empty() const {
+    return persist.empty() && messages.empty() && calls.empty() && replies.empty();
+  }
+};
+
+// A saga's options (docs/DESIGN.md §9).
+struct SagaOptions {
+  bool parallel = false;
+  bool forward = false;       // recovery "forward": retry instead of compensating
+  uint32_t attempts_max = 5;  // of an action; 0: unlimited (forward's default)
+  int64_t retry_min_ms = 0;   // 0: the coordinator's
+  int64_t retry_max_ms = 0;
+  bool wait_accepted = false;  // answer 202 once the saga is durable
+  std::optional<int64_t> timeout_ms;
+  bool operator==(const SagaOptions&) const = default;
+};
+
+// A TCC branch to try, or a saga step: its name and ops.
+struct OpBranch {
+  std::string name;
+  std::vector<wal::OpText> ops;
 };
 
 // --- internal to the machine (in the header for tests that inspect it) ---------------------
@@ -171,6 +245,14 @@ struct BranchSlot {
   std::string last_error;
   bool heuristic = false;  // ended opposite to the decision
   bool forced = false;     // an operator declared it finished
+  // TCC branches and saga steps:
+  std::vector<wal::OpText> ops;
+  std::string result;
+  uint64_t registered_seq = 0;  // TCC: the write that registered it; its try waits for it
+  uint64_t waiter = 0;          // TCC: the try request waiting for its answer
+  int64_t retry_after_ms = 0;   // the last answer's Retry-After
+  bool retry_pending = false;   // a resend timer is set for its op
+  bool may_have_run = false;    // saga: its action was sent and did not fail for good
 };
 
 struct Waiter {
@@ -201,6 +283,12 @@ struct Txn {
   std::string reason_branch;
   std::vector<BranchSlot> branches;
   std::vector<Waiter> waiters;
+  // TCC and saga:
+  SagaOptions saga;
+  uint64_t writes = 0;        // records emitted for it (Persist::seq)
+  uint64_t durable_seq = 0;   // the last synced one known durable
+  uint64_t decision_seq = 0;  // the write of its commit (TCC confirm) or compensate decision
+  bool recorded = false;      // a synced record of it is durable in the log
 };
 
 }  // namespace tpc::coord

@@ -117,7 +117,7 @@ Result<Protocol> decode_protocol(FieldReader& r) {
   r.string("protocol", &protocol, false, 16);
   if (!r.ok()) return r.status();
   if (protocol.empty()) return Protocol::two_phase;
-  if (auto p = parse_protocol(protocol)) return *p;
+  if (auto p = parse_protocol(protocol); p && prepares_branches(*p)) return *p;
   return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
 }
 

@@ -12,6 +12,12 @@
 //   per branch:      participant (varint length + bytes), url (varint length + bytes),
 //                    outcome u8 (BranchOutcome, 0..4)
 // Nothing may follow the last branch. Varints are LEB128, at most 10 bytes.
+//
+// Payload (version 2, protocols tcc and saga): version 1's, with after each branch's outcome
+//                    state u8, attempts varint, op count varint, per op: op u8 (StepOp) and
+//                    json (varint length + bytes), result and last_error (varint length +
+//                    bytes each);
+//   and after the last branch: options (varint length + bytes).
 #include "wal/record.h"
 
 #include <array>
@@ -25,6 +31,7 @@ constexpr uint8_t kFlagEnded = 1;
 constexpr uint8_t kFlagHeuristicMixed = 2;
 constexpr uint8_t kFlagsKnown = kFlagEnded | kFlagHeuristicMixed;
 constexpr size_t kBranchBytesMin = 3;  // two empty strings and an outcome
+constexpr size_t kOpBytesMin = 2;      // an op byte and an empty string
 constexpr size_t kVarintBytesMax = 10;
 
 // ---- CRC-32C, slice-by-8 -------------------------------------------------------------------
@@ -78,6 +85,18 @@ void put_u8(std::string& out, uint8_t v) {
 
 void put_le32(std::string& out, uint32_t v) {
   for (int i = 0; i < 4; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+
+void put_branch_ops(std::string& out, const BranchRecord& b) {
+  put_u8(out, b.state);
+  put_varint(out, b.attempts);
+  put_varint(out, b.ops.size());
+  for (const OpText& op : b.ops) {
+    put_u8(out, static_cast<uint8_t>(op.op));
+    put_bytes(out, op.json);
+  }
+  put_bytes(out, b.result);
+  put_bytes(out, b.last_error);
 }
 
 // ---- decoding ------------------------------------------------------------------------------
@@ -142,8 +161,7 @@ class Reader {
 Status decode_decision(Reader& r, Decision& out) {
   uint8_t v = 0;
   TPC_RETURN_IF_ERROR(r.u8("decision", v));
-  if (v < static_cast<uint8_t>(Decision::commit) ||
-      v > static_cast<uint8_t>(Decision::committed_read_only)) {
+  if (v < static_cast<uint8_t>(Decision::commit) || v > static_cast<uint8_t>(Decision::running)) {
     return Reader::bad("decision", "value " + std::to_string(v) + " out of range");
   }
   out = static_cast<Decision>(v);
@@ -160,13 +178,51 @@ Status decode_outcome(Reader& r, BranchOutcome& out) {
   return ok_status();
 }
 
-Status decode_payload(std::string_view payload, TxnRecord& rec) {
+Status decode_branch_ops(Reader& r, BranchRecord& b) {
+  uint64_t attempts = 0, count = 0;
+  TPC_RETURN_IF_ERROR(r.u8("branch state", b.state));
+  TPC_RETURN_IF_ERROR(r.varint("branch attempts", attempts));
+  if (attempts > UINT32_MAX) return Reader::bad("branch attempts", "more than 2^32");
+  b.attempts = static_cast<uint32_t>(attempts);
+  TPC_RETURN_IF_ERROR(r.varint("op count", count));
+  if (count > r.left() / kOpBytesMin)
+    return Reader::bad("op count", std::to_string(count) + " ops cannot fit in the bytes left");
+  b.ops.resize(count);
+  for (OpText& op : b.ops) {
+    uint8_t v = 0;
+    TPC_RETURN_IF_ERROR(r.u8("op", v));
+    if (v > static_cast<uint8_t>(StepOp::local))
+      return Reader::bad("op", "value " + std::to_string(v) + " out of range");
+    op.op = static_cast<StepOp>(v);
+    TPC_RETURN_IF_ERROR(r.bytes("op json", op.json));
+  }
+  TPC_RETURN_IF_ERROR(r.bytes("branch result", b.result));
+  return r.bytes("branch last_error", b.last_error);
+}
+
+// TCC and saga records come as version 2 and only they hold the decisions of their own.
+Status check_protocol_decision(const TxnRecord& rec, uint8_t version) {
+  if (calls_ops(rec.protocol) != (version >= kRecordVersionOps))
+    return Reader::bad("protocol", std::string(protocol_name(rec.protocol)) + " in a version " +
+                                       std::to_string(version) + " record");
+  bool tcc_only = rec.decision == Decision::registered;
+  bool saga_only = rec.decision == Decision::running;
+  bool xa_only = rec.decision == Decision::precommit || rec.decision == Decision::one_phase ||
+                 rec.decision == Decision::committed_read_only;
+  if ((tcc_only && rec.protocol != Protocol::tcc) ||
+      (saga_only && rec.protocol != Protocol::saga) || (xa_only && calls_ops(rec.protocol)))
+    return Reader::bad("decision", std::string(decision_name(rec.decision)) + " in a " +
+                                       std::string(protocol_name(rec.protocol)) + " record");
+  return ok_status();
+}
+
+Status decode_payload(std::string_view payload, uint8_t version, TxnRecord& rec) {
   Reader r(payload);
   TPC_RETURN_IF_ERROR(r.bytes("gid", rec.gid));
   uint8_t protocol = 0;
   TPC_RETURN_IF_ERROR(r.u8("protocol", protocol));
   auto p = protocol_from_byte(protocol);
-  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 or 3");
+  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 to 5");
   rec.protocol = *p;
   TPC_RETURN_IF_ERROR(decode_decision(r, rec.decision));
   uint8_t flags = 0;
@@ -190,7 +246,10 @@ Status decode_payload(std::string_view payload, TxnRecord& rec) {
     TPC_RETURN_IF_ERROR(r.bytes("branch participant", b.participant));
     TPC_RETURN_IF_ERROR(r.bytes("branch url", b.url));
     TPC_RETURN_IF_ERROR(decode_outcome(r, b.outcome));
+    if (version >= kRecordVersionOps) TPC_RETURN_IF_ERROR(decode_branch_ops(r, b));
   }
+  if (version >= kRecordVersionOps) TPC_RETURN_IF_ERROR(r.bytes("options", rec.options));
+  TPC_RETURN_IF_ERROR(check_protocol_decision(rec, version));
   if (r.left() != 0) {
     return Reader::bad("end", std::to_string(r.left()) + " trailing bytes after the record");
   }
@@ -233,16 +292,19 @@ std::string encode_record(const TxnRecord& r) {
                                        (r.heuristic_mixed ? kFlagHeuristicMixed : 0)));
   put_signed(payload, r.decided_wall_ms);
   put_signed(payload, r.ended_wall_ms);
+  const bool ops = calls_ops(r.protocol);
   put_varint(payload, r.branches.size());
   for (const BranchRecord& b : r.branches) {
     put_bytes(payload, b.participant);
     put_bytes(payload, b.url);
     put_u8(payload, static_cast<uint8_t>(b.outcome));
+    if (ops) put_branch_ops(payload, b);
   }
+  if (ops) put_bytes(payload, r.options);
 
   std::string value;
   value.reserve(kHeaderBytes + payload.size());
-  put_u8(value, kRecordVersion);
+  put_u8(value, ops ? kRecordVersionOps : kRecordVersion);
   put_le32(value, crc32c(payload));
   value.append(payload);
   return value;
@@ -254,9 +316,10 @@ Result<TxnRecord> decode_record(std::string_view value) {
                       " of " + std::to_string(kHeaderBytes) + " bytes)");
   }
   const auto version = static_cast<uint8_t>(value[0]);
-  if (version != kRecordVersion) {
+  if (version != kRecordVersion && version != kRecordVersionOps) {
     return corruption("decision record: unknown version " + std::to_string(version) +
-                      " (this build reads version " + std::to_string(kRecordVersion) + ")");
+                      " (this build reads versions " + std::to_string(kRecordVersion) + " and " +
+                      std::to_string(kRecordVersionOps) + ")");
   }
   const uint32_t stored = load_le32(reinterpret_cast<const uint8_t*>(value.data() + 1));
   const std::string_view payload = value.substr(kHeaderBytes);
@@ -266,7 +329,7 @@ Result<TxnRecord> decode_record(std::string_view value) {
                       ", computed " + hex32(computed) + ")");
   }
   TxnRecord rec;
-  TPC_RETURN_IF_ERROR(decode_payload(payload, rec));
+  TPC_RETURN_IF_ERROR(decode_payload(payload, version, rec));
   return rec;
 }
 
@@ -282,8 +345,16 @@ std::string_view decision_name(Decision d) {
       return "aborted";
     case Decision::committed_read_only:
       return "committed_read_only";
+    case Decision::registered: return "registered";
+    case Decision::running: return "running";
   }
   return "unknown";
+}
+
+bool decision_may_follow(Decision from, Decision to) {
+  if (from == to) return true;
+  bool undecided = from == Decision::registered || from == Decision::running;
+  return undecided && (to == Decision::commit || to == Decision::aborted);
 }
 
 std::string_view outcome_name(BranchOutcome o) {

@@ -23,7 +23,16 @@ enum class Decision : uint8_t {
                   // recorded later as committed/aborted, is the outcome.
   aborted = 4,    // a one-phase branch answered abort (kept so the answer stays right)
   committed_read_only = 5,  // every branch voted read_only; nothing to drive
+  // TCC and saga (record version 2). For them `commit` is the confirm decision (TCC) or every
+  // action done (saga), and `aborted` the cancel or compensate decision.
+  registered = 6,  // TCC: branches registered before their try, nothing decided; recovery
+                   // aborts the transaction (cancels every registered branch)
+  running = 7,     // saga: actions going forward; recovery continues them
 };
+
+// The decisions a record may move to once written: none, except that an undecided TCC or
+// saga record (registered, running) moves to commit or aborted, once.
+bool decision_may_follow(Decision from, Decision to);
 
 enum class BranchOutcome : uint8_t {
   pending = 0,     // phase 2 not acknowledged yet
@@ -33,10 +42,23 @@ enum class BranchOutcome : uint8_t {
   forced = 4,      // an operator declared the branch finished (heuristic)
 };
 
+// One op of a TCC branch or saga step, as the client described it (docs/DESIGN.md §8).
+struct OpText {
+  StepOp op = StepOp::action;
+  std::string json;  // the op's JSON object, as validated by the coordinator's codec
+  bool operator==(const OpText&) const = default;
+};
+
 struct BranchRecord {
-  std::string participant;
-  std::string url;
+  std::string participant;  // 2PC/3PC: the agent's name; TCC/saga: the branch or step name
+  std::string url;          // 2PC/3PC only
   BranchOutcome outcome = BranchOutcome::pending;
+  // TCC branches and saga steps (record version 2):
+  uint8_t state = 0;  // the coordinator's state of the branch or step, opaque to the log
+  uint32_t attempts = 0;
+  std::vector<OpText> ops;
+  std::string result;      // JSON text of its last successful op's answer; empty: none
+  std::string last_error;  // why its last op failed; empty: none
   bool operator==(const BranchRecord&) const = default;
 };
 
@@ -49,11 +71,14 @@ struct TxnRecord {
   int64_t decided_wall_ms = 0;
   int64_t ended_wall_ms = 0;     // 0 until ended
   std::vector<BranchRecord> branches;
+  std::string options;  // TCC/saga: the transaction's options, JSON text (version 2)
   bool operator==(const TxnRecord&) const = default;
 };
 
-// Value layout: [u8 version][u32 crc32c of payload, little-endian][payload].
+// Value layout: [u8 version][u32 crc32c of payload, little-endian][payload]. 2PC and 3PC
+// records are written as version 1, TCC and saga records as version 2; both are read.
 inline constexpr uint8_t kRecordVersion = 1;
+inline constexpr uint8_t kRecordVersionOps = 2;
 
 std::string encode_record(const TxnRecord& r);
 // corruption on a bad checksum, an unknown version or a payload that does not decode.

@@ -260,7 +260,7 @@ TEST_CASE("a bad checksum is reported as a checksum mismatch") {
 }
 
 TEST_CASE("an unknown record version is refused") {
-  for (int version : {0, 2, 255}) {
+  for (int version : {0, 3, 255}) {
     std::string value = encode_record(full_record("c1-7-9"));
     value[0] = static_cast<char>(version);
     auto r = decode_record(value);
@@ -313,13 +313,13 @@ TEST_CASE("out-of-range enum values and flags behind a matching checksum are ref
     p[at] = static_cast<char>(v);
     return decode_record(reseal(value, p));
   };
-  for (int v : {0, 6, 255}) {
+  for (int v : {0, 6, 7, 8, 255}) {  // 6 and 7 are TCC's and saga's own
     auto r = with(decision_at, v);
     REQUIRE(!r.ok());
     CHECK(r.status().code() == Code::corruption);
     CHECK(r.status().message().find("decision") != std::string::npos);
   }
-  for (int v : {0, 1, 4}) {
+  for (int v : {0, 1, 4, 5, 6}) {  // 4 and 5 (TCC, saga) only in version 2 records
     auto r = with(protocol_at, v);
     REQUIRE(!r.ok());
     CHECK(r.status().message().find("protocol") != std::string::npos);
@@ -336,6 +336,80 @@ TEST_CASE("out-of-range enum values and flags behind a matching checksum are ref
     CHECK(r.status().code() == Code::corruption);
     CHECK(r.status().message().find("outcome") != std::string::npos);
   }
+}
+
+TxnRecord saga_record(Decision d = Decision::running) {
+  TxnRecord r;
+  r.gid = "c1-7-77";
+  r.protocol = tpc::Protocol::saga;
+  r.decision = d;
+  r.decided_wall_ms = 1'700'000'000'000;
+  r.options = R"({"recovery":"backward","retry":{"max_attempts":5}})";
+  BranchRecord debit{"debit", "", BranchOutcome::committed};
+  debit.state = 9;
+  debit.attempts = 3;
+  debit.ops = {{StepOp::action, R"({"url":"http://127.0.0.1:9/a","body":{"n":1}})"},
+               {StepOp::compensate, R"({"participant":"bank_a","statements":[]})"}};
+  debit.result = R"({"ok":true})";
+  debit.last_error = "503 from http://127.0.0.1:9/a";
+  r.branches = {debit, BranchRecord{"credit", "", BranchOutcome::pending}};
+  return r;
+}
+
+TEST_CASE("version 2: TCC and saga records keep their branches' ops, states and options") {
+  for (Decision d : {Decision::running, Decision::commit, Decision::aborted}) {
+    TxnRecord r = saga_record(d);
+    std::string value = encode_record(r);
+    CHECK(static_cast<uint8_t>(value[0]) == kRecordVersionOps);
+    auto back = decode_record(value);
+    REQUIRE_MESSAGE(back.ok(), back.status().to_string());
+    CHECK(*back == r);
+  }
+  TxnRecord tcc = saga_record(Decision::registered);
+  tcc.protocol = tpc::Protocol::tcc;
+  auto back = decode_record(encode_record(tcc));
+  REQUIRE_MESSAGE(back.ok(), back.status().to_string());
+  CHECK(*back == tcc);
+  // 2PC and 3PC records stay version 1, readable by the builds before version 2.
+  CHECK(static_cast<uint8_t>(encode_record(full_record("c1-7-1"))[0]) == kRecordVersion);
+}
+
+TEST_CASE("version 2: a decision of another protocol, a bad op or a cut record is refused") {
+  TxnRecord running_tcc = saga_record(Decision::running);
+  running_tcc.protocol = tpc::Protocol::tcc;
+  auto a = decode_record(encode_record(running_tcc));
+  REQUIRE(!a.ok());
+  CHECK(a.status().message().find("running in a tcc record") != std::string::npos);
+  TxnRecord precommit_saga = saga_record(Decision::precommit);
+  CHECK(!decode_record(encode_record(precommit_saga)).ok());
+
+  const std::string value = encode_record(saga_record());
+  for (size_t len = 5; len < value.size(); ++len) {
+    auto r = decode_record(reseal(value, value.substr(5, len - 5)));
+    REQUIRE_MESSAGE(!r.ok(), "payload length ", len - 5);
+  }
+  // The first op byte of the first branch: gid, protocol, decision, flags, two times, the
+  // count, the branch's two strings, its outcome, state and attempts, the op count.
+  std::string payload = value.substr(5);
+  const size_t op_at = 1 + 7 + 3 + 6 + 1 + 1 + 6 + 1 + 1 + 1 + 1 + 1;
+  REQUIRE(payload[op_at] == static_cast<char>(StepOp::action));
+  payload[op_at] = 7;
+  auto b = decode_record(reseal(value, payload));
+  REQUIRE(!b.ok());
+  CHECK(b.status().message().find("op: value 7") != std::string::npos);
+}
+
+TEST_CASE("a decision moves only from registered or running, to commit or aborted") {
+  CHECK(decision_may_follow(Decision::registered, Decision::commit));
+  CHECK(decision_may_follow(Decision::registered, Decision::aborted));
+  CHECK(decision_may_follow(Decision::running, Decision::commit));
+  CHECK(decision_may_follow(Decision::running, Decision::aborted));
+  CHECK(decision_may_follow(Decision::commit, Decision::commit));
+  CHECK_FALSE(decision_may_follow(Decision::commit, Decision::aborted));
+  CHECK_FALSE(decision_may_follow(Decision::aborted, Decision::commit));
+  CHECK_FALSE(decision_may_follow(Decision::running, Decision::registered));
+  CHECK_FALSE(decision_may_follow(Decision::aborted, Decision::running));
+  CHECK_FALSE(decision_may_follow(Decision::precommit, Decision::aborted));
 }
 
 TEST_CASE("a branch count larger than the bytes left is refused without allocating") {
@@ -356,6 +430,8 @@ TEST_CASE("decisions and outcomes have stable names") {
   CHECK(decision_name(Decision::one_phase) == "one_phase");
   CHECK(decision_name(Decision::aborted) == "aborted");
   CHECK(decision_name(Decision::committed_read_only) == "committed_read_only");
+  CHECK(decision_name(Decision::registered) == "registered");
+  CHECK(decision_name(Decision::running) == "running");
   CHECK(outcome_name(BranchOutcome::pending) == "pending");
   CHECK(outcome_name(BranchOutcome::committed) == "committed");
   CHECK(outcome_name(BranchOutcome::aborted) == "aborted");

@@ -164,7 +164,8 @@ void LogWatch::durable_record(const wal::TxnRecord& r) {
   if (it != durable.end()) {
     wal::Decision was = it->second;
     bool changed = (commits(was) && r.decision == wal::Decision::aborted) ||
-                   (was == wal::Decision::aborted && commits(r.decision));
+                   (was == wal::Decision::aborted && commits(r.decision)) ||
+                   (calls_ops(r.protocol) && !wal::decision_may_follow(was, r.decision));
     if (changed)
       violations.push_back("decision_changed " + r.gid + ": " + std::string(wal::decision_name(was)) + " then " +
                            std::string(wal::decision_name(r.decision)));
