@@ -170,6 +170,7 @@ void CoordinatorMachine::schedule_resend(Txn& t, size_t i, int64_t now_ms) {
 }
 
 wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const {
+  if (calls_ops(t.protocol)) return record_of_ops(t, now_ms);
   wal::TxnRecord r;
   r.gid = t.gid;
   r.protocol = t.protocol;
@@ -215,14 +216,16 @@ TxnView CoordinatorMachine::view_of(const Txn& t) const {
   v.recovered = t.recovered;
   v.created_ms = t.created_ms;
   v.decided_ms = t.decided_ms;
-  v.deadline_ms = t.state == TxnState::active ? t.deadline_ms : 0;
+  bool waits = t.state == TxnState::active || (t.state == TxnState::running && t.saga.timeout_ms);
+  v.deadline_ms = waits ? t.deadline_ms : 0;
   for (auto& b : t.branches)
-    v.branches.push_back({b.participant, b.url, b.state, b.attempts, b.last_error, b.heuristic,
-                          b.forced});
+    v.branches.push_back({b.participant, b.url, b.state, b.attempts, b.last_error,
+                          b.heuristic || b.forced, b.forced, b.result});
   return v;
 }
 
 ClientReply CoordinatorMachine::reply_for(const Txn& t, RequestKind kind, uint64_t waiter) const {
+  if (calls_ops(t.protocol)) return reply_for_ops(t, kind, waiter);
   ClientReply r;
   r.waiter = waiter;
   r.kind = kind;
@@ -266,6 +269,7 @@ ClientReply CoordinatorMachine::reply_from_record(const wal::TxnRecord& rec, Req
 }
 
 TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
+  if (calls_ops(rec.protocol)) return view_from_record_ops(rec);
   TxnView v;
   v.gid = rec.gid;
   v.protocol = rec.protocol;
@@ -370,6 +374,10 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
       log_.error("recovery skips a record of another coordinator", {{"gid", rec.gid}});
       continue;
     }
+    if (calls_ops(rec.protocol)) {
+      recover_ops(rec, *parts, now_ms);
+      continue;
+    }
     Txn t;
     t.serial = next_serial_++;
     t.gid = rec.gid;
@@ -414,6 +422,8 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
 
 Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64_t> timeout_ms,
                                           int64_t now_ms) {
+  if (protocol == Protocol::saga)
+    return invalid_argument("a saga begins with its steps: POST /v1/transactions/run");
   return begin_txn(protocol, timeout_ms, true, now_ms);
 }
 
@@ -455,6 +465,12 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
     return r;
   }
   Txn* t = find(gid);
+  if (t && calls_ops(t->protocol)) {
+    r.answer = Answer::contrary;
+    r.error = conflict("transaction " + t->gid + " is " + std::string(protocol_name(t->protocol)) +
+                       "; agents do not enlist in it");
+    return r;
+  }
   if (!t) {
     auto parts = parse_gid(gid);
     if (parts && issued(*parts)) {
@@ -536,6 +552,7 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
     r.error = unavailable("too many requests waiting on " + t->gid);
     return r;
   }
+  if (calls_ops(t->protocol)) return tcc_commit(*t, waiter, opts, now_ms);
   if (t->decision == Decision::abort) return reply_for(*t, RequestKind::commit, waiter);
   if (t->decision == Decision::commit && t->decision_durable && opts.wait_decision_only)
     return reply_for(*t, RequestKind::commit, waiter);
@@ -590,6 +607,7 @@ std::optional<ClientReply> CoordinatorMachine::abort(std::string_view gid, uint6
                                                      int64_t now_ms) {
   Txn* t = find(gid);
   if (!t) return reply_not_live(gid, RequestKind::abort, waiter);
+  if (calls_ops(t->protocol)) return ops_abort(*t, waiter, now_ms);
   if (t->decision == Decision::none) {
     decide_abort(*t, "client", "", now_ms);
     // decide_abort may have finished (and erased) the transaction.
@@ -610,6 +628,7 @@ ClientReply CoordinatorMachine::resolve(std::string_view gid, bool commit, int64
     r->answer = committed == commit ? Answer::done : Answer::contrary;
     return *r;
   }
+  if (calls_ops(t->protocol)) return resolve_ops(*t, commit, now_ms);
   ClientReply r;
   r.kind = kind;
   if (t->decision == Decision::none) {
@@ -727,8 +746,9 @@ std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) 
     out.push_back(v);
   }
   if (out.size() >= limit) return out;
-  auto decided = live_by_serial([](const Txn& t) { return t.decision != Decision::none; },
-                                limit - out.size(), false);
+  auto decided = live_by_serial(
+      [](const Txn& t) { return t.decision != Decision::none || t.state == TxnState::failed; },
+      limit - out.size(), false);
   for (const Txn* t : decided) out.push_back(view_of(*t));
   return out;
 }
@@ -736,7 +756,7 @@ std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) 
 size_t CoordinatorMachine::prepared_unfinished() const {
   size_t n = 0;
   for (auto& [gid, t] : live_)
-    if (t.decision != Decision::none) ++n;
+    if (t.decision != Decision::none && prepares_branches(t.protocol)) ++n;
   return n;
 }
 
@@ -819,8 +839,8 @@ void CoordinatorMachine::after_votes(Txn& t, int64_t now_ms) {
 }
 
 void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms, uint64_t seq) {
-  (void)seq;
   Txn* t = find(gid);
+  if (t && calls_ops(t->protocol)) return ops_persisted(*t, seq, now_ms);
   if (!t || t->decision != Decision::commit || t->decision_durable) return;
   t->decision_durable = true;
   if (t->nothing_to_drive) {
@@ -998,7 +1018,9 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
   TPC_ASSERT(tp != nullptr && terminal(tp->state));
   Txn& t = *tp;
   // Presumed abort: a plain abort leaves no record. Everything else is recorded as ended.
-  bool record = (t.decision == Decision::commit && !t.nothing_to_drive) || t.heuristic_mixed;
+  bool record = calls_ops(t.protocol)
+                    ? (t.writes > 0 || t.recovered) && !t.nothing_to_drive
+                    : (t.decision == Decision::commit && !t.nothing_to_drive) || t.heuristic_mixed;
   if (record) persist(t, /*sync=*/false, /*notify=*/false, now_ms);
   int p = protocol_index(t.protocol);
   if (t.state == TxnState::committed) ++counters_.committed[p];
@@ -1156,6 +1178,7 @@ void CoordinatorMachine::tick(int64_t now_ms) {
 void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
   Txn* t = find(timer.gid);
   if (!t) return;
+  if (calls_ops(t->protocol)) return on_ops_timer(*t, timer, now_ms);
   switch (timer.kind) {
     case TimerKind::txn_timeout:
       if (t->state == TxnState::active && t->decision == Decision::none && t->deadline_ms <= now_ms)
@@ -1198,6 +1221,17 @@ void CoordinatorMachine::on_timer(const Timer& timer, int64_t now_ms) {
       answer_waiters(*t, false);
       return;
     }
+  }
+}
+
+void CoordinatorMachine::on_ops_timer(Txn& t, const Timer& timer, int64_t now_ms) {
+  switch (timer.kind) {
+    case TimerKind::txn_timeout: return on_op_timeout(t, now_ms);
+    case TimerKind::resend:
+      if (timer.branch < t.branches.size()) resend_op(t, timer.branch);
+      return;
+    case TimerKind::wait_timeout: return on_op_wait_timeout(t, now_ms);
+    case TimerKind::prepare_timeout: return;
   }
 }
 

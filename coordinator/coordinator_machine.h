@@ -241,31 +241,45 @@ class CoordinatorMachine {
   void log_mixed(const Txn& t);
   void log_mixed_record(const wal::TxnRecord& rec);
 
+  void on_ops_timer(Txn& t, const Timer& timer, int64_t now_ms);
   // TCC and saga (op_machine.cc).
-  void recover_ops(Txn& t, const wal::TxnRecord& rec, int64_t now_ms);
+  uint64_t persist_ops(Txn& t, bool sync, int64_t now_ms);
   wal::TxnRecord record_of_ops(const Txn& t, int64_t now_ms) const;
-  void persist_ops(Txn& t, bool sync, int64_t now_ms);
-  void send_op(Txn& t, size_t branch, StepOp op);
-  void retry_op(Txn& t, size_t branch, int64_t now_ms);
-  void resend_op(Txn& t, size_t branch);
-  void ops_persisted(Txn& t, uint64_t seq, int64_t now_ms);
-  std::optional<ClientReply> tcc_commit(Txn& t, uint64_t waiter, int64_t now_ms);
+  static TxnView view_from_record_ops(const wal::TxnRecord& rec);
+  void recover_ops(const wal::TxnRecord& rec, const GidParts& parts, int64_t now_ms);
+  void recover_tcc(Txn& t, int64_t now_ms);
+  void recover_saga(Txn& t, int64_t now_ms);
+  std::optional<ClientReply> repeated_try(Txn& t, size_t i, const OpBranch& branch,
+                                          uint64_t waiter);
+  ClientReply try_reply(const Txn& t, size_t i, uint64_t waiter) const;
+  Status check_saga(const std::vector<OpBranch>& steps, const SagaOptions& opts) const;
+  std::optional<ClientReply> tcc_commit(Txn& t, uint64_t waiter, CommitOptions opts,
+                                        int64_t now_ms);
   std::optional<ClientReply> ops_abort(Txn& t, uint64_t waiter, int64_t now_ms);
-  void tcc_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
+  ClientReply resolve_ops(Txn& t, bool commit, int64_t now_ms);
+  Status resolve_tcc(Txn& t, bool commit, int64_t now_ms);
+  Status resolve_saga(Txn& t, bool commit, int64_t now_ms);
+  void force_ops(Txn& t, BranchState to, const std::function<bool(const BranchSlot&)>& which);
   void tcc_send_tries(Txn& t);
-  void on_try_answer(Txn& t, size_t branch, const OpReply& reply, int64_t now_ms);
-  bool on_settling_answer(Txn& t, size_t branch, const OpReply& reply, int64_t now_ms);
+  void on_try_answer(Txn& t, size_t i, const OpReply& reply, int64_t now_ms);
+  void tcc_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
   void saga_advance(Txn& t, int64_t now_ms);
-  void on_action_answer(Txn& t, size_t step, const OpReply& reply, int64_t now_ms);
-  bool action_gives_up(const Txn& t, const BranchSlot& step, OpOutcome outcome) const;
+  void saga_commit(Txn& t, int64_t now_ms);
+  void on_action_answer(Txn& t, size_t i, const OpReply& reply, int64_t now_ms);
+  bool action_gives_up(const Txn& t, const BranchSlot& b, OpOutcome outcome) const;
   void saga_compensate(Txn& t, std::string_view reason, std::string_view step, int64_t now_ms);
   void saga_compensate_next(Txn& t);
-  void saga_fail(Txn& t, size_t step, std::string_view reason, int64_t now_ms);
-  ClientReply resolve_ops(Txn& t, bool commit, int64_t now_ms);
+  void saga_fail(Txn& t, size_t i, int64_t now_ms);
+  void send_op(Txn& t, size_t i, StepOp op);
+  int64_t op_retry_delay(const Txn& t, const BranchSlot& b) const;
+  void retry_op(Txn& t, size_t i, int64_t now_ms);
+  void resend_op(Txn& t, size_t i);
+  void on_settling_answer(Txn& t, size_t i, const OpReply& reply, int64_t now_ms);
+  void ops_persisted(Txn& t, uint64_t seq, int64_t now_ms);
   void maybe_finish_ops(Txn& t, int64_t now_ms);
   void on_op_timeout(Txn& t, int64_t now_ms);
+  void on_op_wait_timeout(Txn& t, int64_t now_ms);
   ClientReply reply_for_ops(const Txn& t, RequestKind kind, uint64_t waiter) const;
-  int64_t op_retry_delay(const Txn& t, const BranchSlot& b) const;
 
   MachineOptions opts_;
   Logger& log_;

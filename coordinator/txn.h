@@ -176,7 +176,6 @@ struct TxnView {
   int64_t decided_ms = 0;
   int64_t deadline_ms = 0;    // while active: when it times out
   std::vector<BranchView> branches;
-  std::string step;  // TCC/saga: the branch or step whose failure decided the outcome
 };
 
 // How a reply answers, as the protocol sees it; the codec gives it its HTTP status

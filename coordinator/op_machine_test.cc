@@ -1,0 +1,742 @@
+// Unit tests of the coordinator machine's TCC and saga transitions (docs/DESIGN.md §9): every
+// transition, the refused ones, the order of writes and calls, timeouts and recovery.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <map>
+#include <memory>
+
+#include "coordinator/codec.h"
+#include "coordinator/coordinator_machine.h"
+
+using namespace tpc;
+using namespace tpc::coord;
+
+namespace {
+
+wal::OpText op_text(StepOp op, std::string_view path) {
+  return {op, std::string(R"({"url":"http://127.0.0.1:9/)") + std::string(path) + "\"}"};
+}
+
+OpBranch tcc_branch(std::string name) {
+  return {name,
+          {op_text(StepOp::try_op, name + "/try"), op_text(StepOp::confirm, name + "/confirm"),
+           op_text(StepOp::cancel, name + "/cancel")}};
+}
+
+OpBranch step(std::string name, bool compensate = true) {
+  OpBranch b{name, {op_text(StepOp::action, name + "/action")}};
+  if (compensate) b.ops.push_back(op_text(StepOp::compensate, name + "/compensate"));
+  return b;
+}
+
+struct Fixture {
+  MemorySink sink;
+  Logger log{&sink, LogFormat::text, LogLevel::debug};
+  MachineOptions opts;
+  std::unique_ptr<CoordinatorMachine> m;
+  int64_t now = 1'000'000;
+  // Everything the machine asked for, in order, since the last take().
+  std::vector<Persist> persisted;
+  std::vector<OpCall> calls;
+  std::vector<ClientReply> replies;
+  // Every call ever made, for order checks across the whole test.
+  std::vector<OpCall> history;
+  // What the log holds: the last record written of each gid.
+  std::map<std::string, wal::TxnRecord> log_records;
+
+  explicit Fixture(MachineOptions o = {}) : opts(std::move(o)) { restart(1); }
+
+  void restart(uint64_t epoch, std::vector<wal::TxnRecord> unfinished = {}) {
+    m = std::make_unique<CoordinatorMachine>(opts, log);
+    m->recover(epoch, std::nullopt, std::move(unfinished), now);
+    take();
+  }
+
+  // Collects the machine's effects without completing any write.
+  void take() {
+    Ready r = m->take_ready();
+    for (auto& p : r.persist) {
+      log_records[p.record.gid] = p.record;
+      persisted.push_back(std::move(p));
+    }
+    for (auto& c : r.calls) {
+      history.push_back(c);
+      calls.push_back(std::move(c));
+    }
+    for (auto& x : r.replies) replies.push_back(std::move(x));
+  }
+
+  // Completes every synced write taken so far (they become durable in order).
+  void sync() {
+    std::vector<Persist> done = std::move(persisted);
+    persisted.clear();
+    for (auto& p : done)
+      if (p.notify) m->on_persisted(p.record.gid, now, p.seq);
+    take();
+  }
+
+  void clear() {
+    calls.clear();
+    replies.clear();
+  }
+
+  void answer(const OpCall& c, OpOutcome outcome, std::string result = "",
+              int64_t retry_after_ms = 0) {
+    m->on_op_reply(OpReply{c.gid, c.branch, c.op, outcome, std::move(result),
+                           outcome == OpOutcome::ok ? "" : "failed", retry_after_ms},
+                   now);
+    take();
+  }
+
+  // Answers the one outstanding call of `branch` doing `op`.
+  void answer(const std::string& branch, StepOp op, OpOutcome outcome, std::string result = "") {
+    auto it = std::find_if(calls.begin(), calls.end(),
+                           [&](const OpCall& c) { return c.branch == branch && c.op == op; });
+    REQUIRE_MESSAGE(it != calls.end(), "no call of " << branch << " " << step_op_name(op));
+    OpCall c = *it;
+    calls.erase(it);
+    answer(c, outcome, std::move(result));
+  }
+
+  void advance(int64_t ms) {
+    now += ms;
+    m->tick(now);
+    take();
+  }
+
+  std::string begin_tcc(std::optional<int64_t> timeout_ms = std::nullopt) {
+    auto v = m->begin(Protocol::tcc, timeout_ms, now);
+    REQUIRE(v.ok());
+    CHECK(v->state == TxnState::active);
+    return v->gid;
+  }
+
+  // Tries a branch and lets its registration become durable.
+  void tried(const std::string& gid, const std::string& name, uint64_t waiter) {
+    REQUIRE_FALSE(m->try_branch(gid, tcc_branch(name), waiter, now).has_value());
+    take();
+    sync();
+    answer(name, StepOp::try_op, OpOutcome::ok, R"({"frozen":1})");
+  }
+
+  TxnView view(const std::string& gid) {
+    auto l = m->lookup(gid);
+    REQUIRE(l.kind == LookupKind::live);
+    return l.view;
+  }
+
+  const BranchView& branch(const TxnView& v, const std::string& name) {
+    auto it = std::find_if(v.branches.begin(), v.branches.end(),
+                           [&](const BranchView& b) { return b.participant == name; });
+    REQUIRE(it != v.branches.end());
+    return *it;
+  }
+
+  std::vector<std::string> called(StepOp op) const {
+    std::vector<std::string> out;
+    for (auto& c : history)
+      if (c.op == op) out.push_back(c.branch);
+    return out;
+  }
+
+  const ClientReply* reply_to(uint64_t waiter) const {
+    for (auto& r : replies)
+      if (r.waiter == waiter) return &r;
+    return nullptr;
+  }
+
+  std::string run(std::vector<OpBranch> steps, SagaOptions o, uint64_t waiter) {
+    auto gid = m->run_saga(std::move(steps), o, waiter, now);
+    REQUIRE(gid.ok());
+    take();
+    return *gid;
+  }
+};
+
+}  // namespace
+
+// --- TCC -----------------------------------------------------------------------------------
+
+TEST_CASE("TCC: a branch's registration is durable before its try is sent") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  REQUIRE_FALSE(f.m->try_branch(gid, tcc_branch("debit"), 5, f.now).has_value());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.decision == wal::Decision::registered);
+  CHECK(f.persisted[0].record.protocol == Protocol::tcc);
+  REQUIRE(f.persisted[0].record.branches.size() == 1);
+  CHECK(f.persisted[0].record.branches[0].ops.size() == 3);
+  CHECK(f.calls.empty());  // not before the write is durable
+  f.sync();
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].op == StepOp::try_op);
+  CHECK(f.calls[0].attempt == 1);
+  CHECK(f.calls[0].spec.find("debit/try") != std::string::npos);
+  CHECK(f.replies.empty());
+  f.answer("debit", StepOp::try_op, OpOutcome::ok, R"({"frozen":30})");
+  const ClientReply* r = f.reply_to(5);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 200);
+  CHECK(r->branch == "debit");
+  CHECK(f.branch(r->view, "debit").state == BranchState::tried);
+  CHECK(f.branch(r->view, "debit").result == R"({"frozen":30})");
+}
+
+TEST_CASE("TCC: commit confirms every tried branch once the decision is durable") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  f.tried(gid, "credit", 2);
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 9, {}, f.now).has_value());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].record.decision == wal::Decision::commit);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.calls.empty());
+  CHECK(f.view(gid).state == TxnState::committing);
+  f.sync();
+  CHECK(f.calls.size() == 2);
+  CHECK(f.called(StepOp::confirm) == std::vector<std::string>{"debit", "credit"});
+  f.answer("debit", StepOp::confirm, OpOutcome::ok);
+  CHECK(f.replies.empty());
+  f.answer("credit", StepOp::confirm, OpOutcome::ok);
+  const ClientReply* r = f.reply_to(9);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 200);
+  CHECK(r->view.state == TxnState::committed);
+  CHECK(f.called(StepOp::cancel).empty());
+  // The end record goes after the confirms.
+  REQUIRE_FALSE(f.persisted.empty());
+  CHECK(f.persisted.back().record.ended);
+  CHECK(f.persisted.back().record.decision == wal::Decision::commit);
+  CHECK(f.m->counters().committed[protocol_index(Protocol::tcc)] == 1);
+}
+
+TEST_CASE("TCC: commit is refused while a try has not answered, and changes nothing") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  REQUIRE_FALSE(f.m->try_branch(gid, tcc_branch("debit"), 1, f.now).has_value());
+  f.take();
+  auto r = f.m->commit(gid, 2, {}, f.now);
+  REQUIRE(r.has_value());
+  CHECK(http_status_of(*r) == 409);
+  CHECK(r->error.message().find("debit") != std::string::npos);
+  f.take();
+  CHECK(f.view(gid).state == TxnState::active);
+  CHECK(f.view(gid).decision == Decision::none);
+}
+
+TEST_CASE("TCC: a failed try aborts the transaction and cancels every registered branch") {
+  for (OpOutcome failure : {OpOutcome::business_failure, OpOutcome::unknown}) {
+    CAPTURE(op_outcome_name(failure));
+    Fixture f;
+    std::string gid = f.begin_tcc();
+    f.tried(gid, "credit", 1);
+    REQUIRE_FALSE(f.m->try_branch(gid, tcc_branch("fee"), 2, f.now).has_value());
+    REQUIRE_FALSE(f.m->try_branch(gid, tcc_branch("debit"), 3, f.now).has_value());
+    f.take();
+    f.sync();
+    // An unknown try is asked again a few times before it counts as failed.
+    int answers = failure == OpOutcome::unknown ? 3 : 1;
+    for (int k = 0; k < answers; ++k) {
+      f.answer("debit", StepOp::try_op, failure);
+      if (k + 1 < answers) f.advance(f.opts.retry_max_ms);
+    }
+    const ClientReply* r = f.reply_to(3);
+    REQUIRE(r != nullptr);
+    CHECK(http_status_of(*r) == 409);
+    CHECK(r->view.reason == "try_failed");
+    CHECK(r->view.reason_branch == "debit");
+    // The fee branch's try is still out: its waiter learns of the abort too.
+    REQUIRE(f.reply_to(2) != nullptr);
+    CHECK(http_status_of(*f.reply_to(2)) == 409);
+    auto cancels = f.called(StepOp::cancel);
+    std::sort(cancels.begin(), cancels.end());
+    CHECK(cancels == std::vector<std::string>{"credit", "debit", "fee"});
+    // The fee try answers late: it is ignored (the branch is being cancelled).
+    f.answer("fee", StepOp::try_op, OpOutcome::ok);
+    CHECK(f.branch(f.view(gid), "fee").state == BranchState::cancelling);
+    // A commit now is refused with the outcome.
+    auto c = f.m->commit(gid, 8, {}, f.now);
+    REQUIRE(c.has_value());
+    CHECK(http_status_of(*c) == 409);
+    REQUIRE_FALSE(f.m->abort(gid, 7, f.now).has_value());
+    f.take();
+    for (std::string b : {"credit", "debit", "fee"}) f.answer(b, StepOp::cancel, OpOutcome::ok);
+    REQUIRE(f.reply_to(7) != nullptr);
+    CHECK(http_status_of(*f.reply_to(7)) == 200);
+    CHECK(f.reply_to(7)->view.state == TxnState::aborted);
+    CHECK(f.called(StepOp::confirm).empty());
+  }
+}
+
+TEST_CASE("TCC: confirm and cancel are repeated until they succeed, business failures too") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 9, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.answer("debit", StepOp::confirm, OpOutcome::business_failure);
+  CHECK(f.m->counters().op_failures == 1);
+  CHECK(f.sink.find("op refused after the decision", LogLevel::error).size() == 1);
+  CHECK(f.calls.empty());
+  f.advance(f.opts.retry_min_ms - 1);
+  CHECK(f.calls.empty());  // backoff
+  f.advance(1);
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].attempt == 2);
+  f.answer("debit", StepOp::confirm, OpOutcome::unknown);
+  f.advance(2 * f.opts.retry_min_ms);
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].attempt == 3);
+  // A stuck confirm is in doubt for the operator.
+  auto doubt = f.m->in_doubt(f.now, 10);
+  REQUIRE(doubt.size() == 1);
+  CHECK(doubt[0].gid == gid);
+  CHECK(f.branch(doubt[0], "debit").last_error == "failed");
+  f.answer("debit", StepOp::confirm, OpOutcome::ok);
+  CHECK(http_status_of(*f.reply_to(9)) == 200);
+}
+
+TEST_CASE("TCC: commit answers 202 committing past commit_wait_ms, then the confirms go on") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 9, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.advance(f.opts.commit_wait_ms);
+  REQUIRE(f.reply_to(9) != nullptr);
+  CHECK(http_status_of(*f.reply_to(9)) == 202);
+  CHECK(f.reply_to(9)->view.state == TxnState::committing);
+}
+
+TEST_CASE("TCC: an active transaction is aborted at its timeout") {
+  Fixture f;
+  std::string gid = f.begin_tcc(1'000);
+  f.tried(gid, "debit", 1);
+  f.advance(1'000);
+  CHECK(f.view(gid).state == TxnState::aborting);
+  CHECK(f.view(gid).reason == "timeout");
+  CHECK(f.called(StepOp::cancel) == std::vector<std::string>{"debit"});
+  f.answer("debit", StepOp::cancel, OpOutcome::ok);
+  CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
+}
+
+TEST_CASE("TCC: abort with no branch leaves no record; with branches, an ended one") {
+  Fixture f;
+  std::string empty = f.begin_tcc();
+  auto r = f.m->abort(empty, 1, f.now);
+  REQUIRE(r.has_value());
+  CHECK(http_status_of(*r) == 200);
+  f.take();
+  CHECK(f.persisted.empty());
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 2);
+  f.persisted.clear();
+  REQUIRE_FALSE(f.m->abort(gid, 3, f.now).has_value());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].record.decision == wal::Decision::aborted);
+  f.answer("debit", StepOp::cancel, OpOutcome::ok);
+  CHECK(http_status_of(*f.reply_to(3)) == 200);
+  CHECK(f.persisted.back().record.ended);
+}
+
+TEST_CASE("TCC: refused tries change nothing") {
+  MachineOptions o;
+  o.branches_per_txn_max = 1;
+  Fixture f(o);
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  f.persisted.clear();
+  f.clear();
+  // The same branch again: the answer it had.
+  auto again = f.m->try_branch(gid, tcc_branch("debit"), 2, f.now);
+  REQUIRE(again.has_value());
+  CHECK(http_status_of(*again) == 200);
+  // The same name with other ops, a bad name, missing ops, too many branches.
+  OpBranch other = tcc_branch("debit");
+  other.ops[0].json = R"({"url":"http://elsewhere:1/try"})";
+  CHECK(http_status_of(*f.m->try_branch(gid, other, 3, f.now)) == 409);
+  CHECK(http_status_of(*f.m->try_branch(gid, tcc_branch("bad name"), 3, f.now)) == 400);
+  OpBranch no_cancel = tcc_branch("x");
+  no_cancel.ops.pop_back();
+  CHECK(http_status_of(*f.m->try_branch(gid, no_cancel, 3, f.now)) == 400);
+  CHECK(http_status_of(*f.m->try_branch(gid, tcc_branch("credit"), 3, f.now)) == 413);
+  // Not a TCC transaction; unknown gid; enlist into a TCC transaction.
+  auto xa = f.m->begin(Protocol::two_phase, std::nullopt, f.now);
+  CHECK(http_status_of(*f.m->try_branch(xa->gid, tcc_branch("a"), 4, f.now)) == 409);
+  CHECK(http_status_of(*f.m->try_branch("c9-1-1", tcc_branch("a"), 4, f.now)) == 404);
+  CHECK(http_status_of(f.m->enlist(gid, "a1", "http://h:1", f.now)) == 409);
+  f.take();
+  CHECK(f.persisted.empty());
+  CHECK(f.calls.empty());
+  CHECK(f.view(gid).branches.size() == 1);
+  // After the abort, a try is refused with the outcome.
+  REQUIRE_FALSE(f.m->abort(gid, 5, f.now).has_value());
+  auto late = f.m->try_branch(gid, tcc_branch("credit"), 6, f.now);
+  REQUIRE(late.has_value());
+  CHECK(http_status_of(*late) == 409);
+}
+
+TEST_CASE("TCC: recovery aborts a registered transaction and finishes a decided one") {
+  Fixture f;
+  std::string registered = f.begin_tcc();
+  f.tried(registered, "debit", 1);
+  std::string decided = f.begin_tcc();
+  f.tried(decided, "debit", 2);
+  f.tried(decided, "credit", 3);
+  REQUIRE_FALSE(f.m->commit(decided, 4, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.answer("debit", StepOp::confirm, OpOutcome::ok);
+  f.persisted.clear();
+  f.history.clear();
+  f.clear();
+  std::vector<wal::TxnRecord> unfinished;
+  for (auto& [gid, rec] : f.log_records)
+    if (!rec.ended) unfinished.push_back(rec);
+  REQUIRE(unfinished.size() == 2);
+  f.restart(2, unfinished);
+  CHECK(f.view(registered).state == TxnState::aborting);
+  CHECK(f.view(registered).reason == "recovered");
+  CHECK(f.view(decided).state == TxnState::committing);
+  std::vector<std::string> cancels = f.called(StepOp::cancel), confirms = f.called(StepOp::confirm);
+  CHECK(cancels == std::vector<std::string>{"debit"});
+  CHECK(confirms == std::vector<std::string>{"credit"});  // debit's confirm was recorded done
+  for (auto& c : std::vector<OpCall>(f.calls)) f.answer(c, OpOutcome::ok);
+  CHECK(f.m->lookup(registered).view.state == TxnState::aborted);
+  CHECK(f.m->lookup(decided).view.state == TxnState::committed);
+}
+
+TEST_CASE("TCC: resolve aborts an undecided transaction and never changes a decision") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  CHECK(http_status_of(f.m->resolve(gid, true, f.now)) == 409);
+  auto r = f.m->resolve(gid, false, f.now);
+  f.take();
+  CHECK(r.view.state == TxnState::aborting);
+  CHECK(http_status_of(f.m->resolve(gid, true, f.now)) == 409);
+  // The stuck cancel is declared done by the operator: recorded as forced.
+  auto done = f.m->resolve(gid, false, f.now);
+  f.take();
+  CHECK(done.view.state == TxnState::aborted);
+  CHECK(done.view.branches[0].forced);
+  CHECK(f.persisted.back().record.branches[0].outcome == wal::BranchOutcome::forced);
+}
+
+// --- saga ----------------------------------------------------------------------------------
+
+TEST_CASE("saga: durable before the first action, steps in order, committed once synced") {
+  Fixture f;
+  std::string gid = f.run({step("a"), step("b"), step("c")}, {}, 7);
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.decision == wal::Decision::running);
+  CHECK(f.persisted[0].record.branches.size() == 3);
+  CHECK(f.calls.empty());
+  f.sync();
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].branch == "a");
+  CHECK(f.view(gid).state == TxnState::running);
+  f.answer("a", StepOp::action, OpOutcome::ok, R"({"balance":1})");
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].branch == "b");
+  f.answer("b", StepOp::action, OpOutcome::ok);
+  f.answer("c", StepOp::action, OpOutcome::ok);
+  CHECK(f.replies.empty());  // the end record is not durable yet
+  REQUIRE_FALSE(f.persisted.empty());
+  CHECK(f.persisted.back().sync);
+  CHECK(f.persisted.back().record.ended);
+  CHECK(f.persisted.back().record.decision == wal::Decision::commit);
+  f.sync();
+  const ClientReply* r = f.reply_to(7);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 200);
+  CHECK(r->view.state == TxnState::committed);
+  CHECK(f.branch(r->view, "a").result == R"({"balance":1})");
+  CHECK(f.called(StepOp::compensate).empty());
+  CHECK(f.m->counters().committed[protocol_index(Protocol::saga)] == 1);
+}
+
+TEST_CASE("saga: a failing third step compensates the steps that ran, last first") {
+  Fixture f;
+  std::string gid = f.run({step("a"), step("b"), step("c"), step("d")}, {}, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.answer("b", StepOp::action, OpOutcome::ok);
+  f.answer("c", StepOp::action, OpOutcome::business_failure);
+  CHECK(f.view(gid).state == TxnState::compensating);
+  CHECK(f.persisted.back().sync);
+  CHECK(f.persisted.back().record.decision == wal::Decision::aborted);
+  CHECK(f.calls.empty());  // the compensation decision first
+  f.sync();
+  // c is compensated too (its participant finds nothing to undo: an empty compensation), one
+  // at a time, in reverse order; d never ran.
+  for (std::string s : {"c", "b", "a"}) {
+    REQUIRE(f.calls.size() == 1);
+    CHECK(f.calls[0].branch == s);
+    f.answer(s, StepOp::compensate, OpOutcome::ok);
+  }
+  CHECK(f.called(StepOp::compensate) == std::vector<std::string>{"c", "b", "a"});
+  CHECK(f.called(StepOp::action) == std::vector<std::string>{"a", "b", "c"});
+  const ClientReply* r = f.reply_to(7);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 409);
+  CHECK(r->view.state == TxnState::aborted);
+  CHECK(r->view.reason == "step_failed");
+  CHECK(r->view.reason_branch == "c");
+  CHECK(f.branch(r->view, "d").state == BranchState::pending);
+}
+
+TEST_CASE("saga: an action unknown past max_attempts starts backward recovery") {
+  Fixture f;
+  SagaOptions o;
+  o.attempts_max = 2;
+  o.retry_min_ms = 10;
+  o.retry_max_ms = 10;
+  std::string gid = f.run({step("a"), step("b")}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.answer("b", StepOp::action, OpOutcome::unknown);
+  f.advance(10);
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].attempt == 2);
+  f.answer("b", StepOp::action, OpOutcome::unknown);
+  CHECK(f.view(gid).state == TxnState::compensating);
+  f.sync();
+  f.answer("b", StepOp::compensate, OpOutcome::unknown);  // compensations never give up
+  f.advance(10);
+  f.answer("b", StepOp::compensate, OpOutcome::business_failure);
+  f.advance(20);
+  f.answer("b", StepOp::compensate, OpOutcome::ok);
+  f.answer("a", StepOp::compensate, OpOutcome::ok);
+  CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
+  CHECK(f.m->counters().op_failures == 1);
+}
+
+TEST_CASE("saga: forward recovery retries until the action succeeds, never compensates") {
+  Fixture f;
+  SagaOptions o;
+  o.forward = true;
+  o.attempts_max = 0;
+  std::string gid = f.run({step("a", false), step("b", false)}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  for (int k = 0; k < 12; ++k) {
+    f.answer("b", StepOp::action, k % 2 ? OpOutcome::unknown : OpOutcome::business_failure);
+    f.advance(f.opts.retry_max_ms);
+  }
+  // The request got 202 running once commit_wait_ms had passed.
+  REQUIRE(f.reply_to(7) != nullptr);
+  CHECK(http_status_of(*f.reply_to(7)) == 202);
+  CHECK(f.reply_to(7)->view.state == TxnState::running);
+  f.answer("b", StepOp::action, OpOutcome::ok);
+  f.sync();
+  CHECK(f.m->lookup(gid).view.state == TxnState::committed);
+  CHECK(f.called(StepOp::compensate).empty());
+  CHECK(f.m->lookup(gid).view.branches[1].attempts == 13);
+}
+
+TEST_CASE("saga: forward past max_attempts fails, is in doubt, and resolve commit goes on") {
+  Fixture f;
+  SagaOptions o;
+  o.forward = true;
+  o.attempts_max = 2;
+  std::string gid = f.run({step("a", false), step("b", false), step("c", false)}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.answer("b", StepOp::action, OpOutcome::business_failure);
+  f.advance(f.opts.retry_max_ms);
+  f.answer("b", StepOp::action, OpOutcome::business_failure);
+  CHECK(f.view(gid).state == TxnState::failed);
+  CHECK(http_status_of(*f.reply_to(7)) == 409);
+  CHECK(f.m->counters().saga_failed == 1);
+  auto doubt = f.m->in_doubt(f.now, 10);
+  REQUIRE(doubt.size() == 1);
+  CHECK(doubt[0].state == TxnState::failed);
+  CHECK(http_status_of(f.m->resolve(gid, false, f.now)) == 409);  // forward never compensates
+  f.advance(60'000);
+  CHECK(f.calls.empty());  // a failed saga waits for its operator
+  auto r = f.m->resolve(gid, true, f.now);
+  f.take();
+  CHECK(r.view.state == TxnState::running);
+  CHECK(f.branch(r.view, "b").forced);
+  f.answer("c", StepOp::action, OpOutcome::ok);
+  f.sync();
+  CHECK(f.m->lookup(gid).view.state == TxnState::committed);
+}
+
+TEST_CASE("saga: parallel steps run at once; compensation waits for actions still out") {
+  Fixture f;
+  SagaOptions o;
+  o.parallel = true;
+  std::string gid = f.run({step("a"), step("b"), step("c")}, o, 7);
+  f.sync();
+  CHECK(f.calls.size() == 3);
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.answer("b", StepOp::action, OpOutcome::business_failure);
+  f.sync();
+  CHECK(f.calls.size() == 1);  // c's action is still out: nothing compensated yet
+  f.answer("c", StepOp::action, OpOutcome::ok);
+  std::vector<std::string> comp;
+  for (auto& c : f.calls) comp.push_back(c.branch);
+  std::sort(comp.begin(), comp.end());
+  CHECK(comp == std::vector<std::string>{"a", "b", "c"});  // all at once
+  for (auto& c : std::vector<OpCall>(f.calls)) f.answer(c, OpOutcome::ok);
+  CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
+}
+
+TEST_CASE("saga: wait accepted answers 202 once the saga is durable") {
+  Fixture f;
+  SagaOptions o;
+  o.wait_accepted = true;
+  std::string gid = f.run({step("a")}, o, 7);
+  CHECK(f.replies.empty());
+  f.sync();
+  REQUIRE(f.reply_to(7) != nullptr);
+  CHECK(http_status_of(*f.reply_to(7)) == 202);
+  CHECK(f.reply_to(7)->view.state == TxnState::running);
+}
+
+TEST_CASE("saga: a step without compensation only in forward sagas or last of sequential ones") {
+  Fixture f;
+  auto bad = f.m->run_saga({step("a", false), step("b")}, {}, 1, f.now);
+  CHECK(bad.status().code() == Code::invalid_argument);
+  SagaOptions par;
+  par.parallel = true;
+  CHECK(f.m->run_saga({step("a"), step("b", false)}, par, 1, f.now).status().code() ==
+        Code::invalid_argument);
+  CHECK(f.m->run_saga({step("a"), step("a")}, {}, 1, f.now).status().code() ==
+        Code::invalid_argument);
+  CHECK(f.m->run_saga({}, {}, 1, f.now).status().code() == Code::invalid_argument);
+  CHECK(f.m->run_saga({OpBranch{"x", {op_text(StepOp::compensate, "c")}}}, {}, 1, f.now)
+            .status()
+            .code() == Code::invalid_argument);
+  f.take();
+  CHECK(f.persisted.empty());
+  CHECK(f.m->run_saga({step("a"), step("b", false)}, {}, 1, f.now).ok());
+  SagaOptions fwd;
+  fwd.forward = true;
+  CHECK(f.m->run_saga({step("a", false), step("b", false)}, fwd, 2, f.now).ok());
+  CHECK(f.m->begin(Protocol::saga, std::nullopt, f.now).status().code() == Code::invalid_argument);
+}
+
+TEST_CASE("saga: the last step without compensation is retried until it answers") {
+  Fixture f;
+  SagaOptions o;
+  o.attempts_max = 1;
+  o.timeout_ms = 5'000;
+  std::string gid = f.run({step("a"), step("pay", false)}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.answer("pay", StepOp::action, OpOutcome::unknown);
+  f.advance(5'000);  // past the timeout too: it may have run, so the saga only goes forward
+  CHECK(f.view(gid).state == TxnState::running);
+  for (auto& c : std::vector<OpCall>(f.calls)) f.answer(c, OpOutcome::ok);
+  f.sync();
+  CHECK(f.m->lookup(gid).view.state == TxnState::committed);
+}
+
+TEST_CASE(
+    "saga: the timeout compensates a backward saga; resolve abort skips a stuck compensation") {
+  Fixture f;
+  SagaOptions o;
+  o.timeout_ms = 1'000;
+  std::string gid = f.run({step("a"), step("b")}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  f.advance(1'000);  // b's action is out
+  CHECK(f.view(gid).state == TxnState::compensating);
+  CHECK(f.view(gid).reason == "timeout");
+  f.sync();
+  CHECK(f.called(StepOp::compensate).empty());  // b's action has not answered
+  f.answer("b", StepOp::action, OpOutcome::unknown);
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].branch == "b");
+  CHECK(f.calls[0].op == StepOp::compensate);
+  f.answer("b", StepOp::compensate, OpOutcome::ok);
+  f.answer("a", StepOp::compensate, OpOutcome::business_failure);
+  CHECK(http_status_of(f.m->resolve(gid, true, f.now)) == 409);
+  auto r = f.m->resolve(gid, false, f.now);
+  f.take();
+  CHECK(r.view.state == TxnState::aborted);
+  CHECK(f.branch(r.view, "a").forced);
+  CHECK(f.persisted.back().record.branches[0].outcome == wal::BranchOutcome::forced);
+}
+
+TEST_CASE("saga: recovery goes on from the step it had reached") {
+  Fixture f;
+  std::string gid = f.run({step("a"), step("b"), step("c")}, {}, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok, R"({"n":1})");
+  REQUIRE(f.calls.size() == 1);  // b's action is out as the coordinator dies
+  wal::TxnRecord rec = f.persisted.back().record;
+  f.persisted.clear();
+  f.history.clear();
+  f.clear();
+  f.restart(2, {rec});
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].branch == "b");  // sent again: the op is idempotent by its key
+  CHECK(f.view(gid).state == TxnState::running);
+  CHECK(f.branch(f.view(gid), "a").result == R"({"n":1})");
+  f.answer("b", StepOp::action, OpOutcome::business_failure);
+  f.sync();
+  f.answer("b", StepOp::compensate, OpOutcome::ok);
+  // The compensating record is what the next restart reads.
+  wal::TxnRecord comp = f.persisted.back().record;
+  CHECK(comp.decision == wal::Decision::aborted);
+  f.persisted.clear();
+  f.clear();
+  f.history.clear();
+  f.restart(3, {comp});
+  CHECK(f.view(gid).state == TxnState::compensating);
+  CHECK(f.called(StepOp::compensate) == std::vector<std::string>{"a"});
+  f.answer("a", StepOp::compensate, OpOutcome::ok);
+  CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
+  CHECK(f.called(StepOp::action).empty());
+}
+
+TEST_CASE("saga: a retry waits at least as long as Retry-After asks, capped") {
+  Fixture f;
+  std::string gid = f.run({step("a")}, {}, 7);
+  f.sync();
+  OpCall c = f.calls[0];
+  f.clear();
+  f.answer(c, OpOutcome::unknown, "", 3'000);
+  f.advance(2'999);
+  CHECK(f.calls.empty());
+  f.advance(1);
+  CHECK(f.calls.size() == 1);
+  (void)gid;
+}
+
+TEST_CASE("answers from the log: TCC and saga records give their views") {
+  Fixture f;
+  std::string gid = f.run({step("a"), step("b")}, {}, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::business_failure);
+  f.sync();
+  f.answer("a", StepOp::compensate, OpOutcome::ok);
+  wal::TxnRecord rec = f.persisted.back().record;
+  CHECK(rec.ended);
+  auto round = wal::decode_record(wal::encode_record(rec));
+  REQUIRE(round.ok());
+  TxnView v = CoordinatorMachine::view_from_record(*round);
+  CHECK(v.state == TxnState::aborted);
+  CHECK(v.reason == "step_failed");
+  CHECK(v.reason_branch == "a");
+  CHECK(v.branches[0].state == BranchState::compensated);
+  CHECK(v.branches[1].state == BranchState::pending);
+  ClientReply r = CoordinatorMachine::reply_from_record(*round, RequestKind::get);
+  CHECK(http_status_of(r) == 200);
+}
