@@ -7,7 +7,15 @@ namespace {
 
 // The shape of one statement of a one-shot branch: the fields the agent's exec takes, a
 // non-empty sql string, scalar params, a non-negative integer expect_rows.
-Status check_statement(const Json& st) {
+// In a SQL op's params, {"tpc":"gid"} and {"tpc":"branch"} stand for the transaction's gid
+// and the branch or step name (docs/DESIGN.md §8); the agent substitutes them.
+bool tpc_param(const Json& p) {
+  if (!p.is_object() || p.size() != 1 || !p.contains("tpc") || !p["tpc"].is_string()) return false;
+  const std::string& v = p["tpc"].get_ref<const std::string&>();
+  return v == "gid" || v == "branch";
+}
+
+Status check_statement(const Json& st, bool tpc_params = false) {
   if (!st.is_object()) return invalid_argument("each statement must be an object");
   FieldReader r(st);
   std::string sql;
@@ -19,8 +27,11 @@ Status check_statement(const Json& st) {
   if (sql.empty()) return invalid_argument("\"sql\" must not be empty");
   if (params)
     for (auto& p : *params)
-      if (p.is_object() || p.is_array())
-        return invalid_argument("params must be strings, numbers, booleans or null");
+      if ((p.is_object() || p.is_array()) && !(tpc_params && tpc_param(p)))
+        return invalid_argument(
+            tpc_params ? "params must be strings, numbers, booleans, null, {\"tpc\":\"gid\"} or "
+                         "{\"tpc\":\"branch\"}"
+                       : "params must be strings, numbers, booleans or null");
   return ok_status();
 }
 
@@ -39,7 +50,9 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
   TPC_RETURN_IF_ERROR(r.finish());
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
-    if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
+    if (p == Protocol::saga)
+      return invalid_argument("a saga is run in one request: POST /v1/transactions/run");
+    if (!p) return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\" or \"tcc\"");
     out.protocol = *p;
   }
   return out;
@@ -64,7 +77,17 @@ Result<EnlistRequest> decode_enlist(std::string_view body) {
 Result<RunRequest> decode_run(std::string_view body, size_t statements_max) {
   auto j = parse_object(body);
   if (!j.ok()) return j.status();
-  FieldReader r(*j);
+  return decode_run_json(*j, statements_max);
+}
+
+std::optional<std::string> run_protocol(const Json& j) {
+  auto it = j.find("protocol");
+  if (it == j.end() || !it->is_string()) return std::nullopt;
+  return it->get<std::string>();
+}
+
+Result<RunRequest> decode_run_json(const Json& j, size_t statements_max) {
+  FieldReader r(j);
   RunRequest out;
   std::string protocol, wait;
   r.string("protocol", &protocol, false, 16);
@@ -73,7 +96,11 @@ Result<RunRequest> decode_run(std::string_view body, size_t statements_max) {
   TPC_RETURN_IF_ERROR(r.finish());
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
-    if (!p) return invalid_argument("\"protocol\" must be \"2pc\" or \"3pc\"");
+    if (p == Protocol::tcc)
+      return invalid_argument(
+          "a tcc transaction begins with POST /v1/transactions, then tries its branches");
+    if (p == Protocol::saga) return invalid_argument("a saga's run names \"steps\", not branches");
+    if (!p) return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\" or \"saga\"");
     out.protocol = *p;
   }
   if (wait == "decision")
@@ -149,6 +176,362 @@ Result<BranchReport> decode_branch_report(std::string_view body) {
   return out;
 }
 
+// --- TCC and saga ops ------------------------------------------------------------------------
+
+namespace {
+
+// Headers a client may not set on an HTTP op: the ones the coordinator writes, and the ones
+// that frame the request.
+bool reserved_op_header(std::string_view lower) {
+  static constexpr std::string_view kReserved[] = {"host",
+                                                   "content-length",
+                                                   "transfer-encoding",
+                                                   "connection",
+                                                   "content-type",
+                                                   "tpc-gid",
+                                                   "tpc-branch",
+                                                   "tpc-op",
+                                                   "tpc-attempt",
+                                                   "idempotency-key",
+                                                   "expect",
+                                                   "upgrade",
+                                                   "te",
+                                                   "trailer",
+                                                   "keep-alive"};
+  for (auto r : kReserved)
+    if (r == lower) return true;
+  return false;
+}
+
+bool header_token(std::string_view name) {
+  if (name.empty() || name.size() > 64) return false;
+  for (char c : name)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_') return false;
+  return true;
+}
+
+bool header_value_ok(std::string_view v) {
+  for (char c : v)
+    if (c == '\r' || c == '\n' || c == '\0') return false;
+  return true;
+}
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+Status in(std::string_view where, const Status& st) {
+  return Status(st.code(), std::string(where) + ": " + st.message());
+}
+
+Result<wal::OpText> decode_http_op(const Json& j, StepOp op, std::string_view where) {
+  FieldReader r(j);
+  std::string url;
+  r.string("url", &url, true, 2048);
+  bool has_body = r.has("body");
+  bool has_headers = r.has("headers");
+  if (Status st = r.finish(); !st.ok()) return in(where, st);
+  auto u = parse_url(url);
+  if (!u.ok()) return in(where, u.status());
+  Json norm = {{"url", url}};
+  if (has_body) norm["body"] = j["body"];
+  if (has_headers) {
+    const Json& h = j["headers"];
+    if (!h.is_object()) return invalid_argument(std::string(where) + ".headers must be an object");
+    if (h.size() > kOpHeadersMax)
+      return invalid_argument(std::string(where) + ".headers: at most " +
+                              std::to_string(kOpHeadersMax));
+    Json hs = Json::object();
+    for (auto it = h.begin(); it != h.end(); ++it) {
+      std::string name = lower(it.key());
+      if (!header_token(name))
+        return invalid_argument(std::string(where) + ".headers: bad header name " + echo(it.key()));
+      if (reserved_op_header(name))
+        return invalid_argument(std::string(where) + ".headers: " + name +
+                                " is set by the coordinator");
+      if (!it->is_string() || it->get_ref<const std::string&>().size() > kOpHeaderValueMaxBytes ||
+          !header_value_ok(it->get_ref<const std::string&>()))
+        return invalid_argument(
+            std::string(where) + ".headers." + name + " must be a string of at most " +
+            std::to_string(kOpHeaderValueMaxBytes) + " bytes, without CR, LF or NUL");
+      hs[name] = *it;
+    }
+    norm["headers"] = std::move(hs);
+  }
+  return wal::OpText{op, dump(norm)};
+}
+
+Result<wal::OpText> decode_sql_op(const Json& j, StepOp op, std::string_view where,
+                                  size_t statements_max) {
+  FieldReader r(j);
+  std::string participant;
+  r.string("participant", &participant, true, 64);
+  const Json* statements = r.array("statements", true, statements_max);
+  if (Status st = r.finish(); !st.ok()) return in(where, st);
+  if (!valid_participant_name(participant))
+    return invalid_argument(std::string(where) + ".participant must match [A-Za-z0-9_-]{1,32}");
+  bool may_be_empty = op == StepOp::cancel || op == StepOp::compensate;
+  if (statements->empty() && !may_be_empty)
+    return invalid_argument(std::string(where) + ".statements must not be empty");
+  for (size_t k = 0; k < statements->size(); ++k) {
+    Status st = check_statement((*statements)[k], true);
+    if (!st.ok()) return in(std::string(where) + ".statements[" + std::to_string(k) + "]", st);
+  }
+  return wal::OpText{op, dump(Json{{"participant", participant}, {"statements", *statements}})};
+}
+
+}  // namespace
+
+Result<wal::OpText> decode_op(const Json& j, StepOp op, std::string_view where,
+                              size_t statements_max) {
+  if (!j.is_object())
+    return invalid_argument(std::string(where) +
+                            " must be an op: {\"url\",...} or {\"participant\",\"statements\"}");
+  bool http = j.contains("url"), sql = j.contains("participant");
+  if (http == sql)
+    return invalid_argument(std::string(where) +
+                            " must name either \"url\" (an HTTP op) or \"participant\" (a SQL op)");
+  return http ? decode_http_op(j, op, where) : decode_sql_op(j, op, where, statements_max);
+}
+
+Result<OpBranch> decode_try(std::string_view body, size_t statements_max) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  OpBranch out;
+  r.string("branch", &out.name, true, 64);
+  for (auto k : {"try", "confirm", "cancel"})
+    if (!r.has(k)) r.fail(invalid_argument(std::string("missing field \"") + k + "\""));
+  TPC_RETURN_IF_ERROR(r.finish());
+  if (!valid_participant_name(out.name))
+    return invalid_argument("\"branch\" must match [A-Za-z0-9_-]{1,32}");
+  for (StepOp op : {StepOp::try_op, StepOp::confirm, StepOp::cancel}) {
+    std::string key(step_op_name(op));
+    auto o = decode_op((*j)[key], op, key, statements_max);
+    if (!o.ok()) return o.status();
+    out.ops.push_back(std::move(*o));
+  }
+  return out;
+}
+
+Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t timeout_max_ms) {
+  FieldReader r(j);
+  SagaRequest out;
+  std::string protocol, recovery, wait;
+  int64_t timeout = 0;
+  r.string("protocol", &protocol, true, 16);
+  const Json* steps = r.array("steps", true, 1024);
+  r.boolean("parallel", &out.opts.parallel);
+  r.string("recovery", &recovery, false, 16);
+  r.string("wait", &wait, false, 16);
+  if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
+    out.opts.timeout_ms = timeout;
+  bool has_retry = r.has("retry");
+  if (r.has("notify"))
+    r.fail(
+        invalid_argument("\"notify\" is not supported yet (best-effort notification is "
+                         "not built)"));
+  TPC_RETURN_IF_ERROR(r.finish());
+  if (protocol != "saga") return invalid_argument("\"protocol\" must be \"saga\"");
+  if (recovery == "forward")
+    out.opts.forward = true;
+  else if (!recovery.empty() && recovery != "backward")
+    return invalid_argument("\"recovery\" must be \"backward\" or \"forward\"");
+  if (wait == "accepted")
+    out.opts.wait_accepted = true;
+  else if (!wait.empty() && wait != "completion")
+    return invalid_argument("\"wait\" must be \"completion\" or \"accepted\"");
+  // Forward recovery retries until the step succeeds unless told otherwise.
+  out.opts.attempts_max = out.opts.forward ? 0 : kSagaAttemptsDefault;
+  if (has_retry) {
+    const Json& rj = j["retry"];
+    if (!rj.is_object()) return invalid_argument("\"retry\" must be an object");
+    FieldReader rr(rj);
+    int64_t attempts = out.opts.attempts_max, min_ms = 0, max_ms = 0;
+    rr.int64("max_attempts", &attempts, out.opts.forward ? 0 : 1, kSagaAttemptsMax);
+    rr.int64("min_ms", &min_ms, 1, kRetryAfterMaxMs);
+    rr.int64("max_ms", &max_ms, 1, kRetryAfterMaxMs);
+    if (Status st = rr.finish(); !st.ok()) return in("retry", st);
+    out.opts.attempts_max = static_cast<uint32_t>(attempts);
+    out.opts.retry_min_ms = min_ms;
+    out.opts.retry_max_ms = max_ms;
+  }
+  for (size_t i = 0; i < steps->size(); ++i) {
+    const Json& s = (*steps)[i];
+    std::string where = "steps[" + std::to_string(i) + "]";
+    if (!s.is_object()) return invalid_argument(where + " must be an object");
+    FieldReader sr(s);
+    OpBranch step;
+    sr.string("name", &step.name, true, 64);
+    bool has_action = sr.has("action"), has_compensate = sr.has("compensate");
+    if (Status st = sr.finish(); !st.ok()) return in(where, st);
+    if (!has_action) return invalid_argument(where + " needs \"action\"");
+    auto a = decode_op(s["action"], StepOp::action, where + ".action", statements_max);
+    if (!a.ok()) return a.status();
+    step.ops.push_back(std::move(*a));
+    if (has_compensate) {
+      auto c =
+          decode_op(s["compensate"], StepOp::compensate, where + ".compensate", statements_max);
+      if (!c.ok()) return c.status();
+      step.ops.push_back(std::move(*c));
+    }
+    out.steps.push_back(std::move(step));
+  }
+  return out;
+}
+
+Result<OpTarget> decode_op_target(std::string_view spec) {
+  auto j = parse_object(spec);
+  if (!j.ok()) return corruption("an op's logged JSON does not parse: " + j.status().message());
+  OpTarget t;
+  if (j->contains("participant")) {
+    t.sql = true;
+    t.participant = (*j)["participant"].get<std::string>();
+    t.body = dump((*j)["statements"]);
+    return t;
+  }
+  if (!j->contains("url") || !(*j)["url"].is_string()) return corruption("an op without a url");
+  t.url = (*j)["url"].get<std::string>();
+  t.body = j->contains("body") ? dump((*j)["body"]) : "{}";
+  if (j->contains("headers"))
+    for (auto it = (*j)["headers"].begin(); it != (*j)["headers"].end(); ++it)
+      t.headers.emplace_back(it.key(), it->get<std::string>());
+  return t;
+}
+
+std::string encode_step_body(const OpCall& c, std::string_view statements) {
+  std::string body = dump(Json{{"branch", c.branch}, {"op", std::string(step_op_name(c.op))}});
+  body.pop_back();  // '}'
+  body += ",\"statements\":";
+  body += statements.empty() ? std::string_view("[]") : statements;
+  body += "}";
+  return body;
+}
+
+Headers op_call_headers(const OpCall& c) {
+  std::string op(step_op_name(c.op));
+  return {{"tpc-gid", c.gid},
+          {"tpc-branch", c.branch},
+          {"tpc-op", op},
+          {"tpc-attempt", std::to_string(c.attempt)},
+          {"idempotency-key", c.gid + "/" + c.branch + "/" + op}};
+}
+
+namespace {
+
+// The op's result as the log keeps it: the answer's JSON, or a note when it is too large.
+std::string op_result(std::string_view body) {
+  if (body.empty()) return "";
+  auto j = parse_json(body);
+  if (!j.ok()) return "";
+  if (body.size() > kOpResultMaxBytes)
+    return dump(Json{{"truncated", true}, {"bytes", body.size()}});
+  return dump(*j);
+}
+
+// Why an op failed, in one line: the answer's error message, or its status.
+std::string op_error(int http_status, std::string_view body) {
+  std::string what = "HTTP " + std::to_string(http_status);
+  auto j = parse_json(body);
+  if (!j.ok() || !j->is_object()) return what;
+  if (auto e = j->find("error"); e != j->end()) {
+    if (e->is_string()) return what + ": " + e->get<std::string>();
+    if (e->is_object()) {
+      std::string msg;
+      if (e->contains("code") && (*e)["code"].is_string()) msg = (*e)["code"].get<std::string>();
+      if (e->contains("message") && (*e)["message"].is_string())
+        msg += (msg.empty() ? "" : ": ") + (*e)["message"].get<std::string>();
+      if (e->contains("sqlstate") && (*e)["sqlstate"].is_string())
+        msg += " (SQLSTATE " + (*e)["sqlstate"].get<std::string>() + ")";
+      if (!msg.empty()) return what + ": " + msg.substr(0, 512);
+    }
+  }
+  return what;
+}
+
+int64_t retry_after_ms(std::string_view v) {
+  if (v.empty() || v.size() > 9) return 0;
+  int64_t s = 0;
+  for (char c : v) {
+    if (c < '0' || c > '9') return 0;  // the HTTP-date form is not honoured
+    s = s * 10 + (c - '0');
+  }
+  return std::min(s * 1000, kRetryAfterMaxMs);
+}
+
+}  // namespace
+
+OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string_view body,
+                         std::string_view retry_after, const Status& transport) {
+  OpReply r{c.gid, c.branch, c.op, OpOutcome::unknown, "", "", 0};
+  if (!transport.ok()) {
+    r.error = transport.to_string();
+    return r;
+  }
+  if (http_status >= 200 && http_status < 300) {
+    r.outcome = OpOutcome::ok;
+    r.result = op_result(body);
+    return r;
+  }
+  r.error = op_error(http_status, body);
+  if (http_status == 409 || http_status == 422) {
+    r.outcome = OpOutcome::business_failure;
+    return r;
+  }
+  // Our agent's 503s always carry Retry-After: 1, a hint for clients; a SQL op that met a
+  // serialisation failure is retried at the op's own pace.
+  if (!sql) r.retry_after_ms = retry_after_ms(retry_after);
+  return r;
+}
+
+namespace {
+
+// A logged op result back to JSON (null when there is none).
+Json result_json(const std::string& text) {
+  if (text.empty()) return Json();
+  auto j = parse_json(text);
+  return j.ok() ? std::move(*j) : Json();
+}
+
+// A TCC transaction's "branches" or a saga's "steps", and a saga's "results" of its done steps.
+void encode_op_branches(const TxnView& v, Json* j) {
+  Json arr = Json::array();
+  Json results = Json::object();
+  for (auto& b : v.branches) {
+    Json jb = {{"name", b.participant},
+               {"state", std::string(branch_state_name(b.state))},
+               {"attempts", b.attempts}};
+    if (!b.result.empty()) jb["result"] = result_json(b.result);
+    if (!b.last_error.empty()) jb["last_error"] = b.last_error;
+    if (b.heuristic) jb["heuristic"] = true;
+    if (b.forced) jb["forced"] = true;
+    if (b.state == BranchState::done) results[b.participant] = result_json(b.result);
+    arr.push_back(std::move(jb));
+  }
+  if (v.protocol == Protocol::saga) {
+    (*j)["steps"] = std::move(arr);
+    (*j)["results"] = std::move(results);
+  } else {
+    (*j)["branches"] = std::move(arr);
+  }
+}
+
+// 200 to a try: {"gid","branch","state":"tried","result"}.
+Json encode_tried(const ClientReply& r) {
+  Json j = {{"gid", r.view.gid},
+            {"protocol", std::string(protocol_name(r.view.protocol))},
+            {"branch", r.branch},
+            {"state", "tried"},
+            {"result", Json()}};
+  for (auto& b : r.view.branches)
+    if (b.participant == r.branch) j["result"] = result_json(b.result);
+  return j;
+}
+
+}  // namespace
+
 Json encode_view(const TxnView& v) {
   Json j = {{"gid", v.gid}, {"protocol", std::string(protocol_name(v.protocol))},
             {"state", std::string(state_name(v.state))}};
@@ -158,13 +541,18 @@ Json encode_view(const TxnView& v) {
     j["state"] = "unknown";
   }
   if (!v.reason.empty()) j["reason"] = v.reason;
-  if (!v.reason_branch.empty()) j["branch"] = v.reason_branch;
+  if (!v.reason_branch.empty())
+    j[v.protocol == Protocol::saga ? "step" : "branch"] = v.reason_branch;
   if (v.one_phase) j["one_phase"] = true;
   if (v.recovered) j["recovered"] = true;
   if (v.decided_ms > 0) j["decided_at_ms"] = v.decided_ms;
   // The decision as the agents' in-doubt resolver reads it.
   if (v.decision == Decision::commit) j["decision"] = "commit";
   if (v.decision == Decision::abort && !v.forgotten) j["decision"] = "abort";
+  if (calls_ops(v.protocol)) {
+    encode_op_branches(v, &j);
+    return j;
+  }
   Json branches = Json::array();
   for (auto& b : v.branches) {
     Json jb = {{"participant", b.participant}, {"url", b.url},
@@ -180,7 +568,10 @@ Json encode_view(const TxnView& v) {
 }
 
 Json encode_reply_body(const ClientReply& r) {
+  if (r.kind == RequestKind::try_op && r.error.ok() && r.answer == Answer::done)
+    return encode_tried(r);
   Json body = encode_view(r.view);
+  if (r.kind == RequestKind::try_op && !body.contains("branch")) body["branch"] = r.branch;
   if (!r.error.ok()) {
     body["error"] = {{"code", std::string(code_name(r.error.code()))}, {"message", r.error.message()}};
   } else if (r.answer == Answer::contrary) {

@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/http.h"
 #include "common/json.h"
 #include "coordinator/txn.h"
 
@@ -50,6 +51,51 @@ struct BranchReport {
   bool committed = false;
 };
 Result<BranchReport> decode_branch_report(std::string_view body);
+
+// --- TCC and saga (docs/DESIGN.md §8, §9) ------------------------------------------------
+
+// Limits on what an op may carry.
+inline constexpr size_t kOpHeadersMax = 32;
+inline constexpr size_t kOpHeaderValueMaxBytes = 8 * 1024;
+inline constexpr size_t kOpResultMaxBytes = 16 * 1024;  // larger results are kept as a note
+inline constexpr int64_t kRetryAfterMaxMs = 300'000;
+
+// One op (§8): {"url","body"?,"headers"?} or {"participant","statements"}, normalised to the
+// JSON text the log keeps. `op` says which call it is: a cancel or compensate SQL op may have
+// no statements (it commits only its barrier row). `where` names it in errors.
+Result<wal::OpText> decode_op(const Json& j, StepOp op, std::string_view where,
+                              size_t statements_max);
+// POST /v1/transactions/{gid}/try: {"branch","try","confirm","cancel"}.
+Result<OpBranch> decode_try(std::string_view body, size_t statements_max);
+
+struct SagaRequest {
+  std::vector<OpBranch> steps;
+  SagaOptions opts;
+};
+// POST /v1/transactions/run with "protocol":"saga", already parsed.
+Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t timeout_max_ms);
+// The "protocol" a run body names, to pick its decoder (nullopt: absent or not a string).
+std::optional<std::string> run_protocol(const Json& j);
+// decode_run on an already parsed body.
+Result<RunRequest> decode_run_json(const Json& j, size_t statements_max);
+
+// Where an op goes and what it carries, read back from its logged JSON.
+struct OpTarget {
+  bool sql = false;
+  std::string url;          // HTTP op
+  std::string body;         // HTTP op: the JSON to POST; SQL op: the step's statements array
+  Headers headers;          // HTTP op: the client's extra headers (names lower-case)
+  std::string participant;  // SQL op
+};
+Result<OpTarget> decode_op_target(std::string_view spec);
+// The agent's step body for a SQL op call: {"branch","op","statements"}.
+std::string encode_step_body(const OpCall& c, std::string_view statements);
+// The Tpc-* and Idempotency-Key headers of an HTTP op call.
+Headers op_call_headers(const OpCall& c);
+// An op's answer → its outcome (§8): 2xx ok, 409/422 a business failure, anything else
+// unknown. `retry_after` is the answer's Retry-After header (seconds), honoured for HTTP ops.
+OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string_view body,
+                         std::string_view retry_after, const Status& transport);
 
 Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the

@@ -285,3 +285,297 @@ TEST_CASE(
     CHECK(b.status().message().find("expect_rows") != std::string::npos);
   }
 }
+
+// --- TCC and saga ------------------------------------------------------------------------------
+
+namespace {
+
+Result<wal::OpText> op_of(std::string_view text, StepOp op = StepOp::action) {
+  auto j = parse_json(text);
+  REQUIRE(j.ok());
+  return decode_op(*j, op, "op", 10);
+}
+
+void refused(const Status& st, std::string_view part) {
+  CAPTURE(st.message());
+  CHECK(st.code() == Code::invalid_argument);
+  CHECK(st.message().find(part) != std::string::npos);
+}
+
+}  // namespace
+
+TEST_CASE("begin takes tcc and sends a saga to /run; run refuses tcc") {
+  auto t = decode_begin(R"({"protocol":"tcc"})", 1000);
+  REQUIRE(t.ok());
+  CHECK(t->protocol == Protocol::tcc);
+  refused(decode_begin(R"({"protocol":"saga"})", 1000).status(), "/v1/transactions/run");
+  refused(decode_run(R"({"protocol":"tcc","branches":[]})", 10).status(), "POST /v1/transactions");
+  refused(decode_run(R"({"protocol":"saga","branches":[]})", 10).status(), "steps");
+}
+
+TEST_CASE("ops: HTTP and SQL shapes normalised, bad ones refused with where they are") {
+  auto h = op_of(R"({"url":"http://127.0.0.1:9/a/b","body":{"x":1},"headers":{"X-Trace":"t"}})");
+  REQUIRE(h.ok());
+  CHECK(h->op == StepOp::action);
+  auto target = decode_op_target(h->json);
+  REQUIRE(target.ok());
+  CHECK_FALSE(target->sql);
+  CHECK(target->url == "http://127.0.0.1:9/a/b");
+  CHECK(target->body == R"({"x":1})");
+  REQUIRE(target->headers.size() == 1);
+  CHECK(target->headers[0] == std::pair<std::string, std::string>{"x-trace", "t"});
+  auto nobody = decode_op_target(op_of(R"({"url":"http://h:1/p"})")->json);
+  CHECK(nobody->body == "{}");
+
+  auto s = op_of(
+      R"J({"participant":"bank_a","statements":[{"sql":"INSERT INTO t VALUES ($1,$2)","params":[{"tpc":"gid"},{"tpc":"branch"}]}]})J");
+  REQUIRE(s.ok());
+  auto st = decode_op_target(s->json);
+  REQUIRE(st.ok());
+  CHECK(st->sql);
+  CHECK(st->participant == "bank_a");
+  CHECK(st->body.find("{\"tpc\":\"gid\"}") != std::string::npos);
+  // A compensation may be empty (it commits only its barrier row); an action may not.
+  CHECK(op_of(R"({"participant":"a","statements":[]})", StepOp::compensate).ok());
+  CHECK(op_of(R"({"participant":"a","statements":[]})", StepOp::cancel).ok());
+  refused(op_of(R"({"participant":"a","statements":[]})").status(), "must not be empty");
+  refused(op_of(R"({"participant":"a","statements":[]})", StepOp::try_op).status(),
+          "must not be empty");
+
+  refused(op_of(R"("http://h:1")").status(), "must be an op");
+  refused(op_of(R"({})").status(), "either \"url\"");
+  refused(op_of(R"({"url":"http://h:1","participant":"a"})").status(), "either \"url\"");
+  refused(op_of(R"({"url":"ftp://h"})").status(), "http://");
+  refused(op_of(R"({"url":"http://h:1","method":"GET"})").status(), "\"method\"");
+  refused(op_of(R"({"url":"http://h:1","headers":[]})").status(), "headers must be an object");
+  refused(op_of(R"({"url":"http://h:1","headers":{"Tpc-Gid":"x"}})").status(),
+          "set by the coordinator");
+  refused(op_of(R"({"url":"http://h:1","headers":{"Content-Length":"1"}})").status(),
+          "set by the coordinator");
+  refused(op_of(R"({"url":"http://h:1","headers":{"a b":"x"}})").status(), "bad header name");
+  refused(op_of(R"({"url":"http://h:1","headers":{"x":"a\r\nb"}})").status(), "CR, LF");
+  refused(op_of(R"({"url":"http://h:1","headers":{"x":1}})").status(), "must be a string");
+  refused(op_of(R"({"participant":"a b","statements":[{"sql":"x"}]})").status(), "participant");
+  refused(
+      op_of(R"({"participant":"a","statements":[{"sql":"x","params":[{"tpc":"time"}]}]})").status(),
+      "statements[0]");
+  refused(op_of(R"({"participant":"a","statements":[{"sql":""}]})").status(), "statements[0]");
+  refused(op_of(R"({"participant":"a","statements":[{"sql":"x"}],"extra":1})").status(),
+          "\"extra\"");
+  // The one-shot form keeps refusing the placeholders: they mean something only in a step.
+  refused(
+      decode_run(
+          R"({"branches":[{"participant":"a1","statements":[{"sql":"x","params":[{"tpc":"gid"}]}]}]})",
+          10)
+          .status(),
+      "params");
+}
+
+TEST_CASE("try bodies need a branch name and all three ops") {
+  auto t = decode_try(
+      R"({"branch":"debit","try":{"url":"http://h:1/t"},"confirm":{"url":"http://h:1/c"},"cancel":{"participant":"a","statements":[]}})",
+      10);
+  REQUIRE(t.ok());
+  CHECK(t->name == "debit");
+  REQUIRE(t->ops.size() == 3);
+  CHECK(t->ops[0].op == StepOp::try_op);
+  CHECK(t->ops[1].op == StepOp::confirm);
+  CHECK(t->ops[2].op == StepOp::cancel);
+  refused(
+      decode_try(R"({"branch":"d","try":{"url":"http://h:1"},"confirm":{"url":"http://h:1"}})", 10)
+          .status(),
+      "\"cancel\"");
+  refused(
+      decode_try(
+          R"({"try":{"url":"http://h:1"},"confirm":{"url":"http://h:1"},"cancel":{"url":"http://h:1"}})",
+          10)
+          .status(),
+      "\"branch\"");
+  refused(
+      decode_try(
+          R"({"branch":"d!","try":{"url":"http://h:1"},"confirm":{"url":"http://h:1"},"cancel":{"url":"http://h:1"}})",
+          10)
+          .status(),
+      "\"branch\"");
+  refused(
+      decode_try(
+          R"({"branch":"d","try":{"url":"x"},"confirm":{"url":"http://h:1"},"cancel":{"url":"http://h:1"}})",
+          10)
+          .status(),
+      "try:");
+}
+
+TEST_CASE("saga bodies: defaults, options, and refusals") {
+  auto parse = [](std::string_view text) {
+    auto j = parse_json(text);
+    REQUIRE(j.ok());
+    return decode_saga(*j, 10, 1000);
+  };
+  auto d = parse(R"({"protocol":"saga","steps":[{"name":"a","action":{"url":"http://h:1/a"}}]})");
+  REQUIRE(d.ok());
+  CHECK_FALSE(d->opts.parallel);
+  CHECK_FALSE(d->opts.forward);
+  CHECK_FALSE(d->opts.wait_accepted);
+  CHECK(d->opts.attempts_max == kSagaAttemptsDefault);
+  CHECK_FALSE(d->opts.timeout_ms.has_value());
+  REQUIRE(d->steps.size() == 1);
+  CHECK(d->steps[0].ops.size() == 1);
+
+  auto f = parse(
+      R"({"protocol":"saga","recovery":"forward","parallel":true,"wait":"accepted","timeout_ms":500,"retry":{"min_ms":10,"max_ms":20},"steps":[{"name":"a","action":{"url":"http://h:1/a"},"compensate":{"url":"http://h:1/c"}}]})");
+  REQUIRE(f.ok());
+  CHECK(f->opts.forward);
+  CHECK(f->opts.parallel);
+  CHECK(f->opts.wait_accepted);
+  CHECK(f->opts.attempts_max == 0);  // forward: until it succeeds
+  CHECK(*f->opts.timeout_ms == 500);
+  CHECK(f->opts.retry_min_ms == 10);
+  CHECK(f->opts.retry_max_ms == 20);
+  CHECK(f->steps[0].ops[1].op == StepOp::compensate);
+  auto fa = parse(
+      R"({"protocol":"saga","recovery":"forward","retry":{"max_attempts":3},"steps":[{"name":"a","action":{"url":"http://h:1/a"}}]})");
+  REQUIRE(fa.ok());
+  CHECK(fa->opts.attempts_max == 3);
+
+  const std::string step = R"([{"name":"a","action":{"url":"http://h:1/a"}}])";
+  auto with = [&](std::string fields) {
+    return parse(R"({"protocol":"saga","steps":)" + step + fields + "}").status();
+  };
+  refused(with(R"(,"recovery":"sideways")"), "\"recovery\"");
+  refused(with(R"(,"wait":"decision")"), "\"wait\"");
+  refused(with(R"(,"timeout_ms":1001)"), "timeout_ms");
+  refused(with(R"(,"retry":{"max_attempts":0})"), "max_attempts");  // backward needs >= 1
+  refused(with(R"(,"retry":{"max_attempts":1001})"), "max_attempts");
+  refused(with(R"(,"retry":{"min_ms":0})"), "min_ms");
+  refused(with(R"(,"retry":{"tries":1})"), "\"tries\"");
+  refused(with(R"(,"retry":5)"), "\"retry\" must be an object");
+  refused(with(R"(,"notify":{"url":"http://h:1"})"), "not supported yet");
+  refused(parse(R"({"protocol":"saga"})").status(), "\"steps\"");
+  refused(parse(R"({"protocol":"saga","steps":[{"name":"a"}]})").status(), "needs \"action\"");
+  refused(parse(R"({"protocol":"saga","steps":[7]})").status(), "steps[0] must be an object");
+  refused(
+      parse(
+          R"({"protocol":"saga","steps":[{"name":"a","action":{"url":"http://h:1"},"compensate":{}}]})")
+          .status(),
+      "steps[0].compensate");
+}
+
+TEST_CASE("op answers: 2xx ok with its JSON, 409/422 business failures, the rest unknown") {
+  OpCall c{"c1-1-2", "debit", StepOp::confirm, 2, ""};
+  auto ok = decode_op_answer(c, false, 200, R"({"debited":30})", "", ok_status());
+  CHECK(ok.outcome == OpOutcome::ok);
+  CHECK(ok.result == R"({"debited":30})");
+  CHECK(ok.gid == "c1-1-2");
+  CHECK(ok.branch == "debit");
+  CHECK(ok.op == StepOp::confirm);
+  CHECK(decode_op_answer(c, false, 204, "", "", ok_status()).result.empty());
+  CHECK(decode_op_answer(c, false, 200, "not json", "", ok_status()).result.empty());
+  std::string big = "[\"" + std::string(kOpResultMaxBytes, 'x') + "\"]";
+  CHECK(decode_op_answer(c, false, 200, big, "", ok_status()).result.find("truncated") !=
+        std::string::npos);
+
+  auto business = decode_op_answer(
+      c, true, 422, R"({"error":{"code":"sql_error","message":"boom","sqlstate":"23505"}})", "1",
+      ok_status());
+  CHECK(business.outcome == OpOutcome::business_failure);
+  CHECK(business.error == "HTTP 422: sql_error: boom (SQLSTATE 23505)");
+  CHECK(decode_op_answer(c, false, 409, "", "", ok_status()).outcome ==
+        OpOutcome::business_failure);
+  for (int status : {400, 404, 425, 429, 500, 503}) {
+    CAPTURE(status);
+    CHECK(decode_op_answer(c, false, status, "", "", ok_status()).outcome == OpOutcome::unknown);
+  }
+  // Retry-After (seconds) is honoured for HTTP ops, capped; not for our agents' generic hint.
+  CHECK(decode_op_answer(c, false, 503, "", "2", ok_status()).retry_after_ms == 2000);
+  CHECK(decode_op_answer(c, false, 503, "", "99999", ok_status()).retry_after_ms ==
+        kRetryAfterMaxMs);
+  CHECK(decode_op_answer(c, false, 503, "", "Wed, 21 Oct 2015 07:28:00 GMT", ok_status())
+            .retry_after_ms == 0);
+  CHECK(decode_op_answer(c, true, 503, "", "1", ok_status()).retry_after_ms == 0);
+  auto lost = decode_op_answer(c, false, 0, "", "", unavailable("connection refused"));
+  CHECK(lost.outcome == OpOutcome::unknown);
+  CHECK(lost.error.find("connection refused") != std::string::npos);
+}
+
+TEST_CASE("op calls: headers and the agent's step body") {
+  OpCall c{"c1-1-2", "debit", StepOp::cancel, 3, ""};
+  Headers h = op_call_headers(c);
+  auto has = [&](std::string k, std::string v) {
+    return std::find(h.begin(), h.end(), std::pair{k, v}) != h.end();
+  };
+  CHECK(has("tpc-gid", "c1-1-2"));
+  CHECK(has("tpc-branch", "debit"));
+  CHECK(has("tpc-op", "cancel"));
+  CHECK(has("tpc-attempt", "3"));
+  CHECK(has("idempotency-key", "c1-1-2/debit/cancel"));
+  CHECK(encode_step_body(c, R"([{"sql":"x"}])") ==
+        R"({"branch":"debit","op":"cancel","statements":[{"sql":"x"}]})");
+  CHECK(encode_step_body(c, "") == R"({"branch":"debit","op":"cancel","statements":[]})");
+}
+
+TEST_CASE("views of TCC and saga transactions, and the answer to a try") {
+  TxnView v;
+  v.gid = "c1-1-3";
+  v.protocol = Protocol::saga;
+  v.state = TxnState::aborted;
+  v.reason = "step_failed";
+  v.reason_branch = "s2";
+  BranchView a;
+  a.participant = "s1";
+  a.state = BranchState::compensated;
+  a.attempts = 1;
+  a.result = R"({"undone":5})";
+  BranchView b;
+  b.participant = "s2";
+  b.state = BranchState::failed;
+  b.attempts = 5;
+  b.last_error = "HTTP 503";
+  v.branches = {a, b};
+  Json j = encode_view(v);
+  CHECK(j["step"] == "s2");
+  CHECK_FALSE(j.contains("branch"));
+  CHECK_FALSE(j.contains("branches"));
+  REQUIRE(j["steps"].size() == 2);
+  CHECK(j["steps"][0]["name"] == "s1");
+  CHECK(j["steps"][0]["state"] == "compensated");
+  CHECK(j["steps"][0]["result"]["undone"] == 5);
+  CHECK(j["steps"][1]["attempts"] == 5);
+  CHECK(j["steps"][1]["last_error"] == "HTTP 503");
+  CHECK(j["results"].empty());
+  v.state = TxnState::committed;
+  v.branches[0].state = BranchState::done;
+  CHECK(encode_view(v)["results"]["s1"]["undone"] == 5);
+
+  TxnView t;
+  t.gid = "c1-1-4";
+  t.protocol = Protocol::tcc;
+  t.state = TxnState::active;
+  BranchView d;
+  d.participant = "debit";
+  d.state = BranchState::tried;
+  d.attempts = 1;
+  d.result = R"({"frozen":30})";
+  t.branches = {d};
+  CHECK(encode_view(t)["branches"][0]["name"] == "debit");
+  ClientReply r;
+  r.kind = RequestKind::try_op;
+  r.branch = "debit";
+  r.view = t;
+  HttpResponse ok = encode_reply(r);
+  CHECK(ok.status == 200);
+  auto body = parse_json(ok.body);
+  REQUIRE(body.ok());
+  CHECK((*body)["state"] == "tried");
+  CHECK((*body)["branch"] == "debit");
+  CHECK((*body)["result"]["frozen"] == 30);
+  r.answer = Answer::contrary;
+  r.view.state = TxnState::aborting;
+  r.view.reason = "try_failed";
+  r.view.reason_branch = "debit";
+  HttpResponse no = encode_reply(r);
+  CHECK(no.status == 409);
+  auto nb = parse_json(no.body);
+  CHECK((*nb)["state"] == "aborting");
+  CHECK((*nb)["reason"] == "try_failed");
+  CHECK((*nb)["branch"] == "debit");
+}

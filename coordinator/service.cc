@@ -189,17 +189,46 @@ void CoordinatorService::with_machine(Fn&& fn) {
 void CoordinatorService::run(Ready ready) {
   if (!ready.persist.empty()) persist(std::move(ready.persist));
   for (const Message& m : ready.messages) send(m);
+  for (const OpCall& c : ready.calls) call_op(c);
   for (const ClientReply& r : ready.replies) reply(r);
 }
 
+namespace {
+
+// The failpoint fired once a synced record of this kind is durable, before the machine
+// hears of it (and so before anything that depends on it is sent).
+const char* logged_failpoint(const wal::TxnRecord& rec) {
+  switch (rec.protocol) {
+    case Protocol::tcc:
+      if (rec.decision == wal::Decision::registered) return "coord.after_try_registered";
+      if (rec.decision == wal::Decision::commit) return "coord.after_confirm_logged";
+      return nullptr;
+    case Protocol::saga:
+      if (rec.decision == wal::Decision::running) return "coord.after_saga_logged";
+      if (rec.decision == wal::Decision::aborted) return "coord.after_compensate_logged";
+      return nullptr;
+    default:
+      return rec.decision == wal::Decision::precommit ? "coord.after_precommit_logged"
+                                                      : "coord.after_decision_log";
+  }
+}
+
+}  // namespace
+
 void CoordinatorService::persist(std::vector<Persist> items) {
   std::vector<wal::LogWrite> writes;
-  std::vector<std::string> notify, ends;
-  bool sync = false, precommit = false;
+  std::vector<std::pair<std::string, uint64_t>> notify;
+  std::vector<std::string> ends;
+  std::vector<const char*> failpoints;
+  bool sync = false;
   for (auto& p : items) {
     sync = sync || p.sync;
-    if (p.notify) notify.push_back(p.record.gid);
-    precommit = precommit || (p.notify && p.record.decision == wal::Decision::precommit);
+    if (p.notify) {
+      notify.emplace_back(p.record.gid, p.seq);
+      const char* fp = logged_failpoint(p.record);
+      if (fp && std::find(failpoints.begin(), failpoints.end(), fp) == failpoints.end())
+        failpoints.push_back(fp);
+    }
     if (p.record.ended) ends.push_back(p.record.gid);
     writes.push_back(wal::LogWrite::put(std::move(p.record)));
   }
@@ -211,8 +240,8 @@ void CoordinatorService::persist(std::vector<Persist> items) {
   if (sync) covered = take_ends_written();
   covered.insert(covered.end(), ends.begin(), ends.end());
   wal_->write(std::move(writes), sync,
-              [this, sync, precommit, notify = std::move(notify), ends = std::move(ends),
-               covered = std::move(covered)](Status st) {
+              [this, sync, failpoints = std::move(failpoints), notify = std::move(notify),
+               ends = std::move(ends), covered = std::move(covered)](Status st) {
                 if (!st.ok()) {
                   // Whether the records reached the disk is unknown: stop rather than guess.
                   // Recovery after a restart reads what is there.
@@ -224,10 +253,10 @@ void CoordinatorService::persist(std::vector<Persist> items) {
                 else
                   ends_written(ends);
                 if (notify.empty()) return;
-                TPC_FAILPOINT(precommit ? "coord.after_precommit_logged" : "coord.after_decision_log");
+                for (const char* fp : failpoints) TPC_FAILPOINT(fp);
                 with_machine([&](CoordinatorMachine& m) {
                   int64_t now = rt_.now_ms();
-                  for (auto& gid : notify) m.on_persisted(gid, now);
+                  for (auto& [gid, seq] : notify) m.on_persisted(gid, now, seq);
                 });
               });
 }
@@ -336,14 +365,61 @@ void CoordinatorService::send_alone(const Url& url, Outgoing out) {
 
 // Every request to an agent is a POST, with the participants' token when there is one.
 void CoordinatorService::transmit(const Url& url, HttpRequest req, SendOptions opts,
-                                  std::function<void(HttpResult)> done) {
+                                  std::function<void(HttpResult)> done, bool to_agent) {
   req.method = "POST";
-  if (!cfg_.participant_token.empty())
+  if (to_agent && !cfg_.participant_token.empty())
     req.headers.emplace_back("authorization", "Bearer " + cfg_.participant_token);
   if (cfg_.transport)
     cfg_.transport(url, std::move(req), opts, std::move(done));
   else
     rt_.send(url, std::move(req), opts, std::move(done));
+}
+
+// An op call (docs/DESIGN.md §8): a SQL op through its agent's step endpoint, an HTTP op
+// straight to its URL. Never retried by the transport: the machine counts every attempt.
+void CoordinatorService::call_op(const OpCall& c) {
+  auto fail = [&](std::string why) {
+    op_answered(OpReply{c.gid, c.branch, c.op, OpOutcome::business_failure, "", std::move(why), 0});
+  };
+  auto target = decode_op_target(c.spec);
+  if (!target.ok()) return fail(target.status().message());
+  SendOptions opts;
+  opts.timeout_ms = cfg_.message_timeout_ms;
+  opts.idempotent = false;
+  bool sql = target->sql;
+  auto done = [this, c, sql](HttpResult res) {
+    op_answered(
+        decode_op_answer(c, sql, res.http_status, res.body, res.header("retry-after"), res.status));
+  };
+  HttpRequest req;
+  if (sql) {
+    auto it = cfg_.participants.find(target->participant);
+    if (it == cfg_.participants.end())
+      return fail("unknown participant \"" + target->participant +
+                  "\" (name it with --participant NAME=URL)");
+    auto url = parse_url(it->second);
+    if (!url.ok()) return fail(url.status().message());
+    req.target = std::string(wire::kBranchesPrefix) + c.gid + "/" + std::string(wire::kStep);
+    req.body = encode_step_body(c, target->body);
+    return transmit(*url, std::move(req), opts, std::move(done));
+  }
+  auto url = parse_url(target->url);
+  if (!url.ok()) return fail(url.status().message());
+  // The op's URL is the whole target: nothing is appended to its path.
+  req.target = url->base_path.empty() ? "/" : url->base_path;
+  url->base_path.clear();
+  req.headers = op_call_headers(c);
+  for (auto& h : target->headers) req.headers.push_back(h);
+  req.body = std::move(target->body);
+  transmit(*url, std::move(req), opts, std::move(done), false);
+}
+
+void CoordinatorService::op_answered(const OpReply& r) {
+  if (r.outcome == OpOutcome::ok && r.op == StepOp::confirm)
+    TPC_FAILPOINT("coord.after_first_confirm");
+  if (r.outcome == OpOutcome::ok && r.op == StepOp::action)
+    TPC_FAILPOINT("coord.after_first_step_done");
+  with_machine([&](CoordinatorMachine& m) { m.on_op_reply(r, rt_.now_ms()); });
 }
 
 void CoordinatorService::deliver(const Message& m, bool exec, const HttpResult& res) {
@@ -674,7 +750,10 @@ size_t CoordinatorService::prune_client_txns(const std::string& client) {
 }
 
 void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& respond) {
-  auto body = decode_run(req.body, cfg_.statements_max);
+  auto parsed = parse_object(req.body);
+  if (!parsed.ok()) return respond(error_response(parsed.status()));
+  if (run_protocol(*parsed) == protocol_name(Protocol::saga)) return run_saga(*parsed, respond);
+  auto body = decode_run_json(*parsed, cfg_.statements_max);
   if (!body.ok()) return respond(error_response(body.status()));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
@@ -716,6 +795,67 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
     return respond(error_response(gid.status()));
   }
   run(std::move(ready));
+}
+
+// A SQL op must name one of our agents (--participant NAME=URL).
+Status CoordinatorService::check_op_participants(const OpBranch& b) const {
+  for (const wal::OpText& op : b.ops) {
+    auto t = decode_op_target(op.json);
+    if (!t.ok()) return t.status();
+    if (t->sql && !cfg_.participants.contains(t->participant))
+      return invalid_argument(b.name + "." + std::string(step_op_name(op.op)) +
+                              ": unknown participant \"" + t->participant +
+                              "\" (name it with --participant NAME=URL)");
+  }
+  return ok_status();
+}
+
+void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
+  auto body = decode_saga(j, cfg_.statements_max, cfg_.machine.txn_timeout_max_ms);
+  if (!body.ok()) return respond(error_response(body.status()));
+  for (const OpBranch& step : body->steps)
+    if (Status st = check_op_participants(step); !st.ok()) return respond(error_response(st));
+  if (!healthy_) {
+    respond(error_response(unavailable("recovering: not accepting new transactions yet")));
+    return;
+  }
+  int64_t now = rt_.now_ms();
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  Result<std::string> gid = unavailable("");
+  with_machine([&](CoordinatorMachine& m) {
+    gid = m.run_saga(std::move(body->steps), body->opts, waiter, now);
+  });
+  if (!gid.ok()) {
+    {
+      std::lock_guard lock(waiters_mu_);
+      waiters_.erase(waiter);
+    }
+    respond(error_response(gid.status()));
+  }
+}
+
+void CoordinatorService::try_branch(const std::string& gid, const HttpRequest& req,
+                                    const Responder& respond, int64_t now) {
+  auto branch = decode_try(req.body, cfg_.statements_max);
+  if (!branch.ok()) return respond(error_response(branch.status()));
+  if (Status st = check_op_participants(*branch); !st.ok()) return respond(error_response(st));
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  std::optional<ClientReply> immediate;
+  with_machine([&](CoordinatorMachine& m) {
+    immediate = m.try_branch(gid, std::move(*branch), waiter, now);
+  });
+  if (immediate) {
+    immediate->waiter = waiter;
+    reply(*immediate);
+  }
 }
 
 void CoordinatorService::list(const HttpRequest& req, const Responder& respond) {
@@ -769,6 +909,7 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
     return forget(gid, respond);
   }
   if (action == "resolve") return resolve(gid, req, respond, now);
+  if (action == "try") return try_branch(gid, req, respond, now);
   respond(error_response(not_found("no such action: " + echo(action))));
 }
 
@@ -1034,13 +1175,15 @@ void CoordinatorService::register_metrics() {
       return static_cast<double>(read(machine_.counters()));
     }, std::move(labels));
   };
-  for (int p = 0; p < 2; ++p) {
-    std::string proto = p == 0 ? "2pc" : "3pc";
+  for (Protocol protocol : kProtocols) {
+    size_t p = protocol_index(protocol);
+    std::string proto(protocol_name(protocol));
     counter("tpc_coordinator_transactions_begun_total", "transactions begun",
             {{"protocol", proto}}, [p](const MachineCounters& c) { return c.begun[p]; });
   }
-  for (int p = 0; p < 2; ++p) {
-    std::string proto = p == 0 ? "2pc" : "3pc";
+  for (Protocol protocol : kProtocols) {
+    size_t p = protocol_index(protocol);
+    std::string proto(protocol_name(protocol));
     counter("tpc_coordinator_transactions_total", "transactions finished, by outcome",
             {{"protocol", proto}, {"outcome", "committed"}},
             [p](const MachineCounters& c) { return c.committed[p]; });
@@ -1048,6 +1191,21 @@ void CoordinatorService::register_metrics() {
             {{"protocol", proto}, {"outcome", "aborted"}},
             [p](const MachineCounters& c) { return c.aborted[p]; });
   }
+  for (size_t op = 0; op < kStepOps; ++op) {
+    auto step_op = static_cast<StepOp>(op);
+    if (step_op == StepOp::deliver || step_op == StepOp::local) continue;  // not called yet
+    for (size_t o = 0; o < kOpOutcomes; ++o)
+      counter("tpc_coordinator_ops_total", "TCC and saga op answers, by op and outcome",
+              {{"op", std::string(step_op_name(step_op))},
+               {"outcome", std::string(op_outcome_name(static_cast<OpOutcome>(o)))}},
+              [op, o](const MachineCounters& c) { return c.ops[op][o]; });
+  }
+  counter("tpc_coordinator_op_failures_total",
+          "business failures of confirm, cancel and compensate (retried until they succeed)", {},
+          [](const MachineCounters& c) { return c.op_failures; });
+  counter("tpc_coordinator_sagas_failed_total",
+          "forward sagas stopped past their attempts, waiting for an operator", {},
+          [](const MachineCounters& c) { return c.saga_failed; });
   counter("tpc_coordinator_heuristic_mixed_total", "transactions whose branches disagreed", {},
           [](const MachineCounters& c) { return c.heuristic_mixed; });
   metrics_.gauge("tpc_coordinator_heuristic_outcomes",

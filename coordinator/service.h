@@ -131,7 +131,12 @@ class CoordinatorService {
   void deliver_batch(const std::vector<Outgoing>& items, const HttpResult& res);
   bool lane_done(const std::string& lane);
   void deliver(const Message& m, bool exec, const HttpResult& res);
-  void transmit(const Url& url, HttpRequest req, SendOptions opts, std::function<void(HttpResult)> done);
+  // `to_agent`: the participants' token goes with it (not with an HTTP op to a service).
+  void transmit(const Url& url, HttpRequest req, SendOptions opts,
+                std::function<void(HttpResult)> done, bool to_agent = true);
+  // TCC and saga: one op call, its answer fed back to the machine.
+  void call_op(const OpCall& c);
+  void op_answered(const OpReply& r);
   void delivered(const Message& m, bool exec, BranchReply br, Json results, bool answered);
   void reply(const ClientReply& r);
   void answer(const ClientReply& r, const Responder& respond);
@@ -142,6 +147,10 @@ class CoordinatorService {
   // Handlers.
   void begin(const HttpRequest& req, const Responder& respond);
   void run_oneshot(const HttpRequest& req, const Responder& respond);
+  void run_saga(const Json& body, const Responder& respond);
+  Status check_op_participants(const OpBranch& b) const;
+  void try_branch(const std::string& gid, const HttpRequest& req, const Responder& respond,
+                  int64_t now);
   void list(const HttpRequest& req, const Responder& respond);
   void transaction(const std::string& gid, std::string_view action, const HttpRequest& req,
                    const Responder& respond);

@@ -215,10 +215,13 @@ struct Ready {
 };
 
 // A saga's options (docs/DESIGN.md §9).
+inline constexpr uint32_t kSagaAttemptsDefault = 5;  // of a backward saga's action
+inline constexpr int64_t kSagaAttemptsMax = 1000;
+
 struct SagaOptions {
   bool parallel = false;
   bool forward = false;       // recovery "forward": retry instead of compensating
-  uint32_t attempts_max = 5;  // of an action; 0: unlimited (forward's default)
+  uint32_t attempts_max = kSagaAttemptsDefault;  // of an action; 0: unlimited (forward's default)
   int64_t retry_min_ms = 0;   // 0: the coordinator's
   int64_t retry_max_ms = 0;
   bool wait_accepted = false;  // answer 202 once the saga is durable
