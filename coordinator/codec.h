@@ -58,7 +58,6 @@ Result<BranchReport> decode_branch_report(std::string_view body);
 inline constexpr size_t kOpHeadersMax = 32;
 inline constexpr size_t kOpHeaderValueMaxBytes = 8 * 1024;
 inline constexpr size_t kOpResultMaxBytes = 16 * 1024;  // larger results are kept as a note
-inline constexpr int64_t kRetryAfterMaxMs = 300'000;
 
 // One op (§8): {"url","body"?,"headers"?} or {"participant","statements"}, normalised to the
 // JSON text the log keeps. `op` says which call it is: a cancel or compensate SQL op may have

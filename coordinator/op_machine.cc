@@ -17,8 +17,6 @@
 namespace tpc::coord {
 namespace {
 
-// The longest Retry-After an op's answer can make us wait.
-constexpr int64_t kRetryAfterMaxMs = 300'000;
 // A try whose answer stays unknown this many times aborts its TCC transaction.
 constexpr uint32_t kTryAttemptsMax = 3;
 
@@ -830,7 +828,7 @@ void CoordinatorMachine::on_settling_answer(Txn& t, size_t i, const OpReply& rep
   if (reply.outcome == OpOutcome::ok) {
     b.state = state_after(reply.op);
     if (!reply.result.empty()) b.result = reply.result;
-    b.last_error.clear();
+    // last_error stays: why the step failed, or what held its settling op up, is still news.
     persist_ops(t, /*sync=*/false, now_ms);
     if (reply.op == StepOp::compensate) saga_compensate_next(t);
     maybe_finish_ops(t, now_ms);

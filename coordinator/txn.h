@@ -215,6 +215,8 @@ struct Ready {
 };
 
 // A saga's options (docs/DESIGN.md §9).
+// The longest Retry-After an op's answer can make us wait.
+inline constexpr int64_t kRetryAfterMaxMs = 300'000;
 inline constexpr uint32_t kSagaAttemptsDefault = 5;  // of a backward saga's action
 inline constexpr int64_t kSagaAttemptsMax = 1000;
 

@@ -3,16 +3,18 @@
 #
 # Installs what is missing, builds build-demo/ (no failpoints: the binaries people run),
 # starts two throw-away PostgreSQL clusters (bank_a,
-# bank_b), a tpc-coordinator and one tpc-agent per database, then moves money between the two
+# bank_b), a tpc-coordinator, one tpc-agent per database and a small HTTP service holding
+# wallets (tpc-http-participant, for the TCC and saga examples), then moves money between the two
 # databases over the HTTP API: one transfer that commits on both, and one that fails on bank_a
 # (CHECK constraint) and therefore changes neither. It checks the balances, the total and that
 # no prepared transaction is left behind. Then it runs the README's examples (the ```sh blocks
 # marked <!-- demo: run -->) literally against the same services, checks each answer against the
 # README's answer lines and the total after each block, and exits non-zero if anything is off.
 #
-# Ports: the coordinator on 7400, the agents bank_a on 7401 and bank_b on 7402, as in the README;
-# a port already taken is replaced by a free one, and the export lines printed at the start
-# (TPC_COORD, TPC_BANK_A, TPC_BANK_B) always name the ones in use.
+# Ports: the coordinator on 7400, the agents bank_a on 7401 and bank_b on 7402, the wallet
+# service on 7403, as in the README; a port already taken is replaced by a free one, and the
+# export lines printed at the start (TPC_COORD, TPC_BANK_A, TPC_BANK_B, TPC_WALLET) always name
+# the ones in use.
 #
 # usage: scripts/demo.sh [--keep]
 #   --keep   leave everything running afterwards and print how to reach and stop it
@@ -25,6 +27,9 @@ KEEP=0
 RUN_DIR=""
 declare -A PG_DIR=() AGENT_URL=() AGENT_PORT=() SERVICE_PID=() SERVICE_LOG=()
 COORD_PORT=""
+WALLET_PORT=""
+WALLET_URL=""
+WALLET_PORT_WANTED=7403
 README="$TPC_ROOT/README.md"
 # The ports the README's examples name; taken ones are replaced (see demo_port).
 COORD_PORT_WANTED=7400
@@ -55,7 +60,7 @@ install_and_build() {
   tpc_step "packages and build"
   tpc_install_deps
   local start=$SECONDS log="$TPC_ROOT/build-demo/build.log"
-  if [[ -x $BIN/tpc-coordinator && -x $BIN/tpc-agent && -x $BIN/tpcctl ]]; then
+  if [[ -x $BIN/tpc-coordinator && -x $BIN/tpc-agent && -x $BIN/tpcctl && -x $BIN/tpc-http-participant ]]; then
     tpc_say "building build-demo/ (log: build-demo/build.log)"
   else
     tpc_say "building build-demo/: the first build takes a few minutes (log: build-demo/build.log)"
@@ -64,7 +69,7 @@ install_and_build() {
   : >"$log"
   # The services and the tool only, without failpoints and without the tests.
   TPC_BUILD_LOG=$log tpc_configure build-demo -DTPC_FAILPOINTS=OFF -DTPC_INTEGRATION_TESTS=OFF
-  TPC_BUILD_LOG=$log tpc_compile build-demo tpc-coordinator tpc-agent tpcctl || exit 1
+  TPC_BUILD_LOG=$log tpc_compile build-demo tpc-coordinator tpc-agent tpcctl tpc-http-participant || exit 1
   tpc_say "build: done in $(tpc_elapsed "$start")"
 }
 
@@ -73,7 +78,8 @@ make_run_dir() {
   chmod 0755 "$RUN_DIR" # the postgres account must reach the clusters when we are root
 }
 
-# start_bank NAME ROWS_SQL: a cluster with an accounts table holding ROWS_SQL.
+# start_bank NAME ROWS_SQL: a cluster with an accounts table holding ROWS_SQL. `frozen` is
+# what TCC tries have reserved and not yet confirmed or cancelled (README, TCC).
 start_bank() {
   local name=$1 rows=$2 port
   tpc_free_port port
@@ -82,7 +88,8 @@ start_bank() {
   tpc_pg_create "${PG_DIR[$name]}" "$port"
   tpc_pg_start "${PG_DIR[$name]}"
   tpc_psql "${PG_DIR[$name]}" "CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL,
-      balance bigint NOT NULL CHECK (balance >= 0));
+      balance bigint NOT NULL CHECK (balance >= 0),
+      frozen bigint NOT NULL DEFAULT 0 CHECK (frozen >= 0 AND frozen <= balance));
     INSERT INTO accounts VALUES $rows;"
   tpc_say "  PostgreSQL $name   127.0.0.1:$port"
 }
@@ -119,6 +126,17 @@ choose_ports() {
     demo_port "AGENT_PORT[$name]" "${AGENT_PORT_WANTED[$name]}"
     AGENT_URL[$name]="http://127.0.0.1:${AGENT_PORT[$name]}"
   done
+  demo_port WALLET_PORT "$WALLET_PORT_WANTED"
+  WALLET_URL="http://127.0.0.1:$WALLET_PORT"
+}
+
+# The wallet service: an in-memory ledger answering HTTP ops (tools/http_participant.h), with
+# erin's wallet, empty.
+start_wallet() {
+  start_service wallet "$WALLET_URL" "$BIN/tpc-http-participant" --listen "127.0.0.1:$WALLET_PORT"
+  curl -sS -f -o /dev/null -X POST "$WALLET_URL/accounts" -d '{"erin":0}' ||
+    tpc_die "could not create erin's wallet at $WALLET_URL"
+  tpc_say "  wallet service      $WALLET_URL"
 }
 
 start_coordinator() {
@@ -146,6 +164,7 @@ start_everything() {
   start_coordinator
   start_agent bank_a
   start_agent bank_b
+  start_wallet
   print_exports
 }
 
@@ -157,8 +176,8 @@ print_exports() {
 }
 
 export_lines() {
-  printf 'export TPC_COORD=%s TPC_BANK_A=%s TPC_BANK_B=%s\n' "$COORD_URL" "${AGENT_URL[bank_a]}" \
-    "${AGENT_URL[bank_b]}"
+  printf 'export TPC_COORD=%s TPC_BANK_A=%s TPC_BANK_B=%s TPC_WALLET=%s\n' "$COORD_URL" \
+    "${AGENT_URL[bank_a]}" "${AGENT_URL[bank_b]}" "$WALLET_URL"
   # shellcheck disable=SC2016 # $PATH expands in the user's shell
   printf 'export PATH=%s:$PATH\n' "$BIN"
 }
@@ -225,7 +244,7 @@ SQL_CREDIT='UPDATE accounts SET balance = balance + $1 WHERE id = $2'
 # exec_body SQL AMOUNT ID: the JSON body of an exec request.
 exec_body() { jq -cn --arg sql "$1" --argjson amount "$2" --argjson id "$3" '{sql: $sql, params: [$amount, $id]}'; }
 
-# balances: "bank_a alice=1000 bob=500 | bank_b carol=200 dave=800 | total=2500"
+# balances: "bank_a alice=1000 bob=500 | bank_b carol=200 dave=800 | wallet erin=0 | total=2500"
 balances() {
   local name rows total=0 line="" owner balance
   for name in bank_a bank_b; do
@@ -237,6 +256,10 @@ balances() {
     done <<<"$rows"
     line+=" | "
   done
+  balance=$(curl -sS -f "$WALLET_URL/accounts" | jq -r '.accounts.erin.balance') ||
+    tpc_die "could not read the wallets at $WALLET_URL"
+  line+="wallet erin=$balance | "
+  total=$((total + balance))
   printf '%stotal=%s\n' "$line" "$total"
 }
 
@@ -269,7 +292,7 @@ transfer_that_commits() {
 }
 
 # The balances once the first transfer committed (from the rows created by start_everything).
-expected_after_commit() { printf '%s\n' 'bank_a alice=700 bob=500 | bank_b carol=500 dave=800 | total=2500'; }
+expected_after_commit() { printf '%s\n' 'bank_a alice=700 bob=500 | bank_b carol=500 dave=800 | wallet erin=0 | total=2500'; }
 
 transfer_that_aborts() {
   tpc_step "transfer 5000 from bob (bank_a, balance 500) to dave (bank_b): all or nothing"
@@ -347,7 +370,8 @@ run_readme_block() {
 run_readme_examples() {
   local count n
   tpc_step "the README's examples, pasted as they are"
-  export TPC_COORD=$COORD_URL TPC_BANK_A=${AGENT_URL[bank_a]} TPC_BANK_B=${AGENT_URL[bank_b]}
+  export TPC_COORD=$COORD_URL TPC_BANK_A=${AGENT_URL[bank_a]} TPC_BANK_B=${AGENT_URL[bank_b]} \
+    TPC_WALLET=$WALLET_URL
   export PATH="$BIN:$PATH"
   count=$(readme_blocks "$RUN_DIR")
   check "README.md has examples marked <!-- demo: run -->" test "$count" -gt 0
@@ -356,9 +380,12 @@ run_readme_examples() {
     test "$(balances)" = "$(expected_after_readme)"
 }
 
-# The balances once the README's examples ran: two transfers of 100 from alice to carol
-# (interactive and one-shot) committed, the transfer of 5000 from bob aborted.
-expected_after_readme() { printf '%s\n' 'bank_a alice=500 bob=500 | bank_b carol=700 dave=800 | total=2500'; }
+# The balances once the README's examples ran: three transfers of 100 from alice to carol
+# (interactive, one-shot and TCC) committed, a saga moved 50 from alice to erin's wallet, the
+# transfers of 5000 from bob (2PC, TCC and saga) aborted.
+expected_after_readme() { printf '%s\n' 'bank_a alice=350 bob=500 | bank_b carol=800 dave=800 | wallet erin=50 | total=2500'; }
+
+frozen_total() { tpc_psql "${PG_DIR[$1]}" "SELECT coalesce(sum(frozen), 0) FROM accounts"; }
 
 prepared_count() { tpc_psql "${PG_DIR[$1]}" "SELECT count(*) FROM pg_prepared_xacts"; }
 
@@ -376,6 +403,8 @@ final_checks() {
   tpc_step "checks"
   check "bank_a: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_a
   check "bank_b: SELECT count(*) FROM pg_prepared_xacts = 0" no_prepared_left bank_b
+  check "bank_a: nothing left frozen by TCC tries" test "$(frozen_total bank_a)" = 0
+  check "bank_b: nothing left frozen by TCC tries" test "$(frozen_total bank_b)" = 0
   check "final balances: $(expected_after_readme)" test "$(balances)" = "$(expected_after_readme)"
 }
 
@@ -428,6 +457,7 @@ print_keep_info() {
   for name in "${BANKS[@]}"; do
     tpc_say "  psql $name   psql -h 127.0.0.1 -p $(tpc_pg_port "${PG_DIR[$name]}") -U tpc postgres"
   done
+  tpc_say "  wallet        $WALLET_URL/accounts"
   tpc_say "  for the README $(export_lines | head -n 1)"
   tpc_say "                $(export_lines | tail -n 1)"
   tpc_say "  logs          $RUN_DIR/*.log"

@@ -1,7 +1,7 @@
 // tpcctl: an operator's view of a coordinator or an agent. See `tpcctl --help`.
 //
 //   tpcctl --coordinator URL list [--state S] [--limit N]   transactions, newest first
-//   tpcctl --coordinator URL show GID                       one transaction
+//   tpcctl --coordinator URL show GID                       one transaction, its branches or steps
 //   tpcctl --coordinator URL in-doubt                       decided but unfinished, heuristic
 //   tpcctl --coordinator URL resolve GID commit|abort       operator decision (heuristic)
 //   tpcctl --coordinator URL forget GID                     clear a heuristic outcome
@@ -55,6 +55,15 @@ void print_row(const std::vector<std::string>& cells, const std::vector<size_t>&
   std::cout << line << "\n";
 }
 
+void print_table_rows(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> widths;
+  for (auto& l : rows) {
+    widths.resize(std::max(widths.size(), l.size()), 0);
+    for (size_t i = 0; i < l.size(); ++i) widths[i] = std::max(widths[i], l[i].size());
+  }
+  for (auto& l : rows) print_row(l, widths);
+}
+
 void print_table(const tpc::Json& rows, const std::vector<std::pair<std::string, std::string>>& cols,
                  bool branches_column) {
   std::vector<std::vector<std::string>> out;
@@ -67,19 +76,58 @@ void print_table(const tpc::Json& rows, const std::vector<std::pair<std::string,
     for (auto& [key, title] : cols) line.push_back(cell(r, key.c_str()));
     if (branches_column) {
       std::string b;
-      if (r.contains("branches") && r["branches"].is_array())
-        for (auto& br : r["branches"]) {
+      const char* key = r.contains("steps") ? "steps" : "branches";
+      if (r.contains(key) && r[key].is_array())
+        for (auto& br : r[key]) {
           if (!b.empty()) b += ",";
-          b += cell(br, "participant") + ":" + cell(br, "state");
+          b += cell(br, br.contains("name") ? "name" : "participant") + ":" + cell(br, "state");
+          // A TCC branch or saga step still being retried says how often, and why.
+          if (br.contains("last_error") && br.value("attempts", 0) > 1)
+            b += "(" + cell(br, "attempts") + " attempts: " + cell(br, "last_error") + ")";
         }
       line.push_back(b.empty() ? "-" : b);
     }
     out.push_back(line);
   }
-  std::vector<size_t> widths(head.size(), 0);
-  for (auto& l : out)
-    for (size_t i = 0; i < l.size(); ++i) widths[i] = std::max(widths[i], l[i].size());
-  for (auto& l : out) print_row(l, widths);
+  print_table_rows(out);
+}
+
+// `show` on a coordinator: the transaction, then one line per branch (2PC, 3PC, TCC) or step
+// (saga) with its state, attempts and last error.
+void print_transaction(const tpc::Json& t) {
+  std::vector<std::vector<std::string>> head = {{"GID", cell(t, "gid")},
+                                                {"PROTOCOL", cell(t, "protocol")},
+                                                {"STATE", cell(t, "state")},
+                                                {"DECISION", cell(t, "decision")}};
+  if (t.contains("reason")) {
+    std::string why = cell(t, "reason");
+    if (t.contains("step")) why += " (step " + cell(t, "step") + ")";
+    if (t.contains("branch")) why += " (branch " + cell(t, "branch") + ")";
+    head.push_back({"REASON", why});
+  }
+  if (t.contains("recovered")) head.push_back({"RECOVERED", "yes"});
+  print_table_rows(head);
+  std::cout << "\n";
+  bool saga = t.contains("steps");
+  const char* key = saga ? "steps" : "branches";
+  if (!t.contains(key) || !t[key].is_array() || t[key].empty()) {
+    std::cout << "(no " << key << ")\n";
+    return;
+  }
+  bool ops = t[key][0].contains("name");
+  std::vector<std::vector<std::string>> rows;
+  rows.push_back({saga  ? "STEP"
+                  : ops ? "BRANCH"
+                        : "PARTICIPANT",
+                  "STATE", "ATTEMPTS", "LAST_ERROR", ops ? "RESULT" : "URL"});
+  for (auto& b : t[key]) {
+    std::string flags;
+    if (b.value("forced", false)) flags += " (forced)";
+    if (b.value("heuristic", false)) flags += " (heuristic)";
+    rows.push_back({cell(b, ops ? "name" : "participant"), cell(b, "state") + flags,
+                    cell(b, "attempts"), cell(b, "last_error"), cell(b, ops ? "result" : "url")});
+  }
+  print_table_rows(rows);
 }
 
 }  // namespace
@@ -143,8 +191,11 @@ int main(int argc, char** argv) {
   auto j = tpc::parse_json(res.body);
   if (!j.ok()) return tpc::fail(kProgram, "the answer is not JSON (HTTP " + std::to_string(res.http_status) + ")");
   bool ok = res.http_status >= 200 && res.http_status < 300;
-  if (c.flag("json") || cmd == "show" || cmd == "resolve" || cmd == "forget" || !ok) {
+  if (c.flag("json") || (cmd == "show" && !coordinator) || cmd == "resolve" || cmd == "forget" ||
+      !ok) {
     std::cout << j->dump(2) << "\n";
+  } else if (cmd == "show") {
+    print_transaction(*j);
   } else if (coordinator) {
     const tpc::Json& rows = (*j)["transactions"];
     if (cmd == "in-doubt")

@@ -180,6 +180,10 @@ TEST_CASE("tpcctl lists, shows and lists in-doubt transactions and branches") {
   REQUIRE(j.ok());
   CHECK((*j)["transactions"][0]["gid"] == gid);
   CHECK(run({ctl, "--coordinator", c, "show", gid}, &out) == 0);
+  CHECK(out.find("STATE     committed") != std::string::npos);
+  CHECK(out.find("PARTICIPANT") != std::string::npos);
+  CHECK(out.find("a0           committed") != std::string::npos);
+  CHECK(run({ctl, "--coordinator", c, "show", gid, "--json"}, &out) == 0);
   CHECK(out.find("\"committed\"") != std::string::npos);
   CHECK(run({ctl, "--coordinator", c, "in-doubt"}, &out) == 0);
   CHECK(out.find(gid) == std::string::npos);
