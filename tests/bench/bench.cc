@@ -15,6 +15,12 @@
 //   coordinator-only  oneshot against a coordinator in this process whose participants are
 //                     in-process fakes answering at once: the coordinator's own ceiling (its
 //                     HTTP API, state machine and group-committed decision log)
+//   saga              POST /v1/transactions/run with protocol saga: one step per database,
+//                     each a SQL op (the UPDATE with its barrier row, one local transaction)
+//                     with a compensation that is never needed
+//   tcc               begin a TCC transaction, try every branch in parallel (a SQL op that
+//                     reserves: frozen += 1), then commit (each confirm: balance += 1,
+//                     frozen -= 1); three round trips and two local transactions per branch
 //
 //   tpc-bench [--participants 2,4] [--concurrency 1,8,32,64] [--modes ...] [--seconds 5]
 //             [--repeat 3] [--accounts 10000] [--json] [--recovery 100000]
@@ -150,17 +156,29 @@ class FakeAgents {
 
 // --- the system under test -------------------------------------------------------------------
 
+const std::vector<std::string> kModes = {"raw",     "raw-pipelined",    "local", "interactive",
+                                         "oneshot", "coordinator-only", "saga",  "tcc"};
+
 struct Options {
   std::vector<int> participants = {2, 4};
   std::vector<int> concurrency = {1, 8, 32, 64};
-  std::vector<std::string> modes = {"raw", "raw-pipelined", "local", "interactive", "oneshot",
-                                    "coordinator-only"};
+  std::vector<std::string> modes{kModes.begin(), kModes.end()};
   int seconds = 5;
   int repeat = 1;
   int accounts = 10'000;
   bool json = false;
   int64_t recovery = 0;
 };
+
+// The branches of one transaction answered so far, on the client loop's thread.
+struct Join {
+  int left;
+  bool ok = true;
+};
+
+// POST url+target with body; `then` runs on the client loop's thread.
+using Call =
+    std::function<void(const Url&, std::string, std::string, std::function<void(HttpResult)>)>;
 
 class Rig {
  public:
@@ -178,6 +196,8 @@ class Rig {
   // One transaction over HTTP; `done(ok)` runs on the client loop's thread.
   void http_txn(const std::string& mode, HttpClient& client, std::mt19937_64& rng,
                 std::function<void(bool)> done);
+  void saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
+  void tcc_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
   double coordinator_fsync_ratio(const Url& url, double* fsyncs, double* records);
 
   Options opts_;
@@ -215,7 +235,8 @@ Status Rig::start() {
     auto c = PgCluster::create(po);
     if (!c.ok()) return c.status();
     auto r = testing::query((*c)->conninfo(),
-                            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);"
+                            "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL,"
+                            " frozen bigint NOT NULL DEFAULT 0);"
                             "INSERT INTO accounts SELECT g, 1000000 FROM generate_series(1, " +
                                 std::to_string(opts_.accounts) + ") g;");
     if (!r.ok()) return r.status();
@@ -376,6 +397,8 @@ void Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64&
          [done = std::move(done)](HttpResult r) { done(r.status.ok() && r.http_status == 200); });
     return;
   }
+  if (mode == "saga") return saga_txn(call, rng, std::move(done));
+  if (mode == "tcc") return tcc_txn(call, rng, std::move(done));
   // interactive: begin, then every branch's exec in parallel, then commit (abort on an error).
   std::vector<std::string> bodies;
   for (int i = 0; i < n_; ++i) bodies.push_back(dump(Json{{"statements", statements()}}));
@@ -385,10 +408,6 @@ void Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64&
          auto j = parse_json(b.body);
          if (!j.ok() || !j->contains("gid")) return done(false);
          std::string gid = (*j)["gid"];
-         struct Join {
-           int left;
-           bool ok = true;
-         };
          auto join = std::make_shared<Join>(Join{n_});
          auto finish = [this, call, gid, join, done = std::move(done)]() {
            call(coordinator_url_, "/v1/transactions/" + gid + (join->ok ? "/commit" : "/abort"), "",
@@ -396,6 +415,61 @@ void Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64&
          };
          for (int i = 0; i < n_; ++i)
            call(agent_urls_[i], "/v1/branches/" + gid + "/exec", std::move(bodies[i]),
+                [join, finish](HttpResult r) {
+                  join->ok = join->ok && r.status.ok() && r.http_status == 200;
+                  if (--join->left == 0) finish();
+                });
+       });
+}
+
+// A SQL op of one statement on agent i.
+Json sql_op(int i, const std::string& sql, uint64_t account) {
+  return Json{
+      {"participant", "a" + std::to_string(i)},
+      {"statements", Json::array({Json{{"sql", sql}, {"params", Json::array({account})}}})}};
+}
+
+void Rig::saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done) {
+  Json steps = Json::array();
+  for (int i = 0; i < n_; ++i) {
+    uint64_t account = rng() % static_cast<uint64_t>(opts_.accounts) + 1;
+    steps.push_back(Json{
+        {"name", "s" + std::to_string(i)},
+        {"action", sql_op(i, "UPDATE accounts SET balance = balance + 1 WHERE id = $1", account)},
+        {"compensate",
+         sql_op(i, "UPDATE accounts SET balance = balance - 1 WHERE id = $1", account)}});
+  }
+  call(coordinator_url_, "/v1/transactions/run", dump(Json{{"protocol", "saga"}, {"steps", steps}}),
+       [done = std::move(done)](HttpResult r) { done(r.status.ok() && r.http_status == 200); });
+}
+
+void Rig::tcc_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done) {
+  std::vector<std::string> tries;
+  for (int i = 0; i < n_; ++i) {
+    uint64_t account = rng() % static_cast<uint64_t>(opts_.accounts) + 1;
+    tries.push_back(dump(Json{
+        {"branch", "b" + std::to_string(i)},
+        {"try", sql_op(i, "UPDATE accounts SET frozen = frozen + 1 WHERE id = $1", account)},
+        {"confirm",
+         sql_op(i, "UPDATE accounts SET balance = balance + 1, frozen = frozen - 1 WHERE id = $1",
+                account)},
+        {"cancel", sql_op(i, "UPDATE accounts SET frozen = frozen - 1 WHERE id = $1", account)}}));
+  }
+  call(coordinator_url_, "/v1/transactions", dump(Json{{"protocol", "tcc"}}),
+       [this, call, tries = std::move(tries), done = std::move(done)](HttpResult b) mutable {
+         if (!b.status.ok() || b.http_status != 201) return done(false);
+         auto j = parse_json(b.body);
+         if (!j.ok() || !j->contains("gid")) return done(false);
+         std::string gid = (*j)["gid"];
+         auto join = std::make_shared<Join>(Join{n_});
+         auto finish = [this, call, gid, join, done = std::move(done)]() {
+           call(coordinator_url_, "/v1/transactions/" + gid + (join->ok ? "/commit" : "/abort"), "",
+                [ok = join->ok, done](HttpResult c) {
+                  done(ok && c.status.ok() && c.http_status == 200);
+                });
+         };
+         for (auto& t : tries)
+           call(coordinator_url_, "/v1/transactions/" + gid + "/try", std::move(t),
                 [join, finish](HttpResult r) {
                   join->ok = join->ok && r.status.ok() && r.http_status == 200;
                   if (--join->left == 0) finish();
@@ -612,12 +686,13 @@ int main(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
       {"participants", "participant counts, comma-separated", "2,4"},
       {"concurrency", "client counts, comma-separated", "1,8,32,64"},
-      {"modes", "raw,raw-pipelined,local,interactive,oneshot,coordinator-only",
-       "raw,raw-pipelined,local,interactive,oneshot,coordinator-only"},
+      {"modes", "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc",
+       "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc"},
       {"seconds", "measured seconds per cell (after 1 s of warm-up)", "5"},
       {"repeat", "runs per cell; figures are medians", "1"},
       {"accounts", "rows per database", "10000"},
-      {"recovery", "also time a restart with this many decided-but-unfinished transactions (0: skip)", "0"},
+      {"recovery",
+       "also time a restart with this many decided-but-unfinished transactions (0: skip)", "0"},
       {"json", "print JSON instead of tables", "", false, true},
   };
   auto c = Config::parse(specs, argc, argv, nullptr);
@@ -646,8 +721,7 @@ int main(int argc, char** argv) {
     std::stringstream ss(c->get("modes"));
     std::string m;
     while (std::getline(ss, m, ',')) {
-      if (m != "raw" && m != "raw-pipelined" && m != "local" && m != "interactive" && m != "oneshot" &&
-          m != "coordinator-only")
+      if (std::find(kModes.begin(), kModes.end(), m) == kModes.end())
         return die("unknown mode \"" + m + "\"");
       o.modes.push_back(m);
     }
