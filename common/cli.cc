@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
+#include <iostream>
 
 #include "common/failpoint.h"
 #include "common/json.h"
@@ -26,7 +27,8 @@ Result<std::pair<std::string, uint16_t>> parse_listen(std::string_view text) {
   if (colon == std::string_view::npos || colon == 0 || colon + 1 == text.size())
     return invalid_argument("--listen wants HOST:PORT, got \"" + std::string(text) + "\"");
   std::string host(text.substr(0, colon));
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   std::string_view p = text.substr(colon + 1);
   unsigned port = 0;
   auto [ptr, ec] = std::from_chars(p.data(), p.data() + p.size(), port);
@@ -45,6 +47,24 @@ std::string version_line(std::string_view program) {
   std::string_view describe = TPC_GIT_DESCRIBE;
   if (!describe.empty()) line += " (" + std::string(describe) + ")";
   return line;
+}
+
+std::variant<Config, int> parse_command_line(std::string_view program, std::string_view usage,
+                                             const std::vector<OptionSpec>& specs, int argc,
+                                             char** argv, bool positional_allowed) {
+  auto parsed = Config::parse(specs, argc, argv, environ);
+  if (!parsed.ok()) return fail(program, parsed.status().message(), 2);
+  if (parsed->flag("version")) {
+    std::cout << version_line(program) << "\n";
+    return 0;
+  }
+  if (parsed->flag("help")) {
+    std::cout << "usage: " << usage << "\n" << Config::usage(specs);
+    return 0;
+  }
+  if (!positional_allowed && !parsed->positional().empty())
+    return fail(program, "unexpected argument \"" + parsed->positional()[0] + "\"", 2);
+  return std::move(*parsed);
 }
 
 void add_logging_options(std::vector<OptionSpec>* specs) {
@@ -73,7 +93,8 @@ Result<std::unique_ptr<Logging>> make_logging(const Config& cfg) {
   else if (level == "error")
     lv = LogLevel::error;
   else
-    return invalid_argument("--log-level must be debug, info, warn or error, got \"" + level + "\"");
+    return invalid_argument("--log-level must be debug, info, warn or error, got \"" + level +
+                            "\"");
   l->logger = std::make_unique<Logger>(&l->sink, f, lv);
   return l;
 }

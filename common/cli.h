@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <variant>
 
 #include "common/config.h"
 #include "common/http.h"
@@ -26,6 +27,14 @@ void add_version_option(std::vector<OptionSpec>* specs);
 // "<program> <version>", the version from CMake's project(), followed by " (<git describe>)"
 // when the build was configured inside a git checkout.
 std::string version_line(std::string_view program);
+
+// The start of every binary's main(): parses argv and the environment against `specs`, answers
+// --version and --help (`usage` is what follows "usage: " on help's first line). Returns the
+// configuration, or the code main must exit with: 0 after --version or --help, 2 after a bad
+// command line (one line on stderr). `positional_allowed` false refuses positional arguments.
+std::variant<Config, int> parse_command_line(std::string_view program, std::string_view usage,
+                                             const std::vector<OptionSpec>& specs, int argc,
+                                             char** argv, bool positional_allowed = false);
 
 // The option specs every service shares: log-format, log-level.
 void add_logging_options(std::vector<OptionSpec>* specs);

@@ -36,18 +36,24 @@ std::vector<tpc::OptionSpec> specs() {
       {"retry-max-ms", "phase-2 resend backoff, cap", "5000"},
       {"retention-ms", "finished outcomes stay answerable this long", "86400000"},
       {"compaction-interval-ms", "how often finished outcomes past retention are erased", "60000"},
-      {"recovery-wait-ms", "at start, /healthz waits at most this for re-driven transactions", "30000"},
+      {"recovery-wait-ms", "at start, /healthz waits at most this for re-driven transactions",
+       "30000"},
       {"open-txns-max", "open transactions; past it begin answers 503", "100000"},
       {"branches-per-txn-max", "branches of one transaction", "64"},
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
       {"connections-per-client-max", "concurrent connections from one client address", "256"},
-      {"header-timeout-ms", "a request's head must arrive within this (from accept or its first byte)", "5000"},
-      {"transactions-per-client-max", "open transactions begun from one client address; past it begin answers 429", "10000"},
-      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false, true},
-      {"agent-requests-max", "phase-2 requests in flight to one agent; more commits/aborts wait and go batched", "4"},
+      {"header-timeout-ms",
+       "a request's head must arrive within this (from accept or its first byte)", "5000"},
+      {"transactions-per-client-max",
+       "open transactions begun from one client address; past it begin answers 429", "10000"},
+      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false,
+       true},
+      {"agent-requests-max",
+       "phase-2 requests in flight to one agent; more commits/aborts wait and go batched", "4"},
       {"batch-max", "messages in one batch to an agent (1: never batch)", "64"},
-      {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
+      {"check-config", "validate the options (flags, environment, --config file) and exit", "",
+       false, true},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
@@ -72,9 +78,11 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     auto nv = tpc::split_name_value(p, "participant");
     if (!nv.ok()) return nv.status();
     if (!tpc::valid_participant_name(nv->first))
-      return invalid_argument("--participant name \"" + nv->first + "\" must match [A-Za-z0-9_-]{1,32}");
+      return invalid_argument("--participant name \"" + nv->first +
+                              "\" must match [A-Za-z0-9_-]{1,32}");
     auto url = tpc::parse_url(nv->second);
-    if (!url.ok()) return invalid_argument("--participant " + nv->first + ": " + url.status().message());
+    if (!url.ok())
+      return invalid_argument("--participant " + nv->first + ": " + url.status().message());
     cfg.participants[nv->first] = nv->second;
   }
   struct IntOpt {
@@ -82,8 +90,8 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     int64_t min, max;
     int64_t* out;
   };
-  int64_t threads = 0, body = 0, conns = 0, conns_per_client = 0, txns_per_client = 0, open_max = 0, branches_max = 0, agent_reqs = 0,
-          batch_max = 0;
+  int64_t threads = 0, body = 0, conns = 0, conns_per_client = 0, txns_per_client = 0, open_max = 0,
+          branches_max = 0, agent_reqs = 0, batch_max = 0;
   IntOpt ints[] = {
       {"threads", 1, 64, &threads},
       {"prepare-timeout-ms", 1, 3'600'000, &cfg.machine.prepare_timeout_ms},
@@ -132,19 +140,10 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
 
 int main(int argc, char** argv) {
   auto spec = specs();
-  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
-  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
-  const tpc::Config& c = *parsed;
-  if (c.flag("version")) {
-    std::cout << tpc::version_line(kProgram) << "\n";
-    return 0;
-  }
-  if (c.flag("help")) {
-    std::cout << "usage: " << kProgram << " --data-dir DIR [options]\n" << tpc::Config::usage(spec);
-    return 0;
-  }
-  if (!c.positional().empty())
-    return tpc::fail(kProgram, "unexpected argument \"" + c.positional()[0] + "\"", 2);
+  auto parsed = tpc::parse_command_line(kProgram, "tpc-coordinator --data-dir DIR [options]", spec,
+                                        argc, argv);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const tpc::Config& c = std::get<tpc::Config>(parsed);
   if (c.get("data-dir").empty()) return tpc::fail(kProgram, "--data-dir is required", 2);
   auto cfg = build(c);
   if (!cfg.ok()) return tpc::fail(kProgram, cfg.status().message(), 2);

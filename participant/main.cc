@@ -26,24 +26,36 @@ std::vector<tpc::OptionSpec> specs() {
       {"peer-token", "bearer token sent to other agents in 3PC termination (default: --token)", ""},
       {"threads", "event-loop threads", "2"},
       {"pg-workers", "threads running PostgreSQL operations (0: branches-max + 16)", "0"},
-      {"pg-connections-max", "PostgreSQL connections open at once, sessions included (0: branches-max + 16)", "0"},
+      {"pg-connections-max",
+       "PostgreSQL connections open at once, sessions included (0: branches-max + 16)", "0"},
       {"branches-max", "open (unprepared) branches; past it new ones get 503", "64"},
-      {"idle-timeout-ms", "an unprepared branch idle this long is rolled back (when the coordinator gives no timeout)", "60000"},
+      {"idle-timeout-ms",
+       "an unprepared branch idle this long is rolled back (when the coordinator gives no timeout)",
+       "60000"},
       {"in-doubt-after-ms", "a prepared 2PC branch older than this asks the coordinator", "2000"},
-      {"precommit-timeout-ms", "3PC: prepared with no pre-commit by then: ask; unreachable: abort", "10000"},
-      {"commit-timeout-ms", "3PC: pre-committed with no commit by then: ask; unreachable: commit", "10000"},
+      {"precommit-timeout-ms", "3PC: prepared with no pre-commit by then: ask; unreachable: abort",
+       "10000"},
+      {"commit-timeout-ms", "3PC: pre-committed with no commit by then: ask; unreachable: commit",
+       "10000"},
       {"scan-interval-ms", "how often pg_prepared_xacts is scanned", "5000"},
       {"purge-interval-ms", "how often markers of finished transactions are purged", "60000"},
-      {"statement-timeout-ms", "PostgreSQL statement_timeout for the agent's sessions (0: server default)", "0"},
-      {"lock-timeout-ms", "PostgreSQL lock_timeout for the agent's sessions (0: server default); bounds distributed deadlocks", "10000"},
+      {"statement-timeout-ms",
+       "PostgreSQL statement_timeout for the agent's sessions (0: server default)", "0"},
+      {"lock-timeout-ms",
+       "PostgreSQL lock_timeout for the agent's sessions (0: server default); bounds distributed "
+       "deadlocks",
+       "10000"},
       {"statements-max", "statements in one exec request", "1000"},
       {"result-rows-max", "rows one statement may return", "10000"},
       {"body-max-bytes", "largest request body", "1048576"},
       {"connections-max", "concurrent client connections", "1024"},
-      {"check-config", "validate the options (flags, environment, --config file) and exit", "", false, true},
+      {"check-config", "validate the options (flags, environment, --config file) and exit", "",
+       false, true},
       {"connections-per-client-max", "concurrent connections from one client address", "256"},
-      {"header-timeout-ms", "a request's head must arrive within this (from accept or its first byte)", "5000"},
-      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false, true},
+      {"header-timeout-ms",
+       "a request's head must arrive within this (from accept or its first byte)", "5000"},
+      {"failpoints-endpoint", "serve POST /v1/failpoints (test builds; behind --token)", "", false,
+       true},
       {"help", "print this help", "", false, true},
   };
   tpc::add_logging_options(&s);
@@ -88,7 +100,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   if (auto st = read_coordinators(c, &cfg.coordinators); !st.ok()) return st;
   cfg.advertise_url = c.get("advertise-url");
   if (cfg.advertise_url.empty()) {
-    std::string host = listen->first == "0.0.0.0" || listen->first.empty() ? "127.0.0.1" : listen->first;
+    std::string host =
+        listen->first == "0.0.0.0" || listen->first.empty() ? "127.0.0.1" : listen->first;
     cfg.advertise_url = "http://" + host + ":" + std::to_string(listen->second);
   }
   if (auto u = tpc::parse_url(cfg.advertise_url); !u.ok())
@@ -96,7 +109,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.token = c.get("token");
   cfg.coordinator_token = c.get("coordinator-token");
   cfg.peer_token = c.has("peer-token") ? c.get("peer-token") : cfg.token;
-  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0, conns = 0, conns_per_client = 0;
+  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0,
+          conns = 0, conns_per_client = 0;
   struct IntOpt {
     const char* name;
     int64_t min, max;
@@ -135,7 +149,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.http.connections_max = static_cast<size_t>(conns);
   cfg.http.connections_per_client_max = static_cast<size_t>(conns_per_client);
   cfg.failpoints_endpoint = c.flag("failpoints-endpoint");
-  cfg.pg_connections_max = pg_conns > 0 ? static_cast<size_t>(pg_conns) : static_cast<size_t>(branches) + 16;
+  cfg.pg_connections_max =
+      pg_conns > 0 ? static_cast<size_t>(pg_conns) : static_cast<size_t>(branches) + 16;
   // Keep every connection the pool may open: opening one forks a PostgreSQL backend, which
   // costs far more than an idle connection.
   cfg.pg_idle_max = cfg.pg_connections_max;
@@ -147,20 +162,11 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
 
 int main(int argc, char** argv) {
   auto spec = specs();
-  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
-  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
-  const tpc::Config& c = *parsed;
-  if (c.flag("version")) {
-    std::cout << tpc::version_line(kProgram) << "\n";
-    return 0;
-  }
-  if (c.flag("help")) {
-    std::cout << "usage: " << kProgram << " --name NAME --pg CONNINFO --coordinator ID=URL [options]\n"
-              << tpc::Config::usage(spec);
-    return 0;
-  }
-  if (!c.positional().empty())
-    return tpc::fail(kProgram, "unexpected argument \"" + c.positional()[0] + "\"", 2);
+  auto parsed = tpc::parse_command_line(
+      kProgram, "tpc-agent --name NAME --pg CONNINFO --coordinator ID=URL [options]", spec, argc,
+      argv);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const tpc::Config& c = std::get<tpc::Config>(parsed);
   auto cfg = build(c);
   if (!cfg.ok()) return tpc::fail(kProgram, cfg.status().message(), 2);
   auto logging = tpc::make_logging(c);

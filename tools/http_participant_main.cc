@@ -42,20 +42,10 @@ std::vector<tpc::OptionSpec> specs() {
 
 int main(int argc, char** argv) {
   auto spec = specs();
-  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
-  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
-  const tpc::Config& c = *parsed;
-  if (c.flag("version")) {
-    std::cout << tpc::version_line(kProgram) << "\n";
-    return 0;
-  }
-  if (c.flag("help")) {
-    std::cout << "usage: " << kProgram << " --listen HOST:PORT [options]\n"
-              << tpc::Config::usage(spec);
-    return 0;
-  }
-  if (!c.positional().empty())
-    return tpc::fail(kProgram, "unexpected argument \"" + c.positional()[0] + "\"", 2);
+  auto parsed = tpc::parse_command_line(
+      kProgram, "tpc-http-participant --listen HOST:PORT [options]", spec, argc, argv);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const tpc::Config& c = std::get<tpc::Config>(parsed);
   if (c.get("listen").empty()) return tpc::fail(kProgram, "--listen is required", 2);
   auto listen = tpc::parse_listen(c.get("listen"));
   if (!listen.ok()) return tpc::fail(kProgram, listen.status().message(), 2);

@@ -64,7 +64,8 @@ void print_table_rows(const std::vector<std::vector<std::string>>& rows) {
   for (auto& l : rows) print_row(l, widths);
 }
 
-void print_table(const tpc::Json& rows, const std::vector<std::pair<std::string, std::string>>& cols,
+void print_table(const tpc::Json& rows,
+                 const std::vector<std::pair<std::string, std::string>>& cols,
                  bool branches_column) {
   std::vector<std::vector<std::string>> out;
   std::vector<std::string> head;
@@ -134,21 +135,16 @@ void print_transaction(const tpc::Json& t) {
 
 int main(int argc, char** argv) {
   auto spec = specs();
-  auto parsed = tpc::Config::parse(spec, argc, argv, environ);
-  if (!parsed.ok()) return tpc::fail(kProgram, parsed.status().message(), 2);
-  const tpc::Config& c = *parsed;
-  if (c.flag("version")) {
-    std::cout << tpc::version_line(kProgram) << "\n";
-    return 0;
-  }
-  if (c.flag("help")) {
-    std::cout << "usage: tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve "
-                 "GID commit|abort|forget GID>\n"
-              << tpc::Config::usage(spec);
-    return 0;
-  }
+  auto parsed = tpc::parse_command_line(
+      kProgram,
+      "tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve "
+      "GID commit|abort|forget GID>",
+      spec, argc, argv, true);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const tpc::Config& c = std::get<tpc::Config>(parsed);
   bool coordinator = !c.get("coordinator").empty(), agent = !c.get("agent").empty();
-  if (coordinator == agent) return tpc::fail(kProgram, "give exactly one of --coordinator URL or --agent URL", 2);
+  if (coordinator == agent)
+    return tpc::fail(kProgram, "give exactly one of --coordinator URL or --agent URL", 2);
   auto url = tpc::parse_url(coordinator ? c.get("coordinator") : c.get("agent"));
   if (!url.ok()) return tpc::fail(kProgram, url.status().message(), 2);
   auto timeout = c.get_int("timeout-ms", 1, 3'600'000);
@@ -182,14 +178,17 @@ int main(int argc, char** argv) {
     target = "/v1/" + collection + "/" + args[1] + "/forget";
     body = "{}";
   } else {
-    return tpc::fail(kProgram, "unknown command or wrong arguments: \"" + cmd + "\" (see --help)", 2);
+    return tpc::fail(kProgram, "unknown command or wrong arguments: \"" + cmd + "\" (see --help)",
+                     2);
   }
 
   tpc::HttpResult res = tpc::http_call(*url, method, target, body, *timeout, c.get("token"));
   if (!res.status.ok())
     return tpc::fail(kProgram, "cannot reach " + url->to_string() + ": " + res.status.message());
   auto j = tpc::parse_json(res.body);
-  if (!j.ok()) return tpc::fail(kProgram, "the answer is not JSON (HTTP " + std::to_string(res.http_status) + ")");
+  if (!j.ok())
+    return tpc::fail(kProgram,
+                     "the answer is not JSON (HTTP " + std::to_string(res.http_status) + ")");
   bool ok = res.http_status >= 200 && res.http_status < 300;
   if (c.flag("json") || (cmd == "show" && !coordinator) || cmd == "resolve" || cmd == "forget" ||
       !ok) {
@@ -199,9 +198,15 @@ int main(int argc, char** argv) {
   } else if (coordinator) {
     const tpc::Json& rows = (*j)["transactions"];
     if (cmd == "in-doubt")
-      print_table(rows, {{"gid", "GID"}, {"state", "STATE"}, {"decision", "DECISION"}, {"age_ms", "AGE_MS"}}, true);
+      print_table(
+          rows,
+          {{"gid", "GID"}, {"state", "STATE"}, {"decision", "DECISION"}, {"age_ms", "AGE_MS"}},
+          true);
     else
-      print_table(rows, {{"gid", "GID"}, {"protocol", "PROTOCOL"}, {"state", "STATE"}, {"reason", "REASON"}}, true);
+      print_table(
+          rows,
+          {{"gid", "GID"}, {"protocol", "PROTOCOL"}, {"state", "STATE"}, {"reason", "REASON"}},
+          true);
   } else {
     const tpc::Json& rows = (*j)["branches"];
     print_table(rows,
@@ -217,7 +222,8 @@ int main(int argc, char** argv) {
   }
   if (!ok) {
     std::string msg = "HTTP " + std::to_string(res.http_status);
-    if (j->contains("error") && (*j)["error"].is_object()) msg += ": " + cell((*j)["error"], "message");
+    if (j->contains("error") && (*j)["error"].is_object())
+      msg += ": " + cell((*j)["error"], "message");
     return tpc::fail(kProgram, msg);
   }
   return 0;
