@@ -98,7 +98,8 @@ int lane_of(TimerKind kind) {
 }
 }  // namespace
 
-void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch, bool fixed) {
+void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch,
+                                  bool fixed) {
   int lane = fixed ? lane_of(kind) : -1;
   if (lane >= 0)
     timer_lanes_[lane].push_back(Timer{at_ms, t.gid, kind, branch});
@@ -109,7 +110,8 @@ void CoordinatorMachine::schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_
 int CoordinatorMachine::next_timer_source() const {
   int best = timers_.empty() ? -1 : 3;
   for (int i = 0; i < 3; ++i)
-    if (!timer_lanes_[i].empty() && (best < 0 || timer_lanes_[i].front().at_ms < timer_at(best).at_ms))
+    if (!timer_lanes_[i].empty() &&
+        (best < 0 || timer_lanes_[i].front().at_ms < timer_at(best).at_ms))
       best = i;
   return best;
 }
@@ -122,7 +124,8 @@ void CoordinatorMachine::send(Txn& t, size_t i, MsgKind kind) {
   BranchSlot& b = t.branches[i];
   if (t.oneshot && kind == MsgKind::prepare) kind = MsgKind::exec_prepare;
   // Only the first one-phase commit carries the statements: a resend must never run them twice.
-  if (t.oneshot && kind == MsgKind::commit_one_phase && b.attempts == 0) kind = MsgKind::exec_commit;
+  if (t.oneshot && kind == MsgKind::commit_one_phase && b.attempts == 0)
+    kind = MsgKind::exec_commit;
   if (kind == MsgKind::commit || kind == MsgKind::precommit || kind == MsgKind::commit_one_phase ||
       kind == MsgKind::exec_commit)
     TPC_ASSERT_MSG(t.decision == Decision::commit && t.decision_durable,
@@ -184,7 +187,8 @@ wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const
   else if (all_read_only)
     r.decision = wal::Decision::committed_read_only;
   else
-    r.decision = t.protocol == Protocol::two_phase ? wal::Decision::commit : wal::Decision::precommit;
+    r.decision =
+        t.protocol == Protocol::two_phase ? wal::Decision::commit : wal::Decision::precommit;
   r.ended = terminal(t.state);
   r.heuristic_mixed = t.heuristic_mixed;
   r.decided_wall_ms = t.decided_ms;
@@ -279,15 +283,16 @@ TxnView CoordinatorMachine::view_from_record(const wal::TxnRecord& rec) {
   v.decision = commit ? Decision::commit : Decision::abort;
   for (auto& b : rec.branches)
     v.branches.push_back({b.participant, b.url, state_of(b.outcome, commit), 0, "",
-                          against_decision(rec, b.outcome), b.outcome == wal::BranchOutcome::forced});
+                          against_decision(rec, b.outcome),
+                          b.outcome == wal::BranchOutcome::forced});
   if (rec.heuristic_mixed) {
     v.state = TxnState::heuristic_mixed;
   } else if (!rec.ended) {
     v.state = commit ? TxnState::committing : TxnState::aborting;
   } else if (rec.decision == wal::Decision::one_phase) {
-    bool committed = !rec.branches.empty() &&
-                     (rec.branches[0].outcome == wal::BranchOutcome::committed ||
-                      rec.branches[0].outcome == wal::BranchOutcome::forced);
+    bool committed =
+        !rec.branches.empty() && (rec.branches[0].outcome == wal::BranchOutcome::committed ||
+                                  rec.branches[0].outcome == wal::BranchOutcome::forced);
     v.state = committed ? TxnState::committed : TxnState::aborted;
     if (!committed) {
       v.reason = "branch_aborted";
@@ -410,7 +415,7 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
     log_.info("recovered", {{"gid", tx.gid},
                             {"decision", wal::decision_name(rec.decision)},
                             {"state", state_name(tx.state)}});
-    MsgKind kind = !commit ? MsgKind::abort
+    MsgKind kind = !commit        ? MsgKind::abort
                    : tx.one_phase ? MsgKind::commit_one_phase
                                   : MsgKind::commit;
     send_to_all(tx, commit ? BranchState::committing : BranchState::aborting, kind);
@@ -433,8 +438,8 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
                                               bool expires, int64_t now_ms) {
   TPC_ASSERT(epoch_ > 0);
   if (live_.size() >= opts_.open_txns_max)
-    return unavailable("too many open transactions (open_txns_max=" +
-                       std::to_string(opts_.open_txns_max) + ")");
+    return unavailable(
+        "too many open transactions (open_txns_max=" + std::to_string(opts_.open_txns_max) + ")");
   int64_t timeout = timeout_ms.value_or(opts_.txn_timeout_default_ms);
   if (timeout < 1 || timeout > opts_.txn_timeout_max_ms)
     return invalid_argument("\"timeout_ms\" must be between 1 and " +
@@ -449,8 +454,7 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
   std::string gid = t.gid;
   Txn& tx = live_.emplace(gid, std::move(t)).first->second;
   unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
-  if (expires)
-    schedule(tx, tx.deadline_ms, TimerKind::txn_timeout, 0, !timeout_ms.has_value());
+  if (expires) schedule(tx, tx.deadline_ms, TimerKind::txn_timeout, 0, !timeout_ms.has_value());
   ++counters_.begun[protocol_index(protocol)];
   if (log_.enabled(LogLevel::info))
     log_.info("begin", {{"gid", tx.gid}, {"protocol", protocol_name(protocol)}});
@@ -458,7 +462,8 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
 }
 
 ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view participant,
-                                       std::string_view url, int64_t now_ms, std::string_view instance) {
+                                       std::string_view url, int64_t now_ms,
+                                       std::string_view instance) {
   ClientReply r;
   if (!valid_participant_name(participant)) {
     r.error = invalid_argument("participant name must match [A-Za-z0-9_-]{1,32}");
@@ -499,7 +504,8 @@ ClientReply CoordinatorMachine::enlist(std::string_view gid, std::string_view pa
     if (!b.instance.empty() && !instance.empty() && b.instance != instance) {
       r.answer = Answer::contrary;
       r.error = conflict("participant " + b.participant +
-                         " restarted since it enlisted: the branch's work is lost, the transaction can only roll back");
+                         " restarted since it enlisted: the branch's work is lost, the transaction "
+                         "can only roll back");
       refuse_enlist(*t, participant, now_ms);
       return r;
     }
@@ -641,9 +647,9 @@ ClientReply CoordinatorMachine::resolve(std::string_view gid, bool commit, int64
     decide_abort(*t, "operator", "", now_ms);
   } else if ((t->decision == Decision::commit) != commit) {
     r.answer = Answer::contrary;
-    r.error = conflict(std::string("the decision of ") + t->gid + " is " +
-                       (t->decision == Decision::commit ? "commit" : "abort") +
-                       " and never changes");
+    r.error =
+        conflict(std::string("the decision of ") + t->gid + " is " +
+                 (t->decision == Decision::commit ? "commit" : "abort") + " and never changes");
     return r;
   } else {
     force_pending(*t, commit ? BranchState::committed : BranchState::aborted);
@@ -806,14 +812,19 @@ void CoordinatorMachine::decide_commit(Txn& t, int64_t now_ms) {
   persist(t, /*sync=*/true, /*notify=*/true, now_ms);
 }
 
-void CoordinatorMachine::decide_abort(Txn& t, std::string_view reason, std::string_view branch,
-                                      int64_t now_ms) {
+void CoordinatorMachine::take_abort(Txn& t, std::string_view reason, std::string_view branch,
+                                    TxnState state, int64_t now_ms) {
   TPC_ASSERT_MSG(t.decision == Decision::none, "a decision never changes");
   t.decision = Decision::abort;
   t.decided_ms = now_ms;
   t.reason = std::string(reason);
   t.reason_branch = std::string(branch);
-  set_state(t, TxnState::aborting);
+  set_state(t, state);
+}
+
+void CoordinatorMachine::decide_abort(Txn& t, std::string_view reason, std::string_view branch,
+                                      int64_t now_ms) {
+  take_abort(t, reason, branch, TxnState::aborting, now_ms);
   for (size_t i = 0; i < t.branches.size(); ++i) {
     BranchSlot& b = t.branches[i];
     if (b.state == BranchState::active || b.state == BranchState::preparing ||
@@ -848,8 +859,7 @@ void CoordinatorMachine::on_persisted(std::string_view gid, int64_t now_ms, uint
     finish(t->gid, now_ms);
     return;
   }
-  if (log_.enabled(LogLevel::debug))
-    log_.debug("decision durable", {{"gid", t->gid}});
+  if (log_.enabled(LogLevel::debug)) log_.debug("decision durable", {{"gid", t->gid}});
   if (t->one_phase) {
     send_to_all(*t, BranchState::active, MsgKind::commit_one_phase);
   } else if (t->protocol == Protocol::three_phase) {
@@ -1247,6 +1257,8 @@ Ready CoordinatorMachine::take_ready() {
   return r;
 }
 
-bool CoordinatorMachine::has_ready() const { return !ready_.empty(); }
+bool CoordinatorMachine::has_ready() const {
+  return !ready_.empty();
+}
 
 }  // namespace tpc::coord

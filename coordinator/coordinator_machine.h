@@ -40,16 +40,16 @@ namespace tpc::coord {
 
 struct MachineOptions {
   std::string coordinator_id = "c1";
-  int64_t txn_timeout_default_ms = 60'000;   // an active transaction not committed by then aborts
+  int64_t txn_timeout_default_ms = 60'000;  // an active transaction not committed by then aborts
   int64_t txn_timeout_max_ms = 3'600'000;
-  int64_t prepare_timeout_ms = 5'000;        // votes not all in by then: abort
-  int64_t commit_wait_ms = 10'000;           // a commit request answered 202 "committing" after
-  int64_t retry_min_ms = 50;                 // phase-2 resend backoff: min, doubling...
-  int64_t retry_max_ms = 5'000;              // ...up to this cap, forever
+  int64_t prepare_timeout_ms = 5'000;  // votes not all in by then: abort
+  int64_t commit_wait_ms = 10'000;     // a commit request answered 202 "committing" after
+  int64_t retry_min_ms = 50;           // phase-2 resend backoff: min, doubling...
+  int64_t retry_max_ms = 5'000;        // ...up to this cap, forever
   size_t branches_per_txn_max = 64;
-  size_t open_txns_max = 100'000;            // active or unfinished; past it begin is refused
-  size_t finished_kept_max = 100'000;        // finished transactions kept in memory for GET
-  size_t waiters_per_txn_max = 64;           // concurrent commit/abort requests on one gid
+  size_t open_txns_max = 100'000;      // active or unfinished; past it begin is refused
+  size_t finished_kept_max = 100'000;  // finished transactions kept in memory for GET
+  size_t waiters_per_txn_max = 64;     // concurrent commit/abort requests on one gid
 };
 
 // Counters read by the driver for /metrics (under the driver's lock).
@@ -81,7 +81,7 @@ enum class LookupKind : uint8_t {
 
 struct Lookup {
   LookupKind kind = LookupKind::not_ours;
-  TxnView view;                     // for live
+  TxnView view;                      // for live
   bool forgotten_if_absent = false;  // for in_log: below the retention horizon
 };
 
@@ -212,6 +212,10 @@ class CoordinatorMachine {
   void start_one_phase(Txn& t, int64_t now_ms);
   void decide_commit(Txn& t, int64_t now_ms);
   void commit_without_phase2(Txn& t, int64_t now_ms);
+  // Records the abort decision (never over another one) and moves t to `state`; the caller
+  // persists it and sends what follows.
+  void take_abort(Txn& t, std::string_view reason, std::string_view branch, TxnState state,
+                  int64_t now_ms);
   void decide_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
   void refuse_enlist(Txn& t, std::string_view participant, int64_t now_ms);
   void after_votes(Txn& t, int64_t now_ms);

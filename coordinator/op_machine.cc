@@ -597,12 +597,7 @@ void CoordinatorMachine::on_try_answer(Txn& t, size_t i, const OpReply& reply, i
 
 void CoordinatorMachine::tcc_abort(Txn& t, std::string_view reason, std::string_view branch,
                                    int64_t now_ms) {
-  TPC_ASSERT_MSG(t.decision == Decision::none, "a decision never changes");
-  t.decision = Decision::abort;
-  t.decided_ms = now_ms;
-  t.reason = std::string(reason);
-  t.reason_branch = std::string(branch);
-  set_state(t, TxnState::aborting);
+  take_abort(t, reason, branch, TxnState::aborting, now_ms);
   // Every registered branch is cancelled, whether its try ran, is still out, or never went:
   // the participant's cancel is empty for a try that never arrived and refuses it later.
   for (size_t i = 0; i < t.branches.size(); ++i) {
@@ -687,13 +682,8 @@ bool CoordinatorMachine::action_gives_up(const Txn& t, const BranchSlot& b,
 
 void CoordinatorMachine::saga_compensate(Txn& t, std::string_view reason, std::string_view step,
                                          int64_t now_ms) {
-  TPC_ASSERT_MSG(t.decision == Decision::none, "a decision never changes");
   TPC_ASSERT(!t.saga.forward);
-  t.decision = Decision::abort;
-  t.decided_ms = now_ms;
-  t.reason = std::string(reason);
-  t.reason_branch = std::string(step);
-  set_state(t, TxnState::compensating);
+  take_abort(t, reason, step, TxnState::compensating, now_ms);
   // Synced before the first compensation; they go from ops_persisted.
   t.decision_seq = persist_ops(t, /*sync=*/true, now_ms);
 }
