@@ -56,6 +56,7 @@ Testbed& Testbed::fresh(const Options& opts) {
   Testbed& b = *bed;
   for (int i = 0; i < 2; ++i) b.agents_[i].reset();
   b.coordinator_.reset();
+  b.http_participant_.reset();
   if (!b.dir_.empty()) remove_tree(b.dir_);
   b.dir_ = make_temp_dir("tpc-it");
   b.opts_ = opts;
@@ -66,9 +67,11 @@ Testbed& Testbed::fresh(const Options& opts) {
   b.reset_databases();
   b.coordinator_url_ = local(free_port());
   for (int i = 0; i < 2; ++i) b.agent_urls_[i] = local(free_port());
+  b.http_participant_url_ = local(free_port());
   if (opts.start) {
     b.start_coordinator(opts.coordinator_failpoints);
     for (int i = 0; i < 2; ++i) b.start_agent(i, opts.agent_failpoints[i]);
+    if (opts.http_participant) b.start_http_participant();
   }
   return b;
 }
@@ -76,6 +79,7 @@ Testbed& Testbed::fresh(const Options& opts) {
 Testbed::~Testbed() {
   for (auto& a : agents_) a.reset();
   coordinator_.reset();
+  http_participant_.reset();
   if (!dir_.empty()) remove_tree(dir_);
 }
 
@@ -99,6 +103,12 @@ void Testbed::reset_databases() {
             std::to_string(kInitial) + " FROM generate_series(1, " + std::to_string(kAccounts) +
             ") g;");
     REQUIRE_MESSAGE(r.ok(), r.status().to_string());
+    if (opts_.frozen) {  // what TCC tries reserved; balance still includes it
+      auto f = query(ci,
+                     "ALTER TABLE accounts ADD COLUMN frozen bigint NOT NULL DEFAULT 0"
+                     "  CHECK (frozen >= 0 AND frozen <= balance)");
+      REQUIRE_MESSAGE(f.ok(), f.status().to_string());
+    }
   }
 }
 
@@ -190,6 +200,16 @@ void Testbed::stop_agent(int i, int sig) {
   if (sig == SIGKILL || sig == SIGTERM) REQUIRE(agents_[i]->wait(20'000) >= 0);
 }
 
+void Testbed::start_http_participant() {
+  std::vector<std::string> argv = {bin_dir() + "/tpc-http-participant", "--listen",
+                                   "127.0.0.1:" + std::to_string(http_participant_url_.port),
+                                   "--log-level", "debug"};
+  auto p = Process::spawn(argv, dir_ + "/http-participant-" + std::to_string(++starts_) + ".log");
+  REQUIRE_MESSAGE(p.ok(), p.status().to_string());
+  http_participant_ = std::move(*p);
+  wait_healthy(*http_participant_, http_participant_url_);
+}
+
 bool Testbed::coordinator_running() { return coordinator_ && coordinator_->running(); }
 bool Testbed::agent_running(int i) { return agents_[i] && agents_[i]->running(); }
 
@@ -218,6 +238,12 @@ Http Testbed::coord(const std::string& method, const std::string& target, const 
 Http Testbed::agent(int i, const std::string& method, const std::string& target,
                     const std::string& body) {
   return call(agent_urls_[i], method, target, body);
+}
+
+Http Testbed::http_participant(const std::string& method, const std::string& target,
+                               const std::string& body,
+                               const std::vector<std::pair<std::string, std::string>>& headers) {
+  return call(http_participant_url_, method, target, body, 30'000, headers);
 }
 
 std::string Testbed::begin(const std::string& protocol) {
@@ -280,6 +306,12 @@ int64_t Testbed::prepared(int i) {
   return std::stoll(v->value());
 }
 
+int64_t Testbed::barrier_rows(int i) {
+  auto v = query_value(conninfo(i), "SELECT count(*) FROM tpc_barrier");
+  REQUIRE_MESSAGE(v.ok(), v.status().to_string());
+  return std::stoll(v->value());
+}
+
 void Testbed::check_invariants(int64_t timeout_ms) {
   for (int i = 0; i < 2; ++i)
     if (!clusters_[i]->running()) REQUIRE(clusters_[i]->start().ok());
@@ -298,6 +330,7 @@ std::string Testbed::logs() const {
   if (coordinator_) add("coordinator " + coordinator_->log_path(), coordinator_->log_tail(6000));
   for (int i = 0; i < 2; ++i)
     if (agents_[i]) add("agent " + std::to_string(i), agents_[i]->log_tail(6000));
+  if (http_participant_) add("http participant", http_participant_->log_tail(6000));
   return out;
 }
 

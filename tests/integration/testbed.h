@@ -5,6 +5,8 @@
 // The clusters are created once per test binary (initdb is slow); Testbed::fresh() gives each
 // test case new tables, a new decision log and new processes on new ports. Every test ends
 // with check_invariants(): no prepared transaction of ours is left and the money is all there.
+// For TCC and saga tests, fresh() can also start a tpc-http-participant (tools/http_participant.h)
+// and give `accounts` a `frozen` column for reservations.
 #pragma once
 
 #include <csignal>
@@ -45,6 +47,8 @@ class Testbed {
     std::string agent_failpoints[2];            // FAILPOINTS for the first start of each agent
     bool start = true;                          // start the processes
     bool failpoints_endpoint = true;            // pass --failpoints-endpoint to every process
+    bool http_participant = false;              // start a tpc-http-participant too
+    bool frozen = false;  // accounts.frozen: reserved by TCC tries, 0 <= frozen <= balance
   };
 
   // Fresh tables, decision log and processes. The previous test's processes are killed.
@@ -60,12 +64,16 @@ class Testbed {
   void stop_agent(int i, int sig = SIGKILL);
   Process& coordinator_process() { return *coordinator_; }
   Process& agent_process(int i) { return *agents_[i]; }
+  // tpc-http-participant on its own port, started by fresh() with Options::http_participant
+  // and killed with the other processes.
+  void start_http_participant();
   bool coordinator_running();
   bool agent_running(int i);
   PgCluster& pg(int i);
   std::string conninfo(int i) const;
   const Url& coordinator_url() const { return coordinator_url_; }
   const Url& agent_url(int i) const { return agent_urls_[i]; }
+  const Url& http_participant_url() const { return http_participant_url_; }
   // The agents' advertised names: "a0" and "a1".
   static std::string agent_name(int i) { return "a" + std::to_string(i); }
 
@@ -75,6 +83,9 @@ class Testbed {
             const std::vector<std::pair<std::string, std::string>>& headers = {});
   Http coord(const std::string& method, const std::string& target, const std::string& body = "");
   Http agent(int i, const std::string& method, const std::string& target, const std::string& body = "");
+  Http http_participant(const std::string& method, const std::string& target,
+                        const std::string& body = "",
+                        const std::vector<std::pair<std::string, std::string>>& headers = {});
   // POST /v1/transactions; fails the test unless 201.
   std::string begin(const std::string& protocol = "2pc");
   Http exec(int i, const std::string& gid, const std::string& sql, const Json& params = Json::array());
@@ -93,6 +104,8 @@ class Testbed {
   int64_t total();
   // Prepared transactions of our agents in bank i.
   int64_t prepared(int i);
+  // Rows in bank i's tpc_barrier (the agents' barrier for TCC and saga steps).
+  int64_t barrier_rows(int i);
   // Waits until no prepared transaction of ours is left in either bank; then checks the total.
   void check_invariants(int64_t timeout_ms = 20'000);
   // The tails of every process log and both server logs, for failure messages.
@@ -114,6 +127,8 @@ class Testbed {
   Url agent_urls_[2];
   std::unique_ptr<Process> coordinator_;
   std::unique_ptr<Process> agents_[2];
+  Url http_participant_url_;
+  std::unique_ptr<Process> http_participant_;
   int starts_ = 0;
 };
 
