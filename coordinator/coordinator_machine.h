@@ -266,6 +266,8 @@ class CoordinatorMachine {
   void force_ops(Txn& t, BranchState to, const std::function<bool(const BranchSlot&)>& which);
   void tcc_send_tries(Txn& t);
   void on_try_answer(Txn& t, size_t i, const OpReply& reply, int64_t now_ms);
+  bool action_unsent(const Txn& t, const BranchSlot& b) const;
+  bool pivot_durable(Txn& t, BranchSlot& b, int64_t now_ms);
   void tcc_abort(Txn& t, std::string_view reason, std::string_view branch, int64_t now_ms);
   void saga_advance(Txn& t, int64_t now_ms);
   void saga_commit(Txn& t, int64_t now_ms);

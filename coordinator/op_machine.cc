@@ -85,6 +85,17 @@ bool needs_compensation(const BranchSlot& b) {
 
 // Whether a saga step without compensation may have run: a backward saga then only goes
 // forward (docs/DESIGN.md §9: such a step is the saga's last).
+// A saga step logged pending may still have run: step progress is logged without a sync, so
+// a running saga's record can lag behind what was sent, and an aborted saga's record may come
+// from a run that had itself recovered from such a record. Only a step with a compensation
+// (a pivot's running mark is synced before its action); compensating a step that never ran is
+// empty.
+bool may_have_run_unlogged(const wal::TxnRecord& rec, const BranchSlot& s) {
+  return rec.protocol == Protocol::saga &&
+         (rec.decision == wal::Decision::running || rec.decision == wal::Decision::aborted) &&
+         op_of(s, StepOp::compensate) != nullptr;
+}
+
 bool pivot_may_have_run(const Txn& t) {
   return std::any_of(t.branches.begin(), t.branches.end(), [](const BranchSlot& b) {
     return b.may_have_run && op_of(b, StepOp::compensate) == nullptr;
@@ -207,7 +218,7 @@ void CoordinatorMachine::recover_ops(const wal::TxnRecord& rec, const GidParts& 
     s.result = b.result;
     s.last_error = b.last_error;
     s.forced = b.outcome == wal::BranchOutcome::forced;
-    s.may_have_run = s.state != BranchState::pending;
+    s.may_have_run = s.state != BranchState::pending || may_have_run_unlogged(rec, s);
     t.branches.push_back(std::move(s));
   }
   std::string gid = t.gid;
@@ -581,8 +592,7 @@ void CoordinatorMachine::on_try_answer(Txn& t, size_t i, const OpReply& reply, i
   BranchSlot& b = t.branches[i];
   if (reply.outcome == OpOutcome::ok) {
     b.state = BranchState::tried;
-    b.result = reply.result;
-    b.last_error.clear();
+    b.result = reply.result;  // last_error stays: why earlier attempts failed is still news
     if (b.waiter != 0) ready_.replies.push_back(try_reply(t, i, b.waiter));
     b.waiter = 0;
     return;
@@ -623,10 +633,32 @@ void CoordinatorMachine::saga_advance(Txn& t, int64_t now_ms) {
     BranchSlot& b = t.branches[i];
     if (b.state == BranchState::done) continue;
     all_done = false;
-    if (b.state == BranchState::pending && !b.in_flight) send_op(t, i, StepOp::action);
+    if (!b.in_flight && action_unsent(t, b) && pivot_durable(t, b, now_ms))
+      send_op(t, i, StepOp::action);
     if (!t.saga.parallel) break;  // one step at a time, in order
   }
   if (all_done) saga_commit(t, now_ms);
+}
+
+// A step whose action has not gone out yet: pending, or a pivot marked running whose mark
+// has become durable since.
+bool CoordinatorMachine::action_unsent(const Txn& t, const BranchSlot& b) const {
+  if (b.state == BranchState::pending) return true;
+  return b.state == BranchState::running && b.attempts == 0 && b.registered_seq <= t.durable_seq;
+}
+
+// Step progress is logged without a sync, so after a restart any step may have run (recovery
+// assumes so; compensating one that never ran is empty). A step without compensation cannot be
+// assumed away like that: it is marked running and that mark synced before its action goes,
+// so a restart knows exactly whether the saga may still go backward. (A forward saga never
+// goes backward: its steps need no mark.)
+bool CoordinatorMachine::pivot_durable(Txn& t, BranchSlot& b, int64_t now_ms) {
+  if (t.saga.forward || op_of(b, StepOp::compensate) != nullptr || b.state != BranchState::pending)
+    return true;
+  b.state = BranchState::running;
+  b.may_have_run = true;
+  b.registered_seq = persist_ops(t, /*sync=*/true, now_ms);
+  return false;
 }
 
 void CoordinatorMachine::saga_commit(Txn& t, int64_t now_ms) {
@@ -641,8 +673,7 @@ void CoordinatorMachine::on_action_answer(Txn& t, size_t i, const OpReply& reply
   BranchSlot& b = t.branches[i];
   if (reply.outcome == OpOutcome::ok) {
     b.state = BranchState::done;
-    b.result = reply.result;
-    b.last_error.clear();
+    b.result = reply.result;  // last_error stays, as for a try
   }
   if (t.state == TxnState::compensating) {  // an action that was out as compensation began
     if (reply.outcome == OpOutcome::business_failure) b.state = BranchState::failed;
@@ -736,6 +767,9 @@ void CoordinatorMachine::send_op(Txn& t, size_t i, StepOp op) {
     case StepOp::cancel: TPC_ASSERT(t.decision == Decision::abort); break;
     case StepOp::action:
       TPC_ASSERT_MSG(t.recorded, "an action is never sent before its saga is durable");
+      TPC_ASSERT_MSG(t.saga.forward || op_of(b, StepOp::compensate) != nullptr ||
+                         b.registered_seq <= t.durable_seq,
+                     "a pivot's action is never sent before its running mark is durable");
       break;
     case StepOp::compensate:
       TPC_ASSERT_MSG(t.decision == Decision::abort && t.decision_durable,

@@ -639,6 +639,11 @@ TEST_CASE("saga: the last step without compensation is retried until it answers"
   std::string gid = f.run({step("a"), step("pay", false)}, o, 7);
   f.sync();
   f.answer("a", StepOp::action, OpOutcome::ok);
+  // The pivot is marked running, synced, before its action goes.
+  CHECK(f.calls.empty());
+  REQUIRE(f.persisted.back().sync);
+  CHECK(f.persisted.back().record.branches[1].state == static_cast<uint8_t>(BranchState::running));
+  f.sync();
   f.answer("pay", StepOp::action, OpOutcome::unknown);
   f.advance(5'000);  // past the timeout too: it may have run, so the saga only goes forward
   CHECK(f.view(gid).state == TxnState::running);
@@ -691,6 +696,9 @@ TEST_CASE("saga: recovery goes on from the step it had reached") {
   CHECK(f.branch(f.view(gid), "a").result == R"({"n":1})");
   f.answer("b", StepOp::action, OpOutcome::business_failure);
   f.sync();
+  // c is logged pending but step progress is not synced: it may have run, so it is
+  // compensated too (an empty compensation if it never ran), last first.
+  f.answer("c", StepOp::compensate, OpOutcome::ok);
   f.answer("b", StepOp::compensate, OpOutcome::ok);
   // The compensating record is what the next restart reads.
   wal::TxnRecord comp = f.persisted.back().record;
@@ -704,6 +712,52 @@ TEST_CASE("saga: recovery goes on from the step it had reached") {
   f.answer("a", StepOp::compensate, OpOutcome::ok);
   CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
   CHECK(f.called(StepOp::action).empty());
+}
+
+TEST_CASE("saga: a step sent after the last record may have run: a restart compensates it") {
+  Fixture f;
+  std::string gid = f.run({step("a"), step("b")}, {}, 7);
+  f.sync();
+  wal::TxnRecord lagging = f.persisted.empty() ? f.log_records[gid] : f.persisted.back().record;
+  f.answer("a", StepOp::action, OpOutcome::ok);  // a done, b sent: neither record synced
+  REQUIRE(f.calls.size() == 1);
+  f.persisted.clear();
+  f.history.clear();
+  f.clear();
+  f.restart(2, {lagging});  // the durable record still shows both steps pending
+  f.answer("a", StepOp::action, OpOutcome::business_failure);  // a changed its mind
+  f.sync();
+  CHECK(f.view(gid).state == TxnState::compensating);
+  // b's action went out before the crash: it is compensated (last first), then a.
+  f.answer("b", StepOp::compensate, OpOutcome::ok);
+  f.answer("a", StepOp::compensate, OpOutcome::ok);
+  CHECK(f.called(StepOp::compensate) == std::vector<std::string>{"b", "a"});
+  CHECK(f.m->lookup(gid).view.state == TxnState::aborted);
+}
+
+TEST_CASE("saga: a pivot whose running mark is durable keeps a restarted saga going forward") {
+  Fixture f;
+  SagaOptions o;
+  o.timeout_ms = 1'000;
+  std::string gid = f.run({step("a"), step("pay", false)}, o, 7);
+  f.sync();
+  f.answer("a", StepOp::action, OpOutcome::ok);
+  REQUIRE(!f.persisted.empty());
+  wal::TxnRecord marked = f.persisted.back().record;  // pay marked running, synced
+  f.sync();
+  REQUIRE(f.calls.size() == 1);  // pay's action is out as the coordinator dies
+  f.persisted.clear();
+  f.history.clear();
+  f.clear();
+  f.restart(2, {marked});
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].branch == "pay");
+  f.advance(1'000);  // past the timeout: pay may have run, so no compensation
+  CHECK(f.view(gid).state == TxnState::running);
+  CHECK(f.called(StepOp::compensate).empty());
+  for (auto& c : std::vector<OpCall>(f.calls)) f.answer(c, OpOutcome::ok);
+  f.sync();
+  CHECK(f.m->lookup(gid).view.state == TxnState::committed);
 }
 
 TEST_CASE("saga: a retry waits at least as long as Retry-After asks, capped") {

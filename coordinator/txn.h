@@ -65,7 +65,15 @@ inline constexpr uint8_t kBranchStateMax = static_cast<uint8_t>(BranchState::com
 
 // exec_prepare / exec_commit carry a one-shot branch's statements with its prepare (or, for a
 // single branch, with its one-phase commit); a resent one-phase commit never carries them.
-enum class MsgKind : uint8_t { prepare, precommit, commit, commit_one_phase, abort, exec_prepare, exec_commit };
+enum class MsgKind : uint8_t {
+  prepare,
+  precommit,
+  commit,
+  commit_one_phase,
+  abort,
+  exec_prepare,
+  exec_commit
+};
 
 // try_op: a TCC branch's try; run: a saga (answered as the saga ends, or once it is durable).
 enum class RequestKind : uint8_t { get, commit, abort, resolve, try_op, run };
@@ -172,9 +180,9 @@ struct TxnView {
   bool forgotten = false;     // older than retention: outcome no longer known
   bool one_phase = false;
   bool recovered = false;
-  int64_t created_ms = 0;     // 0 when unknown (after a restart)
+  int64_t created_ms = 0;  // 0 when unknown (after a restart)
   int64_t decided_ms = 0;
-  int64_t deadline_ms = 0;    // while active: when it times out
+  int64_t deadline_ms = 0;  // while active: when it times out
   std::vector<BranchView> branches;
 };
 
@@ -222,9 +230,9 @@ inline constexpr int64_t kSagaAttemptsMax = 1000;
 
 struct SagaOptions {
   bool parallel = false;
-  bool forward = false;       // recovery "forward": retry instead of compensating
+  bool forward = false;  // recovery "forward": retry instead of compensating
   uint32_t attempts_max = kSagaAttemptsDefault;  // of an action; 0: unlimited (forward's default)
-  int64_t retry_min_ms = 0;   // 0: the coordinator's
+  int64_t retry_min_ms = 0;                      // 0: the coordinator's
   int64_t retry_max_ms = 0;
   bool wait_accepted = false;  // answer 202 once the saga is durable
   std::optional<int64_t> timeout_ms;
@@ -252,7 +260,8 @@ struct BranchSlot {
   // TCC branches and saga steps:
   std::vector<wal::OpText> ops;
   std::string result;
-  uint64_t registered_seq = 0;  // TCC: the write that registered it; its try waits for it
+  uint64_t registered_seq = 0;  // TCC: the write that registered it; its try waits for it.
+                                // Saga pivot: the write of its running mark; so does its action
   uint64_t waiter = 0;          // TCC: the try request waiting for its answer
   int64_t retry_after_ms = 0;   // the last answer's Retry-After
   bool retry_pending = false;   // a resend timer is set for its op
@@ -278,9 +287,9 @@ struct Txn {
   bool nothing_to_drive = false;  // committed with no writing branch: one synced record
   bool recovered = false;
   bool heuristic_mixed = false;
-  bool rollback_only = false;     // a branch's enlist was refused: commit answers aborted
+  bool rollback_only = false;  // a branch's enlist was refused: commit answers aborted
   int64_t created_ms = 0;
-  int64_t deadline_ms = 0;        // active timeout
+  int64_t deadline_ms = 0;  // active timeout
   int64_t prepare_deadline_ms = 0;
   int64_t decided_ms = 0;
   std::string reason;

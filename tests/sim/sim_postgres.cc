@@ -262,10 +262,14 @@ OpResult SimExecutor::step(agent::PgOp& op) {
   res.results = std::make_shared<std::vector<pg::StatementResult>>();
   res.barrier = pg::barrier_verdict(op.step_op, rows);
   if (*res.barrier == pg::Barrier::duplicate) res.stored_results = found->second.result;
-  if (*res.barrier == pg::Barrier::duplicate || *res.barrier == pg::Barrier::refused) return res;
+  if (*res.barrier == pg::Barrier::duplicate || *res.barrier == pg::Barrier::refused) {
+    if (on_step) on_step(op, res.barrier);
+    return res;
+  }
   if (undone && rows.undone_inserted) db_.barriers[*undone] = row(op.step_op);
   if (*res.barrier == pg::Barrier::empty_compensation) {
     db_.barriers[own] = row(op.step_op);
+    if (on_step) on_step(op, res.barrier);
     return res;
   }
   uint64_t s = db_.next_session++;
@@ -278,6 +282,7 @@ OpResult SimExecutor::step(agent::PgOp& op) {
     res.results->clear();
     res.status = Status(res.status.code(),
                         "statement " + std::to_string(i + 1) + ": " + res.status.message());
+    if (on_step) on_step(op, std::nullopt);
     return res;
   }
   SimDb::Session sess = db_.sessions[s];
@@ -287,6 +292,7 @@ OpResult SimExecutor::step(agent::PgOp& op) {
   SimDb::BarrierRow mine = row(op.step_op);
   mine.result = dump(agent::encode_results(*res.results));
   db_.barriers[own] = std::move(mine);
+  if (on_step) on_step(op, res.barrier);
   return res;
 }
 

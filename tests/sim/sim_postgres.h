@@ -98,6 +98,9 @@ class SimExecutor final : public agent::BranchExecutor {
   std::function<bool()> crash_after_op;
   // Told when a branch's work becomes permanent or may: it prepared, or committed in one phase.
   std::function<void(const std::string& pgg)> on_kept;
+  // Told what each step did (its barrier's verdict; nullopt: its statements failed), as it
+  // commits — the order of these calls is the order in which steps took effect.
+  std::function<void(const agent::PgOp& op, std::optional<pg::Barrier> verdict)> on_step;
 
  private:
   agent::OpResult run_op(agent::PgOp& op, const std::string& pgg);

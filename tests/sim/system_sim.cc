@@ -3,8 +3,11 @@
 // One coordinator and 2-4 agents — the real CoordinatorService and AgentService with their
 // real machines, codecs and drivers — run in one thread over the seeded World of sim.h: its
 // clock, its network, a MemoryLog that outlives the coordinator's crashes (SimLog) and one
-// simulated PostgreSQL database per agent (sim_postgres.h). Clients run transfers between
-// accounts of two databases, interactive and one-shot, 2PC and 3PC. For a while faults are on:
+// simulated PostgreSQL database per agent (sim_postgres.h), and a simulated HTTP service with a
+// ledger of its own (sim_participant.h). Clients run transfers between accounts of two
+// databases, interactive and one-shot, 2PC and 3PC, TCC driven by the client over the agents'
+// step endpoint, and TCC and sagas driven by the coordinator over HTTP ops to the service and
+// SQL ops to the agents (docs/DESIGN.md §8, §9). For a while faults are on:
 // messages lost, duplicated, delayed and reordered; partitions (an agent cut from the
 // coordinator, from its peers, or both: the 3PC partition); the coordinator, agents and
 // databases crash and come back; wall clocks jump forward and back. Then the faults stop, the
@@ -37,9 +40,43 @@
 //   heuristic_in_2pc        a 2PC transaction never ends heuristic here (nobody resolves by hand)
 //   work_after_aborted      a branch an agent answered "aborted" for is never prepared or
 //                           committed afterwards (the tombstone's promise)
-//   money_created           the sum of all balances is what it was
+//   money_created           the sum of all balances, the databases' and the service's, is what
+//                           it was
+//
+// TCC and sagas run by the coordinator (tcc_coord and saga transfers), from the ops the
+// participants — the service and the agents' steps — saw take effect (the OpJournal):
+//   op_before_durable       a try or action leaves the coordinator only once its transaction's
+//                           record is durable, a confirm once its commit decision is, a
+//                           compensation once its abort decision is (checked on the wire)
+//   op_unfinished           once settled, every TCC and saga record has ended
+//   ops_without_record      no participant saw an op of a gid the coordinator has no record of
+//   tcc_unregistered_branch no participant saw an op of a branch its record does not list
+//   tcc_confirm_and_cancel  a branch never sees both a confirm and a cancel, in either order
+//   tcc_try_after_cancel    a try never takes effect after its branch's cancel (anti-hanging)
+//   tcc_branch_unsettled    every registered branch is confirmed exactly once, after its try
+//                           (committed), or cancelled (aborted)
+//   tcc_reservation_left    an aborted transaction's cancels undo exactly the tries that ran
+//   saga_action_twice, saga_action_missing, saga_compensated_but_committed
+//                           a committed saga applied every action once and compensated none
+//   saga_not_compensated    an aborted saga compensated every action that ran, once; a step
+//                           without compensation (its pivot) never ran
+//   saga_action_after_compensation   an action never takes effect after its compensation
+//   saga_compensation_order a sequential saga compensates last step first, and ran its
+//   saga_action_order       actions first step first
+//   saga_forward_aborted    a forward saga never ends aborted
+//   frozen_left             once settled, nothing is frozen or pending at the service and the
+//                           agents' hold accounts are empty
+//   told_disagrees          a client told committed (aborted) sees its transaction's record end
+//                           committed (aborted); walked_away_committed: a TCC transaction its
+//                           client left without committing never commits
+//   participant_contract    the coordinator's HTTP ops carry the headers of docs/DESIGN.md §8
+//   op_request_refused      the coordinator accepts every try and saga the clients send
+//
+// tpc-sim --sabotage NAME breaks the service's bookkeeping on purpose, so that one of these
+// invariants must fail (tests/sim/CMakeLists.txt runs each).
 //
 //   tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] [--verbose]
+//           [--keep-going] [--sabotage NAME]
 // --seed S replays one seed and prints its events as they happen; a failure prints the seed,
 // the invariant, the last events and the command that replays it.
 #include <atomic>
@@ -63,6 +100,7 @@
 #include "participant/agent_service.h"
 #include "participant/pg_branch.h"
 #include "tests/sim/sim.h"
+#include "tests/sim/sim_participant.h"
 #include "tests/sim/sim_postgres.h"
 
 namespace tpc::sim {
@@ -76,6 +114,18 @@ constexpr int kAccountsPerDb = 20;
 constexpr int kClients = 4;
 constexpr int kPollsMax = 400;                    // GETs of one gid before the client gives up
 constexpr size_t kTraceShown = 60;
+// The HTTP service: its port, its accounts (the last two nearly empty: debits fail there).
+constexpr uint16_t kServicePort = kCoordinatorPort + 20;
+constexpr int kServiceAccounts = 10;
+constexpr int64_t kServiceLowBalance = 25;
+// Accounts of every database for the coordinator's TCC: a debit's try moves its amount to the
+// hold account (confirm takes it from there, cancel gives it back); a credit's try puts it on
+// the pending one (confirm moves it to the payee, cancel drops it). Both end at 0. No account
+// has the missing id: a statement on it with expect_rows 1 is a business failure.
+constexpr int64_t kHoldAccount = 100;
+constexpr int64_t kPendingAccount = 101;
+constexpr int64_t kMissingAccount = 999;
+constexpr int kTryResends = 4;  // a try the client heard nothing about is sent this often
 
 struct Options {
   uint64_t first_seed = 1;
@@ -85,6 +135,22 @@ struct Options {
   int64_t faulty_ms = 8'000;
   bool replay = false;
   bool verbose = false;
+  bool keep_going = false;  // every failing seed in one line each, instead of stopping at the first
+  Sabotage sabotage = Sabotage::none;
+};
+
+struct SabotageName {
+  const char* name;
+  Sabotage value;
+};
+constexpr SabotageName kSabotages[] = {
+    {"skip_compensation_record", Sabotage::skip_compensation_record},
+    {"late_compensation", Sabotage::late_compensation},
+    {"cancel_after_confirm", Sabotage::cancel_after_confirm},
+    {"skip_cancel_record", Sabotage::skip_cancel_record},
+    {"keep_frozen", Sabotage::keep_frozen},
+    {"double_undo", Sabotage::double_undo},
+    {"tell_committed", Sabotage::tell_committed},
 };
 
 // Log lines of the services go into the trace (warnings and errors; everything in a replay).
@@ -121,7 +187,11 @@ std::string log_field(const std::string& line, const std::string& key) {
 // TCC-shaped: try debits the paying leg, confirm credits the paid one, cancel refunds a debit.
 // Its gids belong to coordinator kStepCoordinator, which the agents know but which never
 // answers, so they never see the transfers finished.
-enum class Kind { interactive, oneshot, tcc };
+// tcc_coord: a TCC transaction of the coordinator, a debit branch and a credit branch, each an
+// HTTP op to the service or a SQL op to an agent; the client commits, aborts or walks away.
+// saga: 2-4 steps, HTTP or SQL, whose deltas sum to 0; backward or forward, sequential or
+// parallel, waiting for completion or only for acceptance.
+enum class Kind { interactive, oneshot, tcc, tcc_coord, saga };
 constexpr char kStepCoordinator[] = "s1";
 constexpr int kTryAttemptsMax = 5;  // a try still unknown after these is given up: cancel
 
@@ -142,7 +212,41 @@ struct Transfer {
   bool asked_commit = false;
   int polls = 0;
   bool cancelling = false;  // tcc: a try failed, every leg is cancelled
+  // tcc_coord and saga: the branches or steps, named t<id>-<index>.
+  struct Op {
+    int at = -1;  // -1: the HTTP service; else the agent's index
+    int64_t account = 0;
+    int64_t delta = 0;
+    bool fails = false;       // a SQL op on the missing account: a business failure
+    bool compensable = true;  // saga: has a compensation
+  };
+  std::vector<Op> ops;
+  std::vector<Json> requests;  // tcc_coord: each branch's try request, the same on every resend
+  bool forward = false, parallel = false, accepted = false;
+  bool walked_away = false;  // tcc_coord: left without commit or abort
 };
+
+std::string op_name(uint64_t id, size_t i) {
+  return "t" + std::to_string(id) + "-" + std::to_string(i);
+}
+
+// "t<id>-<index>" → (id, index).
+std::optional<std::pair<uint64_t, size_t>> op_name_parts(const std::string& name) {
+  size_t dash = name.find('-');
+  if (name.size() < 4 || name[0] != 't' || dash == std::string::npos) return std::nullopt;
+  try {
+    return std::pair{std::stoull(name.substr(1, dash - 1)),
+                     static_cast<size_t>(std::stoul(name.substr(dash + 1)))};
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+std::string state_of(const Json& j) {
+  return j.is_object() && j.contains("state") && j["state"].is_string()
+             ? j["state"].get<std::string>()
+             : "";
+}
 
 class Cluster {
  public:
@@ -159,6 +263,7 @@ class Cluster {
   void start_agent(size_t i);
   void crash_agent(size_t i);
   void crash_database(size_t i, int64_t down_ms);
+  void crash_service();
   std::string url_of(int proc) { return "http://127.0.0.1:" + std::to_string(w_.process(proc).port); }
 
   // Faults.
@@ -178,6 +283,17 @@ class Cluster {
   void tcc_stepped(int client, std::shared_ptr<Transfer> t, size_t leg, const std::string& op,
                    int attempt, const HttpResult& res);
   void check_steps();
+  // tcc_coord and saga.
+  void tcc_begin(int client, std::shared_ptr<Transfer> t);
+  void tcc_try(int client, std::shared_ptr<Transfer> t, size_t i, int attempt);
+  void tcc_decide(int client, std::shared_ptr<Transfer> t);
+  void run_saga(int client, std::shared_ptr<Transfer> t);
+  void plan_tcc(Transfer& t);
+  void plan_saga(Transfer& t);
+  Json service_op(const std::string& path, Json body) const;
+  Json sql_op(int agent, Json statements) const;
+  Json tcc_request(const Transfer& t, size_t i) const;
+  Json saga_request(const Transfer& t);
   void poll(int client, std::shared_ptr<Transfer> t);
   void told(int client, std::shared_ptr<Transfer> t, const std::string& state);
   void done(int client, std::shared_ptr<Transfer> t);
@@ -189,8 +305,16 @@ class Cluster {
   // Checks.
   void check_wire(int from, int to, const HttpRequest& req);
   void check_commit_message(const std::string& path, const std::string& body);
+  void check_op_message(const std::string& gid, const std::string& op, const std::string& to);
   void answer(const std::string& gid, const std::string& state, const char* where);
-  bool settled() const;
+  bool settled();
+  bool ops_open();  // a TCC or saga record has not ended
+  void check_ops();
+  void check_tcc(const wal::TxnRecord& rec,
+                 std::map<std::string, std::vector<const OpEvent*>>& evs);
+  void check_saga(const wal::TxnRecord& rec,
+                  std::map<std::string, std::vector<const OpEvent*>>& evs);
+  Transfer* transfer_of(const wal::TxnRecord& rec);
   void check_agent_views(const Transfer& t);
   void check_unilateral(size_t i, const std::string& line);
   void check_end();
@@ -206,10 +330,11 @@ class Cluster {
 
  public:
   size_t told_committed = 0, told_aborted = 0;
+  size_t ops_committed = 0, ops_aborted = 0;  // TCC and saga transactions, by their records
 
  private:
   World w_;
-  int coord_ = -1, app_ = -1;
+  int coord_ = -1, app_ = -1, svc_ = -1;
   std::vector<int> agent_procs_;
 
   // The coordinator.
@@ -246,6 +371,11 @@ class Cluster {
   std::map<std::string, std::string> alone_;
   std::set<std::string> aborted_told_;  // pg gids whose agent answered an abort "aborted"  //
                                         // "agent gid" → the outcome it decided alone
+
+  // The HTTP service, and what every participant saw of the ops.
+  OpJournal journal_;
+  std::unique_ptr<SimParticipant> service_;
+  std::string svc_url_;
 
   int64_t initial_total_ = 0;
   int64_t unfinished_steps_sum_ = 0;  // money moved by steps of transfers the client left
@@ -330,6 +460,14 @@ void Cluster::start_agent(size_t i) {
     w_.at(w_.now() + 200, -1, [this, i] { start_agent(i); });
     return;
   }
+  a.exec->on_step = [this, i](const agent::PgOp& op, std::optional<pg::Barrier> verdict) {
+    OpEffect e = !verdict                                      ? OpEffect::failed
+                 : *verdict == pg::Barrier::applied            ? OpEffect::applied
+                 : *verdict == pg::Barrier::empty_compensation ? OpEffect::empty
+                 : *verdict == pg::Barrier::refused            ? OpEffect::refused
+                                                               : OpEffect::duplicate;
+    journal_.add(w_, op.gid, op.branch, std::string(step_op_name(op.step_op)), e, agents_[i]->name);
+  };
   a.exec->on_kept = [this, i](const std::string& pgg) {
     if (aborted_told_.count(pgg))
       violation("work_after_aborted " + pgg + ": " + agents_[i]->name +
@@ -376,6 +514,17 @@ void Cluster::crash_database(size_t i, int64_t down_ms) {
   });
 }
 
+// The service's ledger is durable: a crash loses the answers it still held, nothing else.
+void Cluster::crash_service() {
+  if (!w_.process(svc_).up) return;
+  w_.crash(svc_);
+  service_->crash();
+  w_.at(w_.now() + w_.rng().between(50, 3'000), -1, [this] {
+    w_.restart(svc_);
+    service_->serve();
+  });
+}
+
 // --- faults -------------------------------------------------------------------------------------
 
 void Cluster::schedule_fault() {
@@ -391,7 +540,7 @@ void Cluster::inject_fault() {
   size_t n = agents_.size();
   size_t i = static_cast<size_t>(r.between(0, static_cast<int64_t>(n) - 1));
   int agent = agent_procs_[i];
-  switch (r.between(0, 9)) {
+  switch (r.between(0, 11)) {
     case 0:
       w_.faults = NetFaults{static_cast<double>(r.between(0, 15)) / 100.0,
                             static_cast<double>(r.between(0, 8)) / 100.0, 0, r.between(1, 40),
@@ -427,6 +576,15 @@ void Cluster::inject_fault() {
       w_.note("clock of " + w_.process(who).name + " jumps " + std::to_string(jump) + " ms");
       break;
     }
+    case 10: crash_service(); break;
+    case 11:
+      w_.cut(coord_, svc_);
+      w_.note("partition: svc | coordinator");
+      w_.at(w_.now() + r.between(200, 4'000), -1, [this] {
+        w_.heal();
+        w_.note("partition healed");
+      });
+      break;
     default: break;  // quiet
   }
 }
@@ -479,8 +637,18 @@ std::shared_ptr<Transfer> Cluster::new_transfer() {
   Rng& r = w_.rng();
   auto t = std::make_shared<Transfer>();
   t->id = next_transfer_++;
-  t->kind = r.chance(0.25) ? Kind::tcc : r.chance(0.5) ? Kind::interactive : Kind::oneshot;
+  int64_t roll = r.between(0, 99);
+  t->kind = roll < 18   ? Kind::tcc
+            : roll < 34 ? Kind::tcc_coord
+            : roll < 50 ? Kind::saga
+            : roll < 75 ? Kind::interactive
+                        : Kind::oneshot;
   t->three_phase = r.chance(0.4);
+  if (t->kind == Kind::tcc_coord || t->kind == Kind::saga) {
+    t->kind == Kind::tcc_coord ? plan_tcc(*t) : plan_saga(*t);
+    transfers_.push_back(t);
+    return t;
+  }
   int n = static_cast<int>(agents_.size());
   int from = static_cast<int>(r.between(0, n - 1));
   // One in five moves money inside one database: a single branch, committed in one phase.
@@ -498,6 +666,143 @@ static Json transfer_statement(const Transfer::Leg& leg) {
   return Json{{"sql", kTransferSql}, {"params", Json::array({leg.delta, leg.account})}};
 }
 
+// A statement moving delta on account; on the missing account it must find its row (expect_rows
+// 1), which fails the op as a business failure (SQLSTATE 21000, 422).
+static Json move_statement(int64_t delta, int64_t account, bool missing = false) {
+  Json st{{"sql", kTransferSql},
+          {"params", Json::array({delta, missing ? kMissingAccount : account})}};
+  if (missing) st["expect_rows"] = 1;
+  return st;
+}
+
+// Where an op runs: the service (half of them) or an agent.
+static Transfer::Op op_at(Rng& r, int agents, int64_t delta) {
+  Transfer::Op op;
+  op.at = r.chance(0.5) ? -1 : static_cast<int>(r.between(0, agents - 1));
+  op.account = op.at < 0 ? r.between(1, kServiceAccounts) : r.between(1, kAccountsPerDb);
+  op.delta = delta;
+  return op;
+}
+
+// A debit branch and a credit branch. A SQL try sometimes fails as a business failure; the
+// service decides its own failures.
+void Cluster::plan_tcc(Transfer& t) {
+  Rng& r = w_.rng();
+  int n = static_cast<int>(agents_.size());
+  int64_t amount = r.between(1, 9);
+  for (int64_t delta : {-amount, amount}) {
+    Transfer::Op op = op_at(r, n, delta);
+    op.fails = op.at >= 0 && r.chance(0.05);
+    t.ops.push_back(op);
+  }
+  for (size_t i = 0; i < t.ops.size(); ++i) t.requests.push_back(tcc_request(t, i));
+}
+
+// 2-4 steps whose deltas sum to 0. A backward saga's SQL step sometimes fails as a business
+// failure, and its last step, when sequential, is sometimes its pivot (no compensation). A
+// forward saga has no step that fails for good (it would retry it forever), and some steps
+// without compensation.
+void Cluster::plan_saga(Transfer& t) {
+  Rng& r = w_.rng();
+  int n = static_cast<int>(agents_.size());
+  size_t steps = static_cast<size_t>(r.between(2, 4));
+  t.forward = r.chance(0.25);
+  t.parallel = r.chance(0.3);
+  t.accepted = r.chance(0.25);
+  std::vector<int64_t> deltas;
+  int64_t sum = 0;
+  do {
+    deltas.clear();
+    sum = 0;
+    for (size_t i = 0; i + 1 < steps; ++i) {
+      int64_t d = r.between(1, 9) * (i == 0 || r.chance(0.5) ? -1 : 1);
+      deltas.push_back(d);
+      sum += d;
+    }
+  } while (sum == 0);
+  deltas.push_back(-sum);
+  for (size_t i = 0; i < steps; ++i) {
+    Transfer::Op op = op_at(r, n, deltas[i]);
+    op.fails = !t.forward && op.at >= 0 && r.chance(0.08);
+    op.compensable = t.forward ? r.chance(0.7) : !(i + 1 == steps && !t.parallel && r.chance(0.25));
+    t.ops.push_back(op);
+  }
+}
+
+Json Cluster::service_op(const std::string& path, Json body) const {
+  return Json{
+      {"url", svc_url_ + path}, {"body", std::move(body)}, {"headers", Json{{"x-tenant", "sim"}}}};
+}
+
+Json Cluster::sql_op(int agent, Json statements) const {
+  return Json{{"participant", agents_[static_cast<size_t>(agent)]->name},
+              {"statements", std::move(statements)}};
+}
+
+// Branch i of a tcc_coord transfer: its try, confirm and cancel.
+Json Cluster::tcc_request(const Transfer& t, size_t i) const {
+  const Transfer::Op& op = t.ops[i];
+  bool debit = op.delta < 0;
+  int64_t x = debit ? -op.delta : op.delta;
+  Json req{{"branch", op_name(t.id, i)}};
+  if (op.at < 0) {
+    std::string base = debit ? "/tcc/debit/" : "/tcc/credit/";
+    Json body{{"account", op.account}, {"amount", x}};
+    for (const char* o : {"try", "confirm", "cancel"}) req[o] = service_op(base + o, body);
+    return req;
+  }
+  if (debit) {
+    req["try"] = sql_op(op.at, Json::array({move_statement(-x, op.account, op.fails),
+                                            move_statement(x, kHoldAccount)}));
+    req["confirm"] = sql_op(op.at, Json::array({move_statement(-x, kHoldAccount)}));
+    req["cancel"] = sql_op(
+        op.at, Json::array({move_statement(-x, kHoldAccount), move_statement(x, op.account)}));
+  } else {
+    req["try"] = sql_op(op.at, Json::array({move_statement(x, kPendingAccount, op.fails)}));
+    req["confirm"] = sql_op(
+        op.at, Json::array({move_statement(-x, kPendingAccount), move_statement(x, op.account)}));
+    req["cancel"] = sql_op(op.at, Json::array({move_statement(-x, kPendingAccount)}));
+  }
+  return req;
+}
+
+Json Cluster::saga_request(const Transfer& t) {
+  Rng& r = w_.rng();
+  Json steps = Json::array();
+  for (size_t i = 0; i < t.ops.size(); ++i) {
+    const Transfer::Op& op = t.ops[i];
+    Json step{{"name", op_name(t.id, i)}};
+    if (op.at < 0) {
+      step["action"] = service_op("/saga/action", Json{{"account", op.account},
+                                                       {"delta", op.delta},
+                                                       {"check_funds", !t.forward},
+                                                       {"transient", t.forward}});
+      if (op.compensable)
+        step["compensate"] =
+            service_op("/saga/compensate", Json{{"account", op.account}, {"delta", op.delta}});
+    } else {
+      step["action"] = sql_op(op.at, Json::array({move_statement(op.delta, op.account, op.fails)}));
+      if (op.compensable)
+        step["compensate"] = sql_op(op.at, Json::array({move_statement(-op.delta, op.account)}));
+    }
+    steps.push_back(std::move(step));
+  }
+  Json body{{"protocol", "saga"}, {"steps", std::move(steps)}};
+  if (t.parallel) body["parallel"] = true;
+  if (t.forward)
+    body["recovery"] = "forward";
+  else if (r.chance(0.3))
+    body["recovery"] = "backward";
+  if (t.accepted) body["wait"] = "accepted";
+  if (r.chance(0.3)) body["timeout_ms"] = r.between(1'500, 6'000);
+  if (r.chance(0.3)) {
+    Json retry{{"min_ms", r.between(10, 100)}, {"max_ms", r.between(200, 1'000)}};
+    if (!t.forward) retry["max_attempts"] = r.between(1, 6);
+    body["retry"] = std::move(retry);
+  }
+  return body;
+}
+
 void Cluster::client_next(int client) {
   if (clients_stop_) return;
   ++clients_busy_;
@@ -507,6 +812,11 @@ void Cluster::client_next(int client) {
     w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) + " tcc " +
             t->gid);
     return tcc_phase(client, t, 0, "try");
+  }
+  if (t->kind == Kind::tcc_coord || t->kind == Kind::saga) {
+    w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) +
+            (t->kind == Kind::saga ? " saga" : " tcc (coordinator)"));
+    return t->kind == Kind::saga ? run_saga(client, t) : tcc_begin(client, t);
   }
   w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) +
           (t->kind == Kind::interactive ? " interactive" : " one-shot") + (t->three_phase ? " 3pc" : " 2pc"));
@@ -623,6 +933,78 @@ void Cluster::tcc_stepped(int client, std::shared_ptr<Transfer> t, size_t leg,
   tcc_phase(client, t, leg + 1, op);
 }
 
+// A TCC transaction of the coordinator: begin, try each branch, then commit, abort or walk away
+// (its timeout aborts it). A try the client heard nothing about is sent again (the same try
+// gets the same answer); after kTryResends the client aborts or walks away.
+void Cluster::tcc_begin(int client, std::shared_ptr<Transfer> t) {
+  Json body{{"protocol", "tcc"}};
+  if (w_.rng().chance(0.3)) body["timeout_ms"] = w_.rng().between(1'500, 5'000);
+  post(coord_, "/v1/transactions", body, 1'000,
+       [this, client, t](const HttpResult& res, const Json& j) {
+         if (!res.status.ok() || res.http_status != 201 || !j.contains("gid"))
+           return done(client, t);
+         t->gid = j["gid"].get<std::string>();
+         tcc_try(client, t, 0, 1);
+       });
+}
+
+void Cluster::tcc_try(int client, std::shared_ptr<Transfer> t, size_t i, int attempt) {
+  auto then = [this, client, t, i, attempt](const HttpResult& res, const Json& j) {
+    std::string state = state_of(j);
+    int status = res.status.ok() ? res.http_status : 0;
+    if (status == 200 && state == "tried") {
+      if (i + 1 < t->ops.size()) return tcc_try(client, t, i + 1, 1);
+      return tcc_decide(client, t);
+    }
+    if (status == 400 || status == 413) {
+      violation("op_request_refused try of " + t->gid + ": " + res.body);
+      return done(client, t);
+    }
+    if (status == 404) return done(client, t);  // lost with the coordinator: nothing registered
+    if (status == 409 && (state == "aborting" || state == "aborted")) return poll(client, t);
+    if (attempt < kTryResends) {
+      app_rt_->run_after(200,
+                         [this, client, t, i, attempt] { tcc_try(client, t, i, attempt + 1); });
+      return;
+    }
+    if (w_.rng().chance(0.5)) return finish(client, t, false);
+    t->walked_away = true;
+    done(client, t);
+  };
+  post(coord_, "/v1/transactions/" + t->gid + "/try", t->requests[i], 4'000, then, true);
+}
+
+void Cluster::tcc_decide(int client, std::shared_ptr<Transfer> t) {
+  int64_t roll = w_.rng().between(0, 99);
+  if (roll < 70) return finish(client, t, true);
+  if (roll < 90) return finish(client, t, false);
+  t->walked_away = true;
+  w_.note("client " + std::to_string(client) + " walks away from " + t->gid);
+  done(client, t);
+}
+
+void Cluster::run_saga(int client, std::shared_ptr<Transfer> t) {
+  post(coord_, "/v1/transactions/run", saga_request(*t), 5'000,
+       [this, client, t](const HttpResult& res, const Json& j) {
+         if (j.is_object() && j.contains("gid") && j["gid"].is_string())
+           t->gid = j["gid"].get<std::string>();
+         std::string state = state_of(j);
+         int status = res.status.ok() ? res.http_status : 0;
+         if (status == 400 || status == 413) {
+           violation("op_request_refused saga: " + res.body);
+           return done(client, t);
+         }
+         if (state == "aborted" && opts_.sabotage == Sabotage::tell_committed) {
+           t->told = "committed";  // the client's bookkeeping, broken on purpose
+           return done(client, t);
+         }
+         if (status != 0 && (state == "committed" || state == "aborted"))
+           return told(client, t, state);
+         if (t->gid.empty()) return done(client, t);  // never learned its gid: its record is judged
+         poll(client, t);
+       });
+}
+
 // The answer did not come: ask again — a GET, or the commit once more (a client retrying its
 // request), which must be answered the same way.
 void Cluster::poll(int client, std::shared_ptr<Transfer> t) {
@@ -684,11 +1066,39 @@ void Cluster::check_wire(int from, int to, const HttpRequest& req) {
   if (opts_.verbose) w_.note(w_.process(from).name + " → " + w_.process(to).name + " " + req.method + " " + req.target);
   if (from != coord_) return;
   std::string path(req.path());
+  if (to == svc_)
+    return check_op_message(std::string(req.header("tpc-gid")), std::string(req.header("tpc-op")),
+                            "svc");
+  if (path.size() > 5 && path.compare(path.size() - 5, 5, "/step") == 0) {
+    auto j = parse_json(req.body);
+    const std::string prefix = "/v1/branches/";
+    if (j.ok() && j->contains("op") && (*j)["op"].is_string() && path.rfind(prefix, 0) == 0)
+      check_op_message(path.substr(prefix.size(), path.size() - 5 - prefix.size()),
+                       (*j)["op"].get<std::string>(), w_.process(to).name);
+    return;
+  }
   if (path != "/v1/batch") return check_commit_message(path, req.body);
   auto j = parse_json(req.body);
   if (!j.ok() || !j->contains("requests")) return;
   for (auto& item : (*j)["requests"])
     if (item.contains("path") && item.contains("body")) check_commit_message(item["path"].get<std::string>(), dump(item["body"]));
+}
+
+// An op leaves the coordinator only once what it depends on is durable: a try or an action its
+// transaction's record (the branch's registration, the saga), a confirm the commit decision, a
+// compensation the abort decision.
+void Cluster::check_op_message(const std::string& gid, const std::string& op,
+                               const std::string& to) {
+  auto d = watch_.durable.find(gid);
+  bool ok = true;
+  if (op == "try" || op == "action") ok = d != watch_.durable.end();
+  if (op == "confirm") ok = d != watch_.durable.end() && d->second == wal::Decision::commit;
+  if (op == "compensate") ok = d != watch_.durable.end() && d->second == wal::Decision::aborted;
+  if (!ok)
+    violation("op_before_durable " + op + " of " + gid + " sent to " + to +
+              " with the durable decision " +
+              (d == watch_.durable.end() ? std::string("none")
+                                         : std::string(wal::decision_name(d->second))));
 }
 
 // What each agent says about its branch of t must match its database.
@@ -783,11 +1193,19 @@ void Cluster::note_abort(size_t i, const std::string& path, int status, const Js
   aborted_told_.insert(pg::pg_gid(agents_[i]->name, gid));
 }
 
-bool Cluster::settled() const {
+bool Cluster::settled() {
   if (clients_busy_ > 0) return false;
   for (auto& a : agents_)
     if (!a->db.prepared.empty() || !a->db.sessions.empty() || !a->service) return false;
-  return coordinator_ != nullptr;
+  return coordinator_ != nullptr && w_.process(svc_).up && !ops_open();
+}
+
+bool Cluster::ops_open() {
+  bool open = false;
+  (void)store_.for_each([&](wal::TxnRecord&& r) {
+    if (calls_ops(r.protocol) && !r.ended) open = true;
+  });
+  return open;
 }
 
 void Cluster::check_end() {
@@ -840,14 +1258,16 @@ void Cluster::check_end() {
       violation("heuristic_in_2pc " + gid);
   }
   for (auto& t : transfers_) {
-    if (t->gid.empty() || t->kind == Kind::tcc) continue;  // steps: check_steps
+    // Steps: check_steps; the coordinator's TCC and sagas: check_ops.
+    if (t->gid.empty() || (t->kind != Kind::interactive && t->kind != Kind::oneshot)) continue;
     check_agent_views(*t);
     bool applied = by_gid.count(t->gid) > 0;
     if (t->told == "committed" && !applied) violation("told_committed_not_applied " + t->gid);
     if (t->told == "aborted" && applied) violation("told_aborted_but_applied " + t->gid);
   }
   check_steps();
-  int64_t total = 0, excused = 0;
+  check_ops();
+  int64_t total = service_->total(), excused = 0;
   for (auto& a : agents_) total += a->db.total();
   for (auto& [gid, x] : by_gid) excused += x.sum;
   excused += unfinished_steps_sum_;
@@ -891,6 +1311,195 @@ void Cluster::check_steps() {
   }
 }
 
+// The coordinator's TCC transactions and sagas, once settled: every record ended, and what the
+// participants saw take effect (the OpJournal) agrees with how it ended, branch by branch and
+// step by step; nothing is left frozen; the clients' answers agree with the records.
+void Cluster::check_ops() {
+  std::map<std::string, wal::TxnRecord> recs;
+  (void)store_.for_each([&](wal::TxnRecord&& r) {
+    if (calls_ops(r.protocol)) recs.emplace(r.gid, std::move(r));
+  });
+  std::map<std::string, std::map<std::string, std::vector<const OpEvent*>>> by_gid;
+  for (const OpEvent& e : journal_.events) {
+    auto parts = parse_gid(e.gid);
+    if (parts && parts->coordinator == "c1") by_gid[e.gid][e.branch].push_back(&e);
+  }
+  for (auto& [gid, branches] : by_gid)
+    if (!recs.count(gid))
+      violation("ops_without_record " + gid + ": " + branches.begin()->first + " was called at " +
+                branches.begin()->second.front()->where + ", the coordinator has no record of it");
+  for (auto& [gid, rec] : recs) {
+    if (!rec.ended) {
+      violation("op_unfinished " + gid + " (" + std::string(protocol_name(rec.protocol)) +
+                ", decision " + std::string(wal::decision_name(rec.decision)) + ")");
+      continue;
+    }
+    (rec.decision == wal::Decision::commit ? ops_committed : ops_aborted)++;
+    auto& evs = by_gid[gid];
+    if (rec.protocol == Protocol::tcc)
+      check_tcc(rec, evs);
+    else
+      check_saga(rec, evs);
+  }
+  for (auto& t : transfers_) {
+    if ((t->kind != Kind::tcc_coord && t->kind != Kind::saga) || t->gid.empty()) continue;
+    auto it = recs.find(t->gid);
+    bool committed = it != recs.end() && it->second.decision == wal::Decision::commit;
+    std::string ended = it == recs.end() ? "without a record"
+                                         : std::string(wal::decision_name(it->second.decision));
+    if (t->told == "committed" && !committed)
+      violation("told_disagrees " + t->gid + ": the client was told committed, the record ended " +
+                ended);
+    if (t->told == "aborted" && committed)
+      violation("told_disagrees " + t->gid +
+                ": the client was told aborted, the record ended committed");
+    if (t->walked_away && committed)
+      violation("walked_away_committed " + t->gid + ": its client never asked to commit");
+  }
+  if (service_->frozen() != 0) {
+    std::string what;
+    for (auto& [id, a] : service_->accounts)
+      if (a.frozen != 0 || a.incoming != 0)
+        what += " " + std::to_string(id) + ":frozen=" + std::to_string(a.frozen) +
+                ",incoming=" + std::to_string(a.incoming);
+    violation("frozen_left at svc:" + what);
+  }
+  for (auto& a : agents_)
+    for (int64_t id : {kHoldAccount, kPendingAccount})
+      if (a->db.balances[id] != 0)
+        violation("frozen_left at " + a->name + ": account " + std::to_string(id) + " holds " +
+                  std::to_string(a->db.balances[id]));
+  for (auto& c : service_->contract) violation("participant_contract " + c);
+}
+
+Transfer* Cluster::transfer_of(const wal::TxnRecord& rec) {
+  if (rec.branches.empty()) return nullptr;
+  auto parts = op_name_parts(rec.branches[0].participant);
+  if (!parts || parts->first == 0 || parts->first > transfers_.size()) return nullptr;
+  return transfers_[parts->first - 1].get();
+}
+
+// One TCC transaction. Every registered branch is confirmed once, after its try (committed),
+// or cancelled, undoing its try if it ran (aborted); a branch never sees both a confirm and a
+// cancel; a try never takes effect after its cancel; only registered branches are called.
+void Cluster::check_tcc(const wal::TxnRecord& rec,
+                        std::map<std::string, std::vector<const OpEvent*>>& evs) {
+  const std::string& gid = rec.gid;
+  bool commit = rec.decision == wal::Decision::commit;
+  std::set<std::string> names;
+  for (auto& b : rec.branches) names.insert(b.participant);
+  for (auto& [branch, list] : evs)
+    if (!names.count(branch))
+      violation("tcc_unregistered_branch " + gid + " " + branch + " was called at " +
+                list.front()->where);
+  for (auto& b : rec.branches) {
+    const std::string& name = b.participant;
+    auto& list = evs[name];
+    const OpEvent *confirm = nullptr, *cancel = nullptr;
+    int tries = 0, confirms = 0, cancels = 0, empties = 0;
+    bool try_after_cancel = false;
+    for (const OpEvent* e : list) {
+      if (e->effect == OpEffect::duplicate) continue;
+      if (e->op == "confirm" && !confirm) confirm = e;
+      if (e->op == "cancel" && !cancel) cancel = e;
+      if (e->effect == OpEffect::applied && e->op == "try") {
+        ++tries;
+        try_after_cancel = try_after_cancel || cancel != nullptr;
+      }
+      if (e->effect == OpEffect::applied && e->op == "confirm") ++confirms;
+      if (e->effect == OpEffect::applied && e->op == "cancel") ++cancels;
+      if (e->effect == OpEffect::empty && e->op == "cancel") ++empties;
+    }
+    std::string where = list.empty() ? "" : " at " + list.front()->where;
+    if (confirm && cancel)
+      violation(
+          "tcc_confirm_and_cancel " + gid + " " + name + where + ": " +
+          (confirm->seq < cancel->seq
+               ? "a cancel (" + std::string(effect_name(cancel->effect)) + ") after its confirm"
+               : "a confirm (" + std::string(effect_name(confirm->effect)) + ") after its cancel"));
+    if (try_after_cancel) violation("tcc_try_after_cancel " + gid + " " + name + where);
+    if (commit && (tries != 1 || confirms != 1))
+      violation("tcc_branch_unsettled " + gid + " " + name + where +
+                ": committed, its try applied " + std::to_string(tries) + " times, its confirm " +
+                std::to_string(confirms));
+    if (!commit && cancels + empties == 0)
+      violation("tcc_branch_unsettled " + gid + " " + name + where + ": aborted, never cancelled");
+    if (!commit && cancels != tries)
+      violation("tcc_reservation_left " + gid + " " + name + where + ": aborted, its try applied " +
+                std::to_string(tries) + " times, its cancel " + std::to_string(cancels));
+  }
+}
+
+// One saga. Committed: every action applied once, nothing compensated. Aborted (backward only):
+// every action that ran compensated once, a step without compensation never ran; sequential:
+// actions first step first, compensations last step first; never an action after its
+// compensation.
+void Cluster::check_saga(const wal::TxnRecord& rec,
+                         std::map<std::string, std::vector<const OpEvent*>>& evs) {
+  const std::string& gid = rec.gid;
+  bool commit = rec.decision == wal::Decision::commit;
+  Transfer* t = transfer_of(rec);
+  if (!t) return violation("saga_unknown " + gid + ": its steps name no transfer of the clients");
+  if (t->forward && !commit) violation("saga_forward_aborted " + gid);
+  std::set<std::string> names;
+  std::vector<std::pair<uint64_t, size_t>> actions, compensations;  // (seq, step) applied
+  for (size_t i = 0; i < rec.branches.size(); ++i) {
+    const wal::BranchRecord& b = rec.branches[i];
+    names.insert(b.participant);
+    bool compensable = std::any_of(b.ops.begin(), b.ops.end(),
+                                   [](const wal::OpText& o) { return o.op == StepOp::compensate; });
+    auto& list = evs[b.participant];
+    int applied = 0, undone = 0;
+    uint64_t first_compensation = 0;
+    bool after = false;
+    for (const OpEvent* e : list) {
+      if (e->op == "compensate" &&
+          (e->effect == OpEffect::applied || e->effect == OpEffect::empty) && !first_compensation)
+        first_compensation = e->seq;
+      if (e->effect != OpEffect::applied) continue;
+      if (e->op == "action") {
+        ++applied;
+        actions.emplace_back(e->seq, i);
+        after = after || first_compensation != 0;
+      }
+      if (e->op == "compensate") {
+        ++undone;
+        compensations.emplace_back(e->seq, i);
+      }
+    }
+    std::string step =
+        gid + " " + b.participant + (list.empty() ? "" : " at " + list.front()->where);
+    if (applied > 1)
+      violation("saga_action_twice " + step + ": applied " + std::to_string(applied) + " times");
+    if (after) violation("saga_action_after_compensation " + step);
+    if (commit && applied != 1)
+      violation("saga_action_missing " + step + ": committed, its action applied " +
+                std::to_string(applied) + " times");
+    if (commit && undone > 0) violation("saga_compensated_but_committed " + step);
+    if (!commit && compensable && undone != applied)
+      violation("saga_not_compensated " + step + ": aborted, its action applied " +
+                std::to_string(applied) + " times, compensated " + std::to_string(undone));
+    if (!commit && !compensable && applied > 0)
+      violation("saga_not_compensated " + step +
+                ": aborted, and its step without compensation ran");
+  }
+  for (auto& [name, list] : evs)
+    if (!names.count(name))
+      violation("saga_unknown_step " + gid + " " + name + " was called at " + list.front()->where);
+  if (t->parallel) return;
+  std::sort(actions.begin(), actions.end());
+  std::sort(compensations.begin(), compensations.end());
+  for (size_t k = 1; k < actions.size(); ++k)
+    if (actions[k].second < actions[k - 1].second)
+      violation("saga_action_order " + gid + ": step " + std::to_string(actions[k].second) +
+                " ran after step " + std::to_string(actions[k - 1].second));
+  for (size_t k = 1; k < compensations.size(); ++k)
+    if (compensations[k].second > compensations[k - 1].second)
+      violation("saga_compensation_order " + gid + ": step " +
+                std::to_string(compensations[k].second) + " was compensated after step " +
+                std::to_string(compensations[k - 1].second) + " (last step first)");
+}
+
 // --- the run ------------------------------------------------------------------------------------
 
 std::vector<std::string> Cluster::run() {
@@ -905,11 +1514,20 @@ std::vector<std::string> Cluster::run() {
     a->db.name = a->name;
     a->db.max_prepared = static_cast<int>(setup.between(3, 10));
     for (int id = 1; id <= kAccountsPerDb; ++id) a->db.balances[id] = kBalance;
+    a->db.balances[kHoldAccount] = 0;
+    a->db.balances[kPendingAccount] = 0;
     initial_total_ += a->db.total();
     agent_procs_.push_back(w_.add_process(a->name, static_cast<uint16_t>(kCoordinatorPort + 1 + i)));
     agents_.push_back(std::move(a));
   }
   app_ = w_.add_process("app", 0);
+  svc_ = w_.add_process("svc", kServicePort);
+  svc_url_ = url_of(svc_);
+  service_ = std::make_unique<SimParticipant>(w_, svc_, journal_, opts_.sabotage);
+  for (int id = 1; id <= kServiceAccounts; ++id)
+    service_->accounts[id].balance = id > kServiceAccounts - 2 ? kServiceLowBalance : kBalance;
+  initial_total_ += service_->total();
+  service_->serve();
   w_.on_send = [this](int from, int to, const HttpRequest& req) { check_wire(from, to, req); };
 
   LogLevel level = opts_.replay ? LogLevel::info : LogLevel::warn;
@@ -946,6 +1564,7 @@ std::vector<std::string> Cluster::run() {
   }
   check_end();
   // Stop the services while the world is still there.
+  service_->release();
   coordinator_.reset();
   for (auto& a : agents_) {
     a->service.reset();
@@ -990,16 +1609,37 @@ std::optional<Options> parse_args(int argc, char** argv) {
     else if (a == "--threads") ok = number(&o.threads) && o.threads >= 1;
     else if (a == "--faulty-ms") ok = number(&o.faulty_ms) && o.faulty_ms >= 100;
     else if (a == "--verbose") o.verbose = true;
-    else if (a == "-h" || a == "--help") {
+    else if (a == "--keep-going")
+      o.keep_going = true;
+    else if (a == "--sabotage") {
+      auto v = value();
+      ok = false;
+      for (auto& s : kSabotages)
+        if (v && *v == s.name) {
+          o.sabotage = s.value;
+          ok = true;
+        }
+      if (!ok) {
+        std::fprintf(stderr, "tpc-sim: --sabotage needs one of:");
+        for (auto& s : kSabotages) std::fprintf(stderr, " %s", s.name);
+        std::fprintf(stderr, "\n");
+        return std::nullopt;
+      }
+    } else if (a == "-h" || a == "--help") {
       std::printf(
           "usage: tpc-sim [--seeds N] [--seed S] [--minutes M] [--threads T] [--faulty-ms F] "
-          "[--verbose]\n"
+          "[--verbose] [--keep-going] [--sabotage S]\n"
           "  --seeds N      run seeds 1..N (default 1000); the first failure stops the run\n"
           "  --seed S       replay seed S alone, printing its events as they happen\n"
           "  --minutes M    run seeds until M minutes passed\n"
           "  --threads T    seeds in parallel (default 2)\n"
           "  --faulty-ms F  how long faults are injected per seed (default 8000, at least 100)\n"
           "  --verbose      also trace every message sent\n"
+          "  --keep-going   run every seed; print each failing seed's first violation in one line\n"
+          "  --sabotage S   break the HTTP service's bookkeeping on purpose (one of\n"
+          "                 skip_compensation_record, late_compensation, cancel_after_confirm,\n"
+          "                 skip_cancel_record, keep_frozen, double_undo, tell_committed):\n"
+          "                 an invariant must fail\n"
           "The invariants are listed at the top of tests/sim/system_sim.cc.\n");
       std::exit(0);
     } else {
@@ -1017,11 +1657,13 @@ std::optional<Options> parse_args(int argc, char** argv) {
 int run(const Options& o, const char* self) {
   using Clock = std::chrono::steady_clock;
   const auto started = Clock::now();
-  std::atomic<uint64_t> next{o.first_seed}, passed{0}, committed{0}, aborted{0}, events{0};
+  std::atomic<uint64_t> next{o.first_seed}, passed{0}, committed{0}, aborted{0}, events{0},
+      ops_committed{0}, ops_aborted{0};
   std::atomic<bool> failed{false};
+  std::atomic<uint64_t> failures{0};
   std::mutex out_mu;
   auto more = [&](uint64_t seed) {
-    if (failed) return false;
+    if (failed && !o.keep_going) return false;
     if (o.minutes > 0)
       return std::chrono::duration<double>(Clock::now() - started).count() < o.minutes * 60.0;
     return seed < o.first_seed + o.seeds;
@@ -1034,29 +1676,51 @@ int run(const Options& o, const char* self) {
       auto v = c.run();
       committed += c.told_committed;
       aborted += c.told_aborted;
+      ops_committed += c.ops_committed;
+      ops_aborted += c.ops_aborted;
       events += c.world().events_run();
       if (v.empty()) {
         passed++;
         continue;
       }
       std::lock_guard lock(out_mu);
+      failures++;
+      if (o.keep_going) {
+        failed = true;
+        std::fprintf(stderr, "seed %llu: %s\n", static_cast<unsigned long long>(seed),
+                     v[0].c_str());
+        continue;
+      }
       if (failed.exchange(true)) return;
       std::fprintf(stderr, "\nseed %llu: %s\n", static_cast<unsigned long long>(seed), v[0].c_str());
       for (size_t i = 1; i < v.size() && i < 10; ++i) std::fprintf(stderr, "  also: %s\n", v[i].c_str());
       std::fprintf(stderr, "last events:\n");
-      for (auto& line : c.world().trace_tail(kTraceShown)) std::fprintf(stderr, "  %s\n", line.c_str());
-      std::fprintf(stderr, "replay: %s --seed %llu --faulty-ms %lld\n", self, static_cast<unsigned long long>(seed),
-                   static_cast<long long>(o.faulty_ms));
+      for (auto& line : c.world().trace_tail(kTraceShown))
+        std::fprintf(stderr, "  %s\n", line.c_str());
+      std::string sabotage;
+      for (auto& s : kSabotages)
+        if (s.value == o.sabotage) sabotage = std::string(" --sabotage ") + s.name;
+      std::fprintf(stderr, "replay: %s --seed %llu --faulty-ms %lld%s\n", self,
+                   static_cast<unsigned long long>(seed), static_cast<long long>(o.faulty_ms),
+                   sabotage.c_str());
     }
   };
   std::vector<std::thread> threads;
   for (int t = 0; t < o.threads; ++t) threads.emplace_back(worker);
   for (auto& t : threads) t.join();
   double secs = std::chrono::duration<double>(Clock::now() - started).count();
-  std::printf("tpc-sim: %llu seeds passed in %.1f s%s (%llu transfers answered committed, %llu aborted; %llu events)\n",
-              static_cast<unsigned long long>(passed.load()), secs, failed ? ", one failed" : "",
-              static_cast<unsigned long long>(committed.load()), static_cast<unsigned long long>(aborted.load()),
-              static_cast<unsigned long long>(events.load()));
+  std::string fail_note = !failed        ? ""
+                          : o.keep_going ? ", " + std::to_string(failures.load()) + " failed"
+                                         : ", one failed";
+  std::printf(
+      "tpc-sim: %llu seeds passed in %.1f s%s (%llu transfers answered committed, %llu aborted; "
+      "TCC and sagas of the coordinator: %llu committed, %llu aborted; %llu events)\n",
+      static_cast<unsigned long long>(passed.load()), secs, fail_note.c_str(),
+      static_cast<unsigned long long>(committed.load()),
+      static_cast<unsigned long long>(aborted.load()),
+      static_cast<unsigned long long>(ops_committed.load()),
+      static_cast<unsigned long long>(ops_aborted.load()),
+      static_cast<unsigned long long>(events.load()));
   return failed ? 1 : 0;
 }
 
