@@ -1,5 +1,6 @@
 #include "common/http.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <charconv>
@@ -51,6 +52,20 @@ std::optional<std::string> HttpRequest::query_param(std::string_view name) const
     return percent_decode(v);
   }
   return std::nullopt;
+}
+
+bool url_within(const Url& prefix, std::string_view text) {
+  auto url = parse_url(text);
+  if (!url.ok()) return false;
+  std::string_view path = url->base_path;  // parse_url refuses queries
+  for (std::string_view segment : split_path(path)) {
+    auto decoded = percent_decode(segment);
+    if (!decoded || *decoded == "." || *decoded == "..") return false;
+  }
+  auto lower = [](unsigned char c) { return std::tolower(c); };
+  bool same_host = std::ranges::equal(prefix.host, url->host, {}, lower, lower);
+  return same_host && prefix.port == url->port &&
+         (path == prefix.base_path || path.starts_with(prefix.base_path + "/"));
 }
 
 std::optional<std::string> percent_decode(std::string_view s) {

@@ -924,5 +924,24 @@ TEST_CASE("split_path keeps the non-empty segments; the bearer check wants the e
   CHECK_FALSE(has_bearer_token(req, "s3cret"));
 }
 
+TEST_CASE("url_within: same host and port, the path on a segment boundary, no dot segments") {
+  Url ok = *parse_url("http://Svc.internal/ok");
+  CHECK(url_within(ok, "http://svc.internal/ok"));
+  CHECK(url_within(ok, "http://svc.internal:80/ok/pay"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/pay?id=1"));  // not a URL parse_url takes
+  CHECK_FALSE(url_within(ok, "http://svc.internal:8080/ok/pay"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/okay"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/../admin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/%2e%2E/admin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/%zz"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal.evil/ok"));
+  CHECK_FALSE(url_within(ok, "http://evil@svc.internal/ok"));
+  CHECK_FALSE(url_within(ok, "https://svc.internal/ok"));
+  Url any_path = *parse_url("http://127.0.0.1:9000/");
+  CHECK(url_within(any_path, "http://127.0.0.1:9000"));
+  CHECK(url_within(any_path, "http://127.0.0.1:9000/a/b"));
+  CHECK_FALSE(url_within(any_path, "http://127.0.0.1:90/a"));
+}
+
 }  // namespace
 }  // namespace tpc

@@ -26,6 +26,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"token", "bearer token clients and agents must send", ""},
       {"participant", "NAME=URL of an agent, for one-shot transactions", "", true},
       {"participant-token", "bearer token sent to agents", ""},
+      {"op-url-allow", "URL prefix an HTTP op may call (repeatable; none: any http:// URL)", "",
+       true},
       {"threads", "event-loop threads", "2"},
       {"prepare-timeout-ms", "votes not all in by then: abort", "5000"},
       {"txn-timeout-ms", "default timeout of an active transaction", "60000"},
@@ -84,6 +86,12 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     if (!url.ok())
       return invalid_argument("--participant " + nv->first + ": " + url.status().message());
     cfg.participants[nv->first] = nv->second;
+  }
+  for (auto& prefix : c.all("op-url-allow")) {
+    auto url = tpc::parse_url(prefix);
+    if (!url.ok())
+      return invalid_argument("--op-url-allow " + prefix + ": " + url.status().message());
+    cfg.op_url_prefixes.push_back(*url);
   }
   struct IntOpt {
     const char* name;

@@ -45,7 +45,9 @@ CoordinatorService::CoordinatorService(const CoordinatorConfig& cfg,
                                        Runtime& rt)
     : cfg_(cfg), log_(logger), rt_(rt), wal_(std::move(log)), machine_(cfg.machine, logger) {}
 
-CoordinatorService::~CoordinatorService() { shutdown(0); }
+CoordinatorService::~CoordinatorService() {
+  shutdown(0);
+}
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
     const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger) {
@@ -58,9 +60,10 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
   TPC_RETURN_IF_ERROR(s->open());
   s->real_->start();
   CoordinatorService* self = s.get();
-  auto server = HttpServer::start(s->real_->loop(), cfg.http, [self](HttpRequest&& req, Responder respond) {
-    self->handle(std::move(req), std::move(respond));
-  });
+  auto server =
+      HttpServer::start(s->real_->loop(), cfg.http, [self](HttpRequest&& req, Responder respond) {
+        self->handle(std::move(req), std::move(respond));
+      });
   if (!server.ok()) {
     s->real_->stop();
     return server.status();
@@ -71,7 +74,8 @@ Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start(
 }
 
 Result<std::unique_ptr<CoordinatorService>> CoordinatorService::start_with(
-    const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger, Runtime& rt) {
+    const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger,
+    Runtime& rt) {
   std::unique_ptr<CoordinatorService> s(new CoordinatorService(cfg, std::move(log), logger, rt));
   TPC_RETURN_IF_ERROR(s->open());
   s->serve();
@@ -124,7 +128,8 @@ Status CoordinatorService::recover() {
   if (!horizon.ok()) return horizon.status();
   if (horizon->has_value()) {
     forgotten = parse_horizon(**horizon);
-    if (!forgotten) return corruption("the decision log's horizon is malformed: \"" + **horizon + "\"");
+    if (!forgotten)
+      return corruption("the decision log's horizon is malformed: \"" + **horizon + "\"");
     forgotten->coordinator = cfg_.machine.coordinator_id;
   }
 
@@ -147,7 +152,9 @@ Status CoordinatorService::recover() {
   return ok_status();
 }
 
-uint16_t CoordinatorService::port() const { return server_ ? server_->port() : 0; }
+uint16_t CoordinatorService::port() const {
+  return server_ ? server_->port() : 0;
+}
 
 void CoordinatorService::on_stop_signal(std::function<void(int)> fn) {
   if (real_) real_->loop().on_stop_signal(std::move(fn));
@@ -287,7 +294,8 @@ void CoordinatorService::ends_durable(const std::vector<std::string>& gids) {
 void CoordinatorService::sync_ends() {
   {
     std::lock_guard lock(ends_mu_);
-    if (ends_written_.empty() || ends_sync_out_ || rt_.now_ms() - ends_since_ms_ < kEndSyncDelayMs) return;
+    if (ends_written_.empty() || ends_sync_out_ || rt_.now_ms() - ends_since_ms_ < kEndSyncDelayMs)
+      return;
     ends_sync_out_ = true;
   }
   std::vector<std::string> covered = take_ends_written();
@@ -306,9 +314,9 @@ void CoordinatorService::send(const Message& m) {
   auto url = parse_url(m.url);
   if (!url.ok()) {
     with_machine([&](CoordinatorMachine& mach) {
-      mach.on_reply(BranchReply{m.gid, m.participant, m.kind, ReplyKind::failed,
-                                url.status().message()},
-                    rt_.now_ms());
+      mach.on_reply(
+          BranchReply{m.gid, m.participant, m.kind, ReplyKind::failed, url.status().message()},
+          rt_.now_ms());
     });
     return;
   }
@@ -358,9 +366,9 @@ void CoordinatorService::send_alone(const Url& url, Outgoing out) {
   SendOptions opts;
   opts.timeout_ms = out.timeout_ms;
   opts.idempotent = !out.exec;  // statements must never run twice: no automatic retry
-  transmit(url, std::move(req), opts, [this, m = std::move(out.m), exec = out.exec](HttpResult res) {
-    deliver(m, exec, res);
-  });
+  transmit(
+      url, std::move(req), opts,
+      [this, m = std::move(out.m), exec = out.exec](HttpResult res) { deliver(m, exec, res); });
 }
 
 // Every request to an agent is a POST, with the participants' token when there is one.
@@ -636,7 +644,8 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
     if (healthy_)
       respond(json_response(200, Json{{"status", "ok"}, {"epoch", epoch_}}));
     else
-      respond(error_response(unavailable("recovering: replaying and finishing decided transactions")));
+      respond(
+          error_response(unavailable("recovering: replaying and finishing decided transactions")));
     return;
   }
   if (!cfg_.token.empty() && !has_bearer_token(req, cfg_.token)) {
@@ -763,8 +772,8 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
   for (auto& b : body->branches) {
     auto it = cfg_.participants.find(b.participant);
     if (it == cfg_.participants.end())
-      return respond(error_response(invalid_argument(
-          "unknown participant \"" + b.participant + "\" (name it with --participant NAME=URL)")));
+      return respond(error_response(invalid_argument("unknown participant \"" + b.participant +
+                                                     "\" (name it with --participant NAME=URL)")));
     branches.push_back(Peer{b.participant, it->second});
   }
   int64_t now = rt_.now_ms();
@@ -797,24 +806,34 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
   run(std::move(ready));
 }
 
-// A SQL op must name one of our agents (--participant NAME=URL).
-Status CoordinatorService::check_op_participants(const OpBranch& b) const {
+// A SQL op must name one of our agents (--participant NAME=URL); an HTTP op's URL must start
+// with one of --op-url-allow's prefixes when any is given.
+Status CoordinatorService::check_ops(const OpBranch& b) const {
   for (const wal::OpText& op : b.ops) {
     auto t = decode_op_target(op.json);
     if (!t.ok()) return t.status();
+    std::string where = b.name + "." + std::string(step_op_name(op.op));
     if (t->sql && !cfg_.participants.contains(t->participant))
-      return invalid_argument(b.name + "." + std::string(step_op_name(op.op)) +
-                              ": unknown participant \"" + t->participant +
+      return invalid_argument(where + ": unknown participant \"" + t->participant +
                               "\" (name it with --participant NAME=URL)");
+    if (!t->sql && !url_allowed(t->url))
+      return invalid_argument(where + ": url \"" + t->url +
+                              "\" is outside every --op-url-allow prefix");
   }
   return ok_status();
+}
+
+bool CoordinatorService::url_allowed(std::string_view url) const {
+  if (cfg_.op_url_prefixes.empty()) return true;
+  return std::any_of(cfg_.op_url_prefixes.begin(), cfg_.op_url_prefixes.end(),
+                     [&](const Url& prefix) { return url_within(prefix, url); });
 }
 
 void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
   auto body = decode_saga(j, cfg_.statements_max, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
   for (const OpBranch& step : body->steps)
-    if (Status st = check_op_participants(step); !st.ok()) return respond(error_response(st));
+    if (Status st = check_ops(step); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
@@ -842,7 +861,7 @@ void CoordinatorService::try_branch(const std::string& gid, const HttpRequest& r
                                     const Responder& respond, int64_t now) {
   auto branch = decode_try(req.body, cfg_.statements_max);
   if (!branch.ok()) return respond(error_response(branch.status()));
-  if (Status st = check_op_participants(*branch); !st.ok()) return respond(error_response(st));
+  if (Status st = check_ops(*branch); !st.ok()) return respond(error_response(st));
   uint64_t waiter = next_waiter_++;
   {
     std::lock_guard lock(waiters_mu_);
@@ -869,8 +888,8 @@ void CoordinatorService::list(const HttpRequest& req, const Responder& respond) 
     char* end = nullptr;
     long v = std::strtol(l->c_str(), &end, 10);
     if (l->empty() || *end != '\0' || v < 1 || static_cast<size_t>(v) > cfg_.list_limit_max)
-      return respond(error_response(invalid_argument(
-          "limit must be between 1 and " + std::to_string(cfg_.list_limit_max))));
+      return respond(error_response(
+          invalid_argument("limit must be between 1 and " + std::to_string(cfg_.list_limit_max))));
     limit = static_cast<size_t>(v);
   }
   std::vector<TxnView> views;
@@ -886,8 +905,8 @@ void CoordinatorService::list(const HttpRequest& req, const Responder& respond) 
 void CoordinatorService::transaction(const std::string& gid, std::string_view action,
                                      const HttpRequest& req, const Responder& respond) {
   if (!parse_gid(gid)) {
-    respond(error_response(invalid_argument("malformed gid " + echo(gid) +
-                                            " (want <coordinator>-<epoch>-<seq>)")));
+    respond(error_response(
+        invalid_argument("malformed gid " + echo(gid) + " (want <coordinator>-<epoch>-<seq>)")));
     return;
   }
   int64_t now = rt_.now_ms();
@@ -898,10 +917,11 @@ void CoordinatorService::transaction(const std::string& gid, std::string_view ac
   if (action == "heuristic") {
     auto report = decode_branch_report(req.body);
     if (!report.ok()) return respond(error_response(report.status()));
-    return rewrite_finished(gid, respond, [gid, r = *report, now](std::optional<wal::TxnRecord> rec) {
-      return Result<std::optional<wal::TxnRecord>>(
-          CoordinatorMachine::apply_branch_report(std::move(rec), gid, r.participant, r.committed, now));
-    });
+    return rewrite_finished(
+        gid, respond, [gid, r = *report, now](std::optional<wal::TxnRecord> rec) {
+          return Result<std::optional<wal::TxnRecord>>(CoordinatorMachine::apply_branch_report(
+              std::move(rec), gid, r.participant, r.committed, now));
+        });
   }
   if (action == "forget") {
     auto o = parse_object(req.body);
@@ -1005,15 +1025,18 @@ void CoordinatorService::resolve(const std::string& gid, const HttpRequest& req,
 // Heuristic reports and forget change the record of a finished transaction: one at a time,
 // on a worker, after every queued write is applied (the end record of a transaction that just
 // finished), synced before the answer.
-void CoordinatorService::rewrite_finished(const std::string& gid, const Responder& respond, RecordChange change) {
+void CoordinatorService::rewrite_finished(const std::string& gid, const Responder& respond,
+                                          RecordChange change) {
   Lookup l;
   {
     std::lock_guard lock(mu_);
     l = machine_.lookup(gid);
   }
   if (l.kind == LookupKind::live && !terminal(l.view.state))
-    return respond(error_response(conflict("transaction " + gid + " has not ended; report again once it has")));
-  if (l.kind == LookupKind::not_ours) return respond(error_response(not_found("no transaction " + gid)));
+    return respond(error_response(
+        conflict("transaction " + gid + " has not ended; report again once it has")));
+  if (l.kind == LookupKind::not_ours)
+    return respond(error_response(not_found("no transaction " + gid)));
   bool queued = rt_.submit([this, gid, respond, l, change = std::move(change)] {
     std::lock_guard rewrite(rewrite_mu_);
     wal_->flush();
@@ -1024,8 +1047,9 @@ void CoordinatorService::rewrite_finished(const std::string& gid, const Responde
     auto changed = change(*rec);
     if (!changed.ok()) return respond(error_response(changed.status()));
     if (!changed->has_value()) {
-      ClientReply r = rec->has_value() ? CoordinatorMachine::reply_from_record(**rec, RequestKind::get)
-                                       : CoordinatorMachine::reply_without_record(gid, RequestKind::get, false);
+      ClientReply r = rec->has_value()
+                          ? CoordinatorMachine::reply_from_record(**rec, RequestKind::get)
+                          : CoordinatorMachine::reply_without_record(gid, RequestKind::get, false);
       return respond(encode_reply(r));
     }
     wal::TxnRecord next = std::move(**changed);
@@ -1043,13 +1067,15 @@ void CoordinatorService::rewrite_finished(const std::string& gid, const Responde
 }
 
 void CoordinatorService::forget(const std::string& gid, const Responder& respond) {
-  rewrite_finished(gid, respond, [this, gid](std::optional<wal::TxnRecord> rec) -> Result<std::optional<wal::TxnRecord>> {
-    if (!rec || !rec->heuristic_mixed)
-      return conflict("transaction " + gid + " has no heuristic outcome to forget");
-    rec->heuristic_mixed = false;
-    log_.warn("heuristic outcome forgotten by an operator", {{"gid", gid}});
-    return rec;
-  });
+  rewrite_finished(
+      gid, respond,
+      [this, gid](std::optional<wal::TxnRecord> rec) -> Result<std::optional<wal::TxnRecord>> {
+        if (!rec || !rec->heuristic_mixed)
+          return conflict("transaction " + gid + " has no heuristic outcome to forget");
+        rec->heuristic_mixed = false;
+        log_.warn("heuristic outcome forgotten by an operator", {{"gid", gid}});
+        return rec;
+      });
 }
 
 void CoordinatorService::status(const Responder& respond) {
@@ -1061,12 +1087,13 @@ void CoordinatorService::status(const Responder& respond) {
     open = machine_.open_txns();
     recovering = machine_.recovering();
   }
-  respond(json_response(200, Json{{"id", cfg_.machine.coordinator_id},
-                                  {"epoch", epoch_},
-                                  {"healthy", healthy_.load()},
-                                  {"open_transactions", open},
-                                  {"recovering", recovering},
-                                  {"finished_below", {{"epoch", below.epoch}, {"seq", below.seq}}}}));
+  respond(
+      json_response(200, Json{{"id", cfg_.machine.coordinator_id},
+                              {"epoch", epoch_},
+                              {"healthy", healthy_.load()},
+                              {"open_transactions", open},
+                              {"recovering", recovering},
+                              {"finished_below", {{"epoch", below.epoch}, {"seq", below.seq}}}}));
 }
 
 void CoordinatorService::in_doubt(const Responder& respond) {
@@ -1146,8 +1173,8 @@ void CoordinatorService::compact_once() {
   GidParts below{cfg_.machine.coordinator_id, highest->epoch, highest->seq + 1};
   // The horizon goes first: a gid below it without a record then reads as forgotten, never
   // as presumed aborted.
-  Status meta = wal_->put_meta(kForgottenKey,
-                               std::to_string(below.epoch) + ":" + std::to_string(below.seq));
+  Status meta =
+      wal_->put_meta(kForgottenKey, std::to_string(below.epoch) + ":" + std::to_string(below.seq));
   if (!meta.ok()) {
     log_.error("compaction could not record its horizon", {{"error", meta.to_string()}});
     return;
@@ -1170,16 +1197,19 @@ void CoordinatorService::compact_once() {
 void CoordinatorService::register_metrics() {
   auto counter = [this](const std::string& name, const std::string& help, Labels labels,
                         std::function<uint64_t(const MachineCounters&)> read) {
-    metrics_.counter_fn(name, help, [this, read] {
-      std::lock_guard lock(mu_);
-      return static_cast<double>(read(machine_.counters()));
-    }, std::move(labels));
+    metrics_.counter_fn(
+        name, help,
+        [this, read] {
+          std::lock_guard lock(mu_);
+          return static_cast<double>(read(machine_.counters()));
+        },
+        std::move(labels));
   };
   for (Protocol protocol : kProtocols) {
     size_t p = protocol_index(protocol);
     std::string proto(protocol_name(protocol));
-    counter("tpc_coordinator_transactions_begun_total", "transactions begun",
-            {{"protocol", proto}}, [p](const MachineCounters& c) { return c.begun[p]; });
+    counter("tpc_coordinator_transactions_begun_total", "transactions begun", {{"protocol", proto}},
+            [p](const MachineCounters& c) { return c.begun[p]; });
   }
   for (Protocol protocol : kProtocols) {
     size_t p = protocol_index(protocol);
@@ -1209,12 +1239,13 @@ void CoordinatorService::register_metrics() {
   counter("tpc_coordinator_heuristic_mixed_total", "transactions whose branches disagreed", {},
           [](const MachineCounters& c) { return c.heuristic_mixed; });
   metrics_.gauge("tpc_coordinator_heuristic_outcomes",
-                 "heuristic outcomes not yet forgotten by an operator (kept across restarts)", [this] {
+                 "heuristic outcomes not yet forgotten by an operator (kept across restarts)",
+                 [this] {
                    std::lock_guard lock(mu_);
                    return static_cast<double>(machine_.heuristic_outcomes());
                  });
-  counter("tpc_coordinator_one_phase_total", "single-branch transactions committed in one phase", {},
-          [](const MachineCounters& c) { return c.one_phase; });
+  counter("tpc_coordinator_one_phase_total", "single-branch transactions committed in one phase",
+          {}, [](const MachineCounters& c) { return c.one_phase; });
   counter("tpc_coordinator_read_only_branches_total", "branches that voted read_only", {},
           [](const MachineCounters& c) { return c.read_only_branches; });
   counter("tpc_coordinator_messages_sent_total", "protocol messages sent to agents", {},
@@ -1223,14 +1254,16 @@ void CoordinatorService::register_metrics() {
           [](const MachineCounters& c) { return c.resends; });
   counter("tpc_coordinator_recovered_total", "transactions re-driven from the log at start", {},
           [](const MachineCounters& c) { return c.recovered; });
-  metrics_.gauge("tpc_coordinator_open_transactions", "transactions in memory, not finished", [this] {
-    std::lock_guard lock(mu_);
-    return static_cast<double>(machine_.open_txns());
-  });
-  metrics_.gauge("tpc_coordinator_decided_unfinished", "decided transactions whose phase 2 runs", [this] {
-    std::lock_guard lock(mu_);
-    return static_cast<double>(machine_.prepared_unfinished());
-  });
+  metrics_.gauge("tpc_coordinator_open_transactions", "transactions in memory, not finished",
+                 [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.open_txns());
+                 });
+  metrics_.gauge("tpc_coordinator_decided_unfinished", "decided transactions whose phase 2 runs",
+                 [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.prepared_unfinished());
+                 });
   metrics_.gauge("tpc_coordinator_healthy", "1 once start-up recovery finished",
                  [this] { return healthy_ ? 1.0 : 0.0; });
   metrics_.counter_fn("tpc_coordinator_log_fsyncs_total", "synced writes to the decision log",
@@ -1241,8 +1274,9 @@ void CoordinatorService::register_metrics() {
   metrics_.counter_fn("tpc_coordinator_compaction_passes_total",
                       "passes of compaction over the decision log",
                       [this] { return static_cast<double>(compaction_passes_.load()); });
-  commit_latency_ = &metrics_.histogram("tpc_coordinator_commit_seconds",
-                                        "commit requests, from arrival to answer", latency_buckets());
+  commit_latency_ =
+      &metrics_.histogram("tpc_coordinator_commit_seconds",
+                          "commit requests, from arrival to answer", latency_buckets());
 }
 
 }  // namespace tpc::coord

@@ -11,13 +11,13 @@
 // background and is listed as in doubt).
 //
 // Threads: the machine is serialised by one mutex; effects run outside it, on whichever thread
-// produced them (a loop thread, a worker, or the log's writer thread for on_persisted). A failed write
-// to the decision log stops the process: it cannot know whether the decision is durable.
+// produced them (a loop thread, a worker, or the log's writer thread for on_persisted). A failed
+// write to the decision log stops the process: it cannot know whether the decision is durable.
 #pragma once
 
 #include <atomic>
-#include <deque>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -26,10 +26,10 @@
 
 #include "common/http.h"
 #include "common/http_server.h"
-#include "common/runtime.h"
 #include "common/json.h"
 #include "common/log.h"
 #include "common/metrics.h"
+#include "common/runtime.h"
 #include "coordinator/coordinator_machine.h"
 #include "wal/decision_log.h"
 
@@ -46,11 +46,12 @@ struct CoordinatorConfig {
   std::string token;              // clients and agents must send "Authorization: Bearer T"
   std::string participant_token;  // sent to agents
   std::map<std::string, std::string> participants;  // name → URL, for one-shot transactions
+  std::vector<Url> op_url_prefixes;  // an HTTP op's URL must lie under one; empty: any
   MachineOptions machine;
-  int64_t message_timeout_ms = 5'000;      // commit/abort/pre-commit messages, per attempt
-  int64_t retention_ms = 24 * 3'600'000;   // finished outcomes stay answerable this long
+  int64_t message_timeout_ms = 5'000;     // commit/abort/pre-commit messages, per attempt
+  int64_t retention_ms = 24 * 3'600'000;  // finished outcomes stay answerable this long
   int64_t compaction_interval_ms = 60'000;
-  int64_t recovery_wait_ms = 30'000;       // /healthz waits at most this for re-driven work
+  int64_t recovery_wait_ms = 30'000;  // /healthz waits at most this for re-driven work
   int64_t tick_ms = 10;
   size_t list_limit_max = 1'000;
   size_t statements_max = 1'000;  // statements of one branch in a one-shot transaction
@@ -58,8 +59,8 @@ struct CoordinatorConfig {
   size_t batch_max = 64;          // messages in one POST /v1/batch (1: never batch)
   size_t jobs_max = 10'000;       // log reads waiting for the worker; past it a request gets 503
   size_t transactions_per_client_max = 10'000;  // active transactions begun from one address
-  bool failpoints_endpoint = false;  // serve POST /v1/failpoints (else 404)
-  Transport transport;            // empty: HTTP
+  bool failpoints_endpoint = false;             // serve POST /v1/failpoints (else 404)
+  Transport transport;                          // empty: HTTP
 };
 
 // Random low bits of every epoch: two starts at the same wall second, even with a lost log,
@@ -79,9 +80,9 @@ class CoordinatorService {
                                                            Logger& logger);
   // The same driver over another runtime (the simulator): no HTTP server; the caller delivers
   // requests to handle(). rt must outlive the service.
-  static Result<std::unique_ptr<CoordinatorService>> start_with(const CoordinatorConfig& cfg,
-                                                                std::unique_ptr<wal::DecisionLog> log,
-                                                                Logger& logger, Runtime& rt);
+  static Result<std::unique_ptr<CoordinatorService>> start_with(
+      const CoordinatorConfig& cfg, std::unique_ptr<wal::DecisionLog> log, Logger& logger,
+      Runtime& rt);
   ~CoordinatorService();
 
   uint16_t port() const;
@@ -148,7 +149,8 @@ class CoordinatorService {
   void begin(const HttpRequest& req, const Responder& respond);
   void run_oneshot(const HttpRequest& req, const Responder& respond);
   void run_saga(const Json& body, const Responder& respond);
-  Status check_op_participants(const OpBranch& b) const;
+  Status check_ops(const OpBranch& b) const;
+  bool url_allowed(std::string_view url) const;
   void try_branch(const std::string& gid, const HttpRequest& req, const Responder& respond,
                   int64_t now);
   void list(const HttpRequest& req, const Responder& respond);
@@ -166,7 +168,8 @@ class CoordinatorService {
 
   void tick();
   // How a heuristic report or a forget changes a finished record (nullopt: no change).
-  using RecordChange = std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>;
+  using RecordChange =
+      std::function<Result<std::optional<wal::TxnRecord>>(std::optional<wal::TxnRecord>)>;
   void rewrite_finished(const std::string& gid, const Responder& respond, RecordChange change);
   void forget(const std::string& gid, const Responder& respond);
   void schedule_compaction();
@@ -213,7 +216,7 @@ class CoordinatorService {
   // End records whose write completed unsynced; a synced write started after that covers them.
   std::mutex ends_mu_;
   std::vector<std::string> ends_written_;
-  int64_t ends_since_ms_ = 0;  // when the oldest of them was written
+  int64_t ends_since_ms_ = 0;   // when the oldest of them was written
   bool ends_sync_out_ = false;  // an empty synced write for them is in flight
   static constexpr int64_t kEndSyncDelayMs = 100;
 
@@ -224,8 +227,8 @@ class CoordinatorService {
   std::atomic<uint64_t> tick_timer_{0};
 
   std::atomic<uint64_t> compaction_passes_{0};  // reads of the log by compaction
-  std::mutex rewrite_mu_;  // one rewrite of a finished record at a time
-  std::mutex shutdown_mu_;  // guards shut_down_
+  std::mutex rewrite_mu_;                       // one rewrite of a finished record at a time
+  std::mutex shutdown_mu_;                      // guards shut_down_
   bool shut_down_ = false;
   bool started_ = false;  // start() completed
   size_t recovering_at_start_ = 0;

@@ -43,15 +43,15 @@
 namespace tpc::agent {
 
 enum class BranchState : uint8_t {
-  unknown,       // a gid not in memory, being looked up in PostgreSQL
-  enlisting,     // the first exec waits for the coordinator to accept the branch
-  active,        // a session with an open transaction
-  failed,        // active, but a statement failed: it can only abort
+  unknown,    // a gid not in memory, being looked up in PostgreSQL
+  enlisting,  // the first exec waits for the coordinator to accept the branch
+  active,     // a session with an open transaction
+  failed,     // active, but a statement failed: it can only abort
   prepared,
   precommitted,  // 3PC
   committed,
   aborted,
-  read_only,     // ended at prepare
+  read_only,  // ended at prepare
 };
 
 std::string_view branch_state_name(BranchState s);
@@ -105,7 +105,8 @@ struct Peer {
 struct Statement {
   std::string sql;
   std::vector<pg::Value> params;
-  std::optional<int64_t> expect_rows;  // the statement fails unless it affects (or returns) this many rows
+  std::optional<int64_t>
+      expect_rows;  // the statement fails unless it affects (or returns) this many rows
 };
 
 struct Request {
@@ -120,9 +121,9 @@ struct Request {
   bool alone = false;                 // internal resolve: 3PC deciding without the coordinator
   std::string detail;                 // internal resolve: why
   Protocol protocol = Protocol::two_phase;  // prepare
-  std::vector<Peer> peers;            // 3PC prepare: every branch of the transaction
-  std::string branch;                 // step: the TCC branch or saga step it belongs to
-  StepOp step_op = StepOp::action;    // step
+  std::vector<Peer> peers;                  // 3PC prepare: every branch of the transaction
+  std::string branch;                       // step: the TCC branch or saga step it belongs to
+  StepOp step_op = StepOp::action;          // step
 };
 
 enum class OpKind : uint8_t {
@@ -159,14 +160,14 @@ struct PgOp {
 
 // What the driver reports back for a PgOp.
 struct OpResult {
-  Status status;          // ok, sql_error (with sqlstate) or unavailable (connection lost)
+  Status status;  // ok, sql_error (with sqlstate) or unavailable (connection lost)
   std::string sqlstate;
   std::shared_ptr<std::vector<pg::StatementResult>> results;  // exec
   std::optional<pg::PrepareResult> prepare;                   // prepare, exec+prepare
-  std::optional<pg::Outcome> outcome;      // commit_one_phase, commit/rollback_prepared
-  std::optional<pg::Evidence> evidence;    // evidence
-  std::string reason;                      // commit_one_phase aborted: why
-  std::optional<pg::Barrier> barrier;      // step, when ok
+  std::optional<pg::Outcome> outcome;         // commit_one_phase, commit/rollback_prepared
+  std::optional<pg::Evidence> evidence;       // evidence
+  std::string reason;                         // commit_one_phase aborted: why
+  std::optional<pg::Barrier> barrier;         // step, when ok
   std::optional<std::string> stored_results;  // step, duplicate: the first call's (encoded)
 };
 
@@ -225,13 +226,13 @@ struct Ready {
 
 struct AgentOptions {
   std::string name = "a1";
-  size_t branches_max = 64;         // enlisting/active/failed branches (sessions); past it 503
-  size_t queue_per_branch_max = 16;  // requests waiting behind the one in flight
+  size_t branches_max = 64;            // enlisting/active/failed branches (sessions); past it 503
+  size_t queue_per_branch_max = 16;    // requests waiting behind the one in flight
   size_t finished_kept_max = 100'000;  // ended branches remembered (tombstones included)
-  int64_t idle_timeout_ms = 60'000;  // an unprepared branch idle this long is rolled back
-  int64_t in_doubt_after_ms = 2'000;  // a 2PC prepared branch older than this asks
-  int64_t ask_min_ms = 500;          // outcome queries back off from this...
-  int64_t ask_max_ms = 30'000;       // ...to this
+  int64_t idle_timeout_ms = 60'000;    // an unprepared branch idle this long is rolled back
+  int64_t in_doubt_after_ms = 2'000;   // a 2PC prepared branch older than this asks
+  int64_t ask_min_ms = 500;            // outcome queries back off from this...
+  int64_t ask_max_ms = 30'000;         // ...to this
   int64_t precommit_timeout_ms = 10'000;  // 3PC: prepared, no pre-commit by then → ask
   int64_t commit_timeout_ms = 10'000;     // 3PC: pre-committed, no commit by then → ask
   size_t result_rows_max = 10'000;        // per statement; more fails the statement (54000)
@@ -248,12 +249,12 @@ struct BranchView {
   Check check = Check::none;
   bool report_pending = false;  // telling the coordinator how the branch ended
   bool busy = false;
-  int64_t age_ms = 0;       // since prepared (prepared/precommitted), else since created
+  int64_t age_ms = 0;  // since prepared (prepared/precommitted), else since created
   uint32_t asks = 0;
   std::string last_answer;  // the coordinator's last answer to an outcome query
   std::string reason;
   std::string sqlstate;
-  int64_t timeout_ms = 0;   // the timeout that applies in this state (0: none)
+  int64_t timeout_ms = 0;  // the timeout that applies in this state (0: none)
 };
 
 struct AgentCounters {
@@ -307,13 +308,17 @@ class AgentMachine {
   // Every transaction of `coordinator` below (epoch, seq) has finished (its status's
   // finished_below): their barrier rows and markers may go.
   void on_finished_below(std::string_view coordinator, uint64_t epoch, uint64_t seq);
+  // Below which gid of `coordinator` barrier rows and markers may be purged now: its finished
+  // mark, held below any step still in flight (one that arrived before the mark moved; its
+  // try must still find the cancel's barrier row and be refused). nullopt: no mark yet.
+  std::optional<GidParts> purge_mark(std::string_view coordinator) const;
   size_t steps_in_flight() const { return steps_.size(); }
 
   struct ScanEntry {
     std::string gid;
     int64_t age_ms = 0;
     std::optional<std::string> durable_state;  // tpc_agent_state: "prepared3", "precommitted"
-    std::vector<Peer> peers;                    // kept with a 3PC state
+    std::vector<Peer> peers;                   // kept with a 3PC state
   };
   // A local-decision record (tpc_agent_state) of a branch that is no longer prepared.
   struct DecidedEntry {
@@ -339,7 +344,8 @@ class AgentMachine {
   Ready take_ready();
 
   std::optional<BranchView> view(std::string_view gid, int64_t now_ms) const;
-  std::vector<BranchView> list(std::optional<BranchState> state, size_t limit, int64_t now_ms) const;
+  std::vector<BranchView> list(std::optional<BranchState> state, size_t limit,
+                               int64_t now_ms) const;
   // Prepared or pre-committed branches waiting longer than in_doubt_after_ms, oldest first.
   std::vector<BranchView> in_doubt(int64_t now_ms) const;
   size_t open_sessions() const { return open_sessions_; }
@@ -374,20 +380,20 @@ class AgentMachine {
     int64_t created_ms = 0;
     int64_t last_activity_ms = 0;
     int64_t idle_deadline_ms = 0;
-    int64_t prepared_ms = 0;       // when prepared (or pre-committed)
+    int64_t prepared_ms = 0;  // when prepared (or pre-committed)
     int64_t next_ask_ms = 0;
     uint32_t asks = 0;
     bool asking = false;
-    bool ask_now = false;          // skip the in-doubt delay (the coordinator restarted)
-    bool cancel_sent = false;      // the running statement was asked to stop
-    bool terminating = false;      // waiting for the peers' answers
+    bool ask_now = false;              // skip the in-doubt delay (the coordinator restarted)
+    bool cancel_sent = false;          // the running statement was asked to stop
+    bool terminating = false;          // waiting for the peers' answers
     std::optional<bool> alone_commit;  // 3PC: the decision taken alone, kept until carried out
-    std::vector<Peer> peers;       // 3PC: every branch of the transaction
+    std::vector<Peer> peers;           // 3PC: every branch of the transaction
     std::string last_answer;
     std::string reason;
     std::string sqlstate;
     std::deque<Request> queue;
-    Request current;               // the request whose operation is in flight
+    Request current;  // the request whose operation is in flight
     OpKind current_op = OpKind::exec;
     bool has_current = false;
   };
@@ -462,7 +468,11 @@ class AgentMachine {
   std::set<std::string, std::less<>> live_;
   std::map<std::string, uint64_t, std::less<>> epochs_;  // coordinator → newest epoch seen
   std::set<std::string, std::less<>> disagreements_;     // check mismatch or reported
-  std::unordered_map<uint64_t, Request> steps_;          // steps in flight, by id
+  struct StepInFlight {
+    Request req;
+    std::optional<GidParts> parts;  // of its gid
+  };
+  std::unordered_map<uint64_t, StepInFlight> steps_;  // steps in flight, by id
   uint64_t next_step_ = 1;
   std::map<std::string, GidParts, std::less<>> finished_below_;  // coordinator → its watermark
   uint64_t next_serial_ = 1;

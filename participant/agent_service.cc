@@ -19,7 +19,9 @@ AgentService::AgentService(const AgentConfig& cfg, Logger& logger, Runtime& rt, 
   instance_ = hex;
 }
 
-AgentService::~AgentService() { shutdown(0); }
+AgentService::~AgentService() {
+  shutdown(0);
+}
 
 Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg, Logger& logger) {
   auto real = std::make_unique<RealRuntime>(cfg.threads, cfg.pg_workers, cfg.jobs_max);
@@ -33,17 +35,19 @@ Result<std::unique_ptr<AgentService>> AgentService::start(const AgentConfig& cfg
   TPC_RETURN_IF_ERROR(s->open());
   s->real_->start();
   AgentService* self = s.get();
-  auto server = HttpServer::start(s->real_->loop(), cfg.http, [self](HttpRequest&& req, Responder respond) {
-    self->handle(std::move(req), std::move(respond));
-  });
+  auto server =
+      HttpServer::start(s->real_->loop(), cfg.http, [self](HttpRequest&& req, Responder respond) {
+        self->handle(std::move(req), std::move(respond));
+      });
   if (!server.ok()) return server.status();
   s->server_ = std::move(*server);
   s->serve();
   return s;
 }
 
-Result<std::unique_ptr<AgentService>> AgentService::start_with(const AgentConfig& cfg, Logger& logger,
-                                                               Runtime& rt, BranchExecutor& pg) {
+Result<std::unique_ptr<AgentService>> AgentService::start_with(const AgentConfig& cfg,
+                                                               Logger& logger, Runtime& rt,
+                                                               BranchExecutor& pg) {
   std::unique_ptr<AgentService> s(new AgentService(cfg, logger, rt, pg));
   TPC_RETURN_IF_ERROR(s->open());
   s->serve();
@@ -82,8 +86,9 @@ Status AgentService::scan_once() {
   return ok_status();
 }
 
-
-uint16_t AgentService::port() const { return server_ ? server_->port() : 0; }
+uint16_t AgentService::port() const {
+  return server_ ? server_->port() : 0;
+}
 
 void AgentService::on_stop_signal(std::function<void(int)> fn) {
   if (real_) real_->loop().on_stop_signal(std::move(fn));
@@ -99,7 +104,8 @@ void AgentService::shutdown(int64_t drain_ms) {
   if (server_) {
     server_->stop();
     if (!server_->wait_idle(drain_ms))
-      log_.warn("shutdown: requests still in flight after the drain period", {{"drain_ms", drain_ms}});
+      log_.warn("shutdown: requests still in flight after the drain period",
+                {{"drain_ms", drain_ms}});
   }
   if (real_) real_->stop();  // drains the workers, then stops the loop
   server_.reset();
@@ -177,7 +183,6 @@ const std::string* AgentService::coordinator_url(std::string_view gid) const {
   return it == cfg_.coordinators.end() ? nullptr : &it->second;
 }
 
-
 void AgentService::query_peers(const PeerQuery& q) {
   struct Gather {
     std::mutex mu;
@@ -205,7 +210,8 @@ void AgentService::query_peers(const PeerQuery& q) {
     HttpRequest req;
     req.method = "POST";
     req.target = "/v1/branches/" + q.gid + "/query";
-    if (!cfg_.peer_token.empty()) req.headers.emplace_back("authorization", "Bearer " + cfg_.peer_token);
+    if (!cfg_.peer_token.empty())
+      req.headers.emplace_back("authorization", "Bearer " + cfg_.peer_token);
     SendOptions opts;
     opts.timeout_ms = cfg_.coordinator_timeout_ms;
     rt_.send(*url, std::move(req), opts, [done, name = peer.participant](HttpResult res) {
@@ -224,11 +230,14 @@ void AgentService::enlist(const std::string& gid) {
   const std::string* base = coordinator_url(gid);
   Result<Url> url = base ? parse_url(*base) : Result<Url>(not_found("no coordinator for " + gid));
   if (!url.ok()) {
-    with_machine([&](AgentMachine& m) { m.on_enlisted(gid, not_found(url.status().message()), 0, rt_.now_ms()); });
+    with_machine([&](AgentMachine& m) {
+      m.on_enlisted(gid, not_found(url.status().message()), 0, rt_.now_ms());
+    });
     return;
   }
   HttpRequest req = coordinator_request("POST", "/v1/transactions/" + gid + "/branches");
-  req.body = dump(Json{{"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}, {"instance", instance_}});
+  req.body = dump(Json{
+      {"participant", cfg_.machine.name}, {"url", cfg_.advertise_url}, {"instance", instance_}});
   SendOptions opts;
   opts.timeout_ms = cfg_.coordinator_timeout_ms;
   rt_.send(*url, std::move(req), opts, [this, gid](HttpResult res) {
@@ -324,10 +333,13 @@ void AgentService::purge() {
       if (!fb.is_object() || !fb.contains("epoch") || !fb.contains("seq") ||
           !fb["epoch"].is_number_unsigned() || !fb["seq"].is_number_unsigned())
         return;
-      auto epoch = fb["epoch"].get<int64_t>(), seq = fb["seq"].get<int64_t>();
+      std::optional<GidParts> mark;
       with_machine([&](AgentMachine& m) {
-        m.on_finished_below(id, static_cast<uint64_t>(epoch), static_cast<uint64_t>(seq));
+        m.on_finished_below(id, fb["epoch"].get<uint64_t>(), fb["seq"].get<uint64_t>());
+        mark = m.purge_mark(id);
       });
+      if (!mark) return;
+      auto epoch = static_cast<int64_t>(mark->epoch), seq = static_cast<int64_t>(mark->seq);
       (void)rt_.submit([this, id, epoch, seq] {  // full: the next purge does it
         auto n = pg_.purge_finished(id, epoch, seq);
         if (n.ok() && n->markers + n->barriers > 0)
@@ -443,7 +455,8 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
     sub.method = "POST";
     sub.target = it[path].get<std::string>();
     if (sub.target.rfind(wire::kBranchesPrefix, 0) != 0)
-      return respond(error_response(invalid_argument(where + ": only /v1/branches/... requests can be batched")));
+      return respond(error_response(
+          invalid_argument(where + ": only /v1/branches/... requests can be batched")));
     if (it.contains(body_key)) {
       if (!it[body_key].is_object())
         return respond(
@@ -466,22 +479,23 @@ void AgentService::batch(const HttpRequest& req, const Responder& respond) {
   g->respond = respond;
   for (size_t i = 0; i < subs.size(); ++i) {
     handle(std::move(subs[i]), Responder([g, i](HttpResponse resp) {
-      std::lock_guard lock(g->mu);
-      g->out[i] = std::move(resp);
-      if (--g->left > 0) return;
-      std::string body = "{\"" + std::string(wire::kResponses) + "\":[";
-      for (size_t k = 0; k < g->out.size(); ++k) {
-        if (k > 0) body += ",";
-        body += "{\"" + std::string(wire::kStatus) + "\":" + std::to_string(g->out[k].status) +
-                ",\"" + std::string(wire::kBody) + "\":";
-        body += g->out[k].body.empty() ? "{}" : g->out[k].body;
-        body += "}";
-      }
-      body += "]}";
-      HttpResponse all;
-      all.body = std::move(body);
-      g->respond(std::move(all));
-    }));
+             std::lock_guard lock(g->mu);
+             g->out[i] = std::move(resp);
+             if (--g->left > 0) return;
+             std::string body = "{\"" + std::string(wire::kResponses) + "\":[";
+             for (size_t k = 0; k < g->out.size(); ++k) {
+               if (k > 0) body += ",";
+               body += "{\"" + std::string(wire::kStatus) +
+                       "\":" + std::to_string(g->out[k].status) + ",\"" + std::string(wire::kBody) +
+                       "\":";
+               body += g->out[k].body.empty() ? "{}" : g->out[k].body;
+               body += "}";
+             }
+             body += "]}";
+             HttpResponse all;
+             all.body = std::move(body);
+             g->respond(std::move(all));
+           }));
   }
 }
 
@@ -571,10 +585,13 @@ void AgentService::tick() {
 void AgentService::register_metrics() {
   auto counter = [this](const std::string& name, const std::string& help, Labels labels,
                         std::function<uint64_t(const AgentCounters&)> read) {
-    metrics_.counter_fn(name, help, [this, read] {
-      std::lock_guard lock(mu_);
-      return static_cast<double>(read(machine_.counters()));
-    }, std::move(labels));
+    metrics_.counter_fn(
+        name, help,
+        [this, read] {
+          std::lock_guard lock(mu_);
+          return static_cast<double>(read(machine_.counters()));
+        },
+        std::move(labels));
   };
   counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "committed"}},
           [](const AgentCounters& c) { return c.committed; });
@@ -582,13 +599,16 @@ void AgentService::register_metrics() {
           [](const AgentCounters& c) { return c.aborted; });
   counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "read_only"}},
           [](const AgentCounters& c) { return c.read_only; });
-  counter("tpc_agent_votes_total", "votes", {{"vote", "yes"}}, [](const AgentCounters& c) { return c.prepared; });
-  counter("tpc_agent_votes_total", "votes", {{"vote", "no"}}, [](const AgentCounters& c) { return c.votes_no; });
+  counter("tpc_agent_votes_total", "votes", {{"vote", "yes"}},
+          [](const AgentCounters& c) { return c.prepared; });
+  counter("tpc_agent_votes_total", "votes", {{"vote", "no"}},
+          [](const AgentCounters& c) { return c.votes_no; });
   counter("tpc_agent_one_phase_total", "branches committed in one phase", {},
           [](const AgentCounters& c) { return c.one_phase; });
-  counter("tpc_agent_idle_rollbacks_total", "unprepared branches rolled back after their timeout", {},
-          [](const AgentCounters& c) { return c.idle_rollbacks; });
-  counter("tpc_agent_in_doubt_resolved_total", "prepared branches settled by asking the coordinator", {},
+  counter("tpc_agent_idle_rollbacks_total", "unprepared branches rolled back after their timeout",
+          {}, [](const AgentCounters& c) { return c.idle_rollbacks; });
+  counter("tpc_agent_in_doubt_resolved_total",
+          "prepared branches settled by asking the coordinator", {},
           [](const AgentCounters& c) { return c.resolved_by_query; });
   counter("tpc_agent_unilateral_total", "3PC branches that decided alone", {{"outcome", "commit"}},
           [](const AgentCounters& c) { return c.unilateral_commits; });

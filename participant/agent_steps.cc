@@ -15,6 +15,15 @@ void AgentMachine::on_finished_below(std::string_view coordinator, uint64_t epoc
     it->second = std::move(mark);  // a stale answer never moves the mark back
 }
 
+std::optional<GidParts> AgentMachine::purge_mark(std::string_view coordinator) const {
+  auto it = finished_below_.find(coordinator);
+  if (it == finished_below_.end()) return std::nullopt;
+  GidParts mark = it->second;
+  for (const auto& [id, s] : steps_)
+    if (s.parts && s.parts->coordinator == coordinator && *s.parts < mark) mark = *s.parts;
+  return mark;
+}
+
 bool AgentMachine::finished_at_coordinator(std::string_view gid) const {
   auto parts = parse_gid(gid);
   if (!parts) return false;
@@ -60,7 +69,7 @@ void AgentMachine::step(std::string_view gid, Request req, int64_t now_ms) {
   op.statements = std::move(req.statements);
   op.rows_max = opts_.result_rows_max;
   req.statements.clear();
-  steps_.emplace(id, std::move(req));
+  steps_.emplace(id, StepInFlight{std::move(req), parse_gid(gid)});
   ready_.ops.push_back(std::move(op));
 }
 
@@ -68,7 +77,7 @@ void AgentMachine::on_step_done(uint64_t step, OpResult result, int64_t now_ms) 
   (void)now_ms;
   auto it = steps_.find(step);
   if (it == steps_.end()) return;
-  Request req = std::move(it->second);
+  Request req = std::move(it->second.req);
   steps_.erase(it);
   Reply r;
   r.sqlstate = result.sqlstate;

@@ -246,6 +246,25 @@ TEST_CASE("a step of a transaction its coordinator finished runs no more") {
   }
 }
 
+TEST_CASE("the purge stays below every step in flight, so a held try still meets its cancel") {
+  Fixture f;
+  CHECK(!f.m->purge_mark("c1"));                 // no mark yet: nothing may go
+  auto held = f.step("c1-2-4", StepOp::try_op);  // arrives, then waits for a connection
+  REQUIRE(held);
+  auto other = f.step("c2-1-1", StepOp::try_op);  // another coordinator's: no effect on c1
+  REQUIRE(other);
+  f.m->on_finished_below("c1", 2, 10);  // its cancel ran and the transaction finished
+  auto mark = f.m->purge_mark("c1");
+  REQUIRE(mark);
+  CHECK(mark->epoch == 2);
+  CHECK(mark->seq == 4);  // c1-2-4's barrier rows stay
+  f.done(*held, Fixture::barrier(pg::Barrier::refused));
+  mark = f.m->purge_mark("c1");
+  REQUIRE(mark);
+  CHECK(mark->seq == 10);
+  CHECK(!f.m->purge_mark("c3"));
+}
+
 TEST_CASE("decode_step: fields, ops, names and the tpc params") {
   ExecLimits limits;
   auto ok = decode_step(

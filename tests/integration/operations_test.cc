@@ -87,6 +87,10 @@ TEST_CASE("start-up errors are one clear line and a non-zero exit") {
   CHECK(out.find("--id") != std::string::npos);
   CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/d", "--prepare-timeout-ms", "soon"}, &out) == 2);
   CHECK(out.find("--prepare-timeout-ms must be an integer") != std::string::npos);
+  CHECK(run({bin_dir() + "/tpc-coordinator", "--data-dir", t.dir() + "/d", "--op-url-allow",
+             "ftp://x/"},
+            &out) == 2);
+  CHECK(out.find("--op-url-allow ftp://x/") != std::string::npos);
 
   // The port is taken: by a second coordinator on another data dir.
   t.start_coordinator();

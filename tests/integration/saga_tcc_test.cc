@@ -5,8 +5,7 @@
 // crash, the barrier's duplicate / empty_compensation / barrier_refused answers, TCC
 // reservations in accounts.frozen confirmed or released, and a cancel overtaking its try.
 // Every case ends with check_all(): no prepared transaction left, the money of both banks and
-// the participant all there, nothing frozen, and tpc_barrier purged in both banks. The last two
-// cases show product bugs and are marked may_fail until they are fixed.
+// the participant all there, nothing frozen, and tpc_barrier purged in both banks.
 #include <doctest/doctest.h>
 
 #include <future>
@@ -647,15 +646,22 @@ TEST_CASE("a cancel overtakes its try: the cancel is empty and the late try is r
   }
 }
 
-// Product bug (see the report): the agent checks whether a step's transaction has finished when
-// the step arrives (AgentMachine::step), not when it runs. A try held between the two until its
-// cancel's barrier rows are purged then finds no row, applies, and leaves 100 frozen for good.
-// may_fail until the agent refuses it; the test passes once it does.
-TEST_CASE("a try held inside the agent until its cancel's barrier rows are purged is refused" *
-          doctest::may_fail()) {
+int64_t barrier_rows_of(Testbed& t, int bank, const std::string& gid) {
+  auto v =
+      query_value(t.conninfo(bank), "SELECT count(*) FROM tpc_barrier WHERE gid = '" + gid + "'");
+  REQUIRE_MESSAGE(v.ok(), v.status().to_string());
+  return std::stoll(v->value());
+}
+
+// The agent refuses a late step when it arrives; a try that arrived before its transaction
+// finished and is still waiting to run must find its cancel's barrier row when it runs, so
+// the agent purges only below the oldest step in flight. An earlier transaction's rows go;
+// the held one's stay until its try has been refused.
+TEST_CASE("a try held inside the agent while its transaction finishes is refused when it runs") {
   Testbed::Options o;
   o.agent_failpoints[0] = "agent.before_step=1*pause";
   Testbed& t = bed(o);
+  std::string earlier = t.begin("tcc");
   std::string gid = t.begin("tcc");
   auto tried = std::async(std::launch::async,
                           [&] { return try_branch(t, gid, sql_debit("debit", 0, 1, 100)); });
@@ -663,21 +669,25 @@ TEST_CASE("a try held inside the agent until its cancel's barrier rows are purge
   Http a = t.abort(gid);
   REQUIRE_MESSAGE(a.status == 200, a.describe());
   CHECK(tried.get().status == 409);
-  REQUIRE(eventually([&] { return t.barrier_rows(0) == 0; }, 20'000));
+  Http e = try_branch(t, earlier, sql_debit("debit", 0, 2, 10));
+  REQUIRE_MESSAGE(e.status == 200, e.describe());
+  Http c = t.abort(earlier);  // its cancel releases what its try froze
+  REQUIRE_MESSAGE(c.status == 200, c.describe());
+  // Purges run (the earlier transaction's rows go) but stop below the held try's gid.
+  REQUIRE(eventually([&] { return barrier_rows_of(t, 0, earlier) == 0; }, 20'000));
+  CHECK(barrier_rows_of(t, 0, gid) > 0);
   Http release = t.agent(0, "POST", "/v1/failpoints", R"({"spec":""})");
   REQUIRE_MESSAGE(release.status == 200, release.describe());
   REQUIRE(eventually(
-      [&] { return steps_metric(t, 0, "refused") + steps_metric(t, 0, "applied") == 1; }, 10'000));
+      [&] { return steps_metric(t, 0, "refused") + steps_metric(t, 0, "applied") == 3; }, 10'000));
   INFO(t.logs());
   CHECK(steps_metric(t, 0, "refused") == 1);
   CHECK(frozen(t, 0, 1) == 0);
   check_all(t);
 }
 
-// Product bug (see the report): DESIGN.md §9.3 "Views" says last_error stays after a later
-// success; the coordinator clears it when a try or an action succeeds (op_machine.cc,
-// on_try_answer and on_action_answer). may_fail until it keeps it.
-TEST_CASE("a branch's and a step's last_error stay after a later success" * doctest::may_fail()) {
+// DESIGN.md §9.3 "Views": last_error stays after a later success.
+TEST_CASE("a branch's and a step's last_error stay after a later success") {
   Testbed& t = bed();
   set_faults(t, Json::array({{{"path", "/saga/action"}, {"mode", "unavailable"}},
                              {{"path", "/tcc/credit/try"}, {"mode", "unavailable"}}}));
@@ -694,5 +704,37 @@ TEST_CASE("a branch's and a step's last_error stay after a later success" * doct
   CHECK(branch["attempts"] == 2);
   CHECK_MESSAGE(branch.value("last_error", "").find("503") != std::string::npos, dump(branch));
   REQUIRE(t.abort(gid).status == 200);
+  check_all(t);
+}
+
+// DESIGN.md §2 --op-url-allow: an HTTP op must lie under one of the prefixes; one outside is
+// refused before anything is logged, and a transaction it was meant for is untouched.
+TEST_CASE("with --op-url-allow an HTTP op outside every prefix is refused and nothing changes") {
+  Testbed& t = bed();
+  std::string base = t.http_participant_url().to_string();
+  t.stop_coordinator(SIGTERM);
+  t.start_coordinator("", {"--op-url-allow", base + "/tcc"});
+
+  Http r =
+      run(t, saga(Json::array({sql_step("debit", 0, 1, -10), http_step(t, "credit", "w", 10)})));
+  INFO(r.describe());
+  CHECK(r.status == 400);
+  CHECK(r.body["error"]["code"] == "invalid_argument");
+  CHECK(r.body["error"]["message"].get<std::string>().find("credit.action") != std::string::npos);
+  Http none = t.coord("GET", "/v1/transactions?limit=10");
+  CHECK_MESSAGE(none.body["transactions"].empty(), none.describe());
+
+  std::string gid = t.begin("tcc");
+  REQUIRE(try_branch(t, gid, sql_debit("debit", 0, 1, 10)).status == 200);
+  Json climbing = http_tcc(t, "credit", "credit", 10);
+  climbing["cancel"]["url"] = base + "/tcc/../saga/compensate";
+  Http refused = try_branch(t, gid, climbing);
+  CHECK_MESSAGE(refused.status == 400, refused.describe());
+  Http view = t.get(gid);
+  CHECK(view.state() == "active");
+  CHECK_MESSAGE(entry(view, "credit").is_null(), view.describe());
+  REQUIRE(try_branch(t, gid, http_tcc(t, "credit", "credit", 10)).status == 200);
+  REQUIRE(t.commit(gid).status == 200);
+  CHECK(wallet(t)["balance"] == kWallet + 10);
   check_all(t);
 }
