@@ -48,6 +48,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/cli.h"
 #include "common/config.h"
 #include "common/event_loop.h"
 #include "common/http_client.h"
@@ -694,13 +695,13 @@ int main(int argc, char** argv) {
       {"recovery",
        "also time a restart with this many decided-but-unfinished transactions (0: skip)", "0"},
       {"json", "print JSON instead of tables", "", false, true},
+      {"help", "print this help", "", false, true},
   };
-  auto c = Config::parse(specs, argc, argv, nullptr);
-  auto die = [](const std::string& m) {
-    std::fprintf(stderr, "tpc-bench: %s\n", m.c_str());
-    return 2;
-  };
-  if (!c.ok()) return die(c.status().message());
+  add_version_option(&specs);
+  auto parsed = parse_command_line("tpc-bench", "tpc-bench [options]", specs, argc, argv);
+  if (auto* code = std::get_if<int>(&parsed)) return *code;
+  Config* c = &std::get<Config>(parsed);
+  auto die = [](const std::string& m) { return fail("tpc-bench", m, 2); };
   Options o;
   auto ints = [](const std::string& text) {
     std::vector<int> out;
