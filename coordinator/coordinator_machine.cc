@@ -665,17 +665,19 @@ ClientReply CoordinatorMachine::resolve(std::string_view gid, bool commit, int64
 }
 
 void CoordinatorMachine::force_pending(Txn& t, BranchState to) {
-  for (auto& b : t.branches) {
-    if (branch_final(b.state)) continue;
-    log_.warn("branch resolved by operator", {{"gid", t.gid},
-                                              {"branch", b.participant},
-                                              {"from", branch_state_name(b.state)},
-                                              {"to", branch_state_name(to)}});
-    b.state = to;
-    b.forced = true;
-    b.in_flight = false;
-    b.last_error = "resolved by operator";
-  }
+  for (auto& b : t.branches)
+    if (!branch_final(b.state)) force_branch(t, b, to);
+}
+
+void CoordinatorMachine::force_branch(const Txn& t, BranchSlot& b, BranchState to) {
+  log_.warn("branch resolved by operator", {{"gid", t.gid},
+                                            {"branch", b.participant},
+                                            {"from", branch_state_name(b.state)},
+                                            {"to", branch_state_name(to)}});
+  b.state = to;
+  b.forced = true;
+  b.in_flight = false;
+  b.last_error = "resolved by operator";
 }
 
 void CoordinatorMachine::set_forgotten_below(GidParts below) {

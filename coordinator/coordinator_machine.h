@@ -222,6 +222,8 @@ class CoordinatorMachine {
   void send(Txn& t, size_t branch, MsgKind kind);
   void send_to_all(Txn& t, BranchState from, MsgKind kind);
   void force_pending(Txn& t, BranchState to);
+  // One branch's outcome set by the operator: recorded forced (heuristic), with a WARN line.
+  void force_branch(const Txn& t, BranchSlot& b, BranchState to);
   // `fixed` timers are all set the same delay ahead, so they fire in the order they were set:
   // they go into a FIFO lane per kind (constant cost) instead of the heap.
   void schedule(Txn& t, int64_t at_ms, TimerKind kind, uint32_t branch = 0, bool fixed = false);

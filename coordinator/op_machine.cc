@@ -565,14 +565,7 @@ void CoordinatorMachine::force_ops(Txn& t, BranchState to,
     if (t.protocol == Protocol::tcc &&
         (b.state == BranchState::confirmed || b.state == BranchState::cancelled))
       continue;
-    log_.warn("branch resolved by operator", {{"gid", t.gid},
-                                              {"branch", b.participant},
-                                              {"from", branch_state_name(b.state)},
-                                              {"to", branch_state_name(to)}});
-    b.state = to;
-    b.forced = true;
-    b.in_flight = false;
-    b.last_error = "resolved by operator";
+    force_branch(t, b, to);
   }
 }
 

@@ -199,6 +199,13 @@ class Rig {
                 std::function<void(bool)> done);
   void saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
   void tcc_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
+  struct Request {
+    Url url;
+    std::string prefix, suffix;  // the target is prefix + gid + suffix
+    std::string body;
+  };
+  void begin_all_end(const Call& call, std::string begin_body, std::vector<Request> requests,
+                     std::function<void(bool)> done);
   double coordinator_fsync_ratio(const Url& url, double* fsyncs, double* records);
 
   Options opts_;
@@ -401,23 +408,34 @@ void Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64&
   if (mode == "saga") return saga_txn(call, rng, std::move(done));
   if (mode == "tcc") return tcc_txn(call, rng, std::move(done));
   // interactive: begin, then every branch's exec in parallel, then commit (abort on an error).
-  std::vector<std::string> bodies;
-  for (int i = 0; i < n_; ++i) bodies.push_back(dump(Json{{"statements", statements()}}));
-  call(coordinator_url_, "/v1/transactions", "{}",
-       [this, call, bodies = std::move(bodies), done = std::move(done)](HttpResult b) mutable {
+  std::vector<Request> execs;
+  for (int i = 0; i < n_; ++i)
+    execs.push_back(
+        {agent_urls_[i], "/v1/branches/", "/exec", dump(Json{{"statements", statements()}})});
+  begin_all_end(call, "{}", std::move(execs), std::move(done));
+}
+
+// Begins a transaction, sends every request (each to prefix + gid + suffix) in parallel, then
+// commits it when all answered 200, or aborts it.
+void Rig::begin_all_end(const Call& call, std::string begin_body, std::vector<Request> requests,
+                        std::function<void(bool)> done) {
+  call(coordinator_url_, "/v1/transactions", std::move(begin_body),
+       [this, call, requests = std::move(requests), done = std::move(done)](HttpResult b) mutable {
          if (!b.status.ok() || b.http_status != 201) return done(false);
          auto j = parse_json(b.body);
          if (!j.ok() || !j->contains("gid")) return done(false);
          std::string gid = (*j)["gid"];
-         auto join = std::make_shared<Join>(Join{n_});
+         auto join = std::make_shared<Join>(Join{static_cast<int>(requests.size())});
          auto finish = [this, call, gid, join, done = std::move(done)]() {
            call(coordinator_url_, "/v1/transactions/" + gid + (join->ok ? "/commit" : "/abort"), "",
-                [ok = join->ok, done](HttpResult c) { done(ok && c.status.ok() && c.http_status == 200); });
+                [ok = join->ok, done](HttpResult c) {
+                  done(ok && c.status.ok() && c.http_status == 200);
+                });
          };
-         for (int i = 0; i < n_; ++i)
-           call(agent_urls_[i], "/v1/branches/" + gid + "/exec", std::move(bodies[i]),
-                [join, finish](HttpResult r) {
-                  join->ok = join->ok && r.status.ok() && r.http_status == 200;
+         for (auto& r : requests)
+           call(r.url, r.prefix + gid + r.suffix, std::move(r.body),
+                [join, finish](HttpResult res) {
+                  join->ok = join->ok && res.status.ok() && res.http_status == 200;
                   if (--join->left == 0) finish();
                 });
        });
@@ -445,37 +463,22 @@ void Rig::saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bo
 }
 
 void Rig::tcc_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done) {
-  std::vector<std::string> tries;
+  std::vector<Request> tries;
   for (int i = 0; i < n_; ++i) {
     uint64_t account = rng() % static_cast<uint64_t>(opts_.accounts) + 1;
-    tries.push_back(dump(Json{
-        {"branch", "b" + std::to_string(i)},
-        {"try", sql_op(i, "UPDATE accounts SET frozen = frozen + 1 WHERE id = $1", account)},
-        {"confirm",
-         sql_op(i, "UPDATE accounts SET balance = balance + 1, frozen = frozen - 1 WHERE id = $1",
-                account)},
-        {"cancel", sql_op(i, "UPDATE accounts SET frozen = frozen - 1 WHERE id = $1", account)}}));
+    tries.push_back(
+        {coordinator_url_, "/v1/transactions/", "/try",
+         dump(Json{
+             {"branch", "b" + std::to_string(i)},
+             {"try", sql_op(i, "UPDATE accounts SET frozen = frozen + 1 WHERE id = $1", account)},
+             {"confirm",
+              sql_op(i,
+                     "UPDATE accounts SET balance = balance + 1, frozen = frozen - 1 WHERE id = $1",
+                     account)},
+             {"cancel",
+              sql_op(i, "UPDATE accounts SET frozen = frozen - 1 WHERE id = $1", account)}})});
   }
-  call(coordinator_url_, "/v1/transactions", dump(Json{{"protocol", "tcc"}}),
-       [this, call, tries = std::move(tries), done = std::move(done)](HttpResult b) mutable {
-         if (!b.status.ok() || b.http_status != 201) return done(false);
-         auto j = parse_json(b.body);
-         if (!j.ok() || !j->contains("gid")) return done(false);
-         std::string gid = (*j)["gid"];
-         auto join = std::make_shared<Join>(Join{n_});
-         auto finish = [this, call, gid, join, done = std::move(done)]() {
-           call(coordinator_url_, "/v1/transactions/" + gid + (join->ok ? "/commit" : "/abort"), "",
-                [ok = join->ok, done](HttpResult c) {
-                  done(ok && c.status.ok() && c.http_status == 200);
-                });
-         };
-         for (auto& t : tries)
-           call(coordinator_url_, "/v1/transactions/" + gid + "/try", std::move(t),
-                [join, finish](HttpResult r) {
-                  join->ok = join->ok && r.status.ok() && r.http_status == 200;
-                  if (--join->left == 0) finish();
-                });
-       });
+  begin_all_end(call, dump(Json{{"protocol", "tcc"}}), std::move(tries), std::move(done));
 }
 
 double Rig::coordinator_fsync_ratio(const Url& url, double* fsyncs, double* records) {
