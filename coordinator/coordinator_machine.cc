@@ -163,13 +163,19 @@ void CoordinatorMachine::schedule_resend(Txn& t, size_t i, int64_t now_ms) {
   BranchSlot& b = t.branches[i];
   int shift = static_cast<int>(std::min<uint32_t>(b.attempts > 0 ? b.attempts - 1 : 0, 20));
   int64_t delay = std::min(opts_.retry_max_ms, opts_.retry_min_ms << shift);
-  log_.warn("branch retry", {{"gid", t.gid},
-                             {"branch", b.participant},
-                             {"state", branch_state_name(b.state)},
-                             {"attempt", b.attempts},
-                             {"delay_ms", delay},
-                             {"error", b.last_error}});
-  schedule(t, now_ms + delay, TimerKind::resend, static_cast<uint32_t>(i));
+  resend_after(t, i, delay, "branch retry", now_ms);
+}
+
+void CoordinatorMachine::resend_after(Txn& t, size_t i, int64_t delay_ms, std::string_view what,
+                                      int64_t now_ms) {
+  const BranchSlot& b = t.branches[i];
+  log_.warn(what, {{"gid", t.gid},
+                   {"branch", b.participant},
+                   {"state", branch_state_name(b.state)},
+                   {"attempt", b.attempts},
+                   {"delay_ms", delay_ms},
+                   {"error", b.last_error}});
+  schedule(t, now_ms + delay_ms, TimerKind::resend, static_cast<uint32_t>(i));
 }
 
 wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const {

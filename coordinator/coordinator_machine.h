@@ -233,6 +233,9 @@ class CoordinatorMachine {
   Result<TxnView> begin_txn(Protocol protocol, std::optional<int64_t> timeout_ms, bool expires,
                             int64_t now_ms);
   void schedule_resend(Txn& t, size_t branch, int64_t now_ms);
+  // A WARN line `what` with the branch's attempt and error, and its resend timer delay_ms on.
+  void resend_after(Txn& t, size_t branch, int64_t delay_ms, std::string_view what,
+                    int64_t now_ms);
   void maybe_finish(Txn& t, int64_t now_ms);
   void finish(const std::string& gid, int64_t now_ms);
   void answer_waiters(Txn& t, bool only_decision_waiters);

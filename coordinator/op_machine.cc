@@ -794,13 +794,7 @@ void CoordinatorMachine::retry_op(Txn& t, size_t i, int64_t now_ms) {
   BranchSlot& b = t.branches[i];
   int64_t delay = op_retry_delay(t, b);
   b.retry_pending = true;
-  log_.warn("op retry", {{"gid", t.gid},
-                         {"branch", b.participant},
-                         {"state", branch_state_name(b.state)},
-                         {"attempt", b.attempts},
-                         {"delay_ms", delay},
-                         {"error", b.last_error}});
-  schedule(t, now_ms + delay, TimerKind::resend, static_cast<uint32_t>(i));
+  resend_after(t, i, delay, "op retry", now_ms);
 }
 
 void CoordinatorMachine::resend_op(Txn& t, size_t i) {
