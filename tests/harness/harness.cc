@@ -676,6 +676,21 @@ std::string Process::log_tail(size_t max_bytes) const {
 // ---------------------------------------------------------------------------------------------
 // Queries
 
+Result<int> run_to_exit(const std::vector<std::string>& argv, std::string* output,
+                        int64_t timeout_ms) {
+  std::string dir = make_temp_dir("tpc-run");
+  auto p = Process::spawn(argv, dir + "/out.log");
+  if (!p.ok()) {
+    remove_tree(dir);
+    return p.status();
+  }
+  int code = (*p)->wait(timeout_ms);
+  p->reset();  // killed if it did not exit in time
+  *output = read_file(dir + "/out.log");
+  remove_tree(dir);
+  return code;
+}
+
 Result<std::vector<Row>> query(const std::string& conninfo, const std::string& sql) {
   PgHandle h;
   auto conn = open_conn(h, conninfo);

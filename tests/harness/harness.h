@@ -98,6 +98,11 @@ class Process {
   std::string log_path_;
 };
 
+// Runs argv to its exit, its stdout and stderr into *output; returns the exit code (as
+// Process::wait: 128+signal, -1 when timeout_ms passed, the process then killed).
+Result<int> run_to_exit(const std::vector<std::string>& argv, std::string* output,
+                        int64_t timeout_ms = 20'000);
+
 using Row = std::vector<std::optional<std::string>>;
 
 // Runs one statement on a fresh connection; the rows as text. sql_error with the sqlstate in

@@ -20,14 +20,9 @@ namespace {
 
 // Runs a binary to its exit; returns the exit code and its output.
 int run(const std::vector<std::string>& argv, std::string* output, int64_t timeout_ms = 20'000) {
-  std::string dir = make_temp_dir("tpc-run");
-  std::string log = dir + "/out.log";
-  auto p = Process::spawn(argv, log);
-  REQUIRE_MESSAGE(p.ok(), p.status().to_string());
-  int code = (*p)->wait(timeout_ms);
-  *output = read_file(log);
-  remove_tree(dir);
-  return code;
+  auto code = run_to_exit(argv, output, timeout_ms);
+  REQUIRE_MESSAGE(code.ok(), code.status().to_string());
+  return *code;
 }
 
 // The agent's in-doubt entry for gid, or null.

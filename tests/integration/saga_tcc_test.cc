@@ -738,3 +738,102 @@ TEST_CASE("with --op-url-allow an HTTP op outside every prefix is refused and no
   CHECK(wallet(t)["balance"] == kWallet + 10);
   check_all(t);
 }
+
+// --- operators -------------------------------------------------------------------------------
+
+// tpcctl against the coordinator; its exit code, its output into *out.
+int ctl(Testbed& t, std::vector<std::string> args, std::string* out) {
+  std::vector<std::string> argv = {bin_dir() + "/tpcctl", "--coordinator",
+                                   t.coordinator_url().to_string()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto code = run_to_exit(argv, out);
+  REQUIRE_MESSAGE(code.ok(), code.status().to_string());
+  return *code;
+}
+
+bool listed_in_doubt(Testbed& t, const std::string& gid) {
+  Http d = t.coord("GET", "/v1/in-doubt");
+  for (auto& v : d.body["transactions"])
+    if (v["gid"] == gid) return true;
+  return false;
+}
+
+// DESIGN.md §9.3 "Operator": a compensation that keeps failing is retried and listed in doubt;
+// resolve abort records it forced and the saga ends aborted; resolve commit is refused.
+TEST_CASE("a stuck compensation: in-doubt lists it, tpcctl shows it, resolve abort forces it") {
+  Testbed& t = bed();
+  Json debit = sql_step("debit", 0, 1, -100);
+  // Its compensation matches no row: 21000, a business failure, at every attempt.
+  debit["compensate"] = sql_op(
+      0, Json::array(
+             {stmt("UPDATE accounts SET balance = balance + 100 WHERE id = $1", {424242}, 1)}));
+  Json body = saga(Json::array({debit, http_step(t, "credit", "w", 100),
+                                http_step(t, "ship", "nobody", 1)}));  // 409: unknown account
+  body["wait"] = "accepted";
+  body["retry"] = {{"min_ms", 10}, {"max_ms", 50}};
+  Http r = run(t, body);
+  REQUIRE_MESSAGE(r.status == 202, r.describe());
+  std::string gid = r.body["gid"].get<std::string>();
+  REQUIRE(eventually([&] { return entry(t.get(gid), "debit")["attempts"] >= 3; }, 20'000));
+  INFO(t.logs());
+  Http view = t.get(gid);
+  CHECK(view.state() == "compensating");
+  CHECK(entry(view, "credit")["state"] == "compensated");
+  CHECK(entry(view, "debit")["state"] == "compensating");
+  CHECK_MESSAGE(entry(view, "debit").value("last_error", "").find("21000") != std::string::npos,
+                view.describe());
+  CHECK(listed_in_doubt(t, gid));
+
+  std::string out;
+  CHECK(ctl(t, {"in-doubt"}, &out) == 0);
+  CHECK_MESSAGE(out.find(gid) != std::string::npos, out);
+  CHECK(ctl(t, {"show", gid}, &out) == 0);
+  CHECK_MESSAGE(out.find("compensating") != std::string::npos, out);
+  CHECK_MESSAGE(out.find("21000") != std::string::npos, out);
+  CHECK(ctl(t, {"resolve", gid, "commit"}, &out) != 0);  // a compensating saga never commits
+  CHECK(t.get(gid).state() == "compensating");
+  CHECK(ctl(t, {"resolve", gid, "abort"}, &out) == 0);
+  view = t.get(gid);
+  CHECK(view.state() == "aborted");
+  CHECK(entry(view, "debit")["forced"] == true);
+  CHECK(entry(view, "credit").value("forced", false) == false);
+  CHECK_FALSE(listed_in_doubt(t, gid));  // ended: nothing left to drive
+
+  // What the forced compensation did not do, the operator does by hand.
+  REQUIRE(query(t.conninfo(0), "UPDATE accounts SET balance = balance + 100 WHERE id = 1").ok());
+  check_all(t);
+}
+
+// A forward saga past max_attempts is failed and in doubt; resolve commit records the failed
+// step forced and the saga goes on with the next step; resolve abort is refused.
+TEST_CASE("a failed forward saga: in-doubt lists it, resolve commit forces the step and goes on") {
+  Testbed& t = bed();
+  set_faults(t, Json::array({{{"path", "/saga/action"}, {"branch", "credit"}, {"mode", "fail"}}}));
+  Json body =
+      saga(Json::array({sql_step("debit", 0, 1, -100, false),
+                        http_step(t, "credit", "w", 100, false), sql_step("fee", 1, 1, 0, false)}));
+  body["recovery"] = "forward";
+  body["retry"] = {{"max_attempts", 2}, {"min_ms", 10}, {"max_ms", 50}};
+  body["wait"] = "accepted";
+  Http r = run(t, body);
+  REQUIRE_MESSAGE(r.status == 202, r.describe());
+  std::string gid = r.body["gid"].get<std::string>();
+  REQUIRE(eventually([&] { return t.get(gid).state() == "failed"; }, 20'000));
+  INFO(t.logs());
+  CHECK(listed_in_doubt(t, gid));
+  CHECK(entry(t.get(gid), "fee")["state"] == "pending");
+  std::string out;
+  CHECK(ctl(t, {"resolve", gid, "abort"}, &out) != 0);  // a forward saga never compensates
+  CHECK(ctl(t, {"resolve", gid, "commit"}, &out) == 0);
+  REQUIRE(eventually([&] { return t.get(gid).state() == "committed"; }, 20'000));
+  Http view = t.get(gid);
+  CHECK(entry(view, "credit")["forced"] == true);
+  CHECK(entry(view, "fee")["state"] == "done");
+  CHECK_FALSE(listed_in_doubt(t, gid));
+
+  // The credit never applied: the operator credits the wallet by hand.
+  set_faults(t, Json::array());
+  Http fix = t.http_participant("POST", "/accounts", dump(Json{{"w", kWallet + 100}}));
+  REQUIRE_MESSAGE(fix.status == 200, fix.describe());
+  check_all(t);
+}
