@@ -29,6 +29,7 @@ std::vector<tpc::OptionSpec> specs() {
       {"pg-connections-max",
        "PostgreSQL connections open at once, sessions included (0: branches-max + 16)", "0"},
       {"branches-max", "open (unprepared) branches; past it new ones get 503", "64"},
+      {"steps-max", "TCC and saga SQL steps in flight; past it new ones get 503", "256"},
       {"idle-timeout-ms",
        "an unprepared branch idle this long is rolled back (when the coordinator gives no timeout)",
        "60000"},
@@ -109,8 +110,8 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.token = c.get("token");
   cfg.coordinator_token = c.get("coordinator-token");
   cfg.peer_token = c.has("peer-token") ? c.get("peer-token") : cfg.token;
-  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, statements = 0, rows = 0, body = 0,
-          conns = 0, conns_per_client = 0;
+  int64_t threads = 0, workers = 0, pg_conns = 0, branches = 0, steps = 0, statements = 0, rows = 0,
+          body = 0, conns = 0, conns_per_client = 0;
   struct IntOpt {
     const char* name;
     int64_t min, max;
@@ -120,6 +121,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
       {"pg-workers", 0, 1'024, &workers},
       {"pg-connections-max", 0, 100'000, &pg_conns},
       {"branches-max", 1, 100'000, &branches},
+      {"steps-max", 1, 100'000, &steps},
       {"idle-timeout-ms", 1, 86'400'000, &cfg.machine.idle_timeout_ms},
       {"in-doubt-after-ms", 0, 86'400'000, &cfg.machine.in_doubt_after_ms},
       {"precommit-timeout-ms", 1, 86'400'000, &cfg.machine.precommit_timeout_ms},
@@ -143,6 +145,7 @@ tpc::Result<tpc::agent::AgentConfig> build(const tpc::Config& c) {
   cfg.threads = static_cast<int>(threads);
   cfg.pg_workers = workers > 0 ? static_cast<int>(workers) : static_cast<int>(branches) + 16;
   cfg.machine.branches_max = static_cast<size_t>(branches);
+  cfg.machine.steps_max = static_cast<size_t>(steps);
   cfg.exec.statements_max = static_cast<size_t>(statements);
   cfg.machine.result_rows_max = static_cast<size_t>(rows);
   cfg.http.body_max_bytes = static_cast<size_t>(body);

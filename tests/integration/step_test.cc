@@ -7,8 +7,7 @@
 // is refused. Each case ends with the money where it should be and no prepared leftovers.
 #include <doctest/doctest.h>
 
-#include <chrono>
-#include <thread>
+#include <future>
 
 #include "tests/integration/testbed.h"
 
@@ -17,9 +16,8 @@ using namespace tpc::testing;
 
 namespace {
 
-Testbed& bank() {
-  Testbed::Options o;
-  o.agent_args = {"--purge-interval-ms", "200"};
+Testbed& bank(Testbed::Options o = {}) {
+  o.agent_args.insert(o.agent_args.end(), {"--purge-interval-ms", "200"});
   Testbed& t = Testbed::fresh(o);
   auto r =
       query(t.conninfo(0),
@@ -180,15 +178,40 @@ TEST_CASE(
   REQUIRE(step(t, open, "freeze", "action", Json::array()).body["barrier"] == "applied");
   CHECK(barrier_rows(t) == 3);
   REQUIRE(t.abort(gid).status == 200);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (barrier_rows(t) != 1 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  CHECK(barrier_rows(t) == 1);
+  CHECK(eventually([&] { return barrier_rows(t) == 1; }, 20'000));
   // The rows that made the try hang off are gone; the agent still refuses it.
   Http late = step(t, gid, "freeze", "try", tcc("try"));
   CHECK(late.status == 409);
   CHECK(late.body["error"]["code"] == "barrier_refused");
   CHECK(money(t) == "1000/0");
   REQUIRE(t.abort(open).status == 200);
+  t.check_invariants();
+}
+
+TEST_CASE("past --steps-max a step is answered 503 and runs nothing; the step in flight goes on") {
+  Testbed::Options o;
+  o.agent_args = {"--steps-max", "1"};
+  o.agent_failpoints[0] = "agent.before_step=1*pause";
+  Testbed& t = bank(o);
+  std::string gid = t.begin();
+  auto held =
+      std::async(std::launch::async, [&] { return step(t, gid, "freeze", "try", tcc("try")); });
+  REQUIRE(t.wait_log(t.agent_process(0), "failpoint fired name=agent.before_step"));
+  Json note = Json::array(
+      {{{"sql", "INSERT INTO step_log VALUES ($1, 'other')"}, {"params", {{{"tpc", "gid"}}}}}});
+  Http over = step(t, gid, "other", "action", note);
+  CHECK_MESSAGE(over.status == 503, over.describe());
+  CHECK(over.body["error"]["code"] == "unavailable");
+  Http release = t.agent(0, "POST", "/v1/failpoints", R"({"spec":""})");
+  REQUIRE_MESSAGE(release.status == 200, release.describe());
+  Http tried = held.get();
+  CHECK_MESSAGE(tried.status == 200, tried.describe());
+  CHECK(money(t) == "970/30");
+  auto others = query_value(t.conninfo(0), "SELECT count(*) FROM step_log WHERE branch = 'other'");
+  REQUIRE(others.ok());
+  CHECK(others->value() == "0");
+  CHECK(step(t, gid, "freeze", "cancel", tcc("cancel")).body["barrier"] == "applied");
+  CHECK(money(t) == "1000/0");
+  REQUIRE(t.abort(gid).status == 200);
   t.check_invariants();
 }
