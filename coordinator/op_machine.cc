@@ -96,6 +96,11 @@ bool may_have_run_unlogged(const wal::TxnRecord& rec, const BranchSlot& s) {
          op_of(s, StepOp::compensate) != nullptr;
 }
 
+bool all_steps_done(const Txn& t) {
+  return std::all_of(t.branches.begin(), t.branches.end(),
+                     [](const BranchSlot& b) { return b.state == BranchState::done; });
+}
+
 bool pivot_may_have_run(const Txn& t) {
   return std::any_of(t.branches.begin(), t.branches.end(), [](const BranchSlot& b) {
     return b.may_have_run && op_of(b, StepOp::compensate) == nullptr;
@@ -677,7 +682,8 @@ void CoordinatorMachine::on_action_answer(Txn& t, size_t i, const OpReply& reply
   }
   if (t.state != TxnState::running) return;  // failed: waits for an operator
   if (reply.outcome == OpOutcome::ok) {
-    persist_ops(t, /*sync=*/false, now_ms);
+    // The last step's progress goes with the end record that saga_advance writes at once.
+    if (!all_steps_done(t)) persist_ops(t, /*sync=*/false, now_ms);
     saga_advance(t, now_ms);
     return;
   }
