@@ -58,9 +58,13 @@ bool url_within(const Url& prefix, std::string_view text) {
   auto url = parse_url(text);
   if (!url.ok()) return false;
   std::string_view path = url->base_path;  // parse_url refuses queries
+  // Refused too: what some servers turn into a separator or strip before they resolve dots
+  // ("..%2F", "..\\", "..;").
   for (std::string_view segment : split_path(path)) {
     auto decoded = percent_decode(segment);
-    if (!decoded || *decoded == "." || *decoded == "..") return false;
+    if (!decoded || *decoded == "." || *decoded == ".." ||
+        decoded->find_first_of("/\\;") != std::string::npos)
+      return false;
   }
   auto lower = [](unsigned char c) { return std::tolower(c); };
   bool same_host = std::ranges::equal(prefix.host, url->host, {}, lower, lower);

@@ -75,7 +75,8 @@ struct Url {
 Result<Url> parse_url(std::string_view text);
 
 // Whether `url` lies under `prefix`: the same host (any case) and port, and a path equal to the
-// prefix's or below it on a segment boundary, with no "." or ".." segment (escaped or not).
+// prefix's or below it on a segment boundary, with no "." or ".." segment and no segment
+// holding "/", "\\" or ";" (escaped or not).
 // So http://h/ok allows http://h:80/ok/x but neither http://h:8080/ok, http://h/okay nor
 // http://h/ok/../admin.
 bool url_within(const Url& prefix, std::string_view url);

@@ -934,6 +934,12 @@ TEST_CASE("url_within: same host and port, the path on a segment boundary, no do
   CHECK_FALSE(url_within(ok, "http://svc.internal/ok/../admin"));
   CHECK_FALSE(url_within(ok, "http://svc.internal/ok/%2e%2E/admin"));
   CHECK_FALSE(url_within(ok, "http://svc.internal/ok/%zz"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/..%2Fadmin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/%2e%2e%2fadmin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/..\\admin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/..%5Cadmin"));
+  CHECK_FALSE(url_within(ok, "http://svc.internal/ok/..;/admin"));
+  CHECK(url_within(ok, "http://svc.internal/ok/a.b/c..d"));
   CHECK_FALSE(url_within(ok, "http://svc.internal.evil/ok"));
   CHECK_FALSE(url_within(ok, "http://evil@svc.internal/ok"));
   CHECK_FALSE(url_within(ok, "https://svc.internal/ok"));

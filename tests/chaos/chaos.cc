@@ -1199,8 +1199,13 @@ int main(int argc, char** argv) {
   auto die = [](const std::string& m) { return fail("tpc-chaos", m, 2); };
   chaos::Options o;
   o.table = c->flag("table");
-  o.seed = c->get("seed").empty() ? static_cast<uint64_t>(std::random_device{}())
-                                  : std::stoull(c->get("seed"));
+  if (c->get("seed").empty()) {
+    o.seed = static_cast<uint64_t>(std::random_device{}());
+  } else {
+    auto seed = c->get_int("seed", 0, INT64_MAX);
+    if (!seed.ok()) return die(seed.status().message());
+    o.seed = static_cast<uint64_t>(*seed);
+  }
   auto secs = c->get_int("seconds", 1, 86'400);
   auto clients = c->get_int("clients", 1, 256);
   if (!secs.ok()) return die(secs.status().message());
@@ -1231,7 +1236,12 @@ int main(int argc, char** argv) {
         return die("unknown fault \"" + f + "\"");
       o.faults.insert(f);
     }
-  for (auto& name : split(c->get("only"))) o.only.insert(name);
+  for (auto& name : split(c->get("only"))) {
+    bool known = std::any_of(chaos::scenarios().begin(), chaos::scenarios().end(),
+                             [&](const chaos::Scenario& s) { return s.name == name; });
+    if (!known) return die("--only: no fault named \"" + name + "\" in the table");
+    o.only.insert(name);
+  }
   o.keep = c->flag("keep");
   o.argv_text = "tpc-chaos";
   if (o.table) {

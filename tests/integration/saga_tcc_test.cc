@@ -722,6 +722,7 @@ TEST_CASE("with --op-url-allow an HTTP op outside every prefix is refused and no
   CHECK(r.body["error"]["code"] == "invalid_argument");
   CHECK(r.body["error"]["message"].get<std::string>().find("credit.action") != std::string::npos);
   Http none = t.coord("GET", "/v1/transactions?limit=10");
+  REQUIRE_MESSAGE(none.status == 200, none.describe());
   CHECK_MESSAGE(none.body["transactions"].empty(), none.describe());
 
   std::string gid = t.begin("tcc");
@@ -790,7 +791,8 @@ TEST_CASE("a stuck compensation: in-doubt lists it, tpcctl shows it, resolve abo
   CHECK(ctl(t, {"show", gid}, &out) == 0);
   CHECK_MESSAGE(out.find("compensating") != std::string::npos, out);
   CHECK_MESSAGE(out.find("21000") != std::string::npos, out);
-  CHECK(ctl(t, {"resolve", gid, "commit"}, &out) != 0);  // a compensating saga never commits
+  CHECK(ctl(t, {"resolve", gid, "commit"}, &out) == 1);  // a compensating saga never commits
+  CHECK_MESSAGE(out.find("conflict") != std::string::npos, out);
   CHECK(t.get(gid).state() == "compensating");
   CHECK(ctl(t, {"resolve", gid, "abort"}, &out) == 0);
   view = t.get(gid);
@@ -823,7 +825,8 @@ TEST_CASE("a failed forward saga: in-doubt lists it, resolve commit forces the s
   CHECK(listed_in_doubt(t, gid));
   CHECK(entry(t.get(gid), "fee")["state"] == "pending");
   std::string out;
-  CHECK(ctl(t, {"resolve", gid, "abort"}, &out) != 0);  // a forward saga never compensates
+  CHECK(ctl(t, {"resolve", gid, "abort"}, &out) == 1);  // a forward saga never compensates
+  CHECK_MESSAGE(out.find("conflict") != std::string::npos, out);
   CHECK(ctl(t, {"resolve", gid, "commit"}, &out) == 0);
   REQUIRE(eventually([&] { return t.get(gid).state() == "committed"; }, 20'000));
   Http view = t.get(gid);

@@ -202,6 +202,7 @@ TEST_CASE("past --steps-max a step is answered 503 and runs nothing; the step in
   Http over = step(t, gid, "other", "action", note);
   CHECK_MESSAGE(over.status == 503, over.describe());
   CHECK(over.body["error"]["code"] == "unavailable");
+  CHECK_MESSAGE(over.raw.find("steps_max=1") != std::string::npos, over.describe());
   Http release = t.agent(0, "POST", "/v1/failpoints", R"({"spec":""})");
   REQUIRE_MESSAGE(release.status == 200, release.describe());
   Http tried = held.get();
