@@ -66,6 +66,28 @@ class Metrics {
   std::vector<std::unique_ptr<Entry>> entries_;
 };
 
+// Registers counters read from a machine's counters struct under the mutex that guards it:
+//   CountersUnderLock<C> counter{metrics, mu, machine.counters()};
+//   counter("name_total", "help", {{"label", "v"}}, [](const C& c) { return c.field; });
+// metrics, mu and counters must outlive every render.
+template <class Counters>
+struct CountersUnderLock {
+  Metrics& metrics;
+  std::mutex& mu;
+  const Counters& counters;
+
+  void operator()(const std::string& name, const std::string& help, Labels labels,
+                  std::function<uint64_t(const Counters&)> read) const {
+    metrics.counter_fn(
+        name, help,
+        [&mu = mu, &counters = counters, read = std::move(read)] {
+          std::lock_guard lock(mu);
+          return static_cast<double>(read(counters));
+        },
+        std::move(labels));
+  }
+};
+
 // Latency buckets in seconds, 100 µs to 60 s.
 std::vector<double> latency_buckets();
 

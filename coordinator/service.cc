@@ -1195,16 +1195,7 @@ void CoordinatorService::compact_once() {
 }
 
 void CoordinatorService::register_metrics() {
-  auto counter = [this](const std::string& name, const std::string& help, Labels labels,
-                        std::function<uint64_t(const MachineCounters&)> read) {
-    metrics_.counter_fn(
-        name, help,
-        [this, read] {
-          std::lock_guard lock(mu_);
-          return static_cast<double>(read(machine_.counters()));
-        },
-        std::move(labels));
-  };
+  CountersUnderLock<MachineCounters> counter{metrics_, mu_, machine_.counters()};
   for (Protocol protocol : kProtocols) {
     size_t p = protocol_index(protocol);
     std::string proto(protocol_name(protocol));

@@ -583,16 +583,7 @@ void AgentService::tick() {
 }
 
 void AgentService::register_metrics() {
-  auto counter = [this](const std::string& name, const std::string& help, Labels labels,
-                        std::function<uint64_t(const AgentCounters&)> read) {
-    metrics_.counter_fn(
-        name, help,
-        [this, read] {
-          std::lock_guard lock(mu_);
-          return static_cast<double>(read(machine_.counters()));
-        },
-        std::move(labels));
-  };
+  CountersUnderLock<AgentCounters> counter{metrics_, mu_, machine_.counters()};
   counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "committed"}},
           [](const AgentCounters& c) { return c.committed; });
   counter("tpc_agent_branches_total", "branches ended, by outcome", {{"outcome", "aborted"}},
