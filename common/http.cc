@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cctype>
 #include <charconv>
+#include <ctime>
 
 namespace tpc {
 namespace {
@@ -70,6 +71,19 @@ bool url_within(const Url& prefix, std::string_view text) {
   bool same_host = std::ranges::equal(prefix.host, url->host, {}, lower, lower);
   return same_host && prefix.port == url->port &&
          (path == prefix.base_path || path.starts_with(prefix.base_path + "/"));
+}
+
+std::optional<int64_t> parse_http_date(std::string_view text) {
+  if (text.size() > 64) return std::nullopt;
+  std::string t(text);
+  // strptime reads day and month names in the C locale, which the services never change.
+  for (const char* format :
+       {"%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"}) {
+    std::tm tm{};
+    const char* end = strptime(t.c_str(), format, &tm);
+    if (end != nullptr && *end == '\0') return static_cast<int64_t>(timegm(&tm));
+  }
+  return std::nullopt;
 }
 
 std::optional<std::string> percent_decode(std::string_view s) {

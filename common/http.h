@@ -81,6 +81,10 @@ Result<Url> parse_url(std::string_view text);
 // http://h/ok/../admin.
 bool url_within(const Url& prefix, std::string_view url);
 
+// An HTTP-date (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete RFC 850 and asctime forms) as
+// seconds since the Unix epoch; nullopt when it is none of them.
+std::optional<int64_t> parse_http_date(std::string_view text);
+
 // "%XX" decoding for path segments and query values; nullopt on a malformed escape.
 std::optional<std::string> percent_decode(std::string_view s);
 

@@ -451,20 +451,25 @@ std::string op_error(int http_status, std::string_view body) {
   return what;
 }
 
-int64_t retry_after_ms(std::string_view v) {
-  if (v.empty() || v.size() > 9) return 0;
-  int64_t s = 0;
-  for (char c : v) {
-    if (c < '0' || c > '9') return 0;  // the HTTP-date form is not honoured
-    s = s * 10 + (c - '0');
+// Retry-After as seconds or as an HTTP-date (then against wall_now_ms); 0 when malformed.
+int64_t retry_after_ms(std::string_view v, int64_t wall_now_ms) {
+  if (v.empty()) return 0;
+  if (v.size() <= 9 &&
+      std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    int64_t s = 0;
+    for (char c : v) s = s * 10 + (c - '0');
+    return std::min(s * 1000, kRetryAfterMaxMs);
   }
-  return std::min(s * 1000, kRetryAfterMaxMs);
+  auto at = parse_http_date(v);
+  if (!at) return 0;
+  return std::clamp(*at * 1000 - wall_now_ms, int64_t{0}, kRetryAfterMaxMs);
 }
 
 }  // namespace
 
 OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string_view body,
-                         std::string_view retry_after, const Status& transport) {
+                         std::string_view retry_after, const Status& transport,
+                         int64_t wall_now_ms) {
   OpReply r{c.gid, c.branch, c.op, OpOutcome::unknown, "", "", 0};
   if (!transport.ok()) {
     r.error = transport.to_string();
@@ -482,7 +487,7 @@ OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string
   }
   // Our agent's 503s always carry Retry-After: 1, a hint for clients; a SQL op that met a
   // serialisation failure is retried at the op's own pace.
-  if (!sql) r.retry_after_ms = retry_after_ms(retry_after);
+  if (!sql) r.retry_after_ms = retry_after_ms(retry_after, wall_now_ms);
   return r;
 }
 

@@ -92,9 +92,11 @@ std::string encode_step_body(const OpCall& c, std::string_view statements);
 // The Tpc-* and Idempotency-Key headers of an HTTP op call.
 Headers op_call_headers(const OpCall& c);
 // An op's answer → its outcome (§8): 2xx ok, 409/422 a business failure, anything else
-// unknown. `retry_after` is the answer's Retry-After header (seconds), honoured for HTTP ops.
+// unknown. `retry_after` is the answer's Retry-After header, seconds or an HTTP-date (read
+// against wall_now_ms), honoured for HTTP ops.
 OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string_view body,
-                         std::string_view retry_after, const Status& transport);
+                         std::string_view retry_after, const Status& transport,
+                         int64_t wall_now_ms);
 
 Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the

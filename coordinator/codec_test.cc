@@ -462,37 +462,46 @@ TEST_CASE("saga bodies: defaults, options, and refusals") {
 
 TEST_CASE("op answers: 2xx ok with its JSON, 409/422 business failures, the rest unknown") {
   OpCall c{"c1-1-2", "debit", StepOp::confirm, 2, ""};
-  auto ok = decode_op_answer(c, false, 200, R"({"debited":30})", "", ok_status());
+  auto ok = decode_op_answer(c, false, 200, R"({"debited":30})", "", ok_status(), 0);
   CHECK(ok.outcome == OpOutcome::ok);
   CHECK(ok.result == R"({"debited":30})");
   CHECK(ok.gid == "c1-1-2");
   CHECK(ok.branch == "debit");
   CHECK(ok.op == StepOp::confirm);
-  CHECK(decode_op_answer(c, false, 204, "", "", ok_status()).result.empty());
-  CHECK(decode_op_answer(c, false, 200, "not json", "", ok_status()).result.empty());
+  CHECK(decode_op_answer(c, false, 204, "", "", ok_status(), 0).result.empty());
+  CHECK(decode_op_answer(c, false, 200, "not json", "", ok_status(), 0).result.empty());
   std::string big = "[\"" + std::string(kOpResultMaxBytes, 'x') + "\"]";
-  CHECK(decode_op_answer(c, false, 200, big, "", ok_status()).result.find("truncated") !=
+  CHECK(decode_op_answer(c, false, 200, big, "", ok_status(), 0).result.find("truncated") !=
         std::string::npos);
 
   auto business = decode_op_answer(
       c, true, 422, R"({"error":{"code":"sql_error","message":"boom","sqlstate":"23505"}})", "1",
-      ok_status());
+      ok_status(), 0);
   CHECK(business.outcome == OpOutcome::business_failure);
   CHECK(business.error == "HTTP 422: sql_error: boom (SQLSTATE 23505)");
-  CHECK(decode_op_answer(c, false, 409, "", "", ok_status()).outcome ==
+  CHECK(decode_op_answer(c, false, 409, "", "", ok_status(), 0).outcome ==
         OpOutcome::business_failure);
   for (int status : {400, 404, 425, 429, 500, 503}) {
     CAPTURE(status);
-    CHECK(decode_op_answer(c, false, status, "", "", ok_status()).outcome == OpOutcome::unknown);
+    CHECK(decode_op_answer(c, false, status, "", "", ok_status(), 0).outcome == OpOutcome::unknown);
   }
-  // Retry-After (seconds) is honoured for HTTP ops, capped; not for our agents' generic hint.
-  CHECK(decode_op_answer(c, false, 503, "", "2", ok_status()).retry_after_ms == 2000);
-  CHECK(decode_op_answer(c, false, 503, "", "99999", ok_status()).retry_after_ms ==
-        kRetryAfterMaxMs);
-  CHECK(decode_op_answer(c, false, 503, "", "Wed, 21 Oct 2015 07:28:00 GMT", ok_status())
-            .retry_after_ms == 0);
-  CHECK(decode_op_answer(c, true, 503, "", "1", ok_status()).retry_after_ms == 0);
-  auto lost = decode_op_answer(c, false, 0, "", "", unavailable("connection refused"));
+  // Retry-After, seconds or an HTTP-date, is honoured for HTTP ops, capped; not for our agents'
+  // generic hint.
+  auto after = [&](std::string_view v, int64_t wall_ms, bool sql = false) {
+    return decode_op_answer(c, sql, 503, "", v, ok_status(), wall_ms).retry_after_ms;
+  };
+  const int64_t t0 = 1445412480'000;  // Wed, 21 Oct 2015 07:28:00 GMT
+  CHECK(after("2", t0) == 2000);
+  CHECK(after("99999", t0) == kRetryAfterMaxMs);
+  CHECK(after("Wed, 21 Oct 2015 07:28:07 GMT", t0) == 7000);
+  CHECK(after("Wednesday, 21-Oct-15 07:28:30 GMT", t0) == 30'000);
+  CHECK(after("Wed Oct 21 07:29:00 2015", t0) == 60'000);
+  CHECK(after("Wed, 21 Oct 2015 07:28:00 GMT", t0 + 5'000) == 0);  // already past
+  CHECK(after("Thu, 21 Oct 2025 07:28:00 GMT", t0) == kRetryAfterMaxMs);
+  CHECK(after("soon", t0) == 0);
+  CHECK(after("-1", t0) == 0);
+  CHECK(after("1", t0, /*sql=*/true) == 0);
+  auto lost = decode_op_answer(c, false, 0, "", "", unavailable("connection refused"), 0);
   CHECK(lost.outcome == OpOutcome::unknown);
   CHECK(lost.error.find("connection refused") != std::string::npos);
 }

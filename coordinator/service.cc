@@ -396,8 +396,8 @@ void CoordinatorService::call_op(const OpCall& c) {
   opts.idempotent = false;
   bool sql = target->sql;
   auto done = [this, c, sql](HttpResult res) {
-    op_answered(
-        decode_op_answer(c, sql, res.http_status, res.body, res.header("retry-after"), res.status));
+    op_answered(decode_op_answer(c, sql, res.http_status, res.body, res.header("retry-after"),
+                                 res.status, rt_.wall_ms()));
   };
   HttpRequest req;
   if (sql) {
