@@ -512,7 +512,10 @@ HttpParticipant::Impl::Reply HttpParticipant::Impl::op_reply(const HttpRequest& 
     switch (rule->mode) {
       case FaultMode::fail: {
         HttpResponse r = error_response(422, "injected", "injected failure (fault rule fail)");
-        if (!in->key.empty() && !answers.find(in->key))
+        // Stored like a real refusal: final for a try or an action; a confirm, cancel or
+        // compensate is resent until it succeeds, so its refusal is not replayed.
+        bool final_op = call->op == "try" || call->op == "action";
+        if (final_op && !in->key.empty() && !answers.find(in->key))
           answers.insert(in->key, StoredAnswer{in->fingerprint, r.status, r.body});
         return now(std::move(r));
       }

@@ -29,7 +29,8 @@
 // stored, since those ops are resent until they succeed and must see the current state.
 //
 // Fault rules are matched after the request is validated and before the replay check, so a
-// rule also applies to resends: fail (422 "injected", stored), unavailable (503, nothing
+// rule also applies to resends: fail (422 "injected", stored for a try or an action, as a real
+// refusal would be), unavailable (503, nothing
 // applied), hang (no answer for delay_ms or 60 s, then the Responder is dropped: the server
 // answers 500), late (applied, answered after delay_ms), twice (applied and stored, answered
 // 503 so the caller resends and gets the replay).

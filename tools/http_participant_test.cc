@@ -436,6 +436,19 @@ TEST_CASE("fault fail answers 422 injected without applying, and the answer is s
   CHECK_FALSE(calls[2].contains("fault"));
 }
 
+TEST_CASE("fault fail on a compensation is not stored: the resend compensates") {
+  Bank b;
+  REQUIRE(b.set({{"alice", 100}}).status == 200);
+  REQUIRE(b.op("/saga/action", "g1", "s1", "action", delta("alice", -10)).status == 200);
+  REQUIRE(b.faults({{{"path", "/saga/compensate"}, {"mode", "fail"}, {"count", 1}}}).status == 200);
+  HttpResponse r = b.op("/saga/compensate", "g1", "s1", "compensate", delta("alice", -10));
+  CHECK(r.status == 422);
+  CHECK(b.account("alice") == acct(90, 0));
+  HttpResponse again = b.op("/saga/compensate", "g1", "s1", "compensate", delta("alice", -10), 2);
+  CHECK(again.status == 200);
+  CHECK(b.account("alice") == acct(100, 0));
+}
+
 TEST_CASE("fault unavailable answers 503 with the rule's Retry-After and applies nothing") {
   Bank b;
   REQUIRE(b.set({{"alice", 100}}).status == 200);

@@ -6,7 +6,7 @@
 //       1*crash), then external faults (kill -9 of each process, SIGSTOP/SIGCONT, PostgreSQL
 //       stopped -m immediate while branches are prepared); one row per fault.
 //   tpc-chaos [--chaos] [--seed S] [--seconds N | --minutes M] [--clients C]
-//             [--protocol 2pc|3pc|tcc|saga|mix] [--faults kill,stop,pg,failpoint] [--keep]
+//             [--protocol 2pc|3pc|tcc|saga|mix] [--faults kill,stop,pg,failpoint,http] [--keep]
 //       faults drawn from the seed at random moments for the whole run.
 //
 // Each transfer moves money from one bank's account to the other bank's account in one global
@@ -19,6 +19,10 @@
 //   saga      POST /v1/transactions/run with a debit and a credit step, each an action (balance
 //             change and ledger row) and a compensation (the reverse, and the ledger row
 //             deleted); a few debits break the accounts' CHECK so that the saga compensates.
+//             A third of the others credit a wallet instead: a tpc-http-participant reached
+//             by HTTP ops, which the http fault kind makes misbehave for a few calls (503,
+//             answered twice, late, never, 422); the money of the banks and the wallet together
+//             must stay the same.
 // --protocol mix draws among all four. After the faults stop, every prepared branch is resolved
 // and the coordinator has no unfinished TCC or saga transaction: for every gid the two banks'
 // ledger rows must be both present or both absent (no mixed outcome), a transfer the client was
@@ -63,6 +67,8 @@ constexpr int64_t kSampleMs = 25;
 // any balance even while failing sagas' credits of kSagaTooMuch wait for their compensation.
 constexpr int64_t kSagaTooMuch = 10 * kInitial * kAccounts;
 constexpr int64_t kTccTooMuch = 1000 * kSagaTooMuch;
+// The balance of the wallet, a tpc-http-participant that some sagas credit over HTTP.
+constexpr int64_t kWallet = 1'000'000;
 
 struct Options {
   bool table = false;
@@ -71,7 +77,7 @@ struct Options {
   int seconds = 60;
   int clients = 8;
   std::string protocol = "2pc";
-  std::set<std::string> faults = {"kill", "stop", "pg", "failpoint"};
+  std::set<std::string> faults = {"kill", "stop", "pg", "failpoint", "http"};
   bool keep = false;
   std::string argv_text;  // to print the reproduction command
 };
@@ -181,6 +187,8 @@ class World {
  private:
   Status start_coordinator(const std::string& failpoints);
   Status start_agent(int i, const std::string& failpoints);
+  Status start_wallet();
+  int64_t wallet_balance();  // -1 when the wallet does not answer
   Status wait_healthy(Process& p, const Url& url, int64_t timeout_ms);
   Process* process(Target t);
   Status restart(Target t, const std::string& failpoints = "");
@@ -224,15 +232,17 @@ class World {
   std::recursive_mutex proc_mu_;  // guards the processes and clusters
   std::unique_ptr<Process> coordinator_;
   std::unique_ptr<Process> agents_[2];
+  std::unique_ptr<Process> wallet_;  // never killed: its ledger is in its memory
   Url coordinator_url_;
   Url agent_urls_[2];
+  Url wallet_url_;
   int log_serial_ = 0;
 
   std::atomic<bool> load_stop_{false};
   std::vector<std::thread> clients_;
   std::string load_protocol_ = "2pc";
   std::atomic<uint64_t> attempted_{0}, committed_{0}, aborted_{0}, unknown_{0}, begin_failed_{0},
-      saga_no_gid_{0};
+      saga_no_gid_{0}, to_wallet_{0};
   std::mutex outcomes_mu_;
   std::map<std::string, std::string> outcomes_;  // committed | aborted | unknown
   std::mutex reasons_mu_;
@@ -308,6 +318,28 @@ Status World::start_agent(int i, const std::string& failpoints) {
   return wait_healthy(*agents_[i], agent_urls_[i], 30'000);
 }
 
+Status World::start_wallet() {
+  auto p = Process::spawn({testing::bin_dir() + "/tpc-http-participant", "--listen",
+                           "127.0.0.1:" + std::to_string(wallet_url_.port), "--log-level", "warn"},
+                          dir_ + "/wallet.log");
+  if (!p.ok()) return p.status();
+  wallet_ = std::move(*p);
+  TPC_RETURN_IF_ERROR(wait_healthy(*wallet_, wallet_url_, 30'000));
+  auto r = http_call(wallet_url_, "POST", "/accounts", dump(Json{{"w", kWallet}}), 5'000);
+  if (!r.status.ok() || r.http_status != 200) return unavailable("cannot open the wallet account");
+  return ok_status();
+}
+
+int64_t World::wallet_balance() {
+  auto r = http_call(wallet_url_, "GET", "/accounts", "", 5'000);
+  auto j =
+      r.status.ok() && r.http_status == 200 ? parse_json(r.body) : Result<Json>(unavailable(""));
+  if (!j.ok()) return -1;
+  const Json* w = &(*j)["accounts"]["w"];
+  if (!w->is_object() || !(*w)["balance"].is_number()) return -1;
+  return (*w)["balance"].get<int64_t>();
+}
+
 Process* World::process(Target t) {
   switch (t) {
     case Target::coordinator: return coordinator_.get();
@@ -349,7 +381,8 @@ Status World::setup() {
         "CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL,"
         " frozen BIGINT NOT NULL DEFAULT 0,"
         " CHECK (frozen >= 0 AND frozen <= balance));"
-        "CREATE TABLE ledger (gid text NOT NULL, account int NOT NULL, amount bigint NOT NULL);"
+        "CREATE TABLE ledger (gid text NOT NULL, account int NOT NULL, amount bigint NOT NULL,"
+        " to_wallet boolean NOT NULL DEFAULT false);"
         "INSERT INTO accounts SELECT g, " +
             std::to_string(kInitial) + " FROM generate_series(1, " + std::to_string(kAccounts) +
             ") g;");
@@ -361,8 +394,11 @@ Status World::setup() {
     agent_urls_[i].host = "127.0.0.1";
     agent_urls_[i].port = testing::free_port();
   }
+  wallet_url_.host = "127.0.0.1";
+  wallet_url_.port = testing::free_port();
   TPC_RETURN_IF_ERROR(start_coordinator(""));
   for (int i = 0; i < 2; ++i) TPC_RETURN_IF_ERROR(start_agent(i, ""));
+  TPC_RETURN_IF_ERROR(start_wallet());
   sampler_ = std::thread([this] { sampler_loop(); });
   std::printf("tpc-chaos: %s, dir %s\n", opts_.argv_text.c_str(), dir_.c_str());
   std::fflush(stdout);
@@ -376,6 +412,7 @@ void World::teardown() {
   std::lock_guard lock(proc_mu_);
   coordinator_.reset();
   for (auto& a : agents_) a.reset();
+  wallet_.reset();
   if (!opts_.keep) {
     for (auto& p : pg_) p.reset();
     testing::remove_tree(dir_);
@@ -594,8 +631,21 @@ void World::transfer_saga(const Transfer& t, std::mt19937_64& rng) {
                              statement("DELETE FROM ledger WHERE gid = $1",
                                        Json::array({gid_param()}), 1)}))}};
   };
+  // A third of the others credit the wallet over HTTP; the debit's ledger row says so.
+  bool to_wallet = !fail && rng() % 3 == 0;
   Json debit = step("debit", t.from_bank, from, -amount);
   Json credit = step("credit", t.to_bank, to, amount);
+  if (to_wallet) {
+    ++to_wallet_;
+    debit["action"]["statements"][1] =
+        statement("INSERT INTO ledger (gid, account, amount, to_wallet) VALUES ($1, $2, $3, true)",
+                  Json::array({gid_param(), from, -amount}));
+    Json body = {{"account", "w"}, {"delta", amount}};
+    credit = {
+        {"name", "credit"},
+        {"action", {{"url", wallet_url_.to_string() + "/saga/action"}, {"body", body}}},
+        {"compensate", {{"url", wallet_url_.to_string() + "/saga/compensate"}, {"body", body}}}};
+  }
   bool accepted = rng() % 4 == 0;  // then the client learns the end by polling the view
   Json body = {{"protocol", "saga"},
                {"steps", reversed ? Json::array({credit, debit}) : Json::array({debit, credit})}};
@@ -809,9 +859,11 @@ Violations World::check() {
     int64_t n = f.ok() ? std::stoll(f->value_or("0")) : 1;
     v.frozen += static_cast<uint64_t>(n);
   }
-  std::map<std::string, int> present;  // bit 0: bank 0, bit 1: bank 1, bit 2: twice somewhere
+  // bit 0: bank 0, bit 1: bank 1, bit 2: twice somewhere, bit 3: its credit went to the wallet
+  std::map<std::string, int> present;
   for (int i = 0; i < 2; ++i) {
-    auto rows = testing::query(ci[i], "SELECT gid, count(*) FROM ledger GROUP BY gid");
+    auto rows =
+        testing::query(ci[i], "SELECT gid, count(*), bool_or(to_wallet) FROM ledger GROUP BY gid");
     if (!rows.ok()) {
       std::fprintf(stderr, "tpc-chaos: cannot read the ledger: %s\n",
                    rows.status().to_string().c_str());
@@ -821,6 +873,7 @@ Violations World::check() {
     for (auto& r : *rows) {
       present[*r[0]] |= 1 << i;
       if (*r[1] != "1") present[*r[0]] |= 4;
+      if (*r[2] == "t") present[*r[0]] |= 8;
     }
   }
   int64_t total = 0;
@@ -828,9 +881,16 @@ Violations World::check() {
     auto t = testing::query_value(ci[i], "SELECT sum(balance) FROM accounts");
     total += t.ok() ? std::stoll(t->value_or("0")) : 0;
   }
-  v.wrong_total = total != 2 * kAccounts * kInitial ? 1 : 0;
+  int64_t wallet = wallet_balance();
+  v.wrong_total = wallet < 0 || total + wallet != 2 * kAccounts * kInitial + kWallet ? 1 : 0;
+  if (v.wrong_total)
+    std::fprintf(stderr, "tpc-chaos: banks hold %lld, the wallet %lld; expected %lld in all\n",
+                 (long long)total, (long long)wallet,
+                 (long long)(2 * kAccounts * kInitial + kWallet));
+  // A transfer is whole when both banks have its row, or (to the wallet) exactly one has.
+  auto whole = [](int bits) { return (bits & 8) ? (bits & 3) != 3 : (bits & 3) == 3; };
   for (auto& [gid, bits] : present) {
-    if ((bits & 3) == 1 || (bits & 3) == 2) ++v.mixed;
+    if ((bits & 3) != 0 && !whole(bits)) ++v.mixed;
     if (bits & 4) ++v.duplicated;
   }
   std::map<std::string, std::string> outcomes;
@@ -839,15 +899,16 @@ Violations World::check() {
     outcomes = outcomes_;
   }
   for (auto& [gid, seen] : outcomes) {
-    int bits = present.count(gid) ? present[gid] & 3 : 0;
-    if (seen == "committed" && bits != 3) ++v.lost;
+    int all = present.count(gid) ? present[gid] : 0;
+    int bits = all & 3;
+    if (seen == "committed" && !whole(all)) ++v.lost;
     if (seen == "aborted" && bits != 0) ++v.after_abort;
     if (seen == "unknown") {
       // The coordinator's final word must match the ledger.
       auto g = http_call(coordinator_url_, "GET", "/v1/transactions/" + gid, "", 5'000);
       auto j = parse_json(g.body);
       std::string state = j.ok() ? json_string(*j, "state") : "";
-      if ((state == "committed" && bits != 3) || (state == "aborted" && bits != 0)) ++v.mismatch;
+      if ((state == "committed" && !whole(all)) || (state == "aborted" && bits != 0)) ++v.mismatch;
     }
   }
   int64_t left = prepared_now(0) + prepared_now(1);
@@ -1093,6 +1154,19 @@ void World::inject_random(std::mt19937_64& rng) {
     if (!st.ok())
       std::fprintf(stderr, "tpc-chaos: cannot restart PostgreSQL: %s\n", st.to_string().c_str());
     what = "pg_immediate_stop";
+  } else if (kind == "http") {
+    // The wallet misbehaves for its next few calls: refuses, answers twice, late, or never.
+    static const char* kModes[] = {"unavailable", "twice", "late", "hang", "fail"};
+    std::string mode = kModes[rng() % 5];
+    Json rule = {{"path", rng() % 3 == 0 ? "/saga/compensate" : "/saga/action"},
+                 {"mode", mode},
+                 {"count", 1 + static_cast<int64_t>(rng() % 4)}};
+    if (mode == "late" || mode == "hang")
+      rule["delay_ms"] = 200 + static_cast<int64_t>(rng() % 6000);
+    if (mode == "unavailable" && rng() % 2 == 0) rule["retry_after_s"] = 1;
+    (void)http_call(wallet_url_, "POST", "/control/faults",
+                    dump(Json{{"rules", Json::array({rule})}}), 2'000);
+    what = "http_" + mode;
   } else if (kind == "failpoint") {
     std::vector<const RandomFailpoint*> usable;
     for (auto& f : kRandomFailpoints)
@@ -1152,6 +1226,10 @@ int World::run_chaos() {
       (unsigned long long)c.attempted, (unsigned long long)c.committed,
       (unsigned long long)c.aborted, (unsigned long long)c.unknown,
       (unsigned long long)saga_no_gid_.load(), (unsigned long long)begin_failed_.load());
+  if (to_wallet_ > 0)
+    std::printf("sagas crediting the wallet over HTTP: %llu; its balance went from %lld to %lld\n",
+                (unsigned long long)to_wallet_.load(), (long long)kWallet,
+                (long long)wallet_balance());
   std::printf("faults injected:");
   uint64_t n = 0;
   for (auto& [k, cnt] : faults_) {
@@ -1185,7 +1263,8 @@ int main(int argc, char** argv) {
       {"minutes", "length of the chaos run, in minutes", ""},
       {"clients", "concurrent transfer clients", "8"},
       {"protocol", "2pc, 3pc, tcc, saga or mix (all four)", "2pc"},
-      {"faults", "comma-separated: kill,stop,pg,failpoint", "kill,stop,pg,failpoint"},
+      {"faults", "comma-separated: kill,stop,pg,failpoint,http (the wallet misbehaves)",
+       "kill,stop,pg,failpoint,http"},
       {"no-faults", "run the load without faults", "", false, true},
       {"keep", "keep the clusters and logs", "", false, true},
       {"help", "print this help", "", false, true},
@@ -1232,7 +1311,7 @@ int main(int argc, char** argv) {
   };
   if (!c->flag("no-faults"))
     for (auto& f : split(c->get("faults"))) {
-      if (f != "kill" && f != "stop" && f != "pg" && f != "failpoint")
+      if (f != "kill" && f != "stop" && f != "pg" && f != "failpoint" && f != "http")
         return die("unknown fault \"" + f + "\"");
       o.faults.insert(f);
     }
