@@ -15,7 +15,7 @@
 //   tcc       a try per bank (the debit reserves the amount in accounts.frozen, the credit
 //             checks the account), then commit (or sometimes abort): the confirms move the money
 //             and write the ledger rows, the cancels release the reservation; a few tries ask
-//             for more than the balance and fail;
+//             for more than the balance and fail; a third credit the wallet (below) instead;
 //   saga      POST /v1/transactions/run with a debit and a credit step, each an action (balance
 //             change and ledger row) and a compensation (the reverse, and the ledger row
 //             deleted); a few debits break the accounts' CHECK so that the saga compensates.
@@ -578,6 +578,20 @@ void World::transfer_tcc(const Transfer& t, std::mt19937_64& rng) {
                         statement("INSERT INTO ledger (gid, account, amount) VALUES ($1, $2, $3)",
                                   Json::array({gid_param(), t.to, amount}))}))},
       {"cancel", sql_op(t.to_bank, Json::array())}};
+  if (amount != kTccTooMuch && rng() % 3 == 0) {  // the credit goes to the wallet over HTTP
+    ++to_wallet_;
+    debit["confirm"]["statements"][1] =
+        statement("INSERT INTO ledger (gid, account, amount, to_wallet) VALUES ($1, $2, $3, true)",
+                  Json::array({gid_param(), t.from, -amount}));
+    Json body = {{"account", "w"}, {"amount", amount}};
+    auto op = [&](const char* what) {
+      return Json{{"url", wallet_url_.to_string() + "/tcc/credit/" + what}, {"body", body}};
+    };
+    credit = {{"branch", "credit"},
+              {"try", op("try")},
+              {"confirm", op("confirm")},
+              {"cancel", op("cancel")}};
+  }
   bool ok = true;
   for (int k = 0; k < 2 && ok; ++k) {
     const Json& branch = (k == 0) != t.reversed ? debit : credit;
@@ -1158,7 +1172,9 @@ void World::inject_random(std::mt19937_64& rng) {
     // The wallet misbehaves for its next few calls: refuses, answers twice, late, or never.
     static const char* kModes[] = {"unavailable", "twice", "late", "hang", "fail"};
     std::string mode = kModes[rng() % 5];
-    Json rule = {{"path", rng() % 3 == 0 ? "/saga/compensate" : "/saga/action"},
+    static const char* kPaths[] = {"/saga/action",    "/saga/action",        "/saga/compensate",
+                                   "/tcc/credit/try", "/tcc/credit/confirm", "/tcc/credit/cancel"};
+    Json rule = {{"path", kPaths[rng() % 6]},
                  {"mode", mode},
                  {"count", 1 + static_cast<int64_t>(rng() % 4)}};
     if (mode == "late" || mode == "hang")
@@ -1227,9 +1243,10 @@ int World::run_chaos() {
       (unsigned long long)c.aborted, (unsigned long long)c.unknown,
       (unsigned long long)saga_no_gid_.load(), (unsigned long long)begin_failed_.load());
   if (to_wallet_ > 0)
-    std::printf("sagas crediting the wallet over HTTP: %llu; its balance went from %lld to %lld\n",
-                (unsigned long long)to_wallet_.load(), (long long)kWallet,
-                (long long)wallet_balance());
+    std::printf(
+        "TCC transfers and sagas crediting the wallet over HTTP: %llu; its balance went from %lld "
+        "to %lld\n",
+        (unsigned long long)to_wallet_.load(), (long long)kWallet, (long long)wallet_balance());
   std::printf("faults injected:");
   uint64_t n = 0;
   for (auto& [k, cnt] : faults_) {
