@@ -313,6 +313,9 @@ class AgentMachine {
   // try must still find the cancel's barrier row and be refused). nullopt: no mark yet.
   std::optional<GidParts> purge_mark(std::string_view coordinator) const;
   size_t steps_in_flight() const { return steps_.size(); }
+  // How long the oldest step in flight has been (0 with none): one stuck for good also holds
+  // back its coordinator's barrier purge.
+  int64_t oldest_step_age_ms(int64_t now_ms) const;
 
   struct ScanEntry {
     std::string gid;
@@ -471,6 +474,7 @@ class AgentMachine {
   struct StepInFlight {
     Request req;
     std::optional<GidParts> parts;  // of its gid
+    int64_t since_ms = 0;           // when it arrived
   };
   std::unordered_map<uint64_t, StepInFlight> steps_;  // steps in flight, by id
   uint64_t next_step_ = 1;

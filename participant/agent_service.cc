@@ -648,6 +648,16 @@ void AgentService::register_metrics() {
     std::lock_guard lock(mu_);
     return static_cast<double>(machine_.oldest_prepared_age_ms(rt_.now_ms())) / 1000.0;
   });
+  metrics_.gauge("tpc_agent_steps_in_flight", "SQL steps (docs/DESIGN.md §8) running or waiting",
+                 [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.steps_in_flight());
+                 });
+  metrics_.gauge("tpc_agent_oldest_step_seconds",
+                 "age of the oldest step in flight (it also holds back the barrier purge)", [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.oldest_step_age_ms(rt_.now_ms())) / 1000.0;
+                 });
   metrics_.counter_fn("tpc_agent_pg_connections_opened_total", "PostgreSQL connections opened",
                       [this] { return static_cast<double>(pg_.connections_opened()); });
   op_latency_ = &metrics_.histogram("tpc_agent_pg_op_seconds", "PostgreSQL operations, run time",

@@ -2,6 +2,8 @@
 // enlistment and no state kept between calls; its barrier rows in PostgreSQL are its memory.
 // The machine bounds how many run at once, refuses steps of transactions already finished,
 // and turns what the executor found into the answer.
+#include <algorithm>
+
 #include "participant/agent_machine.h"
 
 namespace tpc::agent {
@@ -50,7 +52,6 @@ void AgentMachine::reply_finished_step(const Request& req) {
 
 void AgentMachine::step(std::string_view gid, Request req, int64_t now_ms) {
   TPC_ASSERT(req.kind == RequestKind::step);
-  (void)now_ms;
   if (finished_at_coordinator(gid)) return reply_finished_step(req);
   if (steps_.size() >= opts_.steps_max) {
     Reply r;
@@ -69,8 +70,14 @@ void AgentMachine::step(std::string_view gid, Request req, int64_t now_ms) {
   op.statements = std::move(req.statements);
   op.rows_max = opts_.result_rows_max;
   req.statements.clear();
-  steps_.emplace(id, StepInFlight{std::move(req), parse_gid(gid)});
+  steps_.emplace(id, StepInFlight{std::move(req), parse_gid(gid), now_ms});
   ready_.ops.push_back(std::move(op));
+}
+
+int64_t AgentMachine::oldest_step_age_ms(int64_t now_ms) const {
+  int64_t oldest = now_ms;
+  for (auto& [id, s] : steps_) oldest = std::min(oldest, s.since_ms);
+  return now_ms - oldest;
 }
 
 void AgentMachine::on_step_done(uint64_t step, OpResult result, int64_t now_ms) {

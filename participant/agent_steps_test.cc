@@ -119,6 +119,7 @@ TEST_CASE("a step asks for one op on any connection, with its key and the row li
   REQUIRE(op->statements.size() == 1);
   CHECK(op->statements[0].expect_rows == 1);
   CHECK(f.m->steps_in_flight() == 1);
+  CHECK(f.m->oldest_step_age_ms(f.now + 250) == 250);
   // It is not a branch: no session, nothing in the branch views.
   CHECK(f.m->open_sessions() == 0);
   CHECK(!f.m->view("c1-1-4", f.now));
@@ -168,6 +169,7 @@ TEST_CASE("each barrier verdict has its answer") {
     CHECK(f.m->counters().steps_refused == 1);
   }
   CHECK(f.m->steps_in_flight() == 0);
+  CHECK(f.m->oldest_step_age_ms(f.now + 250) == 0);
 }
 
 TEST_CASE("a business failure is final (422 with its SQLSTATE); the rest is unknown (503)") {

@@ -203,10 +203,12 @@ TEST_CASE("past --steps-max a step is answered 503 and runs nothing; the step in
   CHECK_MESSAGE(over.status == 503, over.describe());
   CHECK(over.body["error"]["code"] == "unavailable");
   CHECK_MESSAGE(over.raw.find("steps_max=1") != std::string::npos, over.describe());
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_steps_in_flight") == 1);
   Http release = t.agent(0, "POST", "/v1/failpoints", R"({"spec":""})");
   REQUIRE_MESSAGE(release.status == 200, release.describe());
   Http tried = held.get();
   CHECK_MESSAGE(tried.status == 200, tried.describe());
+  CHECK(t.agent(0, "GET", "/metrics").metric("tpc_agent_steps_in_flight") == 0);
   CHECK(money(t) == "970/30");
   auto others = query_value(t.conninfo(0), "SELECT count(*) FROM step_log WHERE branch = 'other'");
   REQUIRE(others.ok());
