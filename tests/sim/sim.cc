@@ -149,7 +149,11 @@ void SimRuntime::send(const Url& url, HttpRequest req, SendOptions opts, std::fu
 }
 
 bool SimRuntime::submit(std::function<void()> job) {
-  w_.at(w_.now() + w_.rng().between(0, 2), proc_, std::move(job));
+  double stall = w_.process(proc_).job_stall;
+  int64_t delay = w_.faults_on && stall > 0 && w_.rng().chance(stall)
+                      ? w_.rng().between(2'000, 12'000)
+                      : w_.rng().between(0, 2);
+  w_.at(w_.now() + delay, proc_, std::move(job));
   return true;
 }
 

@@ -47,6 +47,9 @@ struct Process {
   int64_t anchor_ms = 0;         // its monotonic clock at start: its wall clock then
   int64_t started_ms = 0;        // the world's time at its start
   HttpHandler handler;           // empty: serves nothing (clients)
+  // While faults are on, the chance that a job waits 2-12 s before it runs (for a connection,
+  // behind a lock): jobs submitted later overtake it, as on a real worker pool.
+  double job_stall = 0;
 };
 
 class World {
@@ -132,7 +135,7 @@ class SimRuntime final : public Runtime {
   uint64_t run_after(int64_t delay_ms, std::function<void()> fn) override;
   bool cancel(uint64_t timer) override { return w_.cancel(timer); }
   void send(const Url& url, HttpRequest req, SendOptions opts, std::function<void(HttpResult)> done) override;
-  bool submit(std::function<void()> job) override;  // a job runs 0-2 ms later
+  bool submit(std::function<void()> job) override;  // a job runs 0-2 ms later (or stalls)
   uint64_t random64() override { return w_.rng().next(); }
 
  private:

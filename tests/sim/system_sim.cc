@@ -10,7 +10,9 @@
 // SQL ops to the agents (docs/DESIGN.md §8, §9). For a while faults are on:
 // messages lost, duplicated, delayed and reordered; partitions (an agent cut from the
 // coordinator, from its peers, or both: the 3PC partition); the coordinator, agents and
-// databases crash and come back; wall clocks jump forward and back. Then the faults stop, the
+// databases crash and come back; an agent's job now and then stalls for seconds (waiting for a
+// connection or a lock) while later ones overtake it; wall clocks jump forward and back. Then
+// the faults stop, the
 // clients finish, and the system must settle within a bound.
 //
 // Invariants, by name:
@@ -1547,6 +1549,7 @@ std::vector<std::string> Cluster::run() {
 
   w_.faults_on = true;
   w_.faults = NetFaults{0.02, 0.02, 0, 10, 0.01};
+  for (int p : agent_procs_) w_.process(p).job_stall = 0.005;
   schedule_fault();
   for (int c = 0; c < kClients; ++c)
     app_rt_->run_after(w_.rng().between(0, 100), [this, c] { client_next(c); });
