@@ -626,16 +626,14 @@ void CoordinatorMachine::tcc_abort(Txn& t, std::string_view reason, std::string_
 
 void CoordinatorMachine::saga_advance(Txn& t, int64_t now_ms) {
   if (t.state != TxnState::running || t.decision != Decision::none || !t.recorded) return;
-  bool all_done = true;
+  if (all_steps_done(t)) return saga_commit(t, now_ms);
   for (size_t i = 0; i < t.branches.size(); ++i) {
     BranchSlot& b = t.branches[i];
     if (b.state == BranchState::done) continue;
-    all_done = false;
     if (!b.in_flight && action_unsent(t, b) && pivot_durable(t, b, now_ms))
       send_op(t, i, StepOp::action);
     if (!t.saga.parallel) break;  // one step at a time, in order
   }
-  if (all_done) saga_commit(t, now_ms);
 }
 
 // A step whose action has not gone out yet: pending, or a pivot marked running whose mark
