@@ -9,18 +9,19 @@
 
 namespace tpc {
 
-enum class Protocol : uint8_t { two_phase = 2, three_phase = 3, tcc = 4, saga = 5 };
+enum class Protocol : uint8_t { two_phase = 2, three_phase = 3, tcc = 4, saga = 5, msg = 6 };
 
 inline constexpr Protocol kProtocols[] = {Protocol::two_phase, Protocol::three_phase, Protocol::tcc,
-                                          Protocol::saga};
+                                          Protocol::saga, Protocol::msg};
 
-// "2pc" / "3pc" / "tcc" / "saga": the wire's and the logs' spelling.
+// "2pc" / "3pc" / "tcc" / "saga" / "msg": the wire's and the logs' spelling.
 constexpr std::string_view protocol_name(Protocol p) {
   switch (p) {
     case Protocol::two_phase: return "2pc";
     case Protocol::three_phase: return "3pc";
     case Protocol::tcc: return "tcc";
     case Protocol::saga: return "saga";
+    case Protocol::msg: return "msg";
   }
   return "?";
 }
@@ -37,7 +38,7 @@ constexpr bool prepares_branches(Protocol p) {
   return p == Protocol::two_phase || p == Protocol::three_phase;
 }
 
-// TCC and saga: the protocols whose branches are ops (docs/DESIGN.md §8).
+// TCC, saga and transactional messages: the protocols whose branches are ops (docs/DESIGN.md §8).
 constexpr bool calls_ops(Protocol p) {
   return !prepares_branches(p);
 }
@@ -46,7 +47,7 @@ constexpr bool calls_ops(Protocol p) {
 constexpr size_t protocol_index(Protocol p) {
   return static_cast<size_t>(p) - 2;
 }
-inline constexpr size_t kProtocolCount = 4;
+inline constexpr size_t kProtocolCount = 5;
 
 // The decision log's byte, and back (nullopt: not a protocol).
 constexpr uint8_t protocol_byte(Protocol p) {
@@ -60,7 +61,10 @@ constexpr std::optional<Protocol> protocol_from_byte(uint8_t b) {
 
 // What a call of a TCC branch, a saga step or a message does (docs/DESIGN.md §8): the Tpc-Op
 // header of an HTTP op, the "op" of an agent's step, the op of a barrier row.
-enum class StepOp : uint8_t { try_op, confirm, cancel, action, compensate, deliver, local };
+// check: a transactional message's check-back (§10.1), which at an agent fences the producer's
+// local op.
+enum class StepOp : uint8_t { try_op, confirm, cancel, action, compensate, deliver, local, check };
+inline constexpr size_t kStepOps = 8;
 
 constexpr std::string_view step_op_name(StepOp op) {
   switch (op) {
@@ -71,13 +75,14 @@ constexpr std::string_view step_op_name(StepOp op) {
     case StepOp::compensate: return "compensate";
     case StepOp::deliver: return "deliver";
     case StepOp::local: return "local";
+    case StepOp::check: return "check";
   }
   return "?";
 }
 
 constexpr std::optional<StepOp> parse_step_op(std::string_view s) {
   for (StepOp op : {StepOp::try_op, StepOp::confirm, StepOp::cancel, StepOp::action,
-                    StepOp::compensate, StepOp::deliver, StepOp::local})
+                    StepOp::compensate, StepOp::deliver, StepOp::local, StepOp::check})
     if (step_op_name(op) == s) return op;
   return std::nullopt;
 }
@@ -90,10 +95,10 @@ constexpr std::optional<StepOp> undoes(StepOp op) {
   return std::nullopt;
 }
 
-// try and action: the ops a cancel or compensate may undo, and so the ones the barrier refuses
-// once that has run.
+// try, action and local: the ops a cancel, compensate or check may come before, and so the
+// ones the barrier refuses once that has run (a check fences a local op that never ran).
 constexpr bool undone_later(StepOp op) {
-  return op == StepOp::try_op || op == StepOp::action;
+  return op == StepOp::try_op || op == StepOp::action || op == StepOp::local;
 }
 
 }  // namespace tpc

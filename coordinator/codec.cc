@@ -268,10 +268,19 @@ Result<wal::OpText> decode_sql_op(const Json& j, StepOp op, std::string_view whe
   FieldReader r(j);
   std::string participant;
   r.string("participant", &participant, true, 64);
-  const Json* statements = r.array("statements", true, statements_max);
+  // A check through an agent has no statements: the agent answers from its barrier table.
+  const bool check = op == StepOp::check;
+  const Json* statements = r.array("statements", !check, statements_max);
   if (Status st = r.finish(); !st.ok()) return in(where, st);
   if (!valid_participant_name(participant))
     return invalid_argument(std::string(where) + ".participant must match [A-Za-z0-9_-]{1,32}");
+  if (check) {
+    if (statements != nullptr)
+      return invalid_argument(std::string(where) +
+                              " names an agent, which answers from its barrier table: it takes "
+                              "no \"statements\"");
+    return wal::OpText{op, dump(Json{{"participant", participant}})};
+  }
   bool may_be_empty = op == StepOp::cancel || op == StepOp::compensate;
   if (statements->empty() && !may_be_empty)
     return invalid_argument(std::string(where) + ".statements must not be empty");
@@ -382,6 +391,55 @@ Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t ti
   return out;
 }
 
+Result<MsgRequest> decode_msg(const Json& j, bool one_request, size_t statements_max,
+                              int64_t timeout_max_ms) {
+  FieldReader r(j);
+  MsgRequest out;
+  std::string protocol;
+  int64_t timeout = 0;
+  r.string("protocol", &protocol, true, 16);
+  const Json* destinations = r.array("destinations", true, kMsgDestinationsMax);
+  bool has_check = r.has("check"), has_local = r.has("local");
+  if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
+    out.timeout_ms = timeout;
+  if (r.has("notify"))
+    r.fail(
+        invalid_argument("\"notify\" is not supported yet (best-effort notification is "
+                         "not built)"));
+  TPC_RETURN_IF_ERROR(r.finish());
+  if (protocol != "msg") return invalid_argument("\"protocol\" must be \"msg\"");
+  if (destinations->empty()) return invalid_argument("\"destinations\" must not be empty");
+  if (one_request) {
+    if (has_check)
+      return invalid_argument(
+          "the one-request form takes no \"check\": the agent of \"local\" answers it");
+    if (!has_local) return invalid_argument("missing field \"local\"");
+    const Json& lj = j["local"];
+    if (!lj.is_object() || !lj.contains("participant"))
+      return invalid_argument("\"local\" must be a SQL op: {\"participant\",\"statements\"}");
+    auto local = decode_op(lj, StepOp::local, "local", statements_max);
+    if (!local.ok()) return local.status();
+    out.producer.push_back(std::move(*local));
+    out.producer.push_back(
+        wal::OpText{StepOp::check, dump(Json{{"participant", lj["participant"]}})});
+  } else {
+    if (has_local)
+      return invalid_argument(
+          "\"local\" goes with POST /v1/transactions/run; a half message names its \"check\"");
+    if (!has_check) return invalid_argument("missing field \"check\"");
+    auto check = decode_op(j["check"], StepOp::check, "check", statements_max);
+    if (!check.ok()) return check.status();
+    out.producer.push_back(std::move(*check));
+  }
+  for (size_t i = 0; i < destinations->size(); ++i) {
+    auto d = decode_op((*destinations)[i], StepOp::deliver,
+                       "destinations[" + std::to_string(i) + "]", statements_max);
+    if (!d.ok()) return d.status();
+    out.destinations.push_back(std::move(*d));
+  }
+  return out;
+}
+
 Result<OpTarget> decode_op_target(std::string_view spec) {
   auto j = parse_object(spec);
   if (!j.ok()) return corruption("an op's logged JSON does not parse: " + j.status().message());
@@ -389,7 +447,7 @@ Result<OpTarget> decode_op_target(std::string_view spec) {
   if (j->contains("participant")) {
     t.sql = true;
     t.participant = (*j)["participant"].get<std::string>();
-    t.body = dump((*j)["statements"]);
+    t.body = j->contains("statements") ? dump((*j)["statements"]) : "[]";
     return t;
   }
   if (!j->contains("url") || !(*j)["url"].is_string()) return corruption("an op without a url");
@@ -518,6 +576,13 @@ void encode_op_branches(const TxnView& v, Json* j) {
   if (v.protocol == Protocol::saga) {
     (*j)["steps"] = std::move(arr);
     (*j)["results"] = std::move(results);
+  } else if (v.protocol == Protocol::msg && !arr.empty()) {
+    // The producer's slot first, then the destinations.
+    Json local = std::move(arr[0]);
+    local.erase("name");
+    arr.erase(arr.begin());
+    (*j)["local"] = std::move(local);
+    (*j)["destinations"] = std::move(arr);
   } else {
     (*j)["branches"] = std::move(arr);
   }

@@ -73,6 +73,13 @@ struct SagaRequest {
 };
 // POST /v1/transactions/run with "protocol":"saga", already parsed.
 Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t timeout_max_ms);
+// A transactional message (docs/DESIGN.md §10.1), already parsed: POST /v1/transactions
+// {"protocol":"msg","destinations":[OP,…],"check":OP,"timeout_ms"?}, or with `one_request`
+// POST /v1/transactions/run {"protocol":"msg","local":SQL_OP,"destinations":[…],"timeout_ms"?},
+// whose check is the local op's agent.
+inline constexpr size_t kMsgDestinationsMax = 32;
+Result<MsgRequest> decode_msg(const Json& j, bool one_request, size_t statements_max,
+                              int64_t timeout_max_ms);
 // The "protocol" a run body names, to pick its decoder (nullopt: absent or not a string).
 std::optional<std::string> run_protocol(const Json& j);
 // decode_run on an already parsed body.

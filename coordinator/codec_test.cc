@@ -588,3 +588,60 @@ TEST_CASE("views of TCC and saga transactions, and the answer to a try") {
   CHECK((*nb)["reason"] == "try_failed");
   CHECK((*nb)["branch"] == "debit");
 }
+
+TEST_CASE("decode_msg: a half message names its check, the one-request form its local op") {
+  auto half = parse_object(
+      R"j({"protocol":"msg","destinations":[{"url":"http://h:1/a","body":{"id":7}},
+          {"participant":"b","statements":[{"sql":"INSERT INTO t VALUES (1)"}]}],
+          "check":{"url":"http://p:2/check"},"timeout_ms":3000})j");
+  REQUIRE(half.ok());
+  auto m = decode_msg(*half, false, 64, 60'000);
+  REQUIRE_MESSAGE(m.ok(), m.status().to_string());
+  REQUIRE(m->producer.size() == 1);
+  CHECK(m->producer[0].op == StepOp::check);
+  REQUIRE(m->destinations.size() == 2);
+  CHECK(m->destinations[1].op == StepOp::deliver);
+  CHECK(m->timeout_ms == std::optional<int64_t>(3000));
+  auto agent = parse_object(
+      R"j({"protocol":"msg","destinations":[{"url":"http://h:1/a"}],"check":{"participant":"a"}})j");
+  auto ma = decode_msg(*agent, false, 64, 60'000);
+  REQUIRE_MESSAGE(ma.ok(), ma.status().to_string());
+  CHECK(ma->producer[0].json == R"j({"participant":"a"})j");
+
+  auto run = parse_object(
+      R"j({"protocol":"msg","local":{"participant":"a","statements":[{"sql":"UPDATE t SET v = 1"}]},
+          "destinations":[{"url":"http://h:1/a"}]})j");
+  auto mr = decode_msg(*run, true, 64, 60'000);
+  REQUIRE_MESSAGE(mr.ok(), mr.status().to_string());
+  REQUIRE(mr->producer.size() == 2);
+  CHECK(mr->producer[0].op == StepOp::local);
+  CHECK(mr->producer[1].op == StepOp::check);
+  CHECK(mr->producer[1].json == R"j({"participant":"a"})j");
+}
+
+TEST_CASE("decode_msg: what is refused, and why") {
+  auto refused = [](const std::string& body, bool one_request, const char* says) {
+    CAPTURE(body);
+    auto j = parse_object(body);
+    REQUIRE(j.ok());
+    auto m = decode_msg(*j, one_request, 64, 60'000);
+    REQUIRE(!m.ok());
+    CHECK(m.status().code() == Code::invalid_argument);
+    CHECK_MESSAGE(m.status().message().find(says) != std::string::npos, m.status().message());
+  };
+  const std::string head = R"j({"protocol":"msg","destinations":[{"url":"http://h:1/a"}])j";
+  refused(head + "}", false, "check");
+  refused(R"j({"protocol":"msg","destinations":[],"check":{"url":"http://p:2/c"}})j", false,
+          "must not be empty");
+  refused(head + R"j(,"check":{"participant":"a","statements":[{"sql":"SELECT 1"}]}})j", false,
+          "no \"statements\"");
+  refused(head + R"j(,"local":{"url":"http://p:2/l"}})j", true, "must be a SQL op");
+  refused(head + R"j(,"local":{"participant":"a","statements":[{"sql":"SELECT 1"}]},)j"
+                 R"j("check":{"url":"http://p:2/c"}})j",
+          true, "no \"check\"");
+  refused(head + R"j(,"check":{"url":"ftp://p:2/c"}})j", false, "check");
+  refused(head + R"j(,"check":{"url":"http://p:2/c"},"notify":{"url":"http://n:1/"}})j", false,
+          "notify");
+  refused(head + R"j(,"local":{"participant":"a","statements":[{"sql":"SELECT 1"}]}})j", false,
+          "\"local\" goes with POST /v1/transactions/run");
+}

@@ -435,6 +435,8 @@ Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64
                                           int64_t now_ms) {
   if (protocol == Protocol::saga)
     return invalid_argument("a saga begins with its steps: POST /v1/transactions/run");
+  if (protocol == Protocol::msg)
+    return invalid_argument("a message begins with its destinations and check (begin_msg)");
   return begin_txn(protocol, timeout_ms, true, now_ms);
 }
 
@@ -753,7 +755,6 @@ std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, siz
 }
 
 std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) const {
-  (void)now_ms;
   std::vector<TxnView> out;
   for (auto& [key, v] : heuristics_) {
     if (out.size() >= limit) break;
@@ -761,7 +762,11 @@ std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) 
   }
   if (out.size() >= limit) return out;
   auto decided = live_by_serial(
-      [](const Txn& t) { return t.decision != Decision::none || t.state == TxnState::failed; },
+      [now_ms](const Txn& t) {
+        // A half message past its timeout is being checked back: its producer is silent.
+        bool checking = t.state == TxnState::prepared && t.deadline_ms <= now_ms;
+        return t.decision != Decision::none || t.state == TxnState::failed || checking;
+      },
       limit - out.size(), false);
   for (const Txn* t : decided) out.push_back(view_of(*t));
   return out;

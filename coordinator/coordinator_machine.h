@@ -133,6 +133,11 @@ class CoordinatorMachine {
   // for `waiter` (as it ends, or once durable with wait_accepted); errors come back at once.
   Result<std::string> run_saga(std::vector<OpBranch> steps, SagaOptions opts, uint64_t waiter,
                                int64_t now_ms);
+  // A transactional message (docs/DESIGN.md §10.1): begins `prepared` and is synced to the log
+  // before `waiter` is answered (201), then waits for its producer's commit or abort, or
+  // check-back at its timeout. In the one-request form (a local op) the answer comes once the
+  // message is decided. Errors come back at once.
+  Result<std::string> begin_msg(MsgRequest req, uint64_t waiter, int64_t now_ms);
   // The answer to an OpCall.
   void on_op_reply(const OpReply& reply, int64_t now_ms);
 
@@ -291,6 +296,18 @@ class CoordinatorMachine {
   void on_op_timeout(Txn& t, int64_t now_ms);
   void on_op_wait_timeout(Txn& t, int64_t now_ms);
   ClientReply reply_for_ops(const Txn& t, RequestKind kind, uint64_t waiter) const;
+  // Transactional messages (msg_machine.cc).
+  void recover_msg(Txn& t, int64_t now_ms);
+  std::optional<ClientReply> msg_commit(Txn& t, uint64_t waiter, int64_t now_ms);
+  std::optional<ClientReply> msg_abort(Txn& t, uint64_t waiter, int64_t now_ms);
+  Status resolve_msg(Txn& t, bool commit, int64_t now_ms);
+  void msg_decide_commit(Txn& t, int64_t now_ms);
+  void msg_decide_abort(Txn& t, std::string_view reason, int64_t now_ms);
+  void msg_check(Txn& t, int64_t now_ms);
+  void on_producer_answer(Txn& t, const OpReply& reply, int64_t now_ms);
+  void msg_persisted(Txn& t, bool first, bool decided_now, int64_t now_ms);
+  void msg_maybe_finish(Txn& t, int64_t now_ms);
+  Answer msg_answer(const Txn& t, RequestKind kind) const;
 
   MachineOptions opts_;
   Logger& log_;

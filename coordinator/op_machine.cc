@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "coordinator/coordinator_machine.h"
+#include "coordinator/op_slot.h"
 #include "coordinator/op_spec.h"
 
 namespace tpc::coord {
@@ -20,20 +21,17 @@ namespace {
 // A try whose answer stays unknown this many times aborts its TCC transaction.
 constexpr uint32_t kTryAttemptsMax = 3;
 
-const wal::OpText* op_of(const BranchSlot& b, StepOp op) {
-  for (auto& o : b.ops)
-    if (o.op == op) return &o;
-  return nullptr;
-}
-
-// The op a branch or step in this state waits on the answer of.
-std::optional<StepOp> awaited_op(BranchState s) {
-  switch (s) {
+// The op a branch, step or message slot in its state waits on the answer of.
+std::optional<StepOp> awaited_op(const BranchSlot& b) {
+  switch (b.state) {
     case BranchState::trying: return StepOp::try_op;
     case BranchState::confirming: return StepOp::confirm;
     case BranchState::cancelling: return StepOp::cancel;
-    case BranchState::running: return StepOp::action;
+    case BranchState::running:
+      return op_of(b, StepOp::local) != nullptr ? StepOp::local : StepOp::action;
     case BranchState::compensating: return StepOp::compensate;
+    case BranchState::checking: return StepOp::check;
+    case BranchState::delivering: return StepOp::deliver;
     default: return std::nullopt;
   }
 }
@@ -44,7 +42,9 @@ BranchState state_while(StepOp op) {
     case StepOp::confirm: return BranchState::confirming;
     case StepOp::cancel: return BranchState::cancelling;
     case StepOp::compensate: return BranchState::compensating;
-    default: return BranchState::running;
+    case StepOp::check: return BranchState::checking;
+    case StepOp::deliver: return BranchState::delivering;
+    default: return BranchState::running;  // action, local
   }
 }
 
@@ -54,7 +54,8 @@ BranchState state_after(StepOp op) {
     case StepOp::confirm: return BranchState::confirmed;
     case StepOp::cancel: return BranchState::cancelled;
     case StepOp::compensate: return BranchState::compensated;
-    default: return BranchState::done;
+    case StepOp::deliver: return BranchState::delivered;
+    default: return BranchState::done;  // action, local, check
   }
 }
 
@@ -62,6 +63,7 @@ wal::BranchOutcome ops_outcome_of(const BranchSlot& b) {
   if (b.forced) return wal::BranchOutcome::forced;
   switch (b.state) {
     case BranchState::confirmed:
+    case BranchState::delivered:
     case BranchState::done: return wal::BranchOutcome::committed;
     case BranchState::cancelled:
     case BranchState::compensated: return wal::BranchOutcome::aborted;
@@ -123,7 +125,9 @@ wal::TxnRecord CoordinatorMachine::record_of_ops(const Txn& t, int64_t now_ms) c
   r.protocol = t.protocol;
   switch (t.decision) {
     case Decision::none:
-      r.decision = t.protocol == Protocol::tcc ? wal::Decision::registered : wal::Decision::running;
+      r.decision = t.protocol == Protocol::tcc   ? wal::Decision::registered
+                   : t.protocol == Protocol::msg ? wal::Decision::half
+                                                 : wal::Decision::running;
       break;
     case Decision::commit: r.decision = wal::Decision::commit; break;
     case Decision::abort: r.decision = wal::Decision::aborted; break;
@@ -156,7 +160,7 @@ TxnView CoordinatorMachine::view_from_record_ops(const wal::TxnRecord& rec) {
     v.reason = o->reason;
     v.reason_branch = o->step;
   }
-  bool saga = rec.protocol == Protocol::saga;
+  bool saga = rec.protocol == Protocol::saga, msg = rec.protocol == Protocol::msg;
   switch (rec.decision) {
     case wal::Decision::commit:
       v.decision = Decision::commit;
@@ -164,11 +168,13 @@ TxnView CoordinatorMachine::view_from_record_ops(const wal::TxnRecord& rec) {
       break;
     case wal::Decision::aborted:
       v.decision = Decision::abort;
-      v.state = rec.ended ? TxnState::aborted : saga ? TxnState::compensating : TxnState::aborting;
+      v.state = rec.ended || msg ? TxnState::aborted
+                : saga           ? TxnState::compensating
+                                 : TxnState::aborting;
       break;
     default:
       v.decision = Decision::none;
-      v.state = saga ? TxnState::running : TxnState::active;
+      v.state = saga ? TxnState::running : msg ? TxnState::prepared : TxnState::active;
       break;
   }
   for (auto& b : rec.branches) {
@@ -234,10 +240,11 @@ void CoordinatorMachine::recover_ops(const wal::TxnRecord& rec, const GidParts& 
   log_.info("recovered", {{"gid", tx.gid},
                           {"protocol", protocol_name(tx.protocol)},
                           {"decision", wal::decision_name(rec.decision)}});
-  if (tx.protocol == Protocol::tcc)
-    recover_tcc(tx, now_ms);
-  else
-    recover_saga(tx, now_ms);
+  switch (tx.protocol) {
+    case Protocol::tcc: return recover_tcc(tx, now_ms);
+    case Protocol::msg: return recover_msg(tx, now_ms);
+    default: return recover_saga(tx, now_ms);
+  }
 }
 
 void CoordinatorMachine::recover_tcc(Txn& t, int64_t now_ms) {
@@ -453,6 +460,7 @@ std::optional<ClientReply> CoordinatorMachine::tcc_commit(Txn& t, uint64_t waite
     r.error = conflict("a saga commits by itself once every step is done");
     return r;
   }
+  if (t.protocol == Protocol::msg) return msg_commit(t, waiter, now_ms);
   if (t.decision == Decision::abort) return reply_for_ops(t, RequestKind::commit, waiter);
   if (t.decision == Decision::commit && t.decision_durable && opts.wait_decision_only)
     return reply_for_ops(t, RequestKind::commit, waiter);
@@ -489,6 +497,7 @@ std::optional<ClientReply> CoordinatorMachine::ops_abort(Txn& t, uint64_t waiter
         "tpcctl resolve can stop it");
     return r;
   }
+  if (t.protocol == Protocol::msg) return msg_abort(t, waiter, now_ms);
   if (t.decision == Decision::commit) return reply_for_ops(t, RequestKind::abort, waiter);
   std::string gid = t.gid;
   if (t.decision == Decision::none) {
@@ -505,8 +514,9 @@ ClientReply CoordinatorMachine::resolve_ops(Txn& t, bool commit, int64_t now_ms)
   ClientReply r;
   r.kind = RequestKind::resolve;
   std::string gid = t.gid;
-  Status refused = t.protocol == Protocol::tcc ? resolve_tcc(t, commit, now_ms)
-                                               : resolve_saga(t, commit, now_ms);
+  Status refused = t.protocol == Protocol::tcc   ? resolve_tcc(t, commit, now_ms)
+                   : t.protocol == Protocol::msg ? resolve_msg(t, commit, now_ms)
+                                                 : resolve_saga(t, commit, now_ms);
   if (!refused.ok()) {
     r.answer = Answer::contrary;
     r.error = refused;
@@ -772,7 +782,16 @@ void CoordinatorMachine::send_op(Txn& t, size_t i, StepOp op) {
       TPC_ASSERT_MSG(t.decision == Decision::abort && t.decision_durable,
                      "a compensation is never sent before the decision is durable");
       break;
-    default: TPC_ASSERT(false);
+    case StepOp::local:
+    case StepOp::check:
+      TPC_ASSERT_MSG(t.recorded && t.decision == Decision::none,
+                     "a message's local op or check goes only while its half message is durable "
+                     "and undecided");
+      break;
+    case StepOp::deliver:
+      TPC_ASSERT_MSG(t.decision == Decision::commit && t.decision_durable,
+                     "a message is never delivered before its commit is durable");
+      break;
   }
   BranchState to = state_while(op);
   if (b.state != to) b.attempts = 0;
@@ -805,8 +824,9 @@ void CoordinatorMachine::resend_op(Txn& t, size_t i) {
   BranchSlot& b = t.branches[i];
   if (b.in_flight || !b.retry_pending) return;
   b.retry_pending = false;
-  auto op = awaited_op(b.state);
+  auto op = awaited_op(b);
   if (!op) return;
+  if ((*op == StepOp::local || *op == StepOp::check) && t.decision != Decision::none) return;
   if (*op == StepOp::action && (t.state != TxnState::running || t.decision != Decision::none)) {
     saga_compensate_next(t);  // compensating: the step may have run and is undone instead
     return;
@@ -822,7 +842,7 @@ void CoordinatorMachine::on_op_reply(const OpReply& reply, int64_t now_ms) {
   if (i == t->branches.size()) return;
   BranchSlot& b = t->branches[i];
   // Only the answer to the op the branch waits on counts; anything else is late.
-  auto want = awaited_op(b.state);
+  auto want = awaited_op(b);
   if (!want || *want != reply.op || !b.in_flight) return;
   b.in_flight = false;
   ++counters_.ops[static_cast<size_t>(reply.op)][static_cast<size_t>(reply.outcome)];
@@ -831,6 +851,8 @@ void CoordinatorMachine::on_op_reply(const OpReply& reply, int64_t now_ms) {
   switch (reply.op) {
     case StepOp::try_op: return on_try_answer(*t, i, reply, now_ms);
     case StepOp::action: return on_action_answer(*t, i, reply, now_ms);
+    case StepOp::local:
+    case StepOp::check: return on_producer_answer(*t, reply, now_ms);
     default: return on_settling_answer(*t, i, reply, now_ms);
   }
 }
@@ -844,7 +866,8 @@ void CoordinatorMachine::on_settling_answer(Txn& t, size_t i, const OpReply& rep
     b.state = state_after(reply.op);
     if (!reply.result.empty()) b.result = reply.result;
     // last_error stays: why the step failed, or what held its settling op up, is still news.
-    persist_ops(t, /*sync=*/false, now_ms);
+    // A message's last delivery is logged with its end record, which follows at once.
+    if (t.protocol != Protocol::msg || !all_delivered(t)) persist_ops(t, /*sync=*/false, now_ms);
     if (reply.op == StepOp::compensate) saga_compensate_next(t);
     maybe_finish_ops(t, now_ms);
     return;
@@ -882,6 +905,7 @@ void CoordinatorMachine::ops_persisted(Txn& t, uint64_t seq, int64_t now_ms) {
     maybe_finish_ops(t, now_ms);
     return;
   }
+  if (t.protocol == Protocol::msg) return msg_persisted(t, first, decided_now, now_ms);
   if (t.decision == Decision::commit && t.decision_durable) {
     set_state(t, TxnState::committed);
     finish(t.gid, now_ms);
@@ -895,6 +919,7 @@ void CoordinatorMachine::ops_persisted(Txn& t, uint64_t seq, int64_t now_ms) {
 
 void CoordinatorMachine::maybe_finish_ops(Txn& t, int64_t now_ms) {
   if (t.decision == Decision::none) return;
+  if (t.protocol == Protocol::msg) return msg_maybe_finish(t, now_ms);
   if (t.protocol == Protocol::saga && t.decision == Decision::commit) return;  // ops_persisted
   if (t.decision == Decision::commit && !t.decision_durable) return;
   for (auto& b : t.branches) {
@@ -914,6 +939,7 @@ void CoordinatorMachine::maybe_finish_ops(Txn& t, int64_t now_ms) {
 
 void CoordinatorMachine::on_op_timeout(Txn& t, int64_t now_ms) {
   if (t.decision != Decision::none || t.deadline_ms > now_ms) return;
+  if (t.protocol == Protocol::msg) return msg_check(t, now_ms);
   if (t.protocol == Protocol::tcc) {
     if (t.state == TxnState::active) tcc_abort(t, "timeout", "", now_ms);
     return;
@@ -929,7 +955,7 @@ void CoordinatorMachine::on_op_timeout(Txn& t, int64_t now_ms) {
 
 void CoordinatorMachine::on_op_wait_timeout(Txn& t, int64_t now_ms) {
   bool undecided_commit =
-      t.decision == Decision::commit && !t.decision_durable && t.protocol == Protocol::tcc;
+      t.decision == Decision::commit && !t.decision_durable && t.protocol != Protocol::saga;
   if (undecided_commit || !t.recorded) {
     schedule(t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
     return;
@@ -943,6 +969,10 @@ ClientReply CoordinatorMachine::reply_for_ops(const Txn& t, RequestKind kind,
   r.waiter = waiter;
   r.kind = kind;
   r.view = view_of(t);
+  if (t.protocol == Protocol::msg) {
+    r.answer = msg_answer(t, kind);
+    return r;
+  }
   switch (kind) {
     case RequestKind::run:
       r.answer = t.state == TxnState::committed                                ? Answer::done

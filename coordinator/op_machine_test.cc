@@ -794,3 +794,269 @@ TEST_CASE("answers from the log: TCC and saga records give their views") {
   ClientReply r = CoordinatorMachine::reply_from_record(*round, RequestKind::get);
   CHECK(http_status_of(r) == 200);
 }
+
+// --- transactional messages (docs/DESIGN.md §10.1) ------------------------------------------
+
+namespace {
+
+MsgRequest half_message(size_t destinations, std::optional<int64_t> timeout_ms = std::nullopt) {
+  MsgRequest req;
+  req.producer.push_back(op_text(StepOp::check, "producer/check"));
+  for (size_t i = 0; i < destinations; ++i)
+    req.destinations.push_back(op_text(StepOp::deliver, "dest" + std::to_string(i)));
+  req.timeout_ms = timeout_ms;
+  return req;
+}
+
+MsgRequest message_with_local() {
+  MsgRequest req = half_message(2);
+  req.producer.clear();
+  req.producer.push_back(
+      {StepOp::local, R"({"participant":"a1","statements":[{"sql":"UPDATE t SET v = 1"}]})"});
+  req.producer.push_back({StepOp::check, R"({"participant":"a1"})"});
+  return req;
+}
+
+// A half message begun and durable: the 201 taken.
+std::string prepared_msg(Fixture& f, MsgRequest req, uint64_t waiter = 1) {
+  auto gid = f.m->begin_msg(std::move(req), waiter, f.now);
+  REQUIRE(gid.ok());
+  f.take();
+  f.sync();
+  f.clear();
+  return *gid;
+}
+
+TxnState state_of(Fixture& f, const std::string& gid) {
+  auto l = f.m->lookup(gid);
+  REQUIRE(l.kind == LookupKind::live);  // live, or finished and still in memory
+  return l.view.state;
+}
+
+}  // namespace
+
+TEST_CASE("msg: the half message is synced before the 201, and nothing is delivered yet") {
+  Fixture f;
+  auto gid = f.m->begin_msg(half_message(2), 7, f.now);
+  REQUIRE(gid.ok());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.protocol == Protocol::msg);
+  CHECK(f.persisted[0].record.decision == wal::Decision::half);
+  CHECK(f.persisted[0].record.branches.size() == 3);  // local, d1, d2
+  CHECK(f.replies.empty());                           // not before it is durable
+  f.sync();
+  const ClientReply* r = f.reply_to(7);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 201);
+  CHECK(r->view.state == TxnState::prepared);
+  CHECK(f.calls.empty());
+  Json j = encode_view(r->view);
+  CHECK(j["state"] == "prepared");
+  CHECK(j["destinations"].size() == 2);
+  CHECK(j["destinations"][0]["name"] == "d1");
+  CHECK(j["local"]["state"] == "pending");
+}
+
+TEST_CASE("msg: commit delivers to every destination once the decision is durable") {
+  Fixture f;
+  std::string gid = prepared_msg(f, half_message(2));
+  REQUIRE_FALSE(f.m->commit(gid, 9, {}, f.now).has_value());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.decision == wal::Decision::commit);
+  CHECK(f.calls.empty());
+  CHECK(f.replies.empty());
+  f.sync();
+  CHECK(f.called(StepOp::deliver) == std::vector<std::string>{"d1", "d2"});
+  const ClientReply* r = f.reply_to(9);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 200);
+  CHECK(r->view.state == TxnState::committing);
+  // A destination that fails is called again until it acknowledges, a business failure too.
+  f.answer("d1", StepOp::deliver, OpOutcome::ok);
+  f.answer("d2", StepOp::deliver, OpOutcome::business_failure);
+  CHECK(f.view(gid).state == TxnState::committing);
+  f.advance(10'000);
+  f.answer("d2", StepOp::deliver, OpOutcome::unknown);
+  f.advance(10'000);
+  f.answer("d2", StepOp::deliver, OpOutcome::ok);
+  CHECK(state_of(f, gid) == TxnState::committed);
+  CHECK(f.log_records[gid].ended);
+  CHECK(f.called(StepOp::deliver) == std::vector<std::string>{"d1", "d2", "d2", "d2"});
+  // A repeated commit answers committed; an abort is refused.
+  auto again = f.m->commit(gid, 10, {}, f.now);
+  REQUIRE(again.has_value());
+  CHECK(http_status_of(*again) == 200);
+  auto late = f.m->abort(gid, 11, f.now);
+  REQUIRE(late.has_value());
+  CHECK(http_status_of(*late) == 409);
+}
+
+TEST_CASE("msg: abort ends it at once and nothing is ever delivered") {
+  Fixture f;
+  std::string gid = prepared_msg(f, half_message(1));
+  auto r = f.m->abort(gid, 3, f.now);
+  f.take();
+  REQUIRE(r.has_value());
+  CHECK(http_status_of(*r) == 200);
+  CHECK(r->view.state == TxnState::aborted);
+  CHECK(f.log_records[gid].decision == wal::Decision::aborted);
+  CHECK(f.log_records[gid].ended);
+  f.advance(60'000);  // no check-back either
+  CHECK(f.history.empty());
+  auto late = f.m->commit(gid, 4, {}, f.now);
+  REQUIRE(late.has_value());
+  CHECK(http_status_of(*late) == 409);
+}
+
+TEST_CASE("msg: check-back at the timeout: 2xx commits, a business failure aborts") {
+  for (OpOutcome answer : {OpOutcome::ok, OpOutcome::business_failure}) {
+    CAPTURE(op_outcome_name(answer));
+    Fixture f;
+    std::string gid = prepared_msg(f, half_message(1, 2'000));
+    f.advance(1'999);
+    CHECK(f.calls.empty());
+    f.advance(1);
+    REQUIRE(f.calls.size() == 1);
+    CHECK(f.calls[0].op == StepOp::check);
+    CHECK(f.calls[0].branch == "local");
+    // Listed as in doubt while its producer is silent.
+    CHECK(f.m->in_doubt(f.now, 10).size() == 1);
+    // Unknown answers ask again, with backoff.
+    f.answer("local", StepOp::check, OpOutcome::unknown);
+    CHECK(f.calls.empty());
+    f.advance(f.opts.retry_min_ms);
+    f.answer("local", StepOp::check, answer);
+    if (answer == OpOutcome::ok) {
+      CHECK(f.view(gid).state == TxnState::committing);
+      f.sync();
+      f.answer("d1", StepOp::deliver, OpOutcome::ok);
+      CHECK(state_of(f, gid) == TxnState::committed);
+      CHECK(f.log_records[gid].decision == wal::Decision::commit);
+    } else {
+      CHECK(state_of(f, gid) == TxnState::aborted);
+      CHECK(f.log_records[gid].decision == wal::Decision::aborted);
+      CHECK(f.log_records[gid].options.find("not_committed") != std::string::npos);
+      CHECK(f.called(StepOp::deliver).empty());
+    }
+  }
+}
+
+TEST_CASE("msg: the producer's commit while a check is out wins, and the check's answer is late") {
+  Fixture f;
+  std::string gid = prepared_msg(f, half_message(1, 1'000));
+  f.advance(1'000);
+  REQUIRE(f.calls.size() == 1);
+  OpCall check = f.calls[0];
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 5, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.answer(check, OpOutcome::business_failure);  // ignored: decided
+  CHECK(f.view(gid).state == TxnState::committing);
+  CHECK(f.called(StepOp::deliver) == std::vector<std::string>{"d1"});
+}
+
+TEST_CASE("msg: one request: the local op after the half message, its answer decides") {
+  SUBCASE("committed") {
+    Fixture f;
+    auto gid = f.m->begin_msg(message_with_local(), 4, f.now);
+    REQUIRE(gid.ok());
+    f.take();
+    CHECK(f.calls.empty());  // not before the half message is durable
+    f.sync();
+    REQUIRE(f.calls.size() == 1);
+    CHECK(f.calls[0].op == StepOp::local);
+    CHECK(f.replies.empty());
+    f.answer("local", StepOp::local, OpOutcome::ok, R"({"barrier":"applied","results":[]})");
+    CHECK(f.replies.empty());  // not before the commit is durable
+    f.sync();
+    const ClientReply* r = f.reply_to(4);
+    REQUIRE(r != nullptr);
+    CHECK(http_status_of(*r) == 200);
+    CHECK(f.called(StepOp::deliver).size() == 2);
+    // Commit and abort belong to the local op's answer.
+    auto c = f.m->abort(*gid, 5, f.now);
+    REQUIRE(c.has_value());
+    CHECK(http_status_of(*c) == 409);
+  }
+  SUBCASE("failed") {
+    Fixture f;
+    auto gid = f.m->begin_msg(message_with_local(), 4, f.now);
+    f.take();
+    f.sync();
+    f.answer("local", StepOp::local, OpOutcome::business_failure);
+    const ClientReply* r = f.reply_to(4);
+    REQUIRE(r != nullptr);
+    CHECK(http_status_of(*r) == 409);
+    CHECK(r->view.state == TxnState::aborted);
+    CHECK(r->view.reason == "local_failed");
+  }
+  SUBCASE("unknown: resent, then settled by a check") {
+    Fixture f;
+    auto gid = f.m->begin_msg(message_with_local(), 4, f.now);
+    f.take();
+    f.sync();
+    for (uint32_t i = 1; i < kLocalAttemptsMax; ++i) {
+      f.answer("local", StepOp::local, OpOutcome::unknown);
+      f.advance(1'000);
+    }
+    CHECK(f.called(StepOp::local).size() == kLocalAttemptsMax);
+    f.answer("local", StepOp::local, OpOutcome::unknown);
+    REQUIRE(f.calls.size() == 1);
+    CHECK(f.calls[0].op == StepOp::check);
+    CHECK(f.calls[0].spec == R"({"participant":"a1"})");
+    f.answer("local", StepOp::check, OpOutcome::business_failure);  // fenced
+    const ClientReply* r = f.reply_to(4);
+    REQUIRE(r != nullptr);
+    CHECK(http_status_of(*r) == 409);
+    CHECK(r->view.reason == "not_committed");
+  }
+}
+
+TEST_CASE("msg: recovery leaves a half message to check-back and goes on delivering a commit") {
+  Fixture f;
+  std::string half = prepared_msg(f, half_message(1, 5'000));
+  std::string decided = prepared_msg(f, half_message(2), 2);
+  REQUIRE_FALSE(f.m->commit(decided, 3, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.answer("d1", StepOp::deliver, OpOutcome::ok);  // d1 acknowledged (logged unsynced)
+  std::vector<wal::TxnRecord> unfinished{f.log_records[half], f.log_records[decided]};
+  f.history.clear();
+  f.clear();
+  f.restart(2, unfinished);
+  CHECK(f.view(half).state == TxnState::prepared);
+  CHECK(f.called(StepOp::deliver) == std::vector<std::string>{"d2"});
+  CHECK(f.called(StepOp::check).empty());
+  f.advance(5'000);
+  CHECK(f.called(StepOp::check) == std::vector<std::string>{"local"});
+  f.answer("local", StepOp::check, OpOutcome::business_failure);
+  CHECK(state_of(f, half) == TxnState::aborted);
+  f.answer("d2", StepOp::deliver, OpOutcome::ok);
+  CHECK(state_of(f, decided) == TxnState::committed);
+  CHECK(f.m->open_txns() == 0);
+}
+
+TEST_CASE("msg: an operator decides a half message, or skips a stuck delivery (forced)") {
+  Fixture f;
+  std::string a = prepared_msg(f, half_message(1));
+  ClientReply r = f.m->resolve(a, false, f.now);
+  f.take();
+  CHECK(r.view.state == TxnState::aborted);
+  CHECK(r.view.reason == "operator");
+  std::string b = prepared_msg(f, half_message(1), 2);
+  f.m->resolve(b, true, f.now);
+  f.take();
+  f.sync();
+  CHECK(f.called(StepOp::deliver) == std::vector<std::string>{"d1"});
+  ClientReply no = f.m->resolve(b, false, f.now);
+  CHECK(http_status_of(no) == 409);
+  ClientReply yes = f.m->resolve(b, true, f.now);
+  f.take();
+  CHECK(yes.view.state == TxnState::committed);
+  CHECK(f.branch(yes.view, "d1").forced);
+}

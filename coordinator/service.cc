@@ -705,6 +705,9 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
 }
 
 void CoordinatorService::begin(const HttpRequest& req, const Responder& respond) {
+  if (auto parsed = parse_object(req.body);
+      parsed.ok() && run_protocol(*parsed) == protocol_name(Protocol::msg))
+    return begin_msg(*parsed, false, respond);
   auto body = decode_begin(req.body, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
   if (!healthy_) {
@@ -762,6 +765,8 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
   auto parsed = parse_object(req.body);
   if (!parsed.ok()) return respond(error_response(parsed.status()));
   if (run_protocol(*parsed) == protocol_name(Protocol::saga)) return run_saga(*parsed, respond);
+  if (run_protocol(*parsed) == protocol_name(Protocol::msg))
+    return begin_msg(*parsed, true, respond);
   auto body = decode_run_json(*parsed, cfg_.statements_max);
   if (!body.ok()) return respond(error_response(body.status()));
   if (!healthy_) {
@@ -848,6 +853,33 @@ void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
   with_machine([&](CoordinatorMachine& m) {
     gid = m.run_saga(std::move(body->steps), body->opts, waiter, now);
   });
+  if (!gid.ok()) {
+    {
+      std::lock_guard lock(waiters_mu_);
+      waiters_.erase(waiter);
+    }
+    respond(error_response(gid.status()));
+  }
+}
+
+void CoordinatorService::begin_msg(const Json& j, bool one_request, const Responder& respond) {
+  auto body = decode_msg(j, one_request, cfg_.statements_max, cfg_.machine.txn_timeout_max_ms);
+  if (!body.ok()) return respond(error_response(body.status()));
+  for (const OpBranch& ops :
+       {OpBranch{"local", body->producer}, OpBranch{"destinations", body->destinations}})
+    if (Status st = check_ops(ops); !st.ok()) return respond(error_response(st));
+  if (!healthy_) {
+    respond(error_response(unavailable("recovering: not accepting new transactions yet")));
+    return;
+  }
+  int64_t now = rt_.now_ms();
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  Result<std::string> gid = unavailable("");
+  with_machine([&](CoordinatorMachine& m) { gid = m.begin_msg(std::move(*body), waiter, now); });
   if (!gid.ok()) {
     {
       std::lock_guard lock(waiters_mu_);

@@ -149,6 +149,8 @@ class CoordinatorService {
   void begin(const HttpRequest& req, const Responder& respond);
   void run_oneshot(const HttpRequest& req, const Responder& respond);
   void run_saga(const Json& body, const Responder& respond);
+  // A transactional message: POST /v1/transactions, or /run with its local op (one_request).
+  void begin_msg(const Json& j, bool one_request, const Responder& respond);
   Status check_ops(const OpBranch& b) const;
   bool url_allowed(std::string_view url) const;
   void try_branch(const std::string& gid, const HttpRequest& req, const Responder& respond,

@@ -17,6 +17,7 @@ std::string_view state_name(TxnState s) {
     case TxnState::running: return "running";
     case TxnState::compensating: return "compensating";
     case TxnState::failed: return "failed";
+    case TxnState::prepared: return "prepared";
   }
   return "?";
 }
@@ -25,7 +26,7 @@ std::optional<TxnState> parse_state(std::string_view s) {
   for (TxnState t :
        {TxnState::active, TxnState::preparing, TxnState::precommitted, TxnState::committing,
         TxnState::committed, TxnState::aborting, TxnState::aborted, TxnState::heuristic_mixed,
-        TxnState::running, TxnState::compensating, TxnState::failed})
+        TxnState::running, TxnState::compensating, TxnState::failed, TxnState::prepared})
     if (state_name(t) == s) return t;
   return std::nullopt;
 }
@@ -54,6 +55,9 @@ std::string_view branch_state_name(BranchState s) {
     case BranchState::failed: return "failed";
     case BranchState::compensating: return "compensating";
     case BranchState::compensated: return "compensated";
+    case BranchState::checking: return "checking";
+    case BranchState::delivering: return "delivering";
+    case BranchState::delivered: return "delivered";
   }
   return "?";
 }

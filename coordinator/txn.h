@@ -20,6 +20,8 @@ namespace tpc::coord {
 // TCC (§9): active → committing (confirms) → committed, or → aborting (cancels) → aborted.
 // Saga (§9): running → committed, or running → compensating → aborted, or running → failed
 // (forward recovery past its attempts: stuck until an operator resolves it).
+// Transactional message (§10.1): prepared (the half message) → committing (delivering) →
+// committed, or prepared → aborted.
 enum class TxnState : uint8_t {
   active,
   preparing,
@@ -32,6 +34,7 @@ enum class TxnState : uint8_t {
   running,
   compensating,
   failed,
+  prepared,
 };
 
 // A branch as the coordinator sees it.
@@ -60,8 +63,14 @@ enum class BranchState : uint8_t {
   failed,        // action failed for good (a business failure, or past its attempts)
   compensating,  // compensate sent (and resent until it succeeds)
   compensated,
+  // A transactional message's producer ("local": pending, running while its local op is out,
+  // checking while a check-back is out, done once committed, failed once not) and its
+  // destinations (pending, delivering, delivered):
+  checking,
+  delivering,
+  delivered,
 };
-inline constexpr uint8_t kBranchStateMax = static_cast<uint8_t>(BranchState::compensated);
+inline constexpr uint8_t kBranchStateMax = static_cast<uint8_t>(BranchState::delivered);
 
 // exec_prepare / exec_commit carry a one-shot branch's statements with its prepare (or, for a
 // single branch, with its one-phase commit); a resent one-phase commit never carries them.
@@ -75,15 +84,16 @@ enum class MsgKind : uint8_t {
   exec_commit
 };
 
-// try_op: a TCC branch's try; run: a saga (answered as the saga ends, or once it is durable).
-enum class RequestKind : uint8_t { get, commit, abort, resolve, try_op, run };
+// try_op: a TCC branch's try; run: a saga (answered as the saga ends, or once it is durable),
+// or a message with its local op (answered once decided); begin: a half message (answered once
+// durable).
+enum class RequestKind : uint8_t { get, commit, abort, resolve, try_op, run, begin };
 
 enum class TimerKind : uint8_t { txn_timeout, prepare_timeout, resend, wait_timeout };
 
 // How an op's answer counts (docs/DESIGN.md §8): 2xx, 409/422, anything else.
 enum class OpOutcome : uint8_t { ok, business_failure, unknown };
 inline constexpr size_t kOpOutcomes = 3;
-inline constexpr size_t kStepOps = 7;
 std::string_view op_outcome_name(OpOutcome o);
 
 // The coordinator's decision for a transaction.
@@ -244,6 +254,18 @@ struct OpBranch {
   std::string name;
   std::vector<wal::OpText> ops;
 };
+
+// A transactional message (docs/DESIGN.md §10.1): its producer's ops (check, and in the
+// one-request form the local op before it) and one deliver op per destination.
+struct MsgRequest {
+  std::vector<wal::OpText> producer;
+  std::vector<wal::OpText> destinations;
+  std::optional<int64_t> timeout_ms;  // check-back after this long undecided
+};
+inline constexpr int64_t kMsgTimeoutDefaultMs = 10'000;
+// An unknown answer to the one-request form's local op is resent this many times in all, then
+// the message is settled by check-back.
+inline constexpr uint32_t kLocalAttemptsMax = 3;
 
 // --- internal to the machine (in the header for tests that inspect it) ---------------------
 

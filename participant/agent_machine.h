@@ -277,6 +277,8 @@ struct AgentCounters {
   uint64_t steps_duplicate = 0;
   uint64_t steps_empty_compensation = 0;
   uint64_t steps_refused = 0;
+  uint64_t steps_committed = 0;  // checks that found the local op committed
+  uint64_t steps_fenced = 0;     // checks that fenced a local op that never ran
   uint64_t steps_failed = 0;
   uint64_t steps_unknown = 0;
 };

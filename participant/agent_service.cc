@@ -630,6 +630,8 @@ void AgentService::register_metrics() {
         StepCounter{"duplicate", &AgentCounters::steps_duplicate},
         StepCounter{"empty_compensation", &AgentCounters::steps_empty_compensation},
         StepCounter{"refused", &AgentCounters::steps_refused},
+        StepCounter{"committed", &AgentCounters::steps_committed},
+        StepCounter{"fenced", &AgentCounters::steps_fenced},
         StepCounter{"failed", &AgentCounters::steps_failed},
         StepCounter{"unknown", &AgentCounters::steps_unknown}})
     counter("tpc_agent_steps_total",

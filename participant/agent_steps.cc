@@ -7,6 +7,18 @@
 #include "participant/agent_machine.h"
 
 namespace tpc::agent {
+namespace {
+
+// The op whose barrier row refuses `op` when it ran first.
+std::string_view refuser_name(StepOp op) {
+  switch (op) {
+    case StepOp::try_op: return "cancel";
+    case StepOp::local: return "check-back";
+    default: return "compensation";
+  }
+}
+
+}  // namespace
 
 void AgentMachine::on_finished_below(std::string_view coordinator, uint64_t epoch, uint64_t seq) {
   GidParts mark{std::string(coordinator), epoch, seq};
@@ -38,7 +50,10 @@ bool AgentMachine::finished_at_coordinator(std::string_view gid) const {
 // gone); anything else ran already.
 void AgentMachine::reply_finished_step(const Request& req) {
   Reply r;
-  if (undone_later(req.step_op)) {
+  if (req.step_op == StepOp::check) {
+    // Its barrier rows may be gone; the coordinator decided long ago and asks no more.
+    r.error = conflict("the transaction has finished at its coordinator; ask it for the outcome");
+  } else if (undone_later(req.step_op)) {
     r.barrier = pg::Barrier::refused;
     r.error = conflict("the transaction has finished; a late " +
                        std::string(step_op_name(req.step_op)) + " is refused");
@@ -92,9 +107,11 @@ void AgentMachine::on_step_done(uint64_t step, OpResult result, int64_t now_ms) 
     TPC_ASSERT(result.barrier.has_value());
     r.barrier = result.barrier;
     if (*r.barrier == pg::Barrier::refused)
-      r.error = conflict(
-          std::string(step_op_name(req.step_op)) + " of branch " + req.branch + " refused: its " +
-          (req.step_op == StepOp::try_op ? "cancel" : "compensation") + " ran first");
+      r.error = conflict(std::string(step_op_name(req.step_op)) + " of branch " + req.branch +
+                         " refused: its " + std::string(refuser_name(req.step_op)) + " ran first");
+    if (*r.barrier == pg::Barrier::fenced)
+      r.error = conflict("the local op of branch " + req.branch +
+                         " never committed; the check fenced it, so it never will");
     r.results = result.results;
     r.stored_results = std::move(result.stored_results);
   } else if (result.status.code() == Code::sql_error && !pg::retryable_sqlstate(result.sqlstate)) {
@@ -109,6 +126,8 @@ void AgentMachine::on_step_done(uint64_t step, OpResult result, int64_t now_ms) 
 void AgentMachine::count_step(const Reply& r) {
   if (r.barrier) {
     switch (*r.barrier) {
+      case pg::Barrier::committed: ++counters_.steps_committed; return;
+      case pg::Barrier::fenced: ++counters_.steps_fenced; return;
       case pg::Barrier::applied: ++counters_.steps_applied; return;
       case pg::Barrier::duplicate: ++counters_.steps_duplicate; return;
       case pg::Barrier::empty_compensation: ++counters_.steps_empty_compensation; return;

@@ -64,6 +64,9 @@ enum class Barrier : uint8_t {
   duplicate,           // called before: nothing ran again (the first call's results stand)
   empty_compensation,  // a cancel/compensate whose try/action never ran: only the rows commit
   refused,             // a try/action after its cancel/compensate (anti-hanging): nothing ran
+  // A message's check-back (op check, docs/DESIGN.md §10.1), on the row of its local op:
+  committed,  // the local op had committed (its results are answered)
+  fenced,     // it had not: the check wrote its row, so that it never will
 };
 
 constexpr std::string_view barrier_name(Barrier b) {
@@ -72,6 +75,8 @@ constexpr std::string_view barrier_name(Barrier b) {
     case Barrier::duplicate: return "duplicate";
     case Barrier::empty_compensation: return "empty_compensation";
     case Barrier::refused: return "refused";
+    case Barrier::committed: return "committed";
+    case Barrier::fenced: return "fenced";
   }
   return "?";
 }

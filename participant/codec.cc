@@ -160,7 +160,7 @@ Result<Request> decode_step(std::string_view body, std::string_view gid, const E
   auto step_op = parse_step_op(op);
   if (!step_op)
     return invalid_argument(
-        "\"op\" must be try, confirm, cancel, action, compensate, deliver or local, got " +
+        "\"op\" must be try, confirm, cancel, action, compensate, deliver, local or check, got " +
         echo(op));
   req.step_op = *step_op;
   if (r.has("sql") && r.has("statements"))
@@ -252,10 +252,11 @@ Json encode_view(const BranchView& v) {
 
 namespace {
 
-// 200 {"barrier","results"}; 409 barrier_refused; 422 (sqlstate) or 503 from the error.
+// 200 {"barrier","results"}; 409 barrier_refused or fenced; 422 (sqlstate) or 503 from the error.
 HttpResponse encode_step_reply(const Reply& r) {
   if (r.barrier == pg::Barrier::refused)
     return error_response(409, "barrier_refused", r.error.message());
+  if (r.barrier == pg::Barrier::fenced) return error_response(409, "fenced", r.error.message());
   if (!r.error.ok()) {
     Json extra = Json::object();
     if (!r.sqlstate.empty()) extra["sqlstate"] = r.sqlstate;

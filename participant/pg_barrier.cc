@@ -117,6 +117,38 @@ void end_block(PgConn& c, std::vector<PipelineStep> steps, bool commit, StepRun*
   }
 }
 
+// A check-back, in one round trip: it writes the local op's row in its own name unless the
+// local op's is there (ON CONFLICT DO NOTHING waits for a local op in flight to end), then
+// reads whose row it is. Either answer is final: a local op arriving later finds the row
+// taken and is refused.
+StepRun check_local(PgConn& c, const StepCall& call) {
+  StepRun run;
+  StepCall local = call;
+  local.op = StepOp::local;
+  PipelineStep fence = insert_row(call, StepOp::local);
+  std::vector<PipelineStep> steps{PipelineStep{"BEGIN", {}, true}, std::move(fence),
+                                  PipelineStep{std::string(kBarrierRead), own_key(local), true},
+                                  PipelineStep{"COMMIT", {}, true}};
+  std::vector<ExecResult> rs = run_steps(c, steps);
+  for (const ExecResult& r : rs) {
+    if (r.status.ok()) continue;
+    run.status = unavailable(with_sqlstate(r, "checking the local op's barrier row").message());
+    run.sqlstate = r.sqlstate;
+    rollback_if_open(c);
+    return run;
+  }
+  const StatementResult& row = rs[2].result;
+  if (row.rows.size() != 1 || row.rows[0].size() != 2 || !row.rows[0][0] ||
+      rs[3].result.command_tag != "COMMIT") {
+    run.status = internal_error("tpc_barrier: the local op's row is missing after the check");
+    return run;
+  }
+  bool ran = *row.rows[0][0] == step_op_name(StepOp::local);
+  run.barrier = ran ? Barrier::committed : Barrier::fenced;
+  if (ran) run.stored = row.rows[0][1] ? *row.rows[0][1] : std::string("[]");
+  return run;
+}
+
 }  // namespace
 
 StepRun run_step(PgConn& c, const StepCall& call, std::vector<PipelineStep> statements,
@@ -127,6 +159,7 @@ StepRun run_step(PgConn& c, const StepCall& call, std::vector<PipelineStep> stat
     run.status = internal_error("run_step inside a transaction block");
     return run;
   }
+  if (call.op == StepOp::check) return check_local(c, call);
   const bool compensating = undoes(call.op).has_value();
   std::vector<PipelineStep> steps = barrier_steps(call);
   const size_t first = steps.size();

@@ -60,7 +60,9 @@ using ResultText = std::string (*)(const std::vector<StatementResult>&);
 // its barrier first and runs its statements only when the op it undoes ran. A statement whose
 // row count misses its expectation (expect_rows, one per statement or empty) fails with
 // kExpectRowsSqlstate, one returning more than rows_max rows with kTooManyRowsSqlstate; either
-// rolls back.
+// rolls back. A check (a message's check-back, docs/DESIGN.md §10.1) runs no statements: it
+// answers committed (with the local op's stored results) or fenced, writing the local op's row
+// in its own name so that a later local op is refused.
 StepRun run_step(PgConn& c, const StepCall& call, std::vector<PipelineStep> statements,
                  const std::vector<std::optional<int64_t>>& expect_rows, size_t rows_max,
                  ResultText encode);

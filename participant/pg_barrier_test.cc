@@ -277,6 +277,69 @@ TEST_CASE("a try racing its cancel: either both apply or the cancel is empty and
   }
 }
 
+// A message's local op takes 30 from account 1 (docs/DESIGN.md §10.1).
+std::vector<PipelineStep> local_op() {
+  return {{"UPDATE accounts SET balance = balance - 30 WHERE id = 1", {}}};
+}
+
+TEST_CASE("a check after the local op committed answers committed with its results, every time") {
+  Bank b;
+  REQUIRE(b.run(StepOp::local, local_op()).barrier == Barrier::applied);
+  for (int i = 0; i < 2; ++i) {
+    StepRun check = b.run(StepOp::check, {});
+    REQUIRE_MESSAGE(check.status.ok(), check.status.to_string());
+    CHECK(check.barrier == Barrier::committed);
+    CHECK(check.stored == std::optional<std::string>("[1]"));
+  }
+  CHECK(b.balance() == "70/0");
+  CHECK(b.value("SELECT string_agg(op || ':' || written_by, ',') FROM tpc_barrier") ==
+        "local:local");
+}
+
+TEST_CASE("a check before the local op fences it: fenced every time, and the late op refused") {
+  Bank b;
+  StepRun check = b.run(StepOp::check, {});
+  REQUIRE_MESSAGE(check.status.ok(), check.status.to_string());
+  CHECK(check.barrier == Barrier::fenced);
+  CHECK(b.value("SELECT string_agg(op || ':' || written_by, ',') FROM tpc_barrier") ==
+        "local:check");
+  StepRun late = b.run(StepOp::local, local_op());
+  REQUIRE(late.status.ok());
+  CHECK(late.barrier == Barrier::refused);
+  CHECK(b.balance() == "100/0");
+  CHECK(b.run(StepOp::check, {}).barrier == Barrier::fenced);
+}
+
+TEST_CASE("a local op racing its check: committed and applied, or fenced and refused") {
+  int committed = 0, fenced = 0;
+  for (int round = 0; round < 20; ++round) {
+    Bank b;
+    auto cl = b.connect(), cc = b.connect();
+    std::latch start(2);
+    StepRun l, c;
+    std::thread local_thread([&] {
+      start.arrive_and_wait();
+      l = b.run(*cl, StepOp::local, local_op());
+    });
+    std::thread check_thread([&] {
+      start.arrive_and_wait();
+      c = b.run(*cc, StepOp::check, {});
+    });
+    local_thread.join();
+    check_thread.join();
+    REQUIRE_MESSAGE(l.status.ok(), l.status.to_string());
+    REQUIRE_MESSAGE(c.status.ok(), c.status.to_string());
+    bool ran = l.barrier == Barrier::applied && c.barrier == Barrier::committed;
+    bool fence = l.barrier == Barrier::refused && c.barrier == Barrier::fenced;
+    CHECK_MESSAGE((ran || fence),
+                  "local " << barrier_name(*l.barrier) << ", check " << barrier_name(*c.barrier));
+    CHECK(b.balance() == (ran ? "70/0" : "100/0"));  // the check's answer is what happened
+    committed += ran;
+    fenced += fence;
+  }
+  MESSAGE("committed " << committed << ", fenced " << fenced);
+}
+
 TEST_CASE("purge_barriers deletes the rows of one coordinator below the mark only") {
   Bank b;
   for (const char* gid : {"c1-1-3", "c1-1-9", "c1-2-1"})

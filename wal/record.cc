@@ -161,7 +161,7 @@ class Reader {
 Status decode_decision(Reader& r, Decision& out) {
   uint8_t v = 0;
   TPC_RETURN_IF_ERROR(r.u8("decision", v));
-  if (v < static_cast<uint8_t>(Decision::commit) || v > static_cast<uint8_t>(Decision::running)) {
+  if (v < static_cast<uint8_t>(Decision::commit) || v > static_cast<uint8_t>(Decision::half)) {
     return Reader::bad("decision", "value " + std::to_string(v) + " out of range");
   }
   out = static_cast<Decision>(v);
@@ -191,8 +191,7 @@ Status decode_branch_ops(Reader& r, BranchRecord& b) {
   for (OpText& op : b.ops) {
     uint8_t v = 0;
     TPC_RETURN_IF_ERROR(r.u8("op", v));
-    if (v > static_cast<uint8_t>(StepOp::local))
-      return Reader::bad("op", "value " + std::to_string(v) + " out of range");
+    if (v >= kStepOps) return Reader::bad("op", "value " + std::to_string(v) + " out of range");
     op.op = static_cast<StepOp>(v);
     TPC_RETURN_IF_ERROR(r.bytes("op json", op.json));
   }
@@ -200,17 +199,19 @@ Status decode_branch_ops(Reader& r, BranchRecord& b) {
   return r.bytes("branch last_error", b.last_error);
 }
 
-// TCC and saga records come as version 2 and only they hold the decisions of their own.
+// TCC, saga and msg records come as version 2 and only they hold the decisions of their own.
 Status check_protocol_decision(const TxnRecord& rec, uint8_t version) {
   if (calls_ops(rec.protocol) != (version >= kRecordVersionOps))
     return Reader::bad("protocol", std::string(protocol_name(rec.protocol)) + " in a version " +
                                        std::to_string(version) + " record");
   bool tcc_only = rec.decision == Decision::registered;
   bool saga_only = rec.decision == Decision::running;
+  bool msg_only = rec.decision == Decision::half;
   bool xa_only = rec.decision == Decision::precommit || rec.decision == Decision::one_phase ||
                  rec.decision == Decision::committed_read_only;
   if ((tcc_only && rec.protocol != Protocol::tcc) ||
-      (saga_only && rec.protocol != Protocol::saga) || (xa_only && calls_ops(rec.protocol)))
+      (saga_only && rec.protocol != Protocol::saga) ||
+      (msg_only && rec.protocol != Protocol::msg) || (xa_only && calls_ops(rec.protocol)))
     return Reader::bad("decision", std::string(decision_name(rec.decision)) + " in a " +
                                        std::string(protocol_name(rec.protocol)) + " record");
   return ok_status();
@@ -222,7 +223,7 @@ Status decode_payload(std::string_view payload, uint8_t version, TxnRecord& rec)
   uint8_t protocol = 0;
   TPC_RETURN_IF_ERROR(r.u8("protocol", protocol));
   auto p = protocol_from_byte(protocol);
-  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 to 5");
+  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 to 6");
   rec.protocol = *p;
   TPC_RETURN_IF_ERROR(decode_decision(r, rec.decision));
   uint8_t flags = 0;
@@ -347,13 +348,15 @@ std::string_view decision_name(Decision d) {
       return "committed_read_only";
     case Decision::registered: return "registered";
     case Decision::running: return "running";
+    case Decision::half: return "half";
   }
   return "unknown";
 }
 
 bool decision_may_follow(Decision from, Decision to) {
   if (from == to) return true;
-  bool undecided = from == Decision::registered || from == Decision::running;
+  bool undecided =
+      from == Decision::registered || from == Decision::running || from == Decision::half;
   return undecided && (to == Decision::commit || to == Decision::aborted);
 }
 

@@ -28,10 +28,12 @@ enum class Decision : uint8_t {
   registered = 6,  // TCC: branches registered before their try, nothing decided; recovery
                    // aborts the transaction (cancels every registered branch)
   running = 7,     // saga: actions going forward; recovery continues them
+  half = 8,        // msg: a half message, its producer's local transaction not known to have
+                   // committed; recovery leaves it to check-back
 };
 
 // The decisions a record may move to once written: none, except that an undecided TCC or
-// saga record (registered, running) moves to commit or aborted, once.
+// saga record (registered, running) or a half message moves to commit or aborted, once.
 bool decision_may_follow(Decision from, Decision to);
 
 enum class BranchOutcome : uint8_t {
@@ -71,12 +73,12 @@ struct TxnRecord {
   int64_t decided_wall_ms = 0;
   int64_t ended_wall_ms = 0;     // 0 until ended
   std::vector<BranchRecord> branches;
-  std::string options;  // TCC/saga: the transaction's options, JSON text (version 2)
+  std::string options;  // TCC/saga/msg: the transaction's options, JSON text (version 2)
   bool operator==(const TxnRecord&) const = default;
 };
 
 // Value layout: [u8 version][u32 crc32c of payload, little-endian][payload]. 2PC and 3PC
-// records are written as version 1, TCC and saga records as version 2; both are read.
+// records are written as version 1, TCC, saga and msg records as version 2; both are read.
 inline constexpr uint8_t kRecordVersion = 1;
 inline constexpr uint8_t kRecordVersionOps = 2;
 

@@ -393,13 +393,27 @@ TEST_CASE("version 2: a decision of another protocol, a bad op or a cut record i
   std::string payload = value.substr(5);
   const size_t op_at = 1 + 7 + 3 + 6 + 1 + 1 + 6 + 1 + 1 + 1 + 1 + 1;
   REQUIRE(payload[op_at] == static_cast<char>(StepOp::action));
-  payload[op_at] = 7;
+  payload[op_at] = static_cast<char>(tpc::kStepOps);
   auto b = decode_record(reseal(value, payload));
   REQUIRE(!b.ok());
-  CHECK(b.status().message().find("op: value 7") != std::string::npos);
+  CHECK(b.status().message().find("op: value 8") != std::string::npos);
+  // A half message is msg's alone.
+  TxnRecord half_saga = saga_record(Decision::half);
+  auto c = decode_record(encode_record(half_saga));
+  REQUIRE(!c.ok());
+  CHECK(c.status().message().find("half in a saga record") != std::string::npos);
+  TxnRecord half = saga_record(Decision::half);
+  half.protocol = tpc::Protocol::msg;
+  auto d = decode_record(encode_record(half));
+  REQUIRE(d.ok());
+  CHECK(*d == half);
 }
 
-TEST_CASE("a decision moves only from registered or running, to commit or aborted") {
+TEST_CASE("a decision moves only from registered, running or half, to commit or aborted") {
+  CHECK(decision_may_follow(Decision::half, Decision::commit));
+  CHECK(decision_may_follow(Decision::half, Decision::aborted));
+  CHECK_FALSE(decision_may_follow(Decision::commit, Decision::half));
+  CHECK_FALSE(decision_may_follow(Decision::half, Decision::running));
   CHECK(decision_may_follow(Decision::registered, Decision::commit));
   CHECK(decision_may_follow(Decision::registered, Decision::aborted));
   CHECK(decision_may_follow(Decision::running, Decision::commit));

@@ -248,6 +248,7 @@ OpResult SimExecutor::step(agent::PgOp& op) {
                              static_cast<int64_t>(parts->epoch), static_cast<int64_t>(parts->seq),
                              std::nullopt};
   };
+  if (op.step_op == StepOp::check) return check(op, row(StepOp::check));
   SimDb::BarrierKey own{op.gid, op.branch, std::string(step_op_name(op.step_op))};
   pg::BarrierRows rows;
   auto found = db_.barriers.find(own);
@@ -292,6 +293,20 @@ OpResult SimExecutor::step(agent::PgOp& op) {
   SimDb::BarrierRow mine = row(op.step_op);
   mine.result = dump(agent::encode_results(*res.results));
   db_.barriers[own] = std::move(mine);
+  if (on_step) on_step(op, res.barrier);
+  return res;
+}
+
+// A check-back, as pg::check_local: the local op's row is written in the check's name unless
+// it is there; whose row it is answers.
+OpResult SimExecutor::check(agent::PgOp& op, SimDb::BarrierRow fence) {
+  SimDb::BarrierKey local{op.gid, op.branch, std::string(step_op_name(StepOp::local))};
+  auto it = db_.barriers.emplace(local, std::move(fence)).first;
+  OpResult res;
+  res.results = std::make_shared<std::vector<pg::StatementResult>>();
+  bool ran = it->second.written_by == step_op_name(StepOp::local);
+  res.barrier = ran ? pg::Barrier::committed : pg::Barrier::fenced;
+  if (ran) res.stored_results = it->second.result.value_or("[]");
   if (on_step) on_step(op, res.barrier);
   return res;
 }

@@ -111,6 +111,7 @@ class SimExecutor final : public agent::BranchExecutor {
   pg::Outcome commit_in(uint64_t s, const agent::PgOp& op, const std::string& pgg, std::string* reason);
   agent::OpResult any_connection(const agent::PgOp& op, const std::string& pgg);
   agent::OpResult step(agent::PgOp& op);
+  agent::OpResult check(agent::PgOp& op, SimDb::BarrierRow fence);
   // The branch's session, if it is still alive; 0 if none (or lost, *lost set).
   uint64_t session_of(const std::string& gid, bool* lost);
 
