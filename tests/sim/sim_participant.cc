@@ -126,10 +126,14 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
   } else if (path.rfind("/saga/", 0) == 0) {
     kind = "saga";
     op = path.substr(6);
+  } else if (path == "/msg/deliver") {
+    kind = "msg";
+    op = "deliver";
   }
   bool tcc_op = op == "try" || op == "confirm" || op == "cancel";
   bool saga_op = op == "action" || op == "compensate";
-  if (req.method != "POST" || (kind == "saga" ? !saga_op : !tcc_op)) {
+  bool known = kind == "saga" ? saga_op : kind == "msg" ? op == "deliver" : tcc_op;
+  if (req.method != "POST" || !known) {
     contract.push_back("svc: unexpected " + req.method + " " + req.target);
     return fail(404, "not_found", "no such op: " + path);
   }
@@ -182,7 +186,7 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
     return body.contains(k) && body[k].is_boolean() && body[k].get<bool>();
   };
   auto account = number("account");
-  auto amount = number(kind == "saga" ? "delta" : "amount");
+  auto amount = number(kind == "saga" || kind == "msg" ? "delta" : "amount");
   if (!account || !amount || !accounts.count(*account)) {
     if (op == "try" || op == "action") {
       journal(gid, branch, op, OpEffect::failed);
@@ -208,6 +212,19 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
     return rng.chance(0.5) ? fail(409, "rejected", "the business refuses")
                            : fail(422, "invalid", "the business cannot do this");
   };
+  if (op == "deliver") {  // a message: applied once (its key's stored answer replays it)
+    if (b.state != State::none) {
+      contract.push_back("svc: a second delivery of " + gid + "/" + branch + " under its key");
+      *store = false;
+      return fail(409, "delivered", "delivered already");
+    }
+    b.state = State::done;
+    b.account = *account;
+    b.amount = *amount;
+    a.balance += *amount;
+    journal(gid, branch, op, OpEffect::applied);
+    return json_response(200, Json{{"delivered", *amount}});
+  }
   if (op == "try") {
     if (b.state == State::cancelled) return refuse("cancelled", "cancelled before its try arrived");
     if (b.state != State::none) {  // tried already under another key: cannot happen

@@ -18,6 +18,7 @@
 //   /tcc/credit/try|confirm|cancel   {"account","amount"}: pend, add, drop
 //   /saga/action                     {"account","delta","check_funds"?,"transient"?}
 //   /saga/compensate                 {"account","delta"}: undoes the action
+//   /msg/deliver                     {"account","delta"}: a message's delivery, applied once
 //
 // It misbehaves, from the World's seeded Rng: a try or an action fails as a business failure
 // (409 or 422, stored; "transient": not stored, the next attempt decides afresh — for forward

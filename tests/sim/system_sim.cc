@@ -6,8 +6,8 @@
 // simulated PostgreSQL database per agent (sim_postgres.h), and a simulated HTTP service with a
 // ledger of its own (sim_participant.h). Clients run transfers between accounts of two
 // databases, interactive and one-shot, 2PC and 3PC, TCC driven by the client over the agents'
-// step endpoint, and TCC and sagas driven by the coordinator over HTTP ops to the service and
-// SQL ops to the agents (docs/DESIGN.md §8, §9). For a while faults are on:
+// step endpoint, TCC, sagas and transactional messages driven by the coordinator over HTTP ops
+// to the service and SQL ops to the agents (docs/DESIGN.md §8-§10). For a while faults are on:
 // messages lost, duplicated, delayed and reordered; partitions (an agent cut from the
 // coordinator, from its peers, or both: the 3PC partition); the coordinator, agents and
 // databases crash and come back; an agent's job now and then stalls for seconds (waiting for a
@@ -72,7 +72,19 @@
 //                           committed (aborted); walked_away_committed: a TCC transaction its
 //                           client left without committing never commits
 //   participant_contract    the coordinator's HTTP ops carry the headers of docs/DESIGN.md §8
-//   op_request_refused      the coordinator accepts every try and saga the clients send
+//   op_request_refused      the coordinator accepts every try, saga and message the clients send
+//
+// Transactional messages (msg transfers, docs/DESIGN.md §10.1): a producer's local op on an
+// agent and one or two destinations (SQL ops on agents, the service's /msg/deliver), sent in
+// one request with the local op, or begun, the local op run by the client at the agent, then
+// committed, aborted or left to check-back; op_before_durable also covers the local op and the
+// check (after the half message is durable) and deliveries (after the commit is):
+//   msg_local_twice         a message's local op applies at most once
+//   msg_lost                a message whose local op committed is never aborted
+//   msg_delivered_without_local   a message whose local op never committed is never committed
+//   msg_delivery            a committed message was applied exactly once at every destination
+//   msg_delivered_after_abort     no destination of an aborted message is ever called
+//   msg_unknown_slot        no participant saw an op of a slot the message does not have
 //
 // tpc-sim --sabotage NAME breaks the service's bookkeeping on purpose, so that one of these
 // invariants must fail (tests/sim/CMakeLists.txt runs each).
@@ -193,7 +205,7 @@ std::string log_field(const std::string& line, const std::string& key) {
 // HTTP op to the service or a SQL op to an agent; the client commits, aborts or walks away.
 // saga: 2-4 steps, HTTP or SQL, whose deltas sum to 0; backward or forward, sequential or
 // parallel, waiting for completion or only for acceptance.
-enum class Kind { interactive, oneshot, tcc, tcc_coord, saga };
+enum class Kind { interactive, oneshot, tcc, tcc_coord, saga, msg };
 constexpr char kStepCoordinator[] = "s1";
 constexpr int kTryAttemptsMax = 5;  // a try still unknown after these is given up: cancel
 
@@ -225,7 +237,8 @@ struct Transfer {
   std::vector<Op> ops;
   std::vector<Json> requests;  // tcc_coord: each branch's try request, the same on every resend
   bool forward = false, parallel = false, accepted = false;
-  bool walked_away = false;  // tcc_coord: left without commit or abort
+  bool walked_away = false;  // tcc_coord and msg: left without commit or abort
+  bool one_request = false;  // msg: sent with its local op (POST /v1/transactions/run)
 };
 
 std::string op_name(uint64_t id, size_t i) {
@@ -292,6 +305,13 @@ class Cluster {
   void run_saga(int client, std::shared_ptr<Transfer> t);
   void plan_tcc(Transfer& t);
   void plan_saga(Transfer& t);
+  // msg: a transactional message (docs/DESIGN.md §10.1).
+  void plan_msg(Transfer& t);
+  Json msg_request(const Transfer& t);
+  void run_msg(int client, std::shared_ptr<Transfer> t);
+  void msg_local(int client, std::shared_ptr<Transfer> t, int attempt);
+  void check_msg(const wal::TxnRecord& rec,
+                 std::map<std::string, std::vector<const OpEvent*>>& evs);
   Json service_op(const std::string& path, Json body) const;
   Json sql_op(int agent, Json statements) const;
   Json tcc_request(const Transfer& t, size_t i) const;
@@ -463,9 +483,12 @@ void Cluster::start_agent(size_t i) {
     return;
   }
   a.exec->on_step = [this, i](const agent::PgOp& op, std::optional<pg::Barrier> verdict) {
+    // A check that fenced its local op counts as an empty one; one that found it committed,
+    // as a duplicate.
     OpEffect e = !verdict                                      ? OpEffect::failed
                  : *verdict == pg::Barrier::applied            ? OpEffect::applied
                  : *verdict == pg::Barrier::empty_compensation ? OpEffect::empty
+                 : *verdict == pg::Barrier::fenced             ? OpEffect::empty
                  : *verdict == pg::Barrier::refused            ? OpEffect::refused
                                                                : OpEffect::duplicate;
     journal_.add(w_, op.gid, op.branch, std::string(step_op_name(op.step_op)), e, agents_[i]->name);
@@ -640,14 +663,17 @@ std::shared_ptr<Transfer> Cluster::new_transfer() {
   auto t = std::make_shared<Transfer>();
   t->id = next_transfer_++;
   int64_t roll = r.between(0, 99);
-  t->kind = roll < 18   ? Kind::tcc
-            : roll < 34 ? Kind::tcc_coord
-            : roll < 50 ? Kind::saga
-            : roll < 75 ? Kind::interactive
+  t->kind = roll < 16   ? Kind::tcc
+            : roll < 30 ? Kind::tcc_coord
+            : roll < 44 ? Kind::saga
+            : roll < 58 ? Kind::msg
+            : roll < 80 ? Kind::interactive
                         : Kind::oneshot;
   t->three_phase = r.chance(0.4);
-  if (t->kind == Kind::tcc_coord || t->kind == Kind::saga) {
-    t->kind == Kind::tcc_coord ? plan_tcc(*t) : plan_saga(*t);
+  if (t->kind == Kind::tcc_coord || t->kind == Kind::saga || t->kind == Kind::msg) {
+    if (t->kind == Kind::tcc_coord) plan_tcc(*t);
+    if (t->kind == Kind::saga) plan_saga(*t);
+    if (t->kind == Kind::msg) plan_msg(*t);
     transfers_.push_back(t);
     return t;
   }
@@ -805,6 +831,103 @@ Json Cluster::saga_request(const Transfer& t) {
   return body;
 }
 
+// A producer's local op on one agent takes x from an account; one or two destinations (SQL
+// ops on agents, or the HTTP service) give it back. The local op sometimes fails as a business
+// failure; half of the messages are sent with it in one request, the others begin, run the
+// local op at the agent themselves, and commit, abort or walk away (check-back settles those).
+void Cluster::plan_msg(Transfer& t) {
+  Rng& r = w_.rng();
+  int n = static_cast<int>(agents_.size());
+  int64_t x = r.between(2, 9);
+  Transfer::Op local;
+  local.at = static_cast<int>(r.between(0, n - 1));
+  local.account = r.between(1, kAccountsPerDb);
+  local.delta = -x;
+  local.fails = r.chance(0.05);
+  t.ops.push_back(local);
+  int64_t first = r.chance(0.5) ? x : r.between(1, x - 1);
+  for (int64_t delta : {first, x - first}) {
+    if (delta == 0) continue;
+    t.ops.push_back(op_at(r, n, delta));
+  }
+  t.one_request = r.chance(0.5);
+}
+
+Json Cluster::msg_request(const Transfer& t) {
+  Rng& r = w_.rng();
+  Json destinations = Json::array();
+  for (size_t i = 1; i < t.ops.size(); ++i) {
+    const Transfer::Op& op = t.ops[i];
+    destinations.push_back(
+        op.at < 0 ? service_op("/msg/deliver", Json{{"account", op.account}, {"delta", op.delta}})
+                  : sql_op(op.at, Json::array({move_statement(op.delta, op.account)})));
+  }
+  Json body{{"protocol", "msg"}, {"destinations", std::move(destinations)}};
+  const Transfer::Op& local = t.ops[0];
+  if (t.one_request)
+    body["local"] =
+        sql_op(local.at, Json::array({move_statement(local.delta, local.account, local.fails)}));
+  else
+    body["check"] = Json{{"participant", agents_[static_cast<size_t>(local.at)]->name}};
+  if (r.chance(0.6)) body["timeout_ms"] = r.between(300, 4'000);
+  return body;
+}
+
+void Cluster::run_msg(int client, std::shared_ptr<Transfer> t) {
+  const char* path = t->one_request ? "/v1/transactions/run" : "/v1/transactions";
+  post(coord_, path, msg_request(*t), 4'000,
+       [this, client, t](const HttpResult& res, const Json& j) {
+         if (j.is_object() && j.contains("gid") && j["gid"].is_string())
+           t->gid = j["gid"].get<std::string>();
+         std::string state = state_of(j);
+         int status = res.status.ok() ? res.http_status : 0;
+         if (status == 400 || status == 413) {
+           violation("op_request_refused msg: " + res.body);
+           return done(client, t);
+         }
+         if (t->gid.empty()) return done(client, t);  // never learned it: check-back settles it
+         if (!t->one_request) {
+           if (status == 201 && state == "prepared") return msg_local(client, t, 1);
+           return done(client, t);
+         }
+         // The one-request form answers once decided: committing or committed, or aborted.
+         if (status == 200 && (state == "committing" || state == "committed"))
+           return told(client, t, "committed");
+         if (status == 409 && state == "aborted") return told(client, t, "aborted");
+         poll(client, t);
+       });
+}
+
+// The producer's local transaction through its agent's step endpoint, then commit (or abort
+// when it failed); an unknown answer is resent, and past a few the client walks away.
+void Cluster::msg_local(int client, std::shared_ptr<Transfer> t, int attempt) {
+  const Transfer::Op& local = t->ops[0];
+  Json body{{"branch", "local"},
+            {"op", "local"},
+            {"statements", Json::array({move_statement(local.delta, local.account, local.fails)})}};
+  post(
+      agent_procs_[static_cast<size_t>(local.at)], "/v1/branches/" + t->gid + "/step", body, 1'000,
+      [this, client, t, attempt](const HttpResult& res, const Json&) {
+        int status = res.status.ok() ? res.http_status : 0;
+        if (status == 200) {
+          if (w_.rng().chance(0.15)) {
+            t->walked_away = true;  // its check-back finds the local op committed
+            return done(client, t);
+          }
+          return finish(client, t, true);
+        }
+        if (status == 409 || status == 422) return finish(client, t, false);
+        if (attempt < 3) {
+          app_rt_->run_after(100,
+                             [this, client, t, attempt] { msg_local(client, t, attempt + 1); });
+          return;
+        }
+        t->walked_away = true;
+        done(client, t);
+      },
+      true);
+}
+
 void Cluster::client_next(int client) {
   if (clients_stop_) return;
   ++clients_busy_;
@@ -814,6 +937,11 @@ void Cluster::client_next(int client) {
     w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) + " tcc " +
             t->gid);
     return tcc_phase(client, t, 0, "try");
+  }
+  if (t->kind == Kind::msg) {
+    w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) + " msg" +
+            (t->one_request ? " (one request)" : ""));
+    return run_msg(client, t);
   }
   if (t->kind == Kind::tcc_coord || t->kind == Kind::saga) {
     w_.note("client " + std::to_string(client) + " transfer " + std::to_string(t->id) +
@@ -1093,8 +1221,10 @@ void Cluster::check_op_message(const std::string& gid, const std::string& op,
                                const std::string& to) {
   auto d = watch_.durable.find(gid);
   bool ok = true;
-  if (op == "try" || op == "action") ok = d != watch_.durable.end();
-  if (op == "confirm") ok = d != watch_.durable.end() && d->second == wal::Decision::commit;
+  if (op == "try" || op == "action" || op == "local" || op == "check")
+    ok = d != watch_.durable.end();
+  if (op == "confirm" || op == "deliver")
+    ok = d != watch_.durable.end() && d->second == wal::Decision::commit;
   if (op == "compensate") ok = d != watch_.durable.end() && d->second == wal::Decision::aborted;
   if (!ok)
     violation("op_before_durable " + op + " of " + gid + " sent to " + to +
@@ -1340,11 +1470,15 @@ void Cluster::check_ops() {
     auto& evs = by_gid[gid];
     if (rec.protocol == Protocol::tcc)
       check_tcc(rec, evs);
+    else if (rec.protocol == Protocol::msg)
+      check_msg(rec, evs);
     else
       check_saga(rec, evs);
   }
   for (auto& t : transfers_) {
-    if ((t->kind != Kind::tcc_coord && t->kind != Kind::saga) || t->gid.empty()) continue;
+    if ((t->kind != Kind::tcc_coord && t->kind != Kind::saga && t->kind != Kind::msg) ||
+        t->gid.empty())
+      continue;
     auto it = recs.find(t->gid);
     bool committed = it != recs.end() && it->second.decision == wal::Decision::commit;
     std::string ended = it == recs.end() ? "without a record"
@@ -1355,7 +1489,7 @@ void Cluster::check_ops() {
     if (t->told == "aborted" && committed)
       violation("told_disagrees " + t->gid +
                 ": the client was told aborted, the record ended committed");
-    if (t->walked_away && committed)
+    if (t->walked_away && committed && t->kind != Kind::msg)
       violation("walked_away_committed " + t->gid + ": its client never asked to commit");
   }
   if (service_->frozen() != 0) {
@@ -1500,6 +1634,42 @@ void Cluster::check_saga(const wal::TxnRecord& rec,
       violation("saga_compensation_order " + gid + ": step " +
                 std::to_string(compensations[k].second) + " was compensated after step " +
                 std::to_string(compensations[k - 1].second) + " (last step first)");
+}
+
+// One transactional message. Its local op applied at most once; committed exactly when it
+// applied (a message whose local transaction committed is delivered, one whose local
+// transaction did not is never delivered); committed: every destination applied it exactly
+// once; aborted: no destination was ever called.
+void Cluster::check_msg(const wal::TxnRecord& rec,
+                        std::map<std::string, std::vector<const OpEvent*>>& evs) {
+  const std::string& gid = rec.gid;
+  bool commit = rec.decision == wal::Decision::commit;
+  int locals = 0;
+  for (const OpEvent* e : evs["local"])
+    if (e->op == "local" && e->effect == OpEffect::applied) ++locals;
+  if (locals > 1) violation("msg_local_twice " + gid + ": applied " + std::to_string(locals));
+  if (commit && locals == 0)
+    violation("msg_delivered_without_local " + gid + ": committed, its local op never applied");
+  if (!commit && locals > 0)
+    violation("msg_lost " + gid + ": its local op committed, the message ended aborted");
+  for (size_t i = 1; i < rec.branches.size(); ++i) {
+    const std::string& name = rec.branches[i].participant;
+    int applied = 0, calls = 0;
+    for (const OpEvent* e : evs[name]) {
+      if (e->op != "deliver") continue;
+      ++calls;
+      if (e->effect == OpEffect::applied) ++applied;
+    }
+    if (commit && applied != 1)
+      violation("msg_delivery " + gid + " " + name + ": committed, applied " +
+                std::to_string(applied) + " times");
+    if (!commit && calls > 0) violation("msg_delivered_after_abort " + gid + " " + name);
+  }
+  std::set<std::string> names;
+  for (auto& b : rec.branches) names.insert(b.participant);
+  for (auto& [name, list] : evs)
+    if (!names.count(name))
+      violation("msg_unknown_slot " + gid + " " + name + " was called at " + list.front()->where);
 }
 
 // --- the run ------------------------------------------------------------------------------------
@@ -1717,7 +1887,7 @@ int run(const Options& o, const char* self) {
                                          : ", one failed";
   std::printf(
       "tpc-sim: %llu seeds passed in %.1f s%s (%llu transfers answered committed, %llu aborted; "
-      "TCC and sagas of the coordinator: %llu committed, %llu aborted; %llu events)\n",
+      "TCC, sagas and messages of the coordinator: %llu committed, %llu aborted; %llu events)\n",
       static_cast<unsigned long long>(passed.load()), secs, fail_note.c_str(),
       static_cast<unsigned long long>(committed.load()),
       static_cast<unsigned long long>(aborted.load()),
