@@ -214,6 +214,10 @@ const char* logged_failpoint(const wal::TxnRecord& rec) {
       if (rec.decision == wal::Decision::running) return "coord.after_saga_logged";
       if (rec.decision == wal::Decision::aborted) return "coord.after_compensate_logged";
       return nullptr;
+    case Protocol::msg:
+      if (rec.decision == wal::Decision::half) return "coord.after_half_logged";
+      if (rec.decision == wal::Decision::commit) return "coord.after_msg_commit_logged";
+      return nullptr;
     default:
       return rec.decision == wal::Decision::precommit ? "coord.after_precommit_logged"
                                                       : "coord.after_decision_log";
@@ -427,6 +431,8 @@ void CoordinatorService::op_answered(const OpReply& r) {
     TPC_FAILPOINT("coord.after_first_confirm");
   if (r.outcome == OpOutcome::ok && r.op == StepOp::action)
     TPC_FAILPOINT("coord.after_first_step_done");
+  if (r.outcome == OpOutcome::ok && r.op == StepOp::deliver)
+    TPC_FAILPOINT("coord.after_first_delivery");
   with_machine([&](CoordinatorMachine& m) { m.on_op_reply(r, rt_.now_ms()); });
 }
 

@@ -155,7 +155,7 @@ class BoundedMap {
 
 // ---- Vocabulary ------------------------------------------------------------------------------
 
-enum class Ledger { debit, credit, saga };
+enum class Ledger { debit, credit, saga, msg };
 enum class Step { first, confirm, undo };  // try/action, confirm, cancel/compensate
 
 struct OpEndpoint {
@@ -174,6 +174,9 @@ constexpr OpEndpoint kOpEndpoints[] = {
     {"/tcc/credit/cancel", Ledger::credit, Step::undo, "cancel"},
     {"/saga/action", Ledger::saga, Step::first, "action"},
     {"/saga/compensate", Ledger::saga, Step::undo, "compensate"},
+    {"/msg/local", Ledger::msg, Step::first, "local"},
+    {"/msg/check", Ledger::msg, Step::undo, "check"},
+    {"/msg/deliver", Ledger::msg, Step::first, "deliver"},
 };
 
 enum class FaultMode { fail, unavailable, hang, late, twice };
@@ -374,6 +377,7 @@ struct HttpParticipant::Impl {
   Outcome tcc_cancel(const OpInput& in);
   Outcome saga_action(const OpInput& in);
   Outcome saga_compensate(const OpInput& in);
+  Outcome msg_check(const OpInput& in);
   std::optional<FaultRule> match_fault(std::string_view path, std::string_view branch,
                                        std::string_view op);
 
@@ -560,7 +564,7 @@ Result<OpInput> HttpParticipant::Impl::parse_op(const HttpRequest& req, const Op
   auto body = parse_object(req.body);
   if (!body.ok()) return body.status();
   FieldReader r(*body);
-  bool saga = ep.ledger == Ledger::saga;
+  bool saga = ep.ledger == Ledger::saga || ep.ledger == Ledger::msg;  // a delta
   bool required = ep.step == Step::first;  // confirm, cancel and compensate may name neither
   const char* amount_key = saga ? "delta" : "amount";
   bool has_account = r.has("account");
@@ -606,6 +610,9 @@ HttpResponse HttpParticipant::Impl::apply_once(const OpInput& in, bool* replayed
 Outcome HttpParticipant::Impl::apply(const OpInput& in) {
   if (in.ep->ledger == Ledger::saga)
     return in.ep->step == Step::first ? saga_action(in) : saga_compensate(in);
+  // A message's local transaction and its deliveries apply a delta once, as an action does.
+  if (in.ep->ledger == Ledger::msg)
+    return in.ep->step == Step::first ? saga_action(in) : msg_check(in);
   switch (in.ep->step) {
     case Step::first: return tcc_try(in);
     case Step::confirm: return tcc_confirm(in);
@@ -705,7 +712,9 @@ Outcome HttpParticipant::Impl::saga_action(const OpInput& in) {
   std::string key = branch_key(in);
   if (Branch* b = branches.find(key)) {
     if (b->state != BranchState::applied)
-      return refuse("compensated", "this step was compensated; its action is refused");
+      return refuse("compensated",
+                    "this step was compensated (a message's local transaction: fenced by its "
+                    "check) before it arrived; it is refused");
     if (!matches(*b, in)) return mismatch(*b, true);
     return ok({{"balance", b->balance_after}});  // a resend: applied once
   }
@@ -723,6 +732,21 @@ Outcome HttpParticipant::Impl::saga_action(const OpInput& in) {
   a.balance = after;
   branches.insert(key, Branch{BranchState::applied, in.account, in.amount, after});
   return ok({{"balance", after}});
+}
+
+// A message's check-back (docs/DESIGN.md §10.1) on its producer's local transaction, the
+// branch (gid, branch) of /msg/local: committed, or not — and then fenced, so that a local
+// transaction arriving later is refused and the answer stays true.
+Outcome HttpParticipant::Impl::msg_check(const OpInput& in) {
+  std::string key = branch_key(in);
+  Branch* b = branches.find(key);
+  if (!b) {
+    branches.insert(key, Branch{BranchState::empty_undo, in.account, in.amount, 0});
+    return refuse("not_committed", "no local transaction of this gid committed; it is fenced");
+  }
+  if (b->state == BranchState::empty_undo)
+    return refuse("not_committed", "no local transaction of this gid committed; it is fenced");
+  return ok({{"committed", true}, {"balance", b->balance_after}});
 }
 
 Outcome HttpParticipant::Impl::saga_compensate(const OpInput& in) {

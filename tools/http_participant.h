@@ -12,6 +12,11 @@
 //   POST /tcc/credit/try|confirm|cancel  {"account","amount"}: pend, add, drop
 //                                        → {"pending"|"credited"|"dropped":amount}
 //   POST /saga/action|compensate         {"account","delta"} → {"balance"}, {"undone":delta}
+//   POST /msg/local|deliver              {"account","delta"} → {"balance"}: a message's local
+//                                        transaction (its producer) and a delivery, once each
+//   POST /msg/check                      the message's check-back on /msg/local of the same gid
+//                                        and branch: {"committed":true,"balance"}, or 409
+//                                        not_committed, which fences it (a later local is refused)
 //   GET|POST|DELETE /control/faults      {"rules":[{"path","branch"?,"op"?,"mode","count"?,
 //                                        "delay_ms"?,"retry_after_s"?}]}
 //   POST /control/reset                  forgets accounts, branches, answers, calls, rules

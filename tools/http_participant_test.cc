@@ -317,6 +317,34 @@ TEST_CASE("a refused compensation is not stored: its resend succeeds once the mo
   CHECK(calls.back()["replayed"] == false);
 }
 
+TEST_CASE("a message's check finds its local transaction committed, every time") {
+  Bank b;
+  REQUIRE(b.set({{"alice", 100}}).status == 200);
+  REQUIRE(b.op("/msg/local", "g1", "local", "local", delta("alice", -30)).status == 200);
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    HttpResponse c = b.op("/msg/check", "g1", "local", "check", Json::object(), attempt);
+    CHECK(c.status == 200);
+    CHECK(body_of(c) == Json{{"committed", true}, {"balance", 70}});
+  }
+  HttpResponse d = b.op("/msg/deliver", "g1", "d1", "deliver", delta("alice", 30));
+  CHECK(d.status == 200);
+  CHECK(b.op("/msg/deliver", "g1", "d1", "deliver", delta("alice", 30), 2).status == 200);
+  CHECK(b.account("alice") == acct(100, 0));  // delivered once
+}
+
+TEST_CASE("a message's check before its local transaction fences it: refused when it comes") {
+  Bank b;
+  REQUIRE(b.set({{"alice", 100}}).status == 200);
+  HttpResponse c = b.op("/msg/check", "g1", "local", "check", Json::object());
+  CHECK(c.status == 409);
+  CHECK(error_code(c) == "not_committed");
+  HttpResponse late = b.op("/msg/local", "g1", "local", "local", delta("alice", -30));
+  CHECK(late.status == 409);
+  CHECK(b.account("alice") == acct(100, 0));
+  CHECK(error_code(b.op("/msg/check", "g1", "local", "check", Json::object(), 2)) ==
+        "not_committed");
+}
+
 TEST_CASE("a resend with the same Idempotency-Key gets the same answer and applies nothing") {
   Bank b;
   REQUIRE(b.set({{"alice", 100}}).status == 200);

@@ -64,6 +64,23 @@ void print_table_rows(const std::vector<std::vector<std::string>>& rows) {
   for (auto& l : rows) print_row(l, widths);
 }
 
+// The branches (2PC, 3PC, TCC), steps (saga) or, for a message, its producer's "local" slot
+// and its destinations, each with a "name" or "participant".
+tpc::Json entries(const tpc::Json& t) {
+  if (t.contains("steps")) return t["steps"];
+  if (t.contains("destinations")) {
+    tpc::Json out = tpc::Json::array();
+    if (t.contains("local")) {
+      tpc::Json local = t["local"];
+      local["name"] = "local";
+      out.push_back(std::move(local));
+    }
+    for (auto& d : t["destinations"]) out.push_back(d);
+    return out;
+  }
+  return t.contains("branches") ? t["branches"] : tpc::Json::array();
+}
+
 void print_table(const tpc::Json& rows,
                  const std::vector<std::pair<std::string, std::string>>& cols,
                  bool branches_column) {
@@ -77,9 +94,9 @@ void print_table(const tpc::Json& rows,
     for (auto& [key, title] : cols) line.push_back(cell(r, key.c_str()));
     if (branches_column) {
       std::string b;
-      const char* key = r.contains("steps") ? "steps" : "branches";
-      if (r.contains(key) && r[key].is_array())
-        for (auto& br : r[key]) {
+      tpc::Json list = entries(r);
+      if (list.is_array())
+        for (auto& br : list) {
           if (!b.empty()) b += ",";
           b += cell(br, br.contains("name") ? "name" : "participant") + ":" + cell(br, "state");
           // A TCC branch or saga step still being retried says how often, and why.
@@ -93,8 +110,9 @@ void print_table(const tpc::Json& rows,
   print_table_rows(out);
 }
 
-// `show` on a coordinator: the transaction, then one line per branch (2PC, 3PC, TCC) or step
-// (saga) with its state, attempts and last error.
+// `show` on a coordinator: the transaction, then one line per branch (2PC, 3PC, TCC), step
+// (saga) or message slot (its producer's "local", then its destinations) with its state,
+// attempts and last error.
 void print_transaction(const tpc::Json& t) {
   std::vector<std::vector<std::string>> head = {{"GID", cell(t, "gid")},
                                                 {"PROTOCOL", cell(t, "protocol")},
@@ -109,19 +127,20 @@ void print_transaction(const tpc::Json& t) {
   if (t.contains("recovered")) head.push_back({"RECOVERED", "yes"});
   print_table_rows(head);
   std::cout << "\n";
-  bool saga = t.contains("steps");
-  const char* key = saga ? "steps" : "branches";
-  if (!t.contains(key) || !t[key].is_array() || t[key].empty()) {
-    std::cout << "(no " << key << ")\n";
+  bool saga = t.contains("steps"), msg = t.contains("destinations");
+  tpc::Json list = entries(t);
+  if (!list.is_array() || list.empty()) {
+    std::cout << "(no " << (saga ? "steps" : "branches") << ")\n";
     return;
   }
-  bool ops = t[key][0].contains("name");
+  bool ops = list[0].contains("name");
   std::vector<std::vector<std::string>> rows;
   rows.push_back({saga  ? "STEP"
+                  : msg ? "SLOT"
                   : ops ? "BRANCH"
                         : "PARTICIPANT",
                   "STATE", "ATTEMPTS", "LAST_ERROR", ops ? "RESULT" : "URL"});
-  for (auto& b : t[key]) {
+  for (auto& b : list) {
     std::string flags;
     if (b.value("forced", false)) flags += " (forced)";
     if (b.value("heuristic", false)) flags += " (heuristic)";
