@@ -68,6 +68,13 @@ struct MachineCounters {
   uint64_t recovered = 0;
 };
 
+// Transactional messages not finished, for /metrics.
+struct MsgGauges {
+  size_t prepared = 0;    // half messages
+  size_t delivering = 0;  // committed, a destination not acknowledged yet
+  int64_t oldest_ms = 0;  // how long the oldest delivering one has been committed
+};
+
 // What a GET (or a repeated commit/abort) should say about a gid the machine has no live
 // transaction for.
 enum class LookupKind : uint8_t {
@@ -184,6 +191,7 @@ class CoordinatorMachine {
   uint64_t epoch() const { return epoch_; }
   size_t open_txns() const { return live_.size(); }
   size_t prepared_unfinished() const;
+  MsgGauges msg_gauges(int64_t now_ms) const;
   const MachineCounters& counters() const { return counters_; }
   // (epoch, seq) strictly below which every gid of ours is finished with its end record
   // durable; agents purge their markers below it.

@@ -11,6 +11,8 @@
 //   - a delivery only once the commit decision is durable.
 // An abort is written unsynced: lost in a crash, the message is `half` again and check-back
 // settles it the same way (a check through an agent is final once it fenced the local op).
+#include <algorithm>
+
 #include "coordinator/coordinator_machine.h"
 #include "coordinator/op_slot.h"
 
@@ -214,6 +216,18 @@ void CoordinatorMachine::msg_maybe_finish(Txn& t, int64_t now_ms) {
     if (t.branches[i].in_flight) return;
   set_state(t, TxnState::committed);
   finish(t.gid, now_ms);
+}
+
+MsgGauges CoordinatorMachine::msg_gauges(int64_t now_ms) const {
+  MsgGauges g;
+  for (const auto& [gid, t] : live_) {
+    if (t.protocol != Protocol::msg) continue;
+    if (t.state == TxnState::prepared) ++g.prepared;
+    if (t.state != TxnState::committing) continue;
+    ++g.delivering;
+    g.oldest_ms = std::max(g.oldest_ms, now_ms - t.decided_ms);
+  }
+  return g;
 }
 
 // begin: 201 once durable; commit (and the one-request form): 200 once the commit is durable,

@@ -1252,9 +1252,9 @@ void CoordinatorService::register_metrics() {
   }
   for (size_t op = 0; op < kStepOps; ++op) {
     auto step_op = static_cast<StepOp>(op);
-    if (step_op == StepOp::deliver || step_op == StepOp::local) continue;  // not called yet
     for (size_t o = 0; o < kOpOutcomes; ++o)
-      counter("tpc_coordinator_ops_total", "TCC and saga op answers, by op and outcome",
+      counter("tpc_coordinator_ops_total",
+              "answers to the ops of TCC, sagas and messages, by op and outcome",
               {{"op", std::string(step_op_name(step_op))},
                {"outcome", std::string(op_outcome_name(static_cast<OpOutcome>(o)))}},
               [op, o](const MachineCounters& c) { return c.ops[op][o]; });
@@ -1292,6 +1292,23 @@ void CoordinatorService::register_metrics() {
                  [this] {
                    std::lock_guard lock(mu_);
                    return static_cast<double>(machine_.prepared_unfinished());
+                 });
+  for (TxnState state : {TxnState::prepared, TxnState::committing})
+    metrics_.gauge(
+        "tpc_coordinator_messages",
+        "transactional messages not finished: half (prepared) or delivering",
+        [this, state] {
+          std::lock_guard lock(mu_);
+          MsgGauges g = machine_.msg_gauges(rt_.now_ms());
+          return static_cast<double>(state == TxnState::prepared ? g.prepared : g.delivering);
+        },
+        {{"state", std::string(state_name(state))}});
+  metrics_.gauge("tpc_coordinator_oldest_undelivered_message_seconds",
+                 "how long the oldest committed message has waited for a destination to "
+                 "acknowledge (0: none)",
+                 [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.msg_gauges(rt_.now_ms()).oldest_ms) / 1000.0;
                  });
   metrics_.gauge("tpc_coordinator_healthy", "1 once start-up recovery finished",
                  [this] { return healthy_ ? 1.0 : 0.0; });

@@ -281,6 +281,12 @@ TEST_CASE(
                      10'000));
   CHECK(t.get(gid).state() == "committing");
   CHECK(listed_in_doubt(t, gid));
+  Http m = t.coord("GET", "/metrics");
+  CHECK(m.metric("tpc_coordinator_messages{state=\"committing\"}") == 1);
+  CHECK(m.metric("tpc_coordinator_messages{state=\"prepared\"}") == 0);
+  CHECK(m.metric("tpc_coordinator_oldest_undelivered_message_seconds") > 0);
+  CHECK(m.metric("tpc_coordinator_ops_total{op=\"deliver\",outcome=\"unknown\"}") >= 3);
+  CHECK(m.metric("tpc_coordinator_ops_total{op=\"deliver\",outcome=\"ok\"}") == 1);
   std::string out;
   CHECK(ctl(t, {"show", gid}, &out) == 0);
   INFO(out);
