@@ -16,7 +16,7 @@
 #   --quick     the failpoint table, then a 20 s chaos run (what scripts/test.sh runs)
 #   --chaos     only the chaos run (default 10 minutes), with its scorecard
 #   --seed S    the chaos run's seed (default: a new one, printed)
-#   --protocol  2pc, 3pc, tcc, saga or mix (all four) for the chaos run (default: mix)
+#   --protocol  2pc, 3pc, tcc, saga, msg or mix (all five) for the chaos run (default: mix)
 #   --bin DIR   use DIR/tpc-chaos and skip the install and build steps
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -51,7 +51,7 @@ parse_args() {
     shift
   done
   [[ $SEED =~ ^[0-9]*$ ]] || tpc_die "--seed must be a number"
-  [[ $PROTOCOL =~ ^(2pc|3pc|tcc|saga|mix)$ ]] || tpc_die "--protocol must be 2pc, 3pc, tcc, saga or mix"
+  [[ $PROTOCOL =~ ^(2pc|3pc|tcc|saga|msg|mix)$ ]] || tpc_die "--protocol must be 2pc, 3pc, tcc, saga, msg or mix"
 }
 
 main() {

@@ -6,7 +6,8 @@
 //       1*crash), then external faults (kill -9 of each process, SIGSTOP/SIGCONT, PostgreSQL
 //       stopped -m immediate while branches are prepared); one row per fault.
 //   tpc-chaos [--chaos] [--seed S] [--seconds N | --minutes M] [--clients C]
-//             [--protocol 2pc|3pc|tcc|saga|mix] [--faults kill,stop,pg,failpoint,http] [--keep]
+//             [--protocol 2pc|3pc|tcc|saga|msg|mix] [--faults kill,stop,pg,failpoint,http]
+//             [--keep]
 //       faults drawn from the seed at random moments for the whole run.
 //
 // Each transfer moves money from one bank's account to the other bank's account in one global
@@ -23,7 +24,14 @@
 //             by HTTP ops, which the http fault kind makes misbehave for a few calls (503,
 //             answered twice, late, never, 422); the money of the banks and the wallet together
 //             must stay the same.
-// --protocol mix draws among all four. After the faults stop, every prepared branch is resolved
+//   msg       a transactional message: the producer's local transaction (debit and ledger row)
+//             through its agent, and the message crediting the other bank (a SQL op: credit and
+//             ledger row, applied once by the barrier) or the wallet; in one request with the
+//             local op, or begun, the local op run at the agent by the client, then committed
+//             or left to check-back (which fences a local op that never ran). A few local ops
+//             break the CHECK: the message aborts. A duplicated delivery shows as a gid's
+//             ledger row twice, a lost one as a debit without its credit.
+// --protocol mix draws among all five. After the faults stop, every prepared branch is resolved
 // and the coordinator has no unfinished TCC or saga transaction: for every gid the two banks'
 // ledger rows must be both present or both absent (no mixed outcome), a transfer the client was
 // told committed must be present (no lost commit), one told aborted absent (no commit after an
@@ -123,6 +131,10 @@ const std::vector<Scenario>& scenarios() {
       {"coord.after_saga_logged", Target::coordinator, "saga", K::failpoint},
       {"coord.after_compensate_logged", Target::coordinator, "saga", K::failpoint},
       {"coord.after_first_step_done", Target::coordinator, "saga", K::failpoint},
+      {"coord.after_half_logged", Target::coordinator, "msg", K::failpoint},
+      {"coord.after_msg_commit_logged", Target::coordinator, "msg", K::failpoint},
+      {"coord.after_first_delivery", Target::coordinator, "msg", K::failpoint},
+      {"agent.after_step", Target::agent1, "msg", K::failpoint},
       {"agent.before_prepare", Target::agent1, "2pc", K::failpoint},
       {"agent.after_prepare", Target::agent1, "2pc", K::failpoint},
       {"agent.before_commit_prepared", Target::agent1, "2pc", K::failpoint},
@@ -203,6 +215,7 @@ class World {
   void transfer_xa(const std::string& protocol, const Transfer& t, std::mt19937_64& rng);
   void transfer_tcc(const Transfer& t, std::mt19937_64& rng);
   void transfer_saga(const Transfer& t, std::mt19937_64& rng);
+  void transfer_msg(const Transfer& t, std::mt19937_64& rng);
   void finish_transfer(const std::string& gid, const std::string& outcome);
   void note_failure(const std::string& step, const HttpResult& r);
   Counts counts() const;
@@ -211,7 +224,7 @@ class World {
   int64_t prepared_now(int bank);
   // Waits until nothing of ours is prepared; returns the time it took, or -1.
   int64_t quiesce(int64_t timeout_ms);
-  // TCC and saga transactions the coordinator has not finished, or -1 when it cannot tell.
+  // TCC, saga and msg transactions the coordinator has not finished, or -1 when it cannot tell.
   int64_t unfinished_ops(std::string* some = nullptr);
   // Waits until there are none; returns the time it took, or -1.
   int64_t settle_ops(int64_t timeout_ms);
@@ -712,12 +725,102 @@ void World::transfer_saga(const Transfer& t, std::mt19937_64& rng) {
   finish_transfer(gid, outcome);
 }
 
+// A transactional message: the producer's local transaction debits from_bank (and writes its
+// ledger row) and the message credits to_bank through a SQL op (its ledger row, applied once by
+// the barrier), or, for a third of them, the wallet over HTTP. Half are one request with the
+// local op; the others begin, run the local op at the agent themselves and commit, or walk away
+// and leave the message to check-back, which fences a local op that never ran. A few local ops
+// fail (the accounts' CHECK): the message aborts.
+void World::transfer_msg(const Transfer& t, std::mt19937_64& rng) {
+  bool fail = rng() % 8 == 0;
+  int64_t amount = fail ? kSagaTooMuch : t.amount;
+  bool to_wallet = rng() % 3 == 0;
+  if (to_wallet) ++to_wallet_;
+  Json local = Json::array(
+      {statement("UPDATE accounts SET balance = balance - $1 WHERE id = $2",
+                 Json::array({amount, t.from}), 1),
+       statement("INSERT INTO ledger (gid, account, amount, to_wallet) VALUES ($1, $2, $3, $4)",
+                 Json::array({gid_param(), t.from, -amount, to_wallet}))});
+  Json destination =
+      to_wallet
+          ? Json{{"url", wallet_url_.to_string() + "/msg/deliver"},
+                 {"body", {{"account", "w"}, {"delta", amount}}}}
+          : sql_op(
+                t.to_bank,
+                Json::array({statement("UPDATE accounts SET balance = balance + $1 WHERE id = $2",
+                                       Json::array({amount, t.to}), 1),
+                             statement("INSERT INTO ledger (gid, account, amount) VALUES ($1, "
+                                       "$2, $3)",
+                                       Json::array({gid_param(), t.to, amount}))}));
+  auto decided = [](const HttpResult& r) {
+    auto j = r.status.ok() ? parse_json(r.body) : Result<Json>(unavailable("no answer"));
+    std::string state = j.ok() ? json_string(*j, "state") : "";
+    if (r.status.ok() && r.http_status == 200 && (state == "committing" || state == "committed"))
+      return std::string("committed");
+    if (r.status.ok() && (r.http_status == 200 || r.http_status == 409) && state == "aborted")
+      return std::string("aborted");
+    return std::string("unknown");
+  };
+  if (rng() % 2 == 0) {  // one request
+    Json body = {{"protocol", "msg"},
+                 {"local", sql_op(t.from_bank, local)},
+                 {"destinations", Json::array({destination})},
+                 {"timeout_ms", 2'000}};
+    ++attempted_;
+    auto r = http_call(coordinator_url_, "POST", "/v1/transactions/run", dump(body), 15'000);
+    auto j = r.status.ok() ? parse_json(r.body) : Result<Json>(unavailable("no answer"));
+    std::string gid = j.ok() ? json_string(*j, "gid") : "";
+    if (gid.empty()) {
+      bool refused = r.status.ok()
+                         ? r.http_status == 429 || r.http_status == 503
+                         : r.status.message().find("Connection refused") != std::string::npos;
+      sleep_ms(50);
+      if (refused) {
+        --attempted_;
+        ++begin_failed_;
+        return;
+      }
+      note_failure("run msg", r);
+      finish_transfer("", "unknown");  // check-back settles it; the ledger tells
+      return;
+    }
+    std::string outcome = decided(r);
+    if (outcome == "unknown") note_failure("run msg", r);
+    if (fail && outcome == "committed") {
+      std::lock_guard lock(reasons_mu_);
+      ++reasons_["msg: a failing local op committed"];
+    }
+    return finish_transfer(gid, outcome);
+  }
+  std::string gid = begin(Json{{"protocol", "msg"},
+                               {"check", {{"participant", "bank" + std::to_string(t.from_bank)}}},
+                               {"destinations", Json::array({destination})},
+                               {"timeout_ms", 1'500}});
+  if (gid.empty()) return;
+  Json step = {{"branch", "local"}, {"op", "local"}, {"statements", local}};
+  auto l = http_call(agent_urls_[t.from_bank], "POST", "/v1/branches/" + gid + "/step", dump(step),
+                     10'000);
+  if (l.status.ok() && (l.http_status == 409 || l.http_status == 422))
+    return finish_transfer(
+        gid, decided(http_call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/abort", "",
+                               10'000)));
+  if (!l.status.ok() || l.http_status != 200 || rng() % 5 == 0) {
+    // Unknown, or the producer goes away: check-back settles it.
+    if (!(l.status.ok() && l.http_status == 200)) note_failure("local", l);
+    return finish_transfer(gid, "unknown");
+  }
+  auto c = http_call(coordinator_url_, "POST", "/v1/transactions/" + gid + "/commit", "", 15'000);
+  std::string outcome = decided(c);
+  if (outcome != "committed") note_failure("commit msg", c);
+  finish_transfer(gid, outcome);
+}
+
 void World::client_loop(int id, uint64_t seed) {
-  static const char* kMix[] = {"2pc", "3pc", "tcc", "saga"};
+  static const char* kMix[] = {"2pc", "3pc", "tcc", "saga", "msg"};
   std::mt19937_64 rng(seed * 1000 + static_cast<uint64_t>(id));
   while (!load_stop_) {
     std::string protocol = load_protocol_;
-    if (protocol == "mix") protocol = kMix[rng() % 4];
+    if (protocol == "mix") protocol = kMix[rng() % 5];
     Transfer t;
     t.from_bank = static_cast<int>(rng() % 2);
     t.to_bank = 1 - t.from_bank;
@@ -729,6 +832,8 @@ void World::client_loop(int id, uint64_t seed) {
       transfer_tcc(t, rng);
     else if (protocol == "saga")
       transfer_saga(t, rng);
+    else if (protocol == "msg")
+      transfer_msg(t, rng);
     else
       transfer_xa(protocol, t, rng);
   }
@@ -797,7 +902,7 @@ int64_t World::quiesce(int64_t timeout_ms) {
 int64_t World::unfinished_ops(std::string* some) {
   int64_t n = 0;
   for (const char* state :
-       {"active", "committing", "aborting", "running", "compensating", "failed"}) {
+       {"active", "committing", "aborting", "running", "compensating", "failed", "prepared"}) {
     auto r = http_call(coordinator_url_, "GET",
                        std::string("/v1/transactions?limit=1000&state=") + state, "", 5'000);
     auto j =
@@ -805,7 +910,7 @@ int64_t World::unfinished_ops(std::string* some) {
     if (!j.ok() || !j->contains("transactions") || !(*j)["transactions"].is_array()) return -1;
     for (auto& t : (*j)["transactions"]) {
       std::string protocol = json_string(t, "protocol");
-      if (protocol != "tcc" && protocol != "saga") continue;
+      if (protocol != "tcc" && protocol != "saga" && protocol != "msg") continue;
       if (json_string(t, "state") != state) continue;  // the list is live: it may have moved on
       ++n;
       if (some && some->size() < 200)
@@ -849,7 +954,7 @@ Violations World::check() {
   int64_t ops = unfinished_ops(&unfinished);
   v.unfinished = ops != 0 ? static_cast<uint64_t>(std::max<int64_t>(ops, 1)) : 0;
   if (ops != 0)
-    std::fprintf(stderr, "tpc-chaos: TCC/saga transactions left unfinished:%s\n",
+    std::fprintf(stderr, "tpc-chaos: TCC/saga/msg transactions left unfinished:%s\n",
                  ops < 0 ? " (the coordinator does not answer)" : unfinished.c_str());
   // Barrier rows are purged once the coordinator reports their gid finished: give the agents a
   // few purge rounds after every transaction (of any protocol: an abandoned active one holds
@@ -1121,10 +1226,10 @@ struct RandomFailpoint {
 
 const std::vector<RandomFailpoint> kRandomFailpoints = {
     {Target::coordinator, "coord.after_first_prepare_sent", "2pc 3pc"},
-    {Target::coordinator, "coord.before_decision_log", "2pc 3pc tcc saga"},
+    {Target::coordinator, "coord.before_decision_log", "2pc 3pc tcc saga msg"},
     {Target::coordinator, "coord.after_decision_log", "2pc 3pc"},
     {Target::coordinator, "coord.after_first_branch_committed", "2pc 3pc"},
-    {Target::coordinator, "coord.before_end_record", "2pc 3pc tcc saga"},
+    {Target::coordinator, "coord.before_end_record", "2pc 3pc tcc saga msg"},
     {Target::coordinator, "coord.after_precommit_logged", "3pc"},
     {Target::coordinator, "coord.after_first_precommit_sent", "3pc"},
     {Target::coordinator, "coord.after_try_registered", "tcc"},
@@ -1133,13 +1238,16 @@ const std::vector<RandomFailpoint> kRandomFailpoints = {
     {Target::coordinator, "coord.after_saga_logged", "saga"},
     {Target::coordinator, "coord.after_compensate_logged", "saga"},
     {Target::coordinator, "coord.after_first_step_done", "saga"},
+    {Target::coordinator, "coord.after_half_logged", "msg"},
+    {Target::coordinator, "coord.after_msg_commit_logged", "msg"},
+    {Target::coordinator, "coord.after_first_delivery", "msg"},
     {Target::agent0, "agent.before_prepare", "2pc 3pc"},
     {Target::agent1, "agent.after_prepare", "2pc 3pc"},
     {Target::agent0, "agent.before_commit_prepared", "2pc 3pc"},
     {Target::agent1, "agent.after_commit_prepared", "2pc 3pc"},
     {Target::agent0, "agent.during_scan", "2pc 3pc"},
-    {Target::agent0, "agent.before_step", "tcc saga"},
-    {Target::agent1, "agent.after_step", "tcc saga"},
+    {Target::agent0, "agent.before_step", "tcc saga msg"},
+    {Target::agent1, "agent.after_step", "tcc saga msg"},
 };
 
 void World::inject_random(std::mt19937_64& rng) {
@@ -1244,7 +1352,8 @@ int World::run_chaos() {
       (unsigned long long)saga_no_gid_.load(), (unsigned long long)begin_failed_.load());
   if (to_wallet_ > 0)
     std::printf(
-        "TCC transfers and sagas crediting the wallet over HTTP: %llu; its balance went from %lld "
+        "TCC transfers, sagas and messages crediting the wallet over HTTP: %llu; its balance went "
+        "from %lld "
         "to %lld\n",
         (unsigned long long)to_wallet_.load(), (long long)kWallet, (long long)wallet_balance());
   std::printf("faults injected:");
@@ -1260,7 +1369,7 @@ int World::run_chaos() {
   print_times("in-doubt resolution", prepared_durations(0));
   std::printf("after the load stopped, every prepared branch was resolved within %lld ms\n",
               (long long)quiesce_ms);
-  std::printf("then every TCC and saga transaction had ended within %lld ms\n",
+  std::printf("then every TCC, saga and msg transaction had ended within %lld ms\n",
               (long long)settle_ms);
   std::printf("violations: %s\n", v.text().c_str());
   return fail_footer(v);
@@ -1279,7 +1388,7 @@ int main(int argc, char** argv) {
       {"seconds", "length of the chaos run", "60"},
       {"minutes", "length of the chaos run, in minutes", ""},
       {"clients", "concurrent transfer clients", "8"},
-      {"protocol", "2pc, 3pc, tcc, saga or mix (all four)", "2pc"},
+      {"protocol", "2pc, 3pc, tcc, saga, msg or mix (all five)", "2pc"},
       {"faults", "comma-separated: kill,stop,pg,failpoint,http (the wallet misbehaves)",
        "kill,stop,pg,failpoint,http"},
       {"no-faults", "run the load without faults", "", false, true},
@@ -1315,8 +1424,8 @@ int main(int argc, char** argv) {
   o.clients = static_cast<int>(*clients);
   o.protocol = c->get("protocol");
   if (o.protocol != "2pc" && o.protocol != "3pc" && o.protocol != "tcc" && o.protocol != "saga" &&
-      o.protocol != "mix")
-    return die("--protocol must be 2pc, 3pc, tcc, saga or mix");
+      o.protocol != "msg" && o.protocol != "mix")
+    return die("--protocol must be 2pc, 3pc, tcc, saga, msg or mix");
   o.faults.clear();
   auto split = [](const std::string& text) {
     std::vector<std::string> out;
