@@ -9,10 +9,20 @@
 
 namespace tpc {
 
-enum class Protocol : uint8_t { two_phase = 2, three_phase = 3, tcc = 4, saga = 5, msg = 6 };
+// notify: a best-effort notification (docs/DESIGN.md §10.3), on the same engine though it is
+// not a transaction of anyone's.
+enum class Protocol : uint8_t {
+  two_phase = 2,
+  three_phase = 3,
+  tcc = 4,
+  saga = 5,
+  msg = 6,
+  notify = 7
+};
 
-inline constexpr Protocol kProtocols[] = {Protocol::two_phase, Protocol::three_phase, Protocol::tcc,
-                                          Protocol::saga, Protocol::msg};
+inline constexpr Protocol kProtocols[] = {Protocol::two_phase, Protocol::three_phase,
+                                          Protocol::tcc,       Protocol::saga,
+                                          Protocol::msg,       Protocol::notify};
 
 // "2pc" / "3pc" / "tcc" / "saga" / "msg": the wire's and the logs' spelling.
 constexpr std::string_view protocol_name(Protocol p) {
@@ -22,6 +32,7 @@ constexpr std::string_view protocol_name(Protocol p) {
     case Protocol::tcc: return "tcc";
     case Protocol::saga: return "saga";
     case Protocol::msg: return "msg";
+    case Protocol::notify: return "notify";
   }
   return "?";
 }
@@ -47,7 +58,7 @@ constexpr bool calls_ops(Protocol p) {
 constexpr size_t protocol_index(Protocol p) {
   return static_cast<size_t>(p) - 2;
 }
-inline constexpr size_t kProtocolCount = 5;
+inline constexpr size_t kProtocolCount = 6;
 
 // The decision log's byte, and back (nullopt: not a protocol).
 constexpr uint8_t protocol_byte(Protocol p) {
@@ -62,9 +73,19 @@ constexpr std::optional<Protocol> protocol_from_byte(uint8_t b) {
 // What a call of a TCC branch, a saga step or a message does (docs/DESIGN.md §8): the Tpc-Op
 // header of an HTTP op, the "op" of an agent's step, the op of a barrier row.
 // check: a transactional message's check-back (§10.1), which at an agent fences the producer's
-// local op.
-enum class StepOp : uint8_t { try_op, confirm, cancel, action, compensate, deliver, local, check };
-inline constexpr size_t kStepOps = 8;
+// local op; notify: a best-effort notification (§10.3).
+enum class StepOp : uint8_t {
+  try_op,
+  confirm,
+  cancel,
+  action,
+  compensate,
+  deliver,
+  local,
+  check,
+  notify
+};
+inline constexpr size_t kStepOps = 9;
 
 constexpr std::string_view step_op_name(StepOp op) {
   switch (op) {
@@ -76,13 +97,15 @@ constexpr std::string_view step_op_name(StepOp op) {
     case StepOp::deliver: return "deliver";
     case StepOp::local: return "local";
     case StepOp::check: return "check";
+    case StepOp::notify: return "notify";
   }
   return "?";
 }
 
 constexpr std::optional<StepOp> parse_step_op(std::string_view s) {
-  for (StepOp op : {StepOp::try_op, StepOp::confirm, StepOp::cancel, StepOp::action,
-                    StepOp::compensate, StepOp::deliver, StepOp::local, StepOp::check})
+  for (StepOp op :
+       {StepOp::try_op, StepOp::confirm, StepOp::cancel, StepOp::action, StepOp::compensate,
+        StepOp::deliver, StepOp::local, StepOp::check, StepOp::notify})
     if (step_op_name(op) == s) return op;
   return std::nullopt;
 }

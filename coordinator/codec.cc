@@ -37,6 +37,16 @@ Status check_statement(const Json& st, bool tpc_params = false) {
 
 }  // namespace
 
+Result<std::string> decode_notify(const Json& j) {
+  if (!j.contains("notify")) return std::string();
+  const Json& n = j["notify"];
+  if (n.is_object() && n.contains("participant"))
+    return invalid_argument("\"notify\" must be an HTTP op: {\"url\",\"body\"?,\"headers\"?}");
+  auto op = decode_op(n, StepOp::notify, "notify", 0);
+  if (!op.ok()) return op.status();
+  return std::move(op->json);
+}
+
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms) {
   auto j = parse_object(body);
   if (!j.ok()) return j.status();
@@ -47,7 +57,11 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
   r.string("protocol", &protocol, false, 16);
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.timeout_ms = timeout;
+  r.allow("notify");
   TPC_RETURN_IF_ERROR(r.finish());
+  auto notify = decode_notify(*j);
+  if (!notify.ok()) return notify.status();
+  out.notify = std::move(*notify);
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (p == Protocol::saga)
@@ -93,7 +107,11 @@ Result<RunRequest> decode_run_json(const Json& j, size_t statements_max) {
   r.string("protocol", &protocol, false, 16);
   r.string("wait", &wait, false, 32);
   const Json* branches = r.array("branches", true, 1024);
+  r.allow("notify");
   TPC_RETURN_IF_ERROR(r.finish());
+  auto notify = decode_notify(j);
+  if (!notify.ok()) return notify.status();
+  out.notify = std::move(*notify);
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (p == Protocol::tcc)
@@ -338,11 +356,11 @@ Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t ti
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.opts.timeout_ms = timeout;
   bool has_retry = r.has("retry");
-  if (r.has("notify"))
-    r.fail(
-        invalid_argument("\"notify\" is not supported yet (best-effort notification is "
-                         "not built)"));
+  r.allow("notify");
   TPC_RETURN_IF_ERROR(r.finish());
+  auto notify = decode_notify(j);
+  if (!notify.ok()) return notify.status();
+  out.opts.notify = std::move(*notify);
   if (protocol != "saga") return invalid_argument("\"protocol\" must be \"saga\"");
   if (recovery == "forward")
     out.opts.forward = true;
@@ -402,11 +420,11 @@ Result<MsgRequest> decode_msg(const Json& j, bool one_request, size_t statements
   bool has_check = r.has("check"), has_local = r.has("local");
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.timeout_ms = timeout;
-  if (r.has("notify"))
-    r.fail(
-        invalid_argument("\"notify\" is not supported yet (best-effort notification is "
-                         "not built)"));
+  r.allow("notify");
   TPC_RETURN_IF_ERROR(r.finish());
+  auto notify = decode_notify(j);
+  if (!notify.ok()) return notify.status();
+  out.notify = std::move(*notify);
   if (protocol != "msg") return invalid_argument("\"protocol\" must be \"msg\"");
   if (destinations->empty()) return invalid_argument("\"destinations\" must not be empty");
   if (one_request) {
@@ -602,7 +620,61 @@ Json encode_tried(const ClientReply& r) {
 
 }  // namespace
 
+// A notification (docs/DESIGN.md §10.3): {"id","state","attempts","last_error"?,"url","body"}.
+Json encode_notification(const TxnView& v) {
+  Json j = {{"id", v.gid}, {"state", std::string(notification_state_name(v.state))}};
+  if (v.branches.empty()) return j;
+  const BranchView& b = v.branches[0];
+  j["attempts"] = b.attempts;
+  if (!b.last_error.empty()) j["last_error"] = b.last_error;
+  if (!v.reason.empty()) j["reason"] = v.reason;
+  if (auto op = parse_object(b.spec); op.ok()) {
+    j["url"] = (*op)["url"];
+    j["body"] = op->contains("body") ? (*op)["body"] : Json::object();
+  }
+  return j;
+}
+
+std::string_view notification_state_name(TxnState s) {
+  switch (s) {
+    case TxnState::committed: return "delivered";
+    case TxnState::aborted: return "given_up";
+    default: return "pending";
+  }
+}
+
+std::optional<TxnState> parse_notification_state(std::string_view s) {
+  if (s == "pending") return TxnState::running;
+  if (s == "delivered") return TxnState::committed;
+  if (s == "given_up") return TxnState::aborted;
+  return std::nullopt;
+}
+
+Result<NotificationRequest> decode_notification(std::string_view body, uint32_t attempts_default) {
+  auto j = parse_object(body);
+  if (!j.ok()) return j.status();
+  FieldReader r(*j);
+  NotificationRequest out;
+  int64_t attempts = attempts_default;
+  r.allow("url");
+  r.allow("body");
+  r.allow("headers");
+  r.int64("max_attempts", &attempts, 1, kNotifyAttemptsMax);
+  TPC_RETURN_IF_ERROR(r.finish());
+  Json op = *j;
+  op.erase("max_attempts");
+  if (op.contains("participant"))
+    return invalid_argument("a notification is an HTTP op: {\"url\",\"body\"?,\"headers\"?}");
+  auto o = decode_op(op, StepOp::notify, "notification", 0);
+  if (!o.ok()) return o.status();
+  if (!op.contains("url")) return invalid_argument("missing field \"url\"");
+  out.op = std::move(*o);
+  out.attempts_max = static_cast<uint32_t>(attempts);
+  return out;
+}
+
 Json encode_view(const TxnView& v) {
+  if (v.protocol == Protocol::notify) return encode_notification(v);
   Json j = {{"gid", v.gid}, {"protocol", std::string(protocol_name(v.protocol))},
             {"state", std::string(state_name(v.state))}};
   if (v.presumed) j["presumed"] = true;

@@ -15,8 +15,9 @@ namespace tpc::coord {
 struct BeginRequest {
   Protocol protocol = Protocol::two_phase;
   std::optional<int64_t> timeout_ms;
+  std::string notify;  // the "notify" op's JSON, "" for none
 };
-// {"protocol":"2pc"|"3pc","timeout_ms":N}, both optional.
+// {"protocol":"2pc"|"3pc"|"tcc","timeout_ms":N,"notify":OP}, all optional.
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms);
 
 struct EnlistRequest {
@@ -35,6 +36,7 @@ struct RunRequest {
   Protocol protocol = Protocol::two_phase;
   std::vector<RunBranch> branches;
   CommitOptions opts;
+  std::string notify;
 };
 // {"protocol","branches":[{"participant":"a1","statements":[{"sql","params"}]}],"wait"}.
 // The statements' shape is checked here (sql strings, scalar params); the agent checks them
@@ -64,6 +66,8 @@ inline constexpr size_t kOpResultMaxBytes = 16 * 1024;  // larger results are ke
 // no statements (it commits only its barrier row). `where` names it in errors.
 Result<wal::OpText> decode_op(const Json& j, StepOp op, std::string_view where,
                               size_t statements_max);
+// A request's "notify" (docs/DESIGN.md §10.3): an HTTP op, normalised; "" when absent.
+Result<std::string> decode_notify(const Json& j);
 // POST /v1/transactions/{gid}/try: {"branch","try","confirm","cancel"}.
 Result<OpBranch> decode_try(std::string_view body, size_t statements_max);
 
@@ -105,6 +109,21 @@ OpReply decode_op_answer(const OpCall& c, bool sql, int http_status, std::string
                          std::string_view retry_after, const Status& transport,
                          int64_t wall_now_ms);
 
+// A notification (docs/DESIGN.md §10.3): POST /v1/notifications {"url","body"?,"headers"?,
+// "max_attempts"?}; the op is an HTTP op (§8) with Tpc-Op notify.
+struct NotificationRequest {
+  wal::OpText op;
+  uint32_t attempts_max = kNotifyAttemptsDefault;
+};
+Result<NotificationRequest> decode_notification(std::string_view body, uint32_t attempts_default);
+// A notification's states on the wire: pending, delivered, given_up (running, committed,
+// aborted inside).
+std::string_view notification_state_name(TxnState s);
+std::optional<TxnState> parse_notification_state(std::string_view s);
+// {"id","state","attempts","last_error"?,"reason"?,"url","body"}.
+Json encode_notification(const TxnView& v);
+
+// A transaction's view; a notification's is encode_notification's.
 Json encode_view(const TxnView& v);
 // The HTTP answer for a ClientReply (error body, or the view with an "error" member when the
 // outcome is not what was asked).

@@ -449,7 +449,12 @@ TEST_CASE("saga bodies: defaults, options, and refusals") {
   refused(with(R"(,"retry":{"min_ms":0})"), "min_ms");
   refused(with(R"(,"retry":{"tries":1})"), "\"tries\"");
   refused(with(R"(,"retry":5)"), "\"retry\" must be an object");
-  refused(with(R"(,"notify":{"url":"http://h:1"})"), "not supported yet");
+  refused(with(R"(,"notify":{"participant":"a","statements":[]})"), "must be an HTTP op");
+  refused(with(R"(,"notify":{"url":"ftp://h:1"})"), "notify");
+  auto notified =
+      parse(R"({"protocol":"saga","steps":)" + step + R"(,"notify":{"url":"http://h:1/n"}})");
+  REQUIRE(notified.ok());
+  CHECK(notified->opts.notify == R"({"url":"http://h:1/n"})");
   refused(parse(R"({"protocol":"saga"})").status(), "\"steps\"");
   refused(parse(R"({"protocol":"saga","steps":[{"name":"a"}]})").status(), "needs \"action\"");
   refused(parse(R"({"protocol":"saga","steps":[7]})").status(), "steps[0] must be an object");
@@ -640,8 +645,31 @@ TEST_CASE("decode_msg: what is refused, and why") {
                  R"j("check":{"url":"http://p:2/c"}})j",
           true, "no \"check\"");
   refused(head + R"j(,"check":{"url":"ftp://p:2/c"}})j", false, "check");
-  refused(head + R"j(,"check":{"url":"http://p:2/c"},"notify":{"url":"http://n:1/"}})j", false,
-          "notify");
+  refused(head + R"j(,"check":{"url":"http://p:2/c"},"notify":{"url":"n:1/"}})j", false, "notify");
   refused(head + R"j(,"local":{"participant":"a","statements":[{"sql":"SELECT 1"}]}})j", false,
           "\"local\" goes with POST /v1/transactions/run");
+}
+
+TEST_CASE("decode_notification and \"notify\" on begin and run") {
+  auto n =
+      decode_notification(R"({"url":"http://r:1/hook","body":{"order":7},"max_attempts":3})", 8);
+  REQUIRE_MESSAGE(n.ok(), n.status().to_string());
+  CHECK(n->attempts_max == 3);
+  CHECK(n->op.op == StepOp::notify);
+  CHECK(n->op.json == R"({"body":{"order":7},"url":"http://r:1/hook"})");
+  CHECK(decode_notification(R"({"url":"http://r:1/hook"})", 8)->attempts_max == 8);
+  for (const char* bad :
+       {R"({"body":{}})", R"({"url":"http://r:1/","max_attempts":0})",
+        R"({"url":"http://r:1/","max_attempts":1001})", R"({"participant":"a","statements":[]})",
+        R"({"url":"http://r:1/","x":1})", R"({"url":"http://r:1/","headers":{"tpc-gid":"x"}})"}) {
+    CAPTURE(bad);
+    auto r = decode_notification(bad, 8);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == Code::invalid_argument);
+  }
+  auto b = decode_begin(R"({"protocol":"2pc","notify":{"url":"http://r:1/hook"}})", 1000);
+  REQUIRE(b.ok());
+  CHECK(b->notify == R"({"url":"http://r:1/hook"})");
+  CHECK(decode_begin(R"({"protocol":"tcc"})", 1000)->notify.empty());
+  CHECK_FALSE(decode_begin(R"({"notify":"http://r:1/hook"})", 1000).ok());
 }

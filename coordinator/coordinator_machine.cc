@@ -1,6 +1,8 @@
 #include "coordinator/coordinator_machine.h"
 
 #include <algorithm>
+
+#include "common/json.h"
 namespace tpc::coord {
 namespace {
 
@@ -200,11 +202,15 @@ wal::TxnRecord CoordinatorMachine::record_of(const Txn& t, int64_t now_ms) const
   r.decided_wall_ms = t.decided_ms;
   r.ended_wall_ms = r.ended ? now_ms : 0;
   for (auto& b : t.branches) r.branches.push_back({b.participant, b.url, outcome_of(b)});
+  if (!t.notify.empty())
+    if (auto op = parse_json(t.notify); op.ok()) r.options = dump(Json{{"notify", std::move(*op)}});
   return r;
 }
 
-void CoordinatorMachine::persist(const Txn& t, bool sync, bool notify, int64_t now_ms) {
-  ready_.persist.push_back(Persist{record_of(t, now_ms), sync, notify});
+void CoordinatorMachine::persist(Txn& t, bool sync, bool notify, int64_t now_ms) {
+  wal::TxnRecord rec = record_of(t, now_ms);
+  if (rec.ended) notify_outcome(t, now_ms);
+  ready_.persist.push_back(Persist{std::move(rec), sync, notify});
 }
 
 TxnView CoordinatorMachine::view_of(const Txn& t) const {
@@ -228,9 +234,11 @@ TxnView CoordinatorMachine::view_of(const Txn& t) const {
   v.decided_ms = t.decided_ms;
   bool waits = t.state == TxnState::active || (t.state == TxnState::running && t.saga.timeout_ms);
   v.deadline_ms = waits ? t.deadline_ms : 0;
-  for (auto& b : t.branches)
+  for (auto& b : t.branches) {
     v.branches.push_back({b.participant, b.url, b.state, b.attempts, b.last_error,
                           b.heuristic || b.forced, b.forced, b.result});
+    if (t.protocol == Protocol::notify && !b.ops.empty()) v.branches.back().spec = b.ops[0].json;
+  }
   return v;
 }
 
@@ -263,11 +271,19 @@ ClientReply CoordinatorMachine::reply_for(const Txn& t, RequestKind kind, uint64
   return r;
 }
 
+// A commit, abort or resolve of a notification's id: refused, its view alone answers.
+ClientReply CoordinatorMachine::not_a_transaction(ClientReply r) {
+  r.view = TxnView{};
+  r.error = conflict("that id is a notification's, not a transaction's");
+  return r;
+}
+
 ClientReply CoordinatorMachine::reply_from_record(const wal::TxnRecord& rec, RequestKind kind) {
   ClientReply r;
   r.kind = kind;
   r.view = view_from_record(rec);
   if (kind == RequestKind::get) return r;
+  if (rec.protocol == Protocol::notify) return not_a_transaction(std::move(r));
   bool commit_asked = kind == RequestKind::commit;
   switch (r.view.state) {
     case TxnState::committed: r.answer = commit_asked ? Answer::done : Answer::contrary; break;
@@ -340,6 +356,8 @@ std::optional<ClientReply> CoordinatorMachine::reply_not_live(std::string_view g
   auto it = finished_index_.find(std::string(gid));
   if (it != finished_index_.end()) {
     r.view = finished_by_serial_.at(it->second);
+    if (r.view.protocol == Protocol::notify && kind != RequestKind::get)
+      return not_a_transaction(std::move(r));
     switch (r.view.state) {
       case TxnState::committed:
         r.answer = kind == RequestKind::abort ? Answer::contrary : Answer::done;
@@ -398,6 +416,7 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
     t.created_ms = now_ms;
     t.decided_ms = rec.decided_wall_ms;
     t.heuristic_mixed = rec.heuristic_mixed;
+    t.notify = notify_of_options(rec.options);
     bool commit = rec.decision != wal::Decision::aborted;
     t.decision = commit ? Decision::commit : Decision::abort;
     t.decision_durable = true;
@@ -432,12 +451,16 @@ void CoordinatorMachine::recover(uint64_t epoch, std::optional<GidParts> forgott
 // --- client requests ---------------------------------------------------------------------
 
 Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64_t> timeout_ms,
-                                          int64_t now_ms) {
+                                          int64_t now_ms, std::string notify) {
   if (protocol == Protocol::saga)
     return invalid_argument("a saga begins with its steps: POST /v1/transactions/run");
   if (protocol == Protocol::msg)
     return invalid_argument("a message begins with its destinations and check (begin_msg)");
-  return begin_txn(protocol, timeout_ms, true, now_ms);
+  if (protocol == Protocol::notify)
+    return invalid_argument("a notification is sent with POST /v1/notifications");
+  auto view = begin_txn(protocol, timeout_ms, true, now_ms);
+  if (view.ok()) find(view->gid)->notify = std::move(notify);
+  return view;
 }
 
 // `expires`: whether the transaction's timeout is armed. A one-shot transaction is committed in
@@ -461,7 +484,7 @@ Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<i
   t.deadline_ms = now_ms + timeout;
   std::string gid = t.gid;
   Txn& tx = live_.emplace(gid, std::move(t)).first->second;
-  unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
+  if (holds_finished_below(protocol)) unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
   if (expires) schedule(tx, tx.deadline_ms, TimerKind::txn_timeout, 0, !timeout_ms.has_value());
   ++counters_.begun[protocol_index(protocol)];
   if (log_.enabled(LogLevel::info))
@@ -592,7 +615,8 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
 }
 
 Result<std::string> CoordinatorMachine::run(Protocol protocol, const std::vector<Peer>& branches,
-                                            uint64_t waiter, CommitOptions opts, int64_t now_ms) {
+                                            uint64_t waiter, CommitOptions opts, int64_t now_ms,
+                                            std::string notify) {
   if (branches.empty()) return invalid_argument("\"branches\" must not be empty");
   if (branches.size() > opts_.branches_per_txn_max)
     return Status(Code::too_large, "a transaction has at most " +
@@ -605,6 +629,7 @@ Result<std::string> CoordinatorMachine::run(Protocol protocol, const std::vector
   if (!view.ok()) return view.status();
   Txn& t = *find(view->gid);
   t.oneshot = true;
+  t.notify = std::move(notify);
   for (auto& b : branches) {
     BranchSlot slot;
     slot.participant = b.participant;
@@ -733,15 +758,20 @@ std::vector<const Txn*> CoordinatorMachine::live_by_serial(
   return picked;
 }
 
-std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit) const {
+std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit,
+                                              bool notifications) const {
+  auto wanted = [&](Protocol p, TxnState st) {
+    return (p == Protocol::notify) == notifications && (!state || st == *state);
+  };
   auto live =
-      live_by_serial([&](const Txn& t) { return !state || t.state == *state; }, limit, true);
+      live_by_serial([&](const Txn& t) { return wanted(t.protocol, t.state); }, limit, true);
   // Newest first: merge the live ones with the finished ones, which are kept by serial.
   std::vector<TxnView> out;
   auto fin = finished_by_serial_.rbegin();
   size_t li = 0;
   while (out.size() < limit) {
-    while (fin != finished_by_serial_.rend() && state && fin->second.state != *state) ++fin;
+    while (fin != finished_by_serial_.rend() && !wanted(fin->second.protocol, fin->second.state))
+      ++fin;
     bool have_fin = fin != finished_by_serial_.rend(), have_live = li < live.size();
     if (!have_fin && !have_live) break;
     if (have_live && (!have_fin || live[li]->serial > fin->first)) {
@@ -765,6 +795,7 @@ std::vector<TxnView> CoordinatorMachine::in_doubt(int64_t now_ms, size_t limit) 
       [now_ms](const Txn& t) {
         // A half message past its timeout is being checked back: its producer is silent.
         bool checking = t.state == TxnState::prepared && t.deadline_ms <= now_ms;
+        if (t.protocol == Protocol::notify) return false;  // best effort: it gives up
         return t.decision != Decision::none || t.state == TxnState::failed || checking;
       },
       limit - out.size(), false);
@@ -1045,6 +1076,7 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
                     ? (t.writes > 0 || t.recovered) && !t.nothing_to_drive
                     : (t.decision == Decision::commit && !t.nothing_to_drive) || t.heuristic_mixed;
   if (record) persist(t, /*sync=*/false, /*notify=*/false, now_ms);
+  notify_outcome(t, now_ms);  // when no end record was written (a plain abort), or earlier
   int p = protocol_index(t.protocol);
   if (t.state == TxnState::committed) ++counters_.committed[p];
   if (t.state == TxnState::aborted) ++counters_.aborted[p];
@@ -1054,7 +1086,9 @@ void CoordinatorMachine::finish(const std::string& gid_in, int64_t now_ms) {
     --recovering_;
   }
   auto key = std::make_pair(t.parts.epoch, t.parts.seq);
-  if (record)
+  if (!holds_finished_below(t.protocol))
+    ;  // never in unfinished_order_
+  else if (record)
     ending_[gid] = key;  // leaves unfinished_order_ once its end record is durable
   else
     release_order(key);

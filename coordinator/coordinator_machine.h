@@ -50,6 +50,7 @@ struct MachineOptions {
   size_t open_txns_max = 100'000;      // active or unfinished; past it begin is refused
   size_t finished_kept_max = 100'000;  // finished transactions kept in memory for GET
   size_t waiters_per_txn_max = 64;     // concurrent commit/abort requests on one gid
+  uint32_t notify_attempts_max = kNotifyAttemptsDefault;  // of a transaction's notification
 };
 
 // Counters read by the driver for /metrics (under the driver's lock).
@@ -73,6 +74,7 @@ struct MsgGauges {
   size_t prepared = 0;    // half messages
   size_t delivering = 0;  // committed, a destination not acknowledged yet
   int64_t oldest_ms = 0;  // how long the oldest delivering one has been committed
+  size_t notifications = 0;  // notifications not delivered or given up yet
 };
 
 // What a GET (or a repeated commit/abort) should say about a gid the machine has no live
@@ -107,7 +109,9 @@ class CoordinatorMachine {
 
   // --- client requests ------------------------------------------------------------------
   // 201 with the view, or an error (invalid_argument, unavailable when open_txns_max).
-  Result<TxnView> begin(Protocol protocol, std::optional<int64_t> timeout_ms, int64_t now_ms);
+  // `notify`: the HTTP op told of the outcome (docs/DESIGN.md §10.3), "" for none.
+  Result<TxnView> begin(Protocol protocol, std::optional<int64_t> timeout_ms, int64_t now_ms,
+                        std::string notify = "");
   // An agent enlists a branch. 201 new, 200 already enlisted with the same url (and the same
   // agent run, `instance`); 409 unless active, or when the agent restarted since it enlisted
   // (the branch's work in its lost session is gone: the transaction can only roll back);
@@ -125,7 +129,7 @@ class CoordinatorMachine {
   // one-phase commit (exec_commit). The answer comes later for `waiter`; errors come back at
   // once (as for begin and enlist).
   Result<std::string> run(Protocol protocol, const std::vector<Peer>& branches, uint64_t waiter,
-                          CommitOptions opts, int64_t now_ms);
+                          CommitOptions opts, int64_t now_ms, std::string notify = "");
   // Operator decision (tpcctl resolve): see docs/DESIGN.md §4.8; recorded as heuristic. For a
   // saga: abort skips its stuck compensations, commit skips the failed step of a failed
   // forward saga (docs/DESIGN.md §9).
@@ -145,14 +149,20 @@ class CoordinatorMachine {
   // check-back at its timeout. In the one-request form (a local op) the answer comes once the
   // message is decided. Errors come back at once.
   Result<std::string> begin_msg(MsgRequest req, uint64_t waiter, int64_t now_ms);
+  // A best-effort notification (docs/DESIGN.md §10.3): logged (synced) before `waiter` gets
+  // its 201, then POSTed until 2xx, at most `attempts_max` times.
+  Result<std::string> begin_notification(wal::OpText op, uint32_t attempts_max, uint64_t waiter,
+                                         int64_t now_ms);
   // The answer to an OpCall.
   void on_op_reply(const OpReply& reply, int64_t now_ms);
 
   Lookup lookup(std::string_view gid) const;
   // Compaction erased records below this gid; a gid below it without a record is forgotten.
   void set_forgotten_below(GidParts below);
-  // Live and recently finished transactions, newest first, optionally of one state.
-  std::vector<TxnView> list(std::optional<TxnState> state, size_t limit) const;
+  // Live and recently finished transactions, newest first, optionally of one state; with
+  // `notifications`, the notifications instead (docs/DESIGN.md §10.3).
+  std::vector<TxnView> list(std::optional<TxnState> state, size_t limit,
+                            bool notifications = false) const;
   // Decided but unfinished transactions and heuristic outcomes, oldest first.
   std::vector<TxnView> in_doubt(int64_t now_ms, size_t limit) const;
 
@@ -203,6 +213,7 @@ class CoordinatorMachine {
 
   // The answer a repeated commit/abort/GET gets for a transaction known only from its record.
   static ClientReply reply_from_record(const wal::TxnRecord& rec, RequestKind kind);
+  static ClientReply not_a_transaction(ClientReply r);
   static TxnView view_from_record(const wal::TxnRecord& rec);
   // The answer for a gid with no record: presumed aborted, or forgotten.
   static ClientReply reply_without_record(std::string_view gid, RequestKind kind, bool forgotten);
@@ -252,7 +263,8 @@ class CoordinatorMachine {
   void maybe_finish(Txn& t, int64_t now_ms);
   void finish(const std::string& gid, int64_t now_ms);
   void answer_waiters(Txn& t, bool only_decision_waiters);
-  void persist(const Txn& t, bool sync, bool notify, int64_t now_ms);
+  // Its end record is preceded by its notification's (notify_outcome).
+  void persist(Txn& t, bool sync, bool notify, int64_t now_ms);
   wal::TxnRecord record_of(const Txn& t, int64_t now_ms) const;
   TxnView view_of(const Txn& t) const;
   ClientReply reply_for(const Txn& t, RequestKind kind, uint64_t waiter) const;
@@ -316,6 +328,17 @@ class CoordinatorMachine {
   void msg_persisted(Txn& t, bool first, bool decided_now, int64_t now_ms);
   void msg_maybe_finish(Txn& t, int64_t now_ms);
   Answer msg_answer(const Txn& t, RequestKind kind) const;
+  // Notifications (notify_machine.cc).
+  // nullptr past open_txns_max.
+  Txn* new_notification(wal::OpText op, uint32_t attempts_max, int64_t now_ms);
+  void notify_persisted(Txn& t, int64_t now_ms);
+  void on_notify_answer(Txn& t, const OpReply& reply, int64_t now_ms);
+  void recover_notification(Txn& t, int64_t now_ms);
+  void notify_end(Txn& t, bool delivered, std::string_view reason, int64_t now_ms);
+  // t reached its final state (its end record is being written, or it ends without one): its
+  // notification, once, logged (synced) and then sent. Nothing without a "notify".
+  void notify_outcome(Txn& t, int64_t now_ms);
+  static std::string notify_of_options(std::string_view options);
 
   MachineOptions opts_;
   Logger& log_;

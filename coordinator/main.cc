@@ -33,6 +33,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"txn-timeout-ms", "default timeout of an active transaction", "60000"},
       {"txn-timeout-max-ms", "largest timeout_ms a client may ask for", "3600000"},
       {"commit-wait-ms", "a commit still finishing by then is answered 202 committing", "10000"},
+      {"notify-attempts-max", "attempts of a notification unless its request says (then given up)",
+       "8"},
       {"message-timeout-ms", "timeout of one commit/abort/pre-commit message", "5000"},
       {"retry-min-ms", "phase-2 resend backoff, first delay", "50"},
       {"retry-max-ms", "phase-2 resend backoff, cap", "5000"},
@@ -99,13 +101,14 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
     int64_t* out;
   };
   int64_t threads = 0, body = 0, conns = 0, conns_per_client = 0, txns_per_client = 0, open_max = 0,
-          branches_max = 0, agent_reqs = 0, batch_max = 0;
+          branches_max = 0, agent_reqs = 0, batch_max = 0, notify_attempts = 0;
   IntOpt ints[] = {
       {"threads", 1, 64, &threads},
       {"prepare-timeout-ms", 1, 3'600'000, &cfg.machine.prepare_timeout_ms},
       {"txn-timeout-ms", 1, 86'400'000, &cfg.machine.txn_timeout_default_ms},
       {"txn-timeout-max-ms", 1, 86'400'000, &cfg.machine.txn_timeout_max_ms},
       {"commit-wait-ms", 1, 3'600'000, &cfg.machine.commit_wait_ms},
+      {"notify-attempts-max", 1, tpc::coord::kNotifyAttemptsMax, &notify_attempts},
       {"message-timeout-ms", 1, 3'600'000, &cfg.message_timeout_ms},
       {"retry-min-ms", 1, 60'000, &cfg.machine.retry_min_ms},
       {"retry-max-ms", 1, 3'600'000, &cfg.machine.retry_max_ms},
@@ -132,6 +135,7 @@ tpc::Result<tpc::coord::CoordinatorConfig> build(const tpc::Config& c) {
   if (cfg.machine.txn_timeout_default_ms > cfg.machine.txn_timeout_max_ms)
     return invalid_argument("--txn-timeout-ms must not exceed --txn-timeout-max-ms");
   cfg.threads = static_cast<int>(threads);
+  cfg.machine.notify_attempts_max = static_cast<uint32_t>(notify_attempts);
   cfg.http.body_max_bytes = static_cast<size_t>(body);
   cfg.http.connections_max = static_cast<size_t>(conns);
   cfg.http.connections_per_client_max = static_cast<size_t>(conns_per_client);

@@ -46,6 +46,7 @@ Result<std::string> CoordinatorMachine::begin_msg(MsgRequest req, uint64_t waite
   Txn& t = *find(view->gid);
   t.saga.attempts_max = 0;
   t.saga.timeout_ms = timeout;
+  t.notify = std::move(req.notify);
   t.state = TxnState::prepared;
   t.branches.push_back(std::move(producer));
   for (size_t i = 0; i < req.destinations.size(); ++i) {
@@ -221,6 +222,7 @@ void CoordinatorMachine::msg_maybe_finish(Txn& t, int64_t now_ms) {
 MsgGauges CoordinatorMachine::msg_gauges(int64_t now_ms) const {
   MsgGauges g;
   for (const auto& [gid, t] : live_) {
+    if (t.protocol == Protocol::notify) ++g.notifications;
     if (t.protocol != Protocol::msg) continue;
     if (t.state == TxnState::prepared) ++g.prepared;
     if (t.state != TxnState::committing) continue;

@@ -31,7 +31,8 @@ std::optional<StepOp> awaited_op(const BranchSlot& b) {
       return op_of(b, StepOp::local) != nullptr ? StepOp::local : StepOp::action;
     case BranchState::compensating: return StepOp::compensate;
     case BranchState::checking: return StepOp::check;
-    case BranchState::delivering: return StepOp::deliver;
+    case BranchState::delivering:
+      return op_of(b, StepOp::notify) != nullptr ? StepOp::notify : StepOp::deliver;
     default: return std::nullopt;
   }
 }
@@ -43,7 +44,8 @@ BranchState state_while(StepOp op) {
     case StepOp::cancel: return BranchState::cancelling;
     case StepOp::compensate: return BranchState::compensating;
     case StepOp::check: return BranchState::checking;
-    case StepOp::deliver: return BranchState::delivering;
+    case StepOp::deliver:
+    case StepOp::notify: return BranchState::delivering;
     default: return BranchState::running;  // action, local
   }
 }
@@ -54,7 +56,8 @@ BranchState state_after(StepOp op) {
     case StepOp::confirm: return BranchState::confirmed;
     case StepOp::cancel: return BranchState::cancelled;
     case StepOp::compensate: return BranchState::compensated;
-    case StepOp::deliver: return BranchState::delivered;
+    case StepOp::deliver:
+    case StepOp::notify: return BranchState::delivered;
     default: return BranchState::done;  // action, local, check
   }
 }
@@ -115,7 +118,9 @@ bool pivot_may_have_run(const Txn& t) {
 
 uint64_t CoordinatorMachine::persist_ops(Txn& t, bool sync, int64_t now_ms) {
   uint64_t seq = ++t.writes;
-  ready_.persist.push_back(Persist{record_of_ops(t, now_ms), sync, sync, seq});
+  wal::TxnRecord rec = record_of_ops(t, now_ms);
+  if (rec.ended) notify_outcome(t, now_ms);  // its notification goes first
+  ready_.persist.push_back(Persist{std::move(rec), sync, sync, seq});
   return seq;
 }
 
@@ -147,7 +152,9 @@ wal::TxnRecord CoordinatorMachine::record_of_ops(const Txn& t, int64_t now_ms) c
     br.last_error = b.last_error;
     r.branches.push_back(std::move(br));
   }
-  r.options = encode_op_options(OpTxnOptions{t.saga, t.reason, t.reason_branch});
+  SagaOptions options = t.saga;
+  options.notify = t.notify;
+  r.options = encode_op_options(OpTxnOptions{options, t.reason, t.reason_branch});
   return r;
 }
 
@@ -174,7 +181,9 @@ TxnView CoordinatorMachine::view_from_record_ops(const wal::TxnRecord& rec) {
       break;
     default:
       v.decision = Decision::none;
-      v.state = saga ? TxnState::running : msg ? TxnState::prepared : TxnState::active;
+      v.state = saga || rec.protocol == Protocol::notify ? TxnState::running
+                : msg                                    ? TxnState::prepared
+                                                         : TxnState::active;
       break;
   }
   for (auto& b : rec.branches) {
@@ -187,6 +196,7 @@ TxnView CoordinatorMachine::view_from_record_ops(const wal::TxnRecord& rec) {
     bv.forced = b.outcome == wal::BranchOutcome::forced;
     bv.heuristic = bv.forced;
     bv.result = b.result;
+    if (rec.protocol == Protocol::notify && !b.ops.empty()) bv.spec = b.ops[0].json;
     v.branches.push_back(std::move(bv));
   }
   return v;
@@ -208,6 +218,7 @@ void CoordinatorMachine::recover_ops(const wal::TxnRecord& rec, const GidParts& 
   auto options = decode_op_options(rec.options);
   if (options.ok()) {
     t.saga = options->saga;
+    t.notify = options->saga.notify;
     t.reason = options->reason;
     t.reason_branch = options->step;
   } else {
@@ -234,7 +245,7 @@ void CoordinatorMachine::recover_ops(const wal::TxnRecord& rec, const GidParts& 
   }
   std::string gid = t.gid;
   Txn& tx = live_.emplace(gid, std::move(t)).first->second;
-  unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
+  if (holds_finished_below(tx.protocol)) unfinished_order_[{tx.parts.epoch, tx.parts.seq}]++;
   ++recovering_;
   ++counters_.recovered;
   log_.info("recovered", {{"gid", tx.gid},
@@ -243,6 +254,7 @@ void CoordinatorMachine::recover_ops(const wal::TxnRecord& rec, const GidParts& 
   switch (tx.protocol) {
     case Protocol::tcc: return recover_tcc(tx, now_ms);
     case Protocol::msg: return recover_msg(tx, now_ms);
+    case Protocol::notify: return recover_notification(tx, now_ms);
     default: return recover_saga(tx, now_ms);
   }
 }
@@ -403,6 +415,7 @@ Result<std::string> CoordinatorMachine::run_saga(std::vector<OpBranch> steps, Sa
   if (!view.ok()) return view.status();
   Txn& t = *find(view->gid);
   t.saga = opts;
+  t.notify = opts.notify;
   t.state = TxnState::running;
   for (auto& s : steps) {
     BranchSlot slot;
@@ -461,6 +474,7 @@ std::optional<ClientReply> CoordinatorMachine::tcc_commit(Txn& t, uint64_t waite
     return r;
   }
   if (t.protocol == Protocol::msg) return msg_commit(t, waiter, now_ms);
+  if (t.protocol == Protocol::notify) return not_a_transaction(std::move(r));
   if (t.decision == Decision::abort) return reply_for_ops(t, RequestKind::commit, waiter);
   if (t.decision == Decision::commit && t.decision_durable && opts.wait_decision_only)
     return reply_for_ops(t, RequestKind::commit, waiter);
@@ -498,6 +512,12 @@ std::optional<ClientReply> CoordinatorMachine::ops_abort(Txn& t, uint64_t waiter
     return r;
   }
   if (t.protocol == Protocol::msg) return msg_abort(t, waiter, now_ms);
+  if (t.protocol == Protocol::notify) {
+    ClientReply r;
+    r.waiter = waiter;
+    r.kind = RequestKind::abort;
+    return not_a_transaction(std::move(r));
+  }
   if (t.decision == Decision::commit) return reply_for_ops(t, RequestKind::abort, waiter);
   std::string gid = t.gid;
   if (t.decision == Decision::none) {
@@ -513,6 +533,7 @@ std::optional<ClientReply> CoordinatorMachine::ops_abort(Txn& t, uint64_t waiter
 ClientReply CoordinatorMachine::resolve_ops(Txn& t, bool commit, int64_t now_ms) {
   ClientReply r;
   r.kind = RequestKind::resolve;
+  if (t.protocol == Protocol::notify) return not_a_transaction(std::move(r));
   std::string gid = t.gid;
   Status refused = t.protocol == Protocol::tcc   ? resolve_tcc(t, commit, now_ms)
                    : t.protocol == Protocol::msg ? resolve_msg(t, commit, now_ms)
@@ -792,6 +813,9 @@ void CoordinatorMachine::send_op(Txn& t, size_t i, StepOp op) {
       TPC_ASSERT_MSG(t.decision == Decision::commit && t.decision_durable,
                      "a message is never delivered before its commit is durable");
       break;
+    case StepOp::notify:
+      TPC_ASSERT_MSG(t.recorded, "a notification is never sent before it is logged");
+      break;
   }
   BranchState to = state_while(op);
   if (b.state != to) b.attempts = 0;
@@ -853,6 +877,7 @@ void CoordinatorMachine::on_op_reply(const OpReply& reply, int64_t now_ms) {
     case StepOp::action: return on_action_answer(*t, i, reply, now_ms);
     case StepOp::local:
     case StepOp::check: return on_producer_answer(*t, reply, now_ms);
+    case StepOp::notify: return on_notify_answer(*t, reply, now_ms);
     default: return on_settling_answer(*t, i, reply, now_ms);
   }
 }
@@ -906,6 +931,7 @@ void CoordinatorMachine::ops_persisted(Txn& t, uint64_t seq, int64_t now_ms) {
     return;
   }
   if (t.protocol == Protocol::msg) return msg_persisted(t, first, decided_now, now_ms);
+  if (t.protocol == Protocol::notify) return notify_persisted(t, now_ms);
   if (t.decision == Decision::commit && t.decision_durable) {
     set_state(t, TxnState::committed);
     finish(t.gid, now_ms);
@@ -920,6 +946,7 @@ void CoordinatorMachine::ops_persisted(Txn& t, uint64_t seq, int64_t now_ms) {
 void CoordinatorMachine::maybe_finish_ops(Txn& t, int64_t now_ms) {
   if (t.decision == Decision::none) return;
   if (t.protocol == Protocol::msg) return msg_maybe_finish(t, now_ms);
+  if (t.protocol == Protocol::notify) return;  // on_notify_answer ends it
   if (t.protocol == Protocol::saga && t.decision == Decision::commit) return;  // ops_persisted
   if (t.decision == Decision::commit && !t.decision_durable) return;
   for (auto& b : t.branches) {
@@ -971,6 +998,10 @@ ClientReply CoordinatorMachine::reply_for_ops(const Txn& t, RequestKind kind,
   r.view = view_of(t);
   if (t.protocol == Protocol::msg) {
     r.answer = msg_answer(t, kind);
+    return r;
+  }
+  if (t.protocol == Protocol::notify) {
+    r.answer = kind == RequestKind::begin ? Answer::created : Answer::done;
     return r;
   }
   switch (kind) {

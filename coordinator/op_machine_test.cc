@@ -1060,3 +1060,158 @@ TEST_CASE("msg: an operator decides a half message, or skips a stuck delivery (f
   CHECK(yes.view.state == TxnState::committed);
   CHECK(f.branch(yes.view, "d1").forced);
 }
+
+// --- notifications (docs/DESIGN.md §10.3) --------------------------------------------------
+
+namespace {
+
+wal::OpText notify_op() {
+  return {StepOp::notify, R"({"url":"http://127.0.0.1:9/hook","body":{"order":7}})"};
+}
+
+}  // namespace
+
+TEST_CASE("notification: logged (synced) before its 201, then POSTed until 2xx") {
+  Fixture f;
+  auto id = f.m->begin_notification(notify_op(), 3, 5, f.now);
+  REQUIRE(id.ok());
+  f.take();
+  REQUIRE(f.persisted.size() == 1);
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.protocol == Protocol::notify);
+  CHECK(f.calls.empty());
+  CHECK(f.replies.empty());
+  f.sync();
+  const ClientReply* r = f.reply_to(5);
+  REQUIRE(r != nullptr);
+  CHECK(http_status_of(*r) == 201);
+  Json j = encode_view(r->view);
+  CHECK(j["id"] == *id);
+  CHECK(j["state"] == "pending");
+  CHECK(j["body"] == Json{{"order", 7}});
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].op == StepOp::notify);
+  f.answer("notify", StepOp::notify, OpOutcome::unknown);
+  f.advance(f.opts.retry_min_ms);
+  f.answer("notify", StepOp::notify, OpOutcome::ok);
+  auto l = f.m->lookup(*id);
+  REQUIRE(l.kind == LookupKind::live);
+  Json done = encode_view(l.view);
+  CHECK(done["state"] == "delivered");
+  CHECK(done["attempts"] == 2);
+  CHECK(f.log_records[*id].ended);
+  CHECK(f.m->open_txns() == 0);
+  // Neither listed with the transactions nor in doubt; listed with the notifications.
+  CHECK(f.m->list(std::nullopt, 10).empty());
+  CHECK(f.m->list(std::nullopt, 10, true).size() == 1);
+  CHECK(f.m->in_doubt(f.now, 10).empty());
+  // Not a transaction: commit, abort and resolve are refused.
+  auto c = f.m->commit(*id, 9, {}, f.now);
+  REQUIRE(c.has_value());
+  CHECK(http_status_of(*c) == 409);
+}
+
+TEST_CASE("notification: given up after its attempts, or at once on a business failure") {
+  Fixture f;
+  std::string id = *f.m->begin_notification(notify_op(), 3, 1, f.now);
+  f.take();
+  f.sync();
+  for (int i = 0; i < 3; ++i) {
+    f.answer("notify", StepOp::notify, OpOutcome::unknown);
+    f.advance(f.opts.retry_max_ms);
+  }
+  CHECK(f.called(StepOp::notify).size() == 3);
+  Json j = encode_view(f.m->lookup(id).view);
+  CHECK(j["state"] == "given_up");
+  CHECK(j["reason"] == "attempts");
+  CHECK(j["attempts"] == 3);
+  CHECK(j["last_error"] == "failed");
+  CHECK(f.log_records[id].decision == wal::Decision::aborted);
+
+  std::string refused = *f.m->begin_notification(notify_op(), 3, 2, f.now);
+  f.take();
+  f.sync();
+  f.answer("notify", StepOp::notify, OpOutcome::business_failure);
+  Json r = encode_view(f.m->lookup(refused).view);
+  CHECK(r["state"] == "given_up");
+  CHECK(r["reason"] == "refused");
+  CHECK(r["attempts"] == 1);
+}
+
+TEST_CASE(
+    "notification: a pending one is sent again after a restart; it never holds back "
+    "finished_below") {
+  Fixture f;
+  std::string id = *f.m->begin_notification(notify_op(), 8, 1, f.now);
+  f.take();
+  f.sync();
+  GidParts below = f.m->finished_below();
+  CHECK(below.seq > parse_gid(id)->seq);  // not held back by the pending notification
+  std::vector<wal::TxnRecord> unfinished{f.log_records[id]};
+  f.history.clear();
+  f.restart(2, unfinished);
+  CHECK(f.called(StepOp::notify).size() == 1);
+  f.answer("notify", StepOp::notify, OpOutcome::ok);
+  CHECK(encode_view(f.m->lookup(id).view)["state"] == "delivered");
+  CHECK(f.m->recovering() == 0);
+}
+
+TEST_CASE(
+    "notify: a transaction's outcome is logged as a notification just before its end "
+    "record, then sent") {
+  Fixture f;
+  auto v = f.m->begin(Protocol::tcc, std::nullopt, f.now, R"({"url":"http://127.0.0.1:9/done"})");
+  REQUIRE(v.ok());
+  std::string gid = v->gid;
+  f.tried(gid, "debit", 1);
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 2, {}, f.now).has_value());
+  f.take();
+  CHECK(f.log_records[gid].options.find("\"notify\"") != std::string::npos);  // survives a crash
+  f.sync();
+  f.persisted.clear();
+  f.answer("debit", StepOp::confirm, OpOutcome::ok);
+  // The notification's record, then the transaction's end record, last.
+  REQUIRE(f.persisted.size() >= 2);
+  const Persist& note = f.persisted[f.persisted.size() - 2];
+  CHECK(note.record.protocol == Protocol::notify);
+  CHECK(note.sync);
+  CHECK(f.persisted.back().record.gid == gid);
+  CHECK(f.persisted.back().record.ended);
+  std::string id = note.record.gid;
+  CHECK(f.calls.empty());  // sent once its record is written
+  f.sync();
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].op == StepOp::notify);
+  CHECK(f.calls[0].gid == id);
+  auto body = parse_object(f.calls[0].spec);
+  REQUIRE(body.ok());
+  CHECK((*body)["url"] == "http://127.0.0.1:9/done");
+  CHECK((*body)["body"] == Json{{"gid", gid}, {"protocol", "tcc"}, {"state", "committed"}});
+  f.answer("notify", StepOp::notify, OpOutcome::ok);
+  CHECK(encode_view(f.m->lookup(id).view)["state"] == "delivered");
+}
+
+TEST_CASE("notify: a 2PC transaction's op is kept in its decision record") {
+  Fixture f;
+  auto v = f.m->begin(Protocol::two_phase, std::nullopt, f.now, R"({"url":"http://h:1/n"})");
+  REQUIRE(v.ok());
+  wal::TxnRecord rec;
+  rec.gid = v->gid;
+  rec.protocol = Protocol::two_phase;
+  rec.decision = wal::Decision::commit;
+  rec.branches.push_back({"a1", "http://127.0.0.1:1", wal::BranchOutcome::pending});
+  rec.options = R"({"notify":{"url":"http://h:1/n"}})";
+  auto decoded = wal::decode_record(wal::encode_record(rec));
+  REQUIRE_MESSAGE(decoded.ok(), decoded.status().to_string());
+  CHECK(*decoded == rec);
+  // Recovered, committed, finished: its notification goes out.
+  f.restart(2, {rec});
+  f.m->on_reply(BranchReply{rec.gid, "a1", MsgKind::commit, ReplyKind::committed, ""}, f.now);
+  f.take();
+  REQUIRE_FALSE(f.persisted.empty());
+  CHECK(f.persisted[0].record.protocol == Protocol::notify);
+  f.sync();
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].spec.find(R"("state":"committed")") != std::string::npos);
+}

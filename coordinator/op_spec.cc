@@ -16,6 +16,8 @@ std::string encode_op_options(const OpTxnOptions& o) {
   if (s.timeout_ms) j["timeout_ms"] = *s.timeout_ms;
   if (!o.reason.empty()) j["reason"] = o.reason;
   if (!o.step.empty()) j["step"] = o.step;
+  if (!s.notify.empty())
+    if (auto n = parse_json(s.notify); n.ok()) j["notify"] = std::move(*n);
   return dump(j);
 }
 
@@ -35,7 +37,12 @@ Result<OpTxnOptions> decode_op_options(std::string_view text) {
   r.int64("timeout_ms", &timeout, 1, INT64_MAX);
   r.string("reason", &o.reason, false, 64);
   r.string("step", &o.step, false, 64);
+  bool has_notify = r.has("notify");
   if (Status st = r.finish(); !st.ok()) return Status(Code::corruption, "options: " + st.message());
+  if (has_notify) {
+    if (!(*j)["notify"].is_object()) return Status(Code::corruption, "options: notify is no op");
+    s.notify = dump((*j)["notify"]);
+  }
   s.attempts_max = static_cast<uint32_t>(attempts);
   if (timeout > 0) s.timeout_ms = timeout;
   return o;

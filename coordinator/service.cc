@@ -683,6 +683,7 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
     if (!get) return respond(method_not_allowed("GET"));
     return in_doubt(respond);
   }
+  if (parts.size() >= 2 && parts[1] == "notifications") return notifications(parts, req, respond);
   if (parts.size() >= 2 && parts[1] == "transactions") {
     if (parts.size() == 2) {
       if (post) return begin(req, respond);
@@ -716,6 +717,7 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
     return begin_msg(*parsed, false, respond);
   auto body = decode_begin(req.body, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
+  if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
@@ -727,7 +729,7 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
       client_full = true;
       return;
     }
-    view = m.begin(body->protocol, body->timeout_ms, rt_.now_ms());
+    view = m.begin(body->protocol, body->timeout_ms, rt_.now_ms(), body->notify);
     if (!view.ok()) return;
     client_txns_[req.client].push_back(view->gid);
     ++client_txns_tracked_;
@@ -775,6 +777,7 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
     return begin_msg(*parsed, true, respond);
   auto body = decode_run_json(*parsed, cfg_.statements_max);
   if (!body.ok()) return respond(error_response(body.status()));
+  if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
@@ -799,7 +802,7 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
   Ready ready;
   {
     std::lock_guard lock(mu_);
-    gid = machine_.run(body->protocol, branches, waiter, body->opts, now);
+    gid = machine_.run(body->protocol, branches, waiter, body->opts, now, body->notify);
     if (gid.ok()) {
       std::lock_guard rlock(runs_mu_);
       RunState& rs = runs_[*gid];
@@ -834,6 +837,11 @@ Status CoordinatorService::check_ops(const OpBranch& b) const {
   return ok_status();
 }
 
+Status CoordinatorService::check_notify(const std::string& notify) const {
+  if (notify.empty()) return ok_status();
+  return check_ops(OpBranch{"notify", {wal::OpText{StepOp::notify, notify}}});
+}
+
 bool CoordinatorService::url_allowed(std::string_view url) const {
   if (cfg_.op_url_prefixes.empty()) return true;
   return std::any_of(cfg_.op_url_prefixes.begin(), cfg_.op_url_prefixes.end(),
@@ -845,6 +853,7 @@ void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
   if (!body.ok()) return respond(error_response(body.status()));
   for (const OpBranch& step : body->steps)
     if (Status st = check_ops(step); !st.ok()) return respond(error_response(st));
+  if (Status st = check_notify(body->opts.notify); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
@@ -874,6 +883,7 @@ void CoordinatorService::begin_msg(const Json& j, bool one_request, const Respon
   for (const OpBranch& ops :
        {OpBranch{"local", body->producer}, OpBranch{"destinations", body->destinations}})
     if (Status st = check_ops(ops); !st.ok()) return respond(error_response(st));
+  if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
@@ -893,6 +903,93 @@ void CoordinatorService::begin_msg(const Json& j, bool one_request, const Respon
     }
     respond(error_response(gid.status()));
   }
+}
+
+void CoordinatorService::notifications(const std::vector<std::string_view>& parts,
+                                       const HttpRequest& req, const Responder& respond) {
+  bool get = req.method == "GET", post = req.method == "POST";
+  if (parts.size() == 2) {
+    if (post) return begin_notification(req, respond);
+    if (get) return list_notifications(req, respond);
+    return respond(method_not_allowed("GET, POST"));
+  }
+  if (parts.size() != 3) return respond(error_response(not_found("no such path")));
+  if (!get) return respond(method_not_allowed("GET"));
+  auto id = percent_decode(parts[2]);
+  if (!id || !parse_gid(*id))
+    return respond(error_response(invalid_argument("malformed notification id in the path")));
+  get_notification(*id, respond);
+}
+
+void CoordinatorService::begin_notification(const HttpRequest& req, const Responder& respond) {
+  auto body = decode_notification(req.body, cfg_.machine.notify_attempts_max);
+  if (!body.ok()) return respond(error_response(body.status()));
+  if (Status st = check_ops(OpBranch{"notification", {body->op}}); !st.ok())
+    return respond(error_response(st));
+  if (!healthy_) {
+    respond(error_response(unavailable("recovering: not accepting new notifications yet")));
+    return;
+  }
+  int64_t now = rt_.now_ms();
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  Result<std::string> id = unavailable("");
+  with_machine([&](CoordinatorMachine& m) {
+    id = m.begin_notification(std::move(body->op), body->attempts_max, waiter, now);
+  });
+  if (!id.ok()) {
+    {
+      std::lock_guard lock(waiters_mu_);
+      waiters_.erase(waiter);
+    }
+    respond(error_response(id.status()));
+  }
+}
+
+// The reconciliation query: a notification's state, from memory or from its record. An id of
+// ours without a notification record is 404 (a notification is logged before its 201).
+void CoordinatorService::get_notification(const std::string& id, const Responder& respond) {
+  Lookup l;
+  {
+    std::lock_guard lock(mu_);
+    l = machine_.lookup(id);
+  }
+  auto answer_view = [id, respond](const TxnView& v) {
+    if (v.protocol != Protocol::notify || v.presumed || v.forgotten)
+      return respond(error_response(not_found("no notification " + id)));
+    respond(json_response(200, encode_notification(v)));
+  };
+  if (l.kind == LookupKind::live) return answer_view(l.view);
+  if (l.kind != LookupKind::in_log)
+    return respond(error_response(not_found("no notification " + id)));
+  ClientReply r;
+  r.kind = RequestKind::get;
+  r.view.gid = id;
+  r.needs_log = true;
+  if (!rt_.submit([this, r, answer_view] { answer_view(from_log(r).view); })) respond(busy());
+}
+
+void CoordinatorService::list_notifications(const HttpRequest& req, const Responder& respond) {
+  std::optional<TxnState> state;
+  if (auto s = req.query_param("state")) {
+    state = parse_notification_state(*s);
+    if (!state)
+      return respond(error_response(
+          invalid_argument("state must be pending, delivered or given_up, got " + echo(*s))));
+  }
+  auto limit = list_limit(req);
+  if (!limit.ok()) return respond(error_response(limit.status()));
+  std::vector<TxnView> views;
+  {
+    std::lock_guard lock(mu_);
+    views = machine_.list(state, *limit, /*notifications=*/true);
+  }
+  Json arr = Json::array();
+  for (auto& v : views) arr.push_back(encode_notification(v));
+  respond(json_response(200, Json{{"notifications", std::move(arr)}}));
 }
 
 void CoordinatorService::try_branch(const std::string& gid, const HttpRequest& req,
@@ -915,25 +1012,29 @@ void CoordinatorService::try_branch(const std::string& gid, const HttpRequest& r
   }
 }
 
+// ?limit=N of a list: 1..list_limit_max, 100 unless given.
+Result<size_t> CoordinatorService::list_limit(const HttpRequest& req) const {
+  auto l = req.query_param("limit");
+  if (!l) return size_t{100};
+  char* end = nullptr;
+  long v = std::strtol(l->c_str(), &end, 10);
+  if (l->empty() || *end != '\0' || v < 1 || static_cast<size_t>(v) > cfg_.list_limit_max)
+    return invalid_argument("limit must be between 1 and " + std::to_string(cfg_.list_limit_max));
+  return static_cast<size_t>(v);
+}
+
 void CoordinatorService::list(const HttpRequest& req, const Responder& respond) {
   std::optional<TxnState> state;
   if (auto s = req.query_param("state")) {
     state = parse_state(*s);
     if (!state) return respond(error_response(invalid_argument("unknown state \"" + *s + "\"")));
   }
-  size_t limit = 100;
-  if (auto l = req.query_param("limit")) {
-    char* end = nullptr;
-    long v = std::strtol(l->c_str(), &end, 10);
-    if (l->empty() || *end != '\0' || v < 1 || static_cast<size_t>(v) > cfg_.list_limit_max)
-      return respond(error_response(
-          invalid_argument("limit must be between 1 and " + std::to_string(cfg_.list_limit_max))));
-    limit = static_cast<size_t>(v);
-  }
+  auto limit = list_limit(req);
+  if (!limit.ok()) return respond(error_response(limit.status()));
   std::vector<TxnView> views;
   {
     std::lock_guard lock(mu_);
-    views = machine_.list(state, limit);
+    views = machine_.list(state, *limit);
   }
   Json arr = Json::array();
   for (auto& v : views) arr.push_back(encode_view(v));
@@ -1235,12 +1336,14 @@ void CoordinatorService::compact_once() {
 void CoordinatorService::register_metrics() {
   CountersUnderLock<MachineCounters> counter{metrics_, mu_, machine_.counters()};
   for (Protocol protocol : kProtocols) {
+    if (protocol == Protocol::notify) continue;  // notifications have their own metrics
     size_t p = protocol_index(protocol);
     std::string proto(protocol_name(protocol));
     counter("tpc_coordinator_transactions_begun_total", "transactions begun", {{"protocol", proto}},
             [p](const MachineCounters& c) { return c.begun[p]; });
   }
   for (Protocol protocol : kProtocols) {
+    if (protocol == Protocol::notify) continue;
     size_t p = protocol_index(protocol);
     std::string proto(protocol_name(protocol));
     counter("tpc_coordinator_transactions_total", "transactions finished, by outcome",
@@ -1303,6 +1406,16 @@ void CoordinatorService::register_metrics() {
           return static_cast<double>(state == TxnState::prepared ? g.prepared : g.delivering);
         },
         {{"state", std::string(state_name(state))}});
+  size_t np = protocol_index(Protocol::notify);
+  counter("tpc_coordinator_notifications_total", "notifications ended, by outcome",
+          {{"outcome", "delivered"}}, [np](const MachineCounters& c) { return c.committed[np]; });
+  counter("tpc_coordinator_notifications_total", "notifications ended, by outcome",
+          {{"outcome", "given_up"}}, [np](const MachineCounters& c) { return c.aborted[np]; });
+  metrics_.gauge("tpc_coordinator_notifications_pending", "notifications still being delivered",
+                 [this] {
+                   std::lock_guard lock(mu_);
+                   return static_cast<double>(machine_.msg_gauges(rt_.now_ms()).notifications);
+                 });
   metrics_.gauge("tpc_coordinator_oldest_undelivered_message_seconds",
                  "how long the oldest committed message has waited for a destination to "
                  "acknowledge (0: none)",

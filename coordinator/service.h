@@ -151,7 +151,16 @@ class CoordinatorService {
   void run_saga(const Json& body, const Responder& respond);
   // A transactional message: POST /v1/transactions, or /run with its local op (one_request).
   void begin_msg(const Json& j, bool one_request, const Responder& respond);
+  // Notifications (docs/DESIGN.md §10.3): /v1/notifications[/{id}].
+  void notifications(const std::vector<std::string_view>& parts, const HttpRequest& req,
+                     const Responder& respond);
+  void begin_notification(const HttpRequest& req, const Responder& respond);
+  void get_notification(const std::string& id, const Responder& respond);
+  void list_notifications(const HttpRequest& req, const Responder& respond);
+  Result<size_t> list_limit(const HttpRequest& req) const;
   Status check_ops(const OpBranch& b) const;
+  // A request's "notify" op (empty: none) as check_ops checks ops.
+  Status check_notify(const std::string& notify) const;
   bool url_allowed(std::string_view url) const;
   void try_branch(const std::string& gid, const HttpRequest& req, const Responder& respond,
                   int64_t now);

@@ -177,6 +177,7 @@ struct BranchView {
   bool heuristic = false;  // ended with the outcome opposite to the decision
   bool forced = false;     // an operator declared it finished
   std::string result;      // TCC/saga: JSON text of its last successful op's answer
+  std::string spec;        // a notification: its op's JSON (url, body, headers)
 };
 
 struct TxnView {
@@ -246,6 +247,7 @@ struct SagaOptions {
   int64_t retry_max_ms = 0;
   bool wait_accepted = false;  // answer 202 once the saga is durable
   std::optional<int64_t> timeout_ms;
+  std::string notify;  // "notify": the HTTP op told of the outcome (docs/DESIGN.md §10.3)
   bool operator==(const SagaOptions&) const = default;
 };
 
@@ -255,12 +257,23 @@ struct OpBranch {
   std::vector<wal::OpText> ops;
 };
 
+// Notifications (docs/DESIGN.md §10.3) are delivered at most this many times unless told.
+inline constexpr uint32_t kNotifyAttemptsDefault = 8;
+inline constexpr int64_t kNotifyAttemptsMax = 1000;
+
+// A notification is not a transaction of the agents': it never holds back the purge of their
+// markers and barrier rows (finished_below).
+constexpr bool holds_finished_below(Protocol p) {
+  return p != Protocol::notify;
+}
+
 // A transactional message (docs/DESIGN.md §10.1): its producer's ops (check, and in the
 // one-request form the local op before it) and one deliver op per destination.
 struct MsgRequest {
   std::vector<wal::OpText> producer;
   std::vector<wal::OpText> destinations;
   std::optional<int64_t> timeout_ms;  // check-back after this long undecided
+  std::string notify;                 // "notify"
 };
 inline constexpr int64_t kMsgTimeoutDefaultMs = 10'000;
 // An unknown answer to the one-request form's local op is resent this many times in all, then
@@ -318,6 +331,8 @@ struct Txn {
   std::string reason_branch;
   std::vector<BranchSlot> branches;
   std::vector<Waiter> waiters;
+  std::string notify;     // "notify": the HTTP op told of the outcome (docs/DESIGN.md §10.3)
+  bool notified = false;  // its notification was made
   // TCC and saga:
   SagaOptions saga;
   uint64_t writes = 0;        // records emitted for it (Persist::seq)

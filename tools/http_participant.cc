@@ -378,6 +378,8 @@ struct HttpParticipant::Impl {
   Outcome saga_action(const OpInput& in);
   Outcome saga_compensate(const OpInput& in);
   Outcome msg_check(const OpInput& in);
+  HttpResponse notified(const HttpRequest& req);
+  Json received_json() const;
   std::optional<FaultRule> match_fault(std::string_view path, std::string_view branch,
                                        std::string_view op);
 
@@ -409,6 +411,7 @@ struct HttpParticipant::Impl {
   BoundedMap<Branch> branches;                           // under mu
   BoundedMap<StoredAnswer> answers;                      // by Idempotency-Key; under mu
   std::deque<Call> calls;                                // under mu
+  std::deque<Json> received;                             // notifications, under mu
   uint64_t seq = 0;                                      // under mu
   std::vector<FaultRule> faults;                         // under mu
   DelayedAnswers delayed;
@@ -482,12 +485,37 @@ HttpParticipant::Impl::Reply HttpParticipant::Impl::route(const HttpRequest& req
     answers.clear();
     calls.clear();
     faults.clear();
+    received.clear();
     return now(json_response(200, Json::object()));
+  }
+  if (path == "/notify") {
+    if (method == "POST") return now(notified(req));
+    if (method == "GET") return now(json_response(200, {{"received", received_json()}}));
+    return now(method_not_allowed("GET, POST"));
   }
   for (const OpEndpoint& ep : kOpEndpoints)
     if (path == ep.path)
       return method == "POST" ? op_call(req, ep) : now(method_not_allowed("POST"));
   return now(error_response(not_found("no such path " + echo(path))));
+}
+
+// A notification (DESIGN.md §10.3): kept with its Tpc-Gid (the notification's id) and attempt,
+// answered 200; the bodies of all of them, oldest first, from GET /notify.
+HttpResponse HttpParticipant::Impl::notified(const HttpRequest& req) {
+  auto body = parse_object(req.body);
+  if (!body.ok()) return error_response(body.status());
+  if (received.size() >= opts.calls_max) received.pop_front();
+  received.push_back(Json{{"id", cut(req.header("tpc-gid"))},
+                          {"op", cut(req.header("tpc-op"))},
+                          {"attempt", cut(req.header("tpc-attempt"))},
+                          {"body", std::move(*body)}});
+  return json_response(200, {{"received", true}});
+}
+
+Json HttpParticipant::Impl::received_json() const {
+  Json out = Json::array();
+  for (auto& r : received) out.push_back(r);
+  return out;
 }
 
 // ---- Op requests -----------------------------------------------------------------------------

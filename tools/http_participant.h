@@ -17,6 +17,8 @@
 //   POST /msg/check                      the message's check-back on /msg/local of the same gid
 //                                        and branch: {"committed":true,"balance"}, or 409
 //                                        not_committed, which fences it (a later local is refused)
+//   POST /notify                         a notification (DESIGN.md §10.3): kept, 200
+//   GET  /notify                         {"received":[{"id","op","attempt","body"}]}, oldest first
 //   GET|POST|DELETE /control/faults      {"rules":[{"path","branch"?,"op"?,"mode","count"?,
 //                                        "delay_ms"?,"retry_after_s"?}]}
 //   POST /control/reset                  forgets accounts, branches, answers, calls, rules

@@ -199,18 +199,20 @@ Status decode_branch_ops(Reader& r, BranchRecord& b) {
   return r.bytes("branch last_error", b.last_error);
 }
 
-// TCC, saga and msg records come as version 2 and only they hold the decisions of their own.
+// TCC, saga and msg records come as version 2 (2PC and 3PC ones as version 1, or as version 2
+// when they carry options), and only they hold the decisions of their own.
 Status check_protocol_decision(const TxnRecord& rec, uint8_t version) {
-  if (calls_ops(rec.protocol) != (version >= kRecordVersionOps))
+  if (calls_ops(rec.protocol) && version < kRecordVersionOps)
     return Reader::bad("protocol", std::string(protocol_name(rec.protocol)) + " in a version " +
                                        std::to_string(version) + " record");
   bool tcc_only = rec.decision == Decision::registered;
-  bool saga_only = rec.decision == Decision::running;
+  bool saga_only = rec.decision == Decision::running;  // or a notification's
+
   bool msg_only = rec.decision == Decision::half;
   bool xa_only = rec.decision == Decision::precommit || rec.decision == Decision::one_phase ||
                  rec.decision == Decision::committed_read_only;
   if ((tcc_only && rec.protocol != Protocol::tcc) ||
-      (saga_only && rec.protocol != Protocol::saga) ||
+      (saga_only && rec.protocol != Protocol::saga && rec.protocol != Protocol::notify) ||
       (msg_only && rec.protocol != Protocol::msg) || (xa_only && calls_ops(rec.protocol)))
     return Reader::bad("decision", std::string(decision_name(rec.decision)) + " in a " +
                                        std::string(protocol_name(rec.protocol)) + " record");
@@ -223,7 +225,7 @@ Status decode_payload(std::string_view payload, uint8_t version, TxnRecord& rec)
   uint8_t protocol = 0;
   TPC_RETURN_IF_ERROR(r.u8("protocol", protocol));
   auto p = protocol_from_byte(protocol);
-  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 to 6");
+  if (!p) return Reader::bad("protocol", "value " + std::to_string(protocol) + " is not 2 to 7");
   rec.protocol = *p;
   TPC_RETURN_IF_ERROR(decode_decision(r, rec.decision));
   uint8_t flags = 0;
@@ -293,7 +295,7 @@ std::string encode_record(const TxnRecord& r) {
                                        (r.heuristic_mixed ? kFlagHeuristicMixed : 0)));
   put_signed(payload, r.decided_wall_ms);
   put_signed(payload, r.ended_wall_ms);
-  const bool ops = calls_ops(r.protocol);
+  const bool ops = calls_ops(r.protocol) || !r.options.empty();
   put_varint(payload, r.branches.size());
   for (const BranchRecord& b : r.branches) {
     put_bytes(payload, b.participant);

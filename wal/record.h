@@ -27,7 +27,8 @@ enum class Decision : uint8_t {
   // action done (saga), and `aborted` the cancel or compensate decision.
   registered = 6,  // TCC: branches registered before their try, nothing decided; recovery
                    // aborts the transaction (cancels every registered branch)
-  running = 7,     // saga: actions going forward; recovery continues them
+  running = 7,     // saga: actions going forward; recovery continues them (a notification:
+                   // not delivered yet)
   half = 8,        // msg: a half message, its producer's local transaction not known to have
                    // committed; recovery leaves it to check-back
 };
@@ -73,12 +74,14 @@ struct TxnRecord {
   int64_t decided_wall_ms = 0;
   int64_t ended_wall_ms = 0;     // 0 until ended
   std::vector<BranchRecord> branches;
-  std::string options;  // TCC/saga/msg: the transaction's options, JSON text (version 2)
+  std::string options;  // the transaction's options, JSON text (version 2): TCC/saga/msg, and a
+                        // 2PC/3PC transaction's "notify"
   bool operator==(const TxnRecord&) const = default;
 };
 
 // Value layout: [u8 version][u32 crc32c of payload, little-endian][payload]. 2PC and 3PC
-// records are written as version 1, TCC, saga and msg records as version 2; both are read.
+// records are written as version 1 (version 2 when they carry options), TCC, saga, msg and
+// notification records as version 2; both are read.
 inline constexpr uint8_t kRecordVersion = 1;
 inline constexpr uint8_t kRecordVersionOps = 2;
 

@@ -129,4 +129,13 @@ inline bool listed_in_doubt(Testbed& t, const std::string& gid) {
   return false;
 }
 
+// A saga step adding `delta` to the participant's `account`.
+inline Json http_step(Testbed& t, const std::string& name, const std::string& account,
+                      int64_t delta, bool compensate = true) {
+  Json body = {{"account", account}, {"delta", delta}};
+  Json s = {{"name", name}, {"action", http_op(t, "/saga/action", body)}};
+  if (compensate) s["compensate"] = http_op(t, "/saga/compensate", body);
+  return s;
+}
+
 }  // namespace tpc::testing

@@ -78,15 +78,6 @@ Json sql_step(const std::string& name, int bank, int id, int64_t delta, bool com
   return s;
 }
 
-// A saga step adding `delta` to the participant's `account`.
-Json http_step(Testbed& t, const std::string& name, const std::string& account, int64_t delta,
-               bool compensate = true) {
-  Json body = {{"account", account}, {"delta", delta}};
-  Json s = {{"name", name}, {"action", http_op(t, "/saga/action", body)}};
-  if (compensate) s["compensate"] = http_op(t, "/saga/compensate", body);
-  return s;
-}
-
 Json saga(Json steps) {
   return {{"protocol", "saga"}, {"steps", std::move(steps)}};
 }

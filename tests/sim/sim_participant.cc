@@ -6,6 +6,7 @@ namespace {
 // Chances, per request. Business failures are the business's: always on. The rest only while
 // the World's faults are on.
 constexpr double kBusinessFailure = 0.07;
+constexpr double kNotifyRefused = 0.02;  // a notification answered 422
 constexpr double kUnavailable = 0.04;  // 503 with Retry-After, nothing applied
 constexpr double kDropBefore = 0.02;   // no answer, nothing applied
 constexpr double kDropAfter = 0.03;    // applied, no answer
@@ -129,10 +130,16 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
   } else if (path == "/msg/deliver") {
     kind = "msg";
     op = "deliver";
+  } else if (path == "/notify") {
+    kind = "notify";
+    op = "notify";
   }
   bool tcc_op = op == "try" || op == "confirm" || op == "cancel";
   bool saga_op = op == "action" || op == "compensate";
-  bool known = kind == "saga" ? saga_op : kind == "msg" ? op == "deliver" : tcc_op;
+  bool known = kind == "saga"     ? saga_op
+               : kind == "msg"    ? op == "deliver"
+               : kind == "notify" ? op == "notify"
+                                  : tcc_op;
   if (req.method != "POST" || !known) {
     contract.push_back("svc: unexpected " + req.method + " " + req.target);
     return fail(404, "not_found", "no such op: " + path);
@@ -174,9 +181,23 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
   return r;
 }
 
+// A notification (docs/DESIGN.md §10.3): kept, and answered 200; now and then refused (422,
+// stored), which gives it up.
+HttpResponse SimParticipant::notified(const std::string& id, const Json& body, bool* store) {
+  if (w_.rng().chance(kNotifyRefused)) {
+    journal(id, "notify", "notify", OpEffect::failed);
+    return fail(422, "invalid", "the receiver refuses this notification");
+  }
+  received[id].push_back(dump(body));
+  journal(id, "notify", "notify", OpEffect::applied);
+  *store = true;
+  return json_response(200, Json{{"received", true}});
+}
+
 HttpResponse SimParticipant::run(const std::string& gid, const std::string& branch,
                                  const std::string& kind, const std::string& op, const Json& body,
                                  bool* store) {
+  if (kind == "notify") return notified(gid, body, store);
   Branch& b = branches_[{gid, branch}];
   auto number = [&](const char* k) -> std::optional<int64_t> {
     if (!body.contains(k) || !body[k].is_number_integer()) return std::nullopt;

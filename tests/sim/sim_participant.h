@@ -19,6 +19,7 @@
 //   /saga/action                     {"account","delta","check_funds"?,"transient"?}
 //   /saga/compensate                 {"account","delta"}: undoes the action
 //   /msg/deliver                     {"account","delta"}: a message's delivery, applied once
+//   /notify                          a notification: kept in `received` (2% refused, 422)
 //
 // It misbehaves, from the World's seeded Rng: a try or an action fails as a business failure
 // (409 or 422, stored; "transient": not stored, the next attempt decides afresh — for forward
@@ -106,6 +107,8 @@ class SimParticipant {
   // Requests that break the contract of docs/DESIGN.md §8, as they came.
   std::vector<std::string> contract;
   uint64_t evaluated = 0;  // ops evaluated (not replays)
+  // Notifications received, by id (the Tpc-Gid of the call): each delivery's body.
+  std::map<std::string, std::vector<std::string>> received;
 
  private:
   enum class State {
@@ -132,6 +135,7 @@ class SimParticipant {
   void handle(HttpRequest&& req, Responder respond);
   // Checks, replays or runs the op; `copy` is a second delivery (its answer thrown away).
   HttpResponse evaluate(const HttpRequest& req, bool copy);
+  HttpResponse notified(const std::string& id, const Json& body, bool* store);
   HttpResponse run(const std::string& gid, const std::string& branch, const std::string& kind,
                    const std::string& op, const Json& body, bool* store);
   void hold(Responder r);  // never answered

@@ -86,6 +86,17 @@
 //   msg_delivered_after_abort     no destination of an aborted message is ever called
 //   msg_unknown_slot        no participant saw an op of a slot the message does not have
 //
+// Best-effort notifications (docs/DESIGN.md §10.3): a third of the transactions of every kind
+// carry "notify" to the service's /notify, which refuses 2% (422):
+//   notify_wrong_state      a notification tells its transaction's final state, the one its
+//                           record ended with (aborted when it has none: presumed)
+//   notify_lost             every transaction that ended with "notify" in its record has its
+//                           notification in the log (written before its end record)
+//   notify_not_received     a delivered notification reached the receiver, with its body
+//   notify_body             (notify_body: every delivery carried the body logged)
+//   notify_gave_up_early    one given up used all its attempts, unless refused
+//   notify_unknown          the receiver got no notification the coordinator has no record of
+//
 // tpc-sim --sabotage NAME breaks the service's bookkeeping on purpose, so that one of these
 // invariants must fail (tests/sim/CMakeLists.txt runs each).
 //
@@ -110,6 +121,7 @@
 #include "common/json.h"
 #include "common/log.h"
 #include "common/wire.h"
+#include "coordinator/op_spec.h"
 #include "coordinator/service.h"
 #include "participant/agent_service.h"
 #include "participant/pg_branch.h"
@@ -312,6 +324,10 @@ class Cluster {
   void msg_local(int client, std::shared_ptr<Transfer> t, int attempt);
   void check_msg(const wal::TxnRecord& rec,
                  std::map<std::string, std::vector<const OpEvent*>>& evs);
+  // notify: a third of the transactions carry "notify" to the service's /notify.
+  void maybe_notify(Json& body);
+  void check_notification(const wal::TxnRecord& rec);
+  void check_notified();
   Json service_op(const std::string& path, Json body) const;
   Json sql_op(int agent, Json statements) const;
   Json tcc_request(const Transfer& t, size_t i) const;
@@ -352,7 +368,8 @@ class Cluster {
 
  public:
   size_t told_committed = 0, told_aborted = 0;
-  size_t ops_committed = 0, ops_aborted = 0;  // TCC and saga transactions, by their records
+  size_t ops_committed = 0, ops_aborted = 0;  // TCC, saga and msg transactions, by their records
+  size_t notified = 0, given_up = 0;          // notifications, by their records
 
  private:
   World w_;
@@ -400,6 +417,7 @@ class Cluster {
   std::string svc_url_;
 
   int64_t initial_total_ = 0;
+  std::set<std::string> notified_gids_;  // transactions whose notification is in the log
   int64_t unfinished_steps_sum_ = 0;  // money moved by steps of transfers the client left
   std::vector<std::string> violations_;
 };
@@ -823,6 +841,7 @@ Json Cluster::saga_request(const Transfer& t) {
     body["recovery"] = "backward";
   if (t.accepted) body["wait"] = "accepted";
   if (r.chance(0.3)) body["timeout_ms"] = r.between(1'500, 6'000);
+  maybe_notify(body);
   if (r.chance(0.3)) {
     Json retry{{"min_ms", r.between(10, 100)}, {"max_ms", r.between(200, 1'000)}};
     if (!t.forward) retry["max_attempts"] = r.between(1, 6);
@@ -870,6 +889,7 @@ Json Cluster::msg_request(const Transfer& t) {
   else
     body["check"] = Json{{"participant", agents_[static_cast<size_t>(local.at)]->name}};
   if (r.chance(0.6)) body["timeout_ms"] = r.between(300, 4'000);
+  maybe_notify(body);
   return body;
 }
 
@@ -967,6 +987,7 @@ void Cluster::done(int client, std::shared_ptr<Transfer> t) {
 
 void Cluster::begin_interactive(int client, std::shared_ptr<Transfer> t) {
   Json body{{"protocol", t->three_phase ? "3pc" : "2pc"}};
+  maybe_notify(body);
   post(coord_, "/v1/transactions", body, 1'000, [this, client, t](const HttpResult& res, const Json& j) {
     if (!res.status.ok() || res.http_status != 201 || !j.contains("gid")) return done(client, t);
     t->gid = j["gid"].get<std::string>();
@@ -1002,6 +1023,7 @@ void Cluster::run_oneshot(int client, std::shared_ptr<Transfer> t) {
   for (auto& [agent, statements] : by_agent)
     branches.push_back(Json{{"participant", agents_[static_cast<size_t>(agent)]->name}, {"statements", statements}});
   Json body{{"protocol", t->three_phase ? "3pc" : "2pc"}, {"branches", branches}};
+  maybe_notify(body);
   post(coord_, "/v1/transactions/run", body, 5'000, [this, client, t](const HttpResult& res, const Json& j) {
     if (j.is_object() && j.contains("gid") && j["gid"].is_string()) {
       t->gid = j["gid"].get<std::string>();
@@ -1069,6 +1091,7 @@ void Cluster::tcc_stepped(int client, std::shared_ptr<Transfer> t, size_t leg,
 void Cluster::tcc_begin(int client, std::shared_ptr<Transfer> t) {
   Json body{{"protocol", "tcc"}};
   if (w_.rng().chance(0.3)) body["timeout_ms"] = w_.rng().between(1'500, 5'000);
+  maybe_notify(body);
   post(coord_, "/v1/transactions", body, 1'000,
        [this, client, t](const HttpResult& res, const Json& j) {
          if (!res.status.ok() || res.http_status != 201 || !j.contains("gid"))
@@ -1399,6 +1422,7 @@ void Cluster::check_end() {
   }
   check_steps();
   check_ops();
+  check_notified();
   int64_t total = service_->total(), excused = 0;
   for (auto& a : agents_) total += a->db.total();
   for (auto& [gid, x] : by_gid) excused += x.sum;
@@ -1466,12 +1490,15 @@ void Cluster::check_ops() {
                 ", decision " + std::string(wal::decision_name(rec.decision)) + ")");
       continue;
     }
-    (rec.decision == wal::Decision::commit ? ops_committed : ops_aborted)++;
+    if (rec.protocol != Protocol::notify)
+      (rec.decision == wal::Decision::commit ? ops_committed : ops_aborted)++;
     auto& evs = by_gid[gid];
     if (rec.protocol == Protocol::tcc)
       check_tcc(rec, evs);
     else if (rec.protocol == Protocol::msg)
       check_msg(rec, evs);
+    else if (rec.protocol == Protocol::notify)
+      check_notification(rec);
     else
       check_saga(rec, evs);
   }
@@ -1672,6 +1699,63 @@ void Cluster::check_msg(const wal::TxnRecord& rec,
       violation("msg_unknown_slot " + gid + " " + name + " was called at " + list.front()->where);
 }
 
+void Cluster::maybe_notify(Json& body) {
+  if (w_.rng().chance(0.3)) body["notify"] = service_op("/notify", Json::object());
+}
+
+// One notification, once settled (it has ended: op_unfinished). It told its transaction's final
+// state, the one its record ended with (or aborted, with no record: presumed); delivered means
+// the receiver got it at least once; given up means its attempts ran out or it was refused.
+void Cluster::check_notification(const wal::TxnRecord& rec) {
+  const std::string& id = rec.gid;
+  (rec.decision == wal::Decision::commit ? notified : given_up)++;
+  if (rec.branches.size() != 1 || rec.branches[0].ops.size() != 1)
+    return violation("notify_record " + id + ": not one slot with its op");
+  auto op = parse_object(rec.branches[0].ops[0].json);
+  Json body = op.ok() && op->contains("body") ? (*op)["body"] : Json();
+  auto received = service_->received.find(id);
+  bool got = received != service_->received.end() && !received->second.empty();
+  if (rec.decision == wal::Decision::commit && !got)
+    violation("notify_not_received " + id + ": delivered, the receiver never got it");
+  if (got)
+    for (auto& b : received->second)
+      if (b != dump(body))
+        violation("notify_body " + id + ": received " + b + ", sent " + dump(body));
+  auto opts = coord::decode_op_options(rec.options);
+  bool refused = opts.ok() && opts->reason == "refused";
+  if (rec.decision == wal::Decision::aborted && !refused && opts.ok() &&
+      rec.branches[0].attempts < opts->saga.attempts_max)
+    violation("notify_gave_up_early " + id + ": " + std::to_string(rec.branches[0].attempts) +
+              " of " + std::to_string(opts->saga.attempts_max) + " attempts");
+  if (!body.is_object() || !body.contains("gid")) return;  // a standalone notification
+  std::string gid = body["gid"].get<std::string>(), told = body.value("state", "");
+  notified_gids_.insert(gid);
+  auto txn = store_.get(gid);
+  std::string state = "aborted";  // no record: presumed aborted
+  if (txn.ok() && txn->has_value())
+    state =
+        std::string(coord::state_name(coord::CoordinatorMachine::view_from_record(**txn).state));
+  if (told != state)
+    violation("notify_wrong_state " + id + ": told " + gid + " " + told + ", its record says " +
+              state);
+}
+
+// Every ended transaction whose record carries "notify" has its notification in the log
+// (written before the end record), and the receiver knows no notification the log does not.
+void Cluster::check_notified() {
+  (void)store_.for_each([&](wal::TxnRecord&& r) {
+    if (r.protocol == Protocol::notify || !r.ended) return;
+    if (r.options.find("\"notify\"") == std::string::npos) return;
+    if (!notified_gids_.count(r.gid))
+      violation("notify_lost " + r.gid + ": ended with \"notify\", no notification of it logged");
+  });
+  for (auto& [id, bodies] : service_->received) {
+    auto rec = store_.get(id);
+    if (!rec.ok() || !rec->has_value() || (*rec)->protocol != Protocol::notify)
+      violation("notify_unknown " + id + ": received, the coordinator has no record of it");
+  }
+}
+
 // --- the run ------------------------------------------------------------------------------------
 
 std::vector<std::string> Cluster::run() {
@@ -1831,7 +1915,7 @@ int run(const Options& o, const char* self) {
   using Clock = std::chrono::steady_clock;
   const auto started = Clock::now();
   std::atomic<uint64_t> next{o.first_seed}, passed{0}, committed{0}, aborted{0}, events{0},
-      ops_committed{0}, ops_aborted{0};
+      ops_committed{0}, ops_aborted{0}, notified{0}, given_up{0};
   std::atomic<bool> failed{false};
   std::atomic<uint64_t> failures{0};
   std::mutex out_mu;
@@ -1851,6 +1935,8 @@ int run(const Options& o, const char* self) {
       aborted += c.told_aborted;
       ops_committed += c.ops_committed;
       ops_aborted += c.ops_aborted;
+      notified += c.notified;
+      given_up += c.given_up;
       events += c.world().events_run();
       if (v.empty()) {
         passed++;
@@ -1887,12 +1973,15 @@ int run(const Options& o, const char* self) {
                                          : ", one failed";
   std::printf(
       "tpc-sim: %llu seeds passed in %.1f s%s (%llu transfers answered committed, %llu aborted; "
-      "TCC, sagas and messages of the coordinator: %llu committed, %llu aborted; %llu events)\n",
+      "TCC, sagas and messages of the coordinator: %llu committed, %llu aborted; notifications: "
+      "%llu delivered, %llu given up; %llu events)\n",
       static_cast<unsigned long long>(passed.load()), secs, fail_note.c_str(),
       static_cast<unsigned long long>(committed.load()),
       static_cast<unsigned long long>(aborted.load()),
       static_cast<unsigned long long>(ops_committed.load()),
       static_cast<unsigned long long>(ops_aborted.load()),
+      static_cast<unsigned long long>(notified.load()),
+      static_cast<unsigned long long>(given_up.load()),
       static_cast<unsigned long long>(events.load()));
   return failed ? 1 : 0;
 }
