@@ -21,6 +21,10 @@
 //   tcc               begin a TCC transaction, try every branch in parallel (a SQL op that
 //                     reserves: frozen += 1), then commit (each confirm: balance += 1,
 //                     frozen -= 1); three round trips and two local transactions per branch
+//   msg               POST /v1/transactions/run with protocol msg: the local op (the UPDATE
+//                     on the first database, with its barrier row) and one SQL destination per
+//                     other database; answered once the commit is durable, the deliveries
+//                     following (the latency is the producer's, not the delivery's)
 //
 //   tpc-bench [--participants 2,4] [--concurrency 1,8,32,64] [--modes ...] [--seconds 5]
 //             [--repeat 3] [--accounts 10000] [--json] [--recovery 100000]
@@ -157,8 +161,9 @@ class FakeAgents {
 
 // --- the system under test -------------------------------------------------------------------
 
-const std::vector<std::string> kModes = {"raw",     "raw-pipelined",    "local", "interactive",
-                                         "oneshot", "coordinator-only", "saga",  "tcc"};
+const std::vector<std::string> kModes = {"raw",         "raw-pipelined", "local",
+                                         "interactive", "oneshot",       "coordinator-only",
+                                         "saga",        "tcc",           "msg"};
 
 struct Options {
   std::vector<int> participants = {2, 4};
@@ -198,6 +203,7 @@ class Rig {
   void http_txn(const std::string& mode, HttpClient& client, std::mt19937_64& rng,
                 std::function<void(bool)> done);
   void saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
+  void msg_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
   void tcc_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done);
   struct Request {
     Url url;
@@ -406,6 +412,7 @@ void Rig::http_txn(const std::string& mode, HttpClient& client, std::mt19937_64&
     return;
   }
   if (mode == "saga") return saga_txn(call, rng, std::move(done));
+  if (mode == "msg") return msg_txn(call, rng, std::move(done));
   if (mode == "tcc") return tcc_txn(call, rng, std::move(done));
   // interactive: begin, then every branch's exec in parallel, then commit (abort on an error).
   std::vector<Request> execs;
@@ -459,6 +466,18 @@ void Rig::saga_txn(const Call& call, std::mt19937_64& rng, std::function<void(bo
          sql_op(i, "UPDATE accounts SET balance = balance - 1 WHERE id = $1", account)}});
   }
   call(coordinator_url_, "/v1/transactions/run", dump(Json{{"protocol", "saga"}, {"steps", steps}}),
+       [done = std::move(done)](HttpResult r) { done(r.status.ok() && r.http_status == 200); });
+}
+
+void Rig::msg_txn(const Call& call, std::mt19937_64& rng, std::function<void(bool)> done) {
+  auto op = [&](int i) {
+    uint64_t account = rng() % static_cast<uint64_t>(opts_.accounts) + 1;
+    return sql_op(i, "UPDATE accounts SET balance = balance + 1 WHERE id = $1", account);
+  };
+  Json destinations = Json::array();
+  for (int i = 1; i < n_; ++i) destinations.push_back(op(i));
+  Json body = {{"protocol", "msg"}, {"local", op(0)}, {"destinations", std::move(destinations)}};
+  call(coordinator_url_, "/v1/transactions/run", dump(body),
        [done = std::move(done)](HttpResult r) { done(r.status.ok() && r.http_status == 200); });
 }
 
@@ -690,8 +709,8 @@ int main(int argc, char** argv) {
   std::vector<OptionSpec> specs = {
       {"participants", "participant counts, comma-separated", "2,4"},
       {"concurrency", "client counts, comma-separated", "1,8,32,64"},
-      {"modes", "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc",
-       "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc"},
+      {"modes", "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc,msg",
+       "raw,raw-pipelined,local,interactive,oneshot,coordinator-only,saga,tcc,msg"},
       {"seconds", "measured seconds per cell (after 1 s of warm-up)", "5"},
       {"repeat", "runs per cell; figures are medians", "1"},
       {"accounts", "rows per database", "10000"},
