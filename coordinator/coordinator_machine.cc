@@ -759,9 +759,10 @@ std::vector<const Txn*> CoordinatorMachine::live_by_serial(
 }
 
 std::vector<TxnView> CoordinatorMachine::list(std::optional<TxnState> state, size_t limit,
-                                              bool notifications) const {
+                                              std::optional<Protocol> protocol) const {
   auto wanted = [&](Protocol p, TxnState st) {
-    return (p == Protocol::notify) == notifications && (!state || st == *state);
+    bool kind = protocol ? p == *protocol : p != Protocol::notify;
+    return kind && (!state || st == *state);
   };
   auto live =
       live_by_serial([&](const Txn& t) { return wanted(t.protocol, t.state); }, limit, true);

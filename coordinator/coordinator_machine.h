@@ -159,10 +159,10 @@ class CoordinatorMachine {
   Lookup lookup(std::string_view gid) const;
   // Compaction erased records below this gid; a gid below it without a record is forgotten.
   void set_forgotten_below(GidParts below);
-  // Live and recently finished transactions, newest first, optionally of one state; with
-  // `notifications`, the notifications instead (docs/DESIGN.md §10.3).
+  // Live and recently finished transactions, newest first, optionally of one state and one
+  // protocol; notifications (docs/DESIGN.md §10.3) only when `protocol` is notify.
   std::vector<TxnView> list(std::optional<TxnState> state, size_t limit,
-                            bool notifications = false) const;
+                            std::optional<Protocol> protocol = std::nullopt) const;
   // Decided but unfinished transactions and heuristic outcomes, oldest first.
   std::vector<TxnView> in_doubt(int64_t now_ms, size_t limit) const;
 

@@ -1103,7 +1103,8 @@ TEST_CASE("notification: logged (synced) before its 201, then POSTed until 2xx")
   CHECK(f.m->open_txns() == 0);
   // Neither listed with the transactions nor in doubt; listed with the notifications.
   CHECK(f.m->list(std::nullopt, 10).empty());
-  CHECK(f.m->list(std::nullopt, 10, true).size() == 1);
+  CHECK(f.m->list(std::nullopt, 10, Protocol::notify).size() == 1);
+  CHECK(f.m->list(std::nullopt, 10, Protocol::msg).empty());
   CHECK(f.m->in_doubt(f.now, 10).empty());
   // Not a transaction: commit, abort and resolve are refused.
   auto c = f.m->commit(*id, 9, {}, f.now);

@@ -985,7 +985,7 @@ void CoordinatorService::list_notifications(const HttpRequest& req, const Respon
   std::vector<TxnView> views;
   {
     std::lock_guard lock(mu_);
-    views = machine_.list(state, *limit, /*notifications=*/true);
+    views = machine_.list(state, *limit, Protocol::notify);
   }
   Json arr = Json::array();
   for (auto& v : views) arr.push_back(encode_notification(v));
@@ -1029,12 +1029,19 @@ void CoordinatorService::list(const HttpRequest& req, const Responder& respond) 
     state = parse_state(*s);
     if (!state) return respond(error_response(invalid_argument("unknown state \"" + *s + "\"")));
   }
+  std::optional<Protocol> protocol;
+  if (auto p = req.query_param("protocol")) {
+    protocol = parse_protocol(*p);
+    if (!protocol || *protocol == Protocol::notify)
+      return respond(error_response(
+          invalid_argument("protocol must be 2pc, 3pc, tcc, saga or msg, got " + echo(*p))));
+  }
   auto limit = list_limit(req);
   if (!limit.ok()) return respond(error_response(limit.status()));
   std::vector<TxnView> views;
   {
     std::lock_guard lock(mu_);
-    views = machine_.list(state, *limit);
+    views = machine_.list(state, *limit, protocol);
   }
   Json arr = Json::array();
   for (auto& v : views) arr.push_back(encode_view(v));

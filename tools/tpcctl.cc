@@ -1,6 +1,8 @@
 // tpcctl: an operator's view of a coordinator or an agent. See `tpcctl --help`.
 //
-//   tpcctl --coordinator URL list [--state S] [--limit N]   transactions, newest first
+//   tpcctl --coordinator URL list [--state S] [--protocol P] [--limit N]
+//                                                           transactions, newest first
+//   tpcctl --coordinator URL notifications [--state S] [--limit N]   notifications, newest first
 //   tpcctl --coordinator URL show GID                       one transaction, its branches or steps
 //   tpcctl --coordinator URL in-doubt                       decided but unfinished, heuristic
 //   tpcctl --coordinator URL resolve GID commit|abort       operator decision (heuristic)
@@ -27,7 +29,8 @@ std::vector<tpc::OptionSpec> specs() {
       {"coordinator", "URL of a coordinator", ""},
       {"agent", "URL of an agent", ""},
       {"token", "bearer token", ""},
-      {"state", "list: only this state", ""},
+      {"state", "list, notifications: only this state", ""},
+      {"protocol", "list: only this protocol (2pc, 3pc, tcc, saga, msg)", ""},
       {"limit", "list: at most this many", "100"},
       {"timeout-ms", "request timeout", "10000"},
       {"json", "print the raw JSON answer", "", false, true},
@@ -114,6 +117,16 @@ void print_table(const tpc::Json& rows,
 // (saga) or message slot (its producer's "local", then its destinations) with its state,
 // attempts and last error.
 void print_transaction(const tpc::Json& t) {
+  if (!t.contains("gid") && t.contains("id")) {  // a notification
+    print_table_rows({{"ID", cell(t, "id")},
+                      {"STATE", cell(t, "state")},
+                      {"ATTEMPTS", cell(t, "attempts")},
+                      {"REASON", cell(t, "reason")},
+                      {"URL", cell(t, "url")},
+                      {"LAST_ERROR", cell(t, "last_error")},
+                      {"BODY", cell(t, "body")}});
+    return;
+  }
   std::vector<std::vector<std::string>> head = {{"GID", cell(t, "gid")},
                                                 {"PROTOCOL", cell(t, "protocol")},
                                                 {"STATE", cell(t, "state")},
@@ -157,7 +170,7 @@ int main(int argc, char** argv) {
   auto parsed = tpc::parse_command_line(
       kProgram,
       "tpcctl --coordinator URL | --agent URL  <list|show GID|in-doubt|resolve "
-      "GID commit|abort|forget GID>",
+      "GID commit|abort|forget GID|notifications>",
       spec, argc, argv, true);
   if (const int* code = std::get_if<int>(&parsed)) return *code;
   const tpc::Config& c = std::get<tpc::Config>(parsed);
@@ -172,16 +185,22 @@ int main(int argc, char** argv) {
   if (args.empty())
     return tpc::fail(
         kProgram,
-        "missing command: list, show GID, in-doubt, resolve GID commit|abort or forget GID", 2);
+        "missing command: list, show GID, in-doubt, resolve GID commit|abort, forget GID or "
+        "notifications",
+        2);
   const std::string& cmd = args[0];
   std::string collection = coordinator ? "transactions" : "branches";
 
   std::string method = "GET", target, body;
-  if (cmd == "list" && args.size() == 1) {
+  bool notifications = coordinator && cmd == "notifications";
+  if ((cmd == "list" || notifications) && args.size() == 1) {
     auto limit = c.get_int("limit", 1, 1000);
     if (!limit.ok()) return tpc::fail(kProgram, limit.status().message(), 2);
-    target = "/v1/" + collection + "?limit=" + std::to_string(*limit);
+    target = "/v1/" + (notifications ? std::string("notifications") : collection) +
+             "?limit=" + std::to_string(*limit);
     if (!c.get("state").empty()) target += "&state=" + c.get("state");
+    if (!c.get("protocol").empty() && coordinator && !notifications)
+      target += "&protocol=" + c.get("protocol");
   } else if (cmd == "show" && args.size() == 2) {
     target = "/v1/" + collection + "/" + args[1];
   } else if (cmd == "in-doubt" && args.size() == 1) {
@@ -214,6 +233,15 @@ int main(int argc, char** argv) {
     std::cout << j->dump(2) << "\n";
   } else if (cmd == "show") {
     print_transaction(*j);
+  } else if (notifications) {
+    print_table((*j)["notifications"],
+                {{"id", "ID"},
+                 {"state", "STATE"},
+                 {"attempts", "ATTEMPTS"},
+                 {"reason", "REASON"},
+                 {"url", "URL"},
+                 {"last_error", "LAST_ERROR"}},
+                false);
   } else if (coordinator) {
     const tpc::Json& rows = (*j)["transactions"];
     if (cmd == "in-doubt")

@@ -208,6 +208,18 @@ TEST_CASE("one request: the local transaction and the message, decided by its an
   std::string gid = r.body["gid"].get<std::string>();
   check_delivered(t, gid, false);
   CHECK(t.get(gid).body["local"]["result"]["barrier"] == "applied");
+  // Listed by protocol, over the API and by tpcctl.
+  std::string other = t.begin();
+  Http msgs = t.coord("GET", "/v1/transactions?protocol=msg");
+  REQUIRE_MESSAGE(msgs.status == 200, msgs.describe());
+  REQUIRE(msgs.body["transactions"].size() == 1);
+  CHECK(msgs.body["transactions"][0]["gid"] == gid);
+  CHECK(t.coord("GET", "/v1/transactions?protocol=notify").status == 400);
+  std::string out;
+  CHECK(ctl(t, {"list", "--protocol", "msg"}, &out) == 0);
+  CHECK(out.find(gid) != std::string::npos);
+  CHECK(out.find(other) == std::string::npos);
+  REQUIRE(t.abort(other).status == 200);
 
   // A local transaction that fails (account 999 does not exist): aborted, nothing delivered.
   body["local"] = sql_op(

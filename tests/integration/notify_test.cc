@@ -94,6 +94,13 @@ TEST_CASE("a receiver that is down: given up after its attempts, then it reconci
   CHECK(g.body["reason"] == "attempts");
   CHECK(g.body["last_error"].get<std::string>().find("Connection refused") != std::string::npos);
   CHECK(g.body["body"] == Json{{"order", 8}});  // what the receiver missed
+  std::string out;
+  CHECK(ctl(t, {"notifications", "--state", "given_up"}, &out) == 0);
+  CHECK(out.find(id) != std::string::npos);
+  CHECK(out.find("attempts") != std::string::npos);  // the reason column
+  CHECK(ctl(t, {"show", id}, &out) == 0);
+  CHECK(out.find("given_up") != std::string::npos);
+  CHECK(out.find("Connection refused") != std::string::npos);
   // The answer stays after a restart: the receiver may ask any time within the retention.
   t.stop_coordinator();
   t.start_coordinator();
