@@ -40,7 +40,7 @@ Status check_statement(const Json& st, bool tpc_params = false) {
 Result<std::string> decode_notify(const Json& j) {
   if (!j.contains("notify")) return std::string();
   const Json& n = j["notify"];
-  if (n.is_object() && n.contains("participant"))
+  if (!n.is_object() || !n.contains("url"))
     return invalid_argument("\"notify\" must be an HTTP op: {\"url\",\"body\"?,\"headers\"?}");
   auto op = decode_op(n, StepOp::notify, "notify", 0);
   if (!op.ok()) return op.status();
@@ -66,7 +66,8 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
     auto p = parse_protocol(protocol);
     if (p == Protocol::saga)
       return invalid_argument("a saga is run in one request: POST /v1/transactions/run");
-    if (!p) return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\" or \"tcc\"");
+    if (!p || p == Protocol::notify)
+      return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\", \"tcc\" or \"msg\"");
     out.protocol = *p;
   }
   return out;
@@ -118,7 +119,10 @@ Result<RunRequest> decode_run_json(const Json& j, size_t statements_max) {
       return invalid_argument(
           "a tcc transaction begins with POST /v1/transactions, then tries its branches");
     if (p == Protocol::saga) return invalid_argument("a saga's run names \"steps\", not branches");
-    if (!p) return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\" or \"saga\"");
+    if (p == Protocol::msg)
+      return invalid_argument("a message's run names \"local\" and \"destinations\"");
+    if (!p || !prepares_branches(*p))
+      return invalid_argument("\"protocol\" must be \"2pc\", \"3pc\", \"saga\" or \"msg\"");
     out.protocol = *p;
   }
   if (wait == "decision")
@@ -663,11 +667,9 @@ Result<NotificationRequest> decode_notification(std::string_view body, uint32_t 
   TPC_RETURN_IF_ERROR(r.finish());
   Json op = *j;
   op.erase("max_attempts");
-  if (op.contains("participant"))
-    return invalid_argument("a notification is an HTTP op: {\"url\",\"body\"?,\"headers\"?}");
+  if (!op.contains("url")) return invalid_argument("missing field \"url\"");
   auto o = decode_op(op, StepOp::notify, "notification", 0);
   if (!o.ok()) return o.status();
-  if (!op.contains("url")) return invalid_argument("missing field \"url\"");
   out.op = std::move(*o);
   out.attempts_max = static_cast<uint32_t>(attempts);
   return out;

@@ -673,3 +673,17 @@ TEST_CASE("decode_notification and \"notify\" on begin and run") {
   CHECK(decode_begin(R"({"protocol":"tcc"})", 1000)->notify.empty());
   CHECK_FALSE(decode_begin(R"({"notify":"http://r:1/hook"})", 1000).ok());
 }
+
+TEST_CASE("a one-shot run is 2pc or 3pc: other protocols are refused with their own request") {
+  for (const char* p : {"notify", "tcc", "msg"}) {
+    CAPTURE(p);
+    auto j =
+        parse_object(std::string(R"({"protocol":")") + p +
+                     R"(","branches":[{"participant":"a","statements":[{"sql":"SELECT 1"}]}]})");
+    REQUIRE(j.ok());
+    auto r = decode_run_json(*j, 10);
+    REQUIRE_FALSE(r.ok());
+    CHECK(r.status().code() == Code::invalid_argument);
+  }
+  CHECK_FALSE(decode_begin(R"({"protocol":"notify"})", 1000).ok());
+}

@@ -466,9 +466,9 @@ Result<TxnView> CoordinatorMachine::begin(Protocol protocol, std::optional<int64
 // `expires`: whether the transaction's timeout is armed. A one-shot transaction is committed in
 // the same step it begins, so it never waits as active and needs no timer.
 Result<TxnView> CoordinatorMachine::begin_txn(Protocol protocol, std::optional<int64_t> timeout_ms,
-                                              bool expires, int64_t now_ms) {
+                                              bool expires, int64_t now_ms, bool capped) {
   TPC_ASSERT(epoch_ > 0);
-  if (live_.size() >= opts_.open_txns_max)
+  if (capped && live_.size() >= opts_.open_txns_max)
     return unavailable(
         "too many open transactions (open_txns_max=" + std::to_string(opts_.open_txns_max) + ")");
   int64_t timeout = timeout_ms.value_or(opts_.txn_timeout_default_ms);
@@ -617,6 +617,7 @@ std::optional<ClientReply> CoordinatorMachine::commit(std::string_view gid, uint
 Result<std::string> CoordinatorMachine::run(Protocol protocol, const std::vector<Peer>& branches,
                                             uint64_t waiter, CommitOptions opts, int64_t now_ms,
                                             std::string notify) {
+  if (!prepares_branches(protocol)) return invalid_argument("a one-shot transaction is 2pc or 3pc");
   if (branches.empty()) return invalid_argument("\"branches\" must not be empty");
   if (branches.size() > opts_.branches_per_txn_max)
     return Status(Code::too_large, "a transaction has at most " +

@@ -254,8 +254,10 @@ class CoordinatorMachine {
   // The lane (0..2) or the heap (3) whose next timer is the earliest; -1 when there are none.
   int next_timer_source() const;
   const Timer& timer_at(int source) const;
+  // `capped`: refused past open_txns_max (a transaction's outcome notification is not: the
+  // transaction it tells of is ending).
   Result<TxnView> begin_txn(Protocol protocol, std::optional<int64_t> timeout_ms, bool expires,
-                            int64_t now_ms);
+                            int64_t now_ms, bool capped = true);
   void schedule_resend(Txn& t, size_t branch, int64_t now_ms);
   // A WARN line `what` with the branch's attempt and error, and its resend timer delay_ms on.
   void resend_after(Txn& t, size_t branch, int64_t delay_ms, std::string_view what,
@@ -329,8 +331,8 @@ class CoordinatorMachine {
   void msg_maybe_finish(Txn& t, int64_t now_ms);
   Answer msg_answer(const Txn& t, RequestKind kind) const;
   // Notifications (notify_machine.cc).
-  // nullptr past open_txns_max.
-  Txn* new_notification(wal::OpText op, uint32_t attempts_max, int64_t now_ms);
+  // nullptr past open_txns_max when `capped`.
+  Txn* new_notification(wal::OpText op, uint32_t attempts_max, int64_t now_ms, bool capped);
   void notify_persisted(Txn& t, int64_t now_ms);
   void on_notify_answer(Txn& t, const OpReply& reply, int64_t now_ms);
   void recover_notification(Txn& t, int64_t now_ms);

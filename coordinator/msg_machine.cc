@@ -88,6 +88,7 @@ void CoordinatorMachine::recover_msg(Txn& t, int64_t now_ms) {
 std::optional<ClientReply> CoordinatorMachine::msg_commit(Txn& t, uint64_t waiter, int64_t now_ms) {
   if (t.decision == Decision::commit && !t.decision_durable) {
     t.waiters.push_back(Waiter{waiter, RequestKind::commit, true});
+    schedule(t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
     return std::nullopt;  // answered with the decision
   }
   if (t.decision != Decision::none) return reply_for_ops(t, RequestKind::commit, waiter);
@@ -98,6 +99,7 @@ std::optional<ClientReply> CoordinatorMachine::msg_commit(Txn& t, uint64_t waite
     return r;
   }
   t.waiters.push_back(Waiter{waiter, RequestKind::commit, true});
+  schedule(t, now_ms + opts_.commit_wait_ms, TimerKind::wait_timeout, 0, true);
   t.branches[kProducerSlot].state = BranchState::done;  // the producer says it committed
   msg_decide_commit(t, now_ms);
   return std::nullopt;
@@ -122,6 +124,10 @@ std::optional<ClientReply> CoordinatorMachine::msg_abort(Txn& t, uint64_t waiter
 // to them), and may skip the stuck deliveries of a committed one (recorded forced, heuristic).
 Status CoordinatorMachine::resolve_msg(Txn& t, bool commit, int64_t now_ms) {
   if (t.decision == Decision::none) {
+    const BranchSlot& p = t.branches[kProducerSlot];
+    if (!commit && p.in_flight && p.state == BranchState::running)
+      return conflict("the local op of " + t.gid +
+                      " is out and may still commit; resolve once it has answered");
     if (commit)
       msg_decide_commit(t, now_ms);
     else
@@ -148,6 +154,8 @@ void CoordinatorMachine::msg_decide_abort(Txn& t, std::string_view reason, int64
   take_abort(t, reason, "", TxnState::aborted, now_ms);
   if (t.branches[kProducerSlot].state != BranchState::failed)
     t.branches[kProducerSlot].state = BranchState::failed;
+  // An operator's abort is synced: a crash must not give the message back to check-back.
+  if (reason == "operator") persist_ops(t, /*sync=*/true, now_ms);
   finish(t.gid, now_ms);  // writes the end record; nothing was delivered
 }
 
@@ -176,6 +184,12 @@ void CoordinatorMachine::on_producer_answer(Txn& t, const OpReply& reply, int64_
       if (!reply.result.empty()) p.result = reply.result;
       return msg_decide_commit(t, now_ms);
     case OpOutcome::business_failure:
+      // A local op sent more than once may have an earlier attempt still waiting at the agent
+      // that could yet commit: the check fences it and tells which.
+      if (reply.op == StepOp::local && p.attempts > 1) {
+        send_op(t, kProducerSlot, StepOp::check);
+        return;
+      }
       p.state = BranchState::failed;
       return msg_decide_abort(t, reply.op == StepOp::local ? "local_failed" : "not_committed",
                               now_ms);

@@ -20,7 +20,7 @@ constexpr std::string_view kNotifySlot = "notify";
 
 Result<std::string> CoordinatorMachine::begin_notification(wal::OpText op, uint32_t attempts_max,
                                                            uint64_t waiter, int64_t now_ms) {
-  Txn* n = new_notification(std::move(op), attempts_max, now_ms);
+  Txn* n = new_notification(std::move(op), attempts_max, now_ms, /*capped=*/true);
   if (!n)
     return unavailable(
         "too many open transactions (open_txns_max=" + std::to_string(opts_.open_txns_max) + ")");
@@ -32,9 +32,10 @@ Result<std::string> CoordinatorMachine::begin_notification(wal::OpText op, uint3
 }
 
 // A notification in memory, not logged yet.
-Txn* CoordinatorMachine::new_notification(wal::OpText op, uint32_t attempts_max, int64_t now_ms) {
+Txn* CoordinatorMachine::new_notification(wal::OpText op, uint32_t attempts_max, int64_t now_ms,
+                                          bool capped) {
   TPC_ASSERT(op.op == StepOp::notify);
-  auto view = begin_txn(Protocol::notify, std::nullopt, /*expires=*/false, now_ms);
+  auto view = begin_txn(Protocol::notify, std::nullopt, /*expires=*/false, now_ms, capped);
   if (!view.ok()) return nullptr;  // open_txns_max
   Txn& t = *find(view->gid);
   t.state = TxnState::running;
@@ -66,14 +67,10 @@ void CoordinatorMachine::notify_outcome(Txn& t, int64_t now_ms) {
   (*op)["body"] = Json{{"gid", t.gid},
                        {"protocol", std::string(protocol_name(t.protocol))},
                        {"state", std::string(state_name(final_state))}};
-  std::string gid = t.gid;  // t may move: new_notification inserts into live_
-  Txn* n =
-      new_notification(wal::OpText{StepOp::notify, dump(*op)}, opts_.notify_attempts_max, now_ms);
-  if (!n) {
-    ++counters_.aborted[protocol_index(Protocol::notify)];
-    log_.warn("notification not sent: too many open transactions", {{"gid", gid}});
-    return;
-  }
+  // Not capped by open_txns_max: a durable end record always has its notification.
+  Txn* n = new_notification(wal::OpText{StepOp::notify, dump(*op)}, opts_.notify_attempts_max,
+                            now_ms, /*capped=*/false);
+  TPC_ASSERT(n != nullptr);
   uint64_t seq = ++n->writes;
   // Synced (group commit shares the fsync), and sent once durable: an id the receiver saw is
   // always one GET /v1/notifications/{id} answers.

@@ -1216,3 +1216,40 @@ TEST_CASE("notify: a 2PC transaction's op is kept in its decision record") {
   REQUIRE(f.calls.size() == 1);
   CHECK(f.calls[0].spec.find(R"("state":"committed")") != std::string::npos);
 }
+
+TEST_CASE(
+    "msg: a local op failing on a resend is settled by a check, which fences the first "
+    "attempt that may still be waiting at the agent") {
+  Fixture f;
+  auto gid = f.m->begin_msg(message_with_local(), 4, f.now);
+  REQUIRE(gid.ok());
+  f.take();
+  f.sync();
+  f.answer("local", StepOp::local, OpOutcome::unknown);
+  f.advance(1'000);
+  f.answer("local", StepOp::local, OpOutcome::business_failure);
+  REQUIRE(f.calls.size() == 1);
+  CHECK(f.calls[0].op == StepOp::check);
+  CHECK(f.view(*gid).state == TxnState::prepared);
+  f.answer("local", StepOp::check, OpOutcome::ok);  // the first attempt had committed
+  CHECK(f.view(*gid).state == TxnState::committing);
+}
+
+TEST_CASE("msg: an operator's abort is synced, and refused while the local op is out") {
+  Fixture f;
+  auto gid = f.m->begin_msg(message_with_local(), 4, f.now);
+  REQUIRE(gid.ok());
+  f.take();
+  f.sync();
+  REQUIRE(f.calls.size() == 1);  // the local op is out
+  ClientReply no = f.m->resolve(*gid, false, f.now);
+  CHECK(http_status_of(no) == 409);
+  f.answer("local", StepOp::local, OpOutcome::unknown);
+  f.persisted.clear();
+  ClientReply yes = f.m->resolve(*gid, false, f.now);
+  f.take();
+  CHECK(yes.view.state == TxnState::aborted);
+  REQUIRE_FALSE(f.persisted.empty());
+  CHECK(f.persisted[0].sync);
+  CHECK(f.persisted[0].record.decision == wal::Decision::aborted);
+}

@@ -714,7 +714,7 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
 void CoordinatorService::begin(const HttpRequest& req, const Responder& respond) {
   if (auto parsed = parse_object(req.body);
       parsed.ok() && run_protocol(*parsed) == protocol_name(Protocol::msg))
-    return begin_msg(*parsed, false, respond);
+    return begin_msg(*parsed, false, req.client, respond);
   auto body = decode_begin(req.body, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
   if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
@@ -734,16 +734,18 @@ void CoordinatorService::begin(const HttpRequest& req, const Responder& respond)
     client_txns_[req.client].push_back(view->gid);
     ++client_txns_tracked_;
   });
-  if (client_full) {
-    HttpResponse r = error_response(
-        429, "too_many_requests",
-        "this client has " + std::to_string(cfg_.transactions_per_client_max) +
-            " open transactions (--transactions-per-client-max); commit or abort some first");
-    r.headers.emplace_back("retry-after", "1");
-    return respond(std::move(r));
-  }
+  if (client_full) return respond(too_many_for_client());
   if (!view.ok()) return respond(error_response(view.status()));
   respond(json_response(201, encode_view(*view)));
+}
+
+HttpResponse CoordinatorService::too_many_for_client() const {
+  HttpResponse r = error_response(
+      429, "too_many_requests",
+      "this client has " + std::to_string(cfg_.transactions_per_client_max) +
+          " open transactions (--transactions-per-client-max); commit or abort some first");
+  r.headers.emplace_back("retry-after", "1");
+  return r;
 }
 
 size_t CoordinatorService::prune_client_txns(const std::string& client) {
@@ -752,7 +754,8 @@ size_t CoordinatorService::prune_client_txns(const std::string& client) {
     std::erase_if(gids, [&](const std::string& gid) {
       Lookup l = machine_.lookup(gid);
       return l.kind != LookupKind::live ||
-             (l.view.state != TxnState::active && l.view.state != TxnState::preparing);
+             (l.view.state != TxnState::active && l.view.state != TxnState::preparing &&
+              l.view.state != TxnState::prepared);
     });
     client_txns_tracked_ -= before - gids.size();
   };
@@ -774,7 +777,7 @@ void CoordinatorService::run_oneshot(const HttpRequest& req, const Responder& re
   if (!parsed.ok()) return respond(error_response(parsed.status()));
   if (run_protocol(*parsed) == protocol_name(Protocol::saga)) return run_saga(*parsed, respond);
   if (run_protocol(*parsed) == protocol_name(Protocol::msg))
-    return begin_msg(*parsed, true, respond);
+    return begin_msg(*parsed, true, req.client, respond);
   auto body = decode_run_json(*parsed, cfg_.statements_max);
   if (!body.ok()) return respond(error_response(body.status()));
   if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
@@ -877,7 +880,8 @@ void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
   }
 }
 
-void CoordinatorService::begin_msg(const Json& j, bool one_request, const Responder& respond) {
+void CoordinatorService::begin_msg(const Json& j, bool one_request, const std::string& client,
+                                   const Responder& respond) {
   auto body = decode_msg(j, one_request, cfg_.statements_max, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
   for (const OpBranch& ops :
@@ -895,13 +899,26 @@ void CoordinatorService::begin_msg(const Json& j, bool one_request, const Respon
     waiters_[waiter] = Pending{respond, now};
   }
   Result<std::string> gid = unavailable("");
-  with_machine([&](CoordinatorMachine& m) { gid = m.begin_msg(std::move(*body), waiter, now); });
+  bool client_full = false;
+  with_machine([&](CoordinatorMachine& m) {
+    // A half message waits for its producer like an active transaction: it counts against
+    // --transactions-per-client-max.
+    if (!one_request && prune_client_txns(client) >= cfg_.transactions_per_client_max) {
+      client_full = true;
+      return;
+    }
+    gid = m.begin_msg(std::move(*body), waiter, now);
+    if (gid.ok() && !one_request) {
+      client_txns_[client].push_back(*gid);
+      ++client_txns_tracked_;
+    }
+  });
   if (!gid.ok()) {
     {
       std::lock_guard lock(waiters_mu_);
       waiters_.erase(waiter);
     }
-    respond(error_response(gid.status()));
+    respond(client_full ? too_many_for_client() : error_response(gid.status()));
   }
 }
 

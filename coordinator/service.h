@@ -150,7 +150,9 @@ class CoordinatorService {
   void run_oneshot(const HttpRequest& req, const Responder& respond);
   void run_saga(const Json& body, const Responder& respond);
   // A transactional message: POST /v1/transactions, or /run with its local op (one_request).
-  void begin_msg(const Json& j, bool one_request, const Responder& respond);
+  void begin_msg(const Json& j, bool one_request, const std::string& client,
+                 const Responder& respond);
+  HttpResponse too_many_for_client() const;
   // Notifications (docs/DESIGN.md §10.3): /v1/notifications[/{id}].
   void notifications(const std::vector<std::string_view>& parts, const HttpRequest& req,
                      const Responder& respond);
