@@ -247,9 +247,10 @@ TEST_CASE("a coordinator killed once the commit is logged delivers after its res
     REQUIRE(local_at_agent(t, gid).status == 200);
     if (fp == "coord.after_msg_commit_logged") {
       crashed(t, t.commit(gid));
-    } else {  // the commit is answered once durable; a delivery's answer kills it after
+    } else {  // the commit is answered once durable, and the first delivery's answer may come
+              // before that answer is written out: either way the process dies
       Http c = t.commit(gid);
-      CHECK_MESSAGE(c.status == 200, c.describe());
+      CHECK_MESSAGE((c.status == 200 || !c.transport.ok()), c.describe());
       REQUIRE(t.coordinator_process().wait(10'000) >= 0);
     }
     t.start_coordinator();
