@@ -851,6 +851,21 @@ bool CoordinatorService::url_allowed(std::string_view url) const {
                      [&](const Url& prefix) { return url_within(prefix, url); });
 }
 
+Status CoordinatorService::start_waiting(const Responder& respond, const StartFn& start) {
+  int64_t now = rt_.now_ms();
+  uint64_t waiter = next_waiter_++;
+  {
+    std::lock_guard lock(waiters_mu_);
+    waiters_[waiter] = Pending{respond, now};
+  }
+  Result<std::string> gid = unavailable("");
+  with_machine([&](CoordinatorMachine& m) { gid = start(m, waiter, now); });
+  if (gid.ok()) return ok_status();
+  std::lock_guard lock(waiters_mu_);
+  waiters_.erase(waiter);
+  return gid.status();
+}
+
 void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
   auto body = decode_saga(j, cfg_.statements_max, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
@@ -861,23 +876,10 @@ void CoordinatorService::run_saga(const Json& j, const Responder& respond) {
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
   }
-  int64_t now = rt_.now_ms();
-  uint64_t waiter = next_waiter_++;
-  {
-    std::lock_guard lock(waiters_mu_);
-    waiters_[waiter] = Pending{respond, now};
-  }
-  Result<std::string> gid = unavailable("");
-  with_machine([&](CoordinatorMachine& m) {
-    gid = m.run_saga(std::move(body->steps), body->opts, waiter, now);
+  Status st = start_waiting(respond, [&](CoordinatorMachine& m, uint64_t waiter, int64_t now) {
+    return m.run_saga(std::move(body->steps), body->opts, waiter, now);
   });
-  if (!gid.ok()) {
-    {
-      std::lock_guard lock(waiters_mu_);
-      waiters_.erase(waiter);
-    }
-    respond(error_response(gid.status()));
-  }
+  if (!st.ok()) respond(error_response(st));
 }
 
 void CoordinatorService::begin_msg(const Json& j, bool one_request, const std::string& client,
@@ -892,34 +894,22 @@ void CoordinatorService::begin_msg(const Json& j, bool one_request, const std::s
     respond(error_response(unavailable("recovering: not accepting new transactions yet")));
     return;
   }
-  int64_t now = rt_.now_ms();
-  uint64_t waiter = next_waiter_++;
-  {
-    std::lock_guard lock(waiters_mu_);
-    waiters_[waiter] = Pending{respond, now};
-  }
-  Result<std::string> gid = unavailable("");
   bool client_full = false;
-  with_machine([&](CoordinatorMachine& m) {
+  Status st = start_waiting(respond, [&](CoordinatorMachine& m, uint64_t waiter, int64_t now) {
     // A half message waits for its producer like an active transaction: it counts against
     // --transactions-per-client-max.
     if (!one_request && prune_client_txns(client) >= cfg_.transactions_per_client_max) {
       client_full = true;
-      return;
+      return Result<std::string>(unavailable("too many for this client"));
     }
-    gid = m.begin_msg(std::move(*body), waiter, now);
+    auto gid = m.begin_msg(std::move(*body), waiter, now);
     if (gid.ok() && !one_request) {
       client_txns_[client].push_back(*gid);
       ++client_txns_tracked_;
     }
+    return gid;
   });
-  if (!gid.ok()) {
-    {
-      std::lock_guard lock(waiters_mu_);
-      waiters_.erase(waiter);
-    }
-    respond(client_full ? too_many_for_client() : error_response(gid.status()));
-  }
+  if (!st.ok()) respond(client_full ? too_many_for_client() : error_response(st));
 }
 
 void CoordinatorService::notifications(const std::vector<std::string_view>& parts,
@@ -947,23 +937,10 @@ void CoordinatorService::begin_notification(const HttpRequest& req, const Respon
     respond(error_response(unavailable("recovering: not accepting new notifications yet")));
     return;
   }
-  int64_t now = rt_.now_ms();
-  uint64_t waiter = next_waiter_++;
-  {
-    std::lock_guard lock(waiters_mu_);
-    waiters_[waiter] = Pending{respond, now};
-  }
-  Result<std::string> id = unavailable("");
-  with_machine([&](CoordinatorMachine& m) {
-    id = m.begin_notification(std::move(body->op), body->attempts_max, waiter, now);
+  Status st = start_waiting(respond, [&](CoordinatorMachine& m, uint64_t waiter, int64_t now) {
+    return m.begin_notification(std::move(body->op), body->attempts_max, waiter, now);
   });
-  if (!id.ok()) {
-    {
-      std::lock_guard lock(waiters_mu_);
-      waiters_.erase(waiter);
-    }
-    respond(error_response(id.status()));
-  }
+  if (!st.ok()) respond(error_response(st));
 }
 
 // The reconciliation query: a notification's state, from memory or from its record. An id of

@@ -148,6 +148,12 @@ class CoordinatorService {
   // Handlers.
   void begin(const HttpRequest& req, const Responder& respond);
   void run_oneshot(const HttpRequest& req, const Responder& respond);
+  // Registers a waiter answering through `respond`, then calls `start` under the machine's lock
+  // with it; when `start` fails the waiter is dropped and its error returned (for the caller
+  // to answer).
+  using StartFn =
+      std::function<Result<std::string>(CoordinatorMachine&, uint64_t waiter, int64_t now_ms)>;
+  Status start_waiting(const Responder& respond, const StartFn& start);
   void run_saga(const Json& body, const Responder& respond);
   // A transactional message: POST /v1/transactions, or /run with its local op (one_request).
   void begin_msg(const Json& j, bool one_request, const std::string& client,

@@ -216,6 +216,7 @@ class World {
   void transfer_tcc(const Transfer& t, std::mt19937_64& rng);
   void transfer_saga(const Transfer& t, std::mt19937_64& rng);
   void transfer_msg(const Transfer& t, std::mt19937_64& rng);
+  std::string run(const Json& body, const char* what, HttpResult* r);
   void finish_transfer(const std::string& gid, const std::string& outcome);
   void note_failure(const std::string& step, const HttpResult& r);
   Counts counts() const;
@@ -255,7 +256,7 @@ class World {
   std::vector<std::thread> clients_;
   std::string load_protocol_ = "2pc";
   std::atomic<uint64_t> attempted_{0}, committed_{0}, aborted_{0}, unknown_{0}, begin_failed_{0},
-      saga_no_gid_{0}, to_wallet_{0};
+      run_no_gid_{0}, to_wallet_{0};
   std::mutex outcomes_mu_;
   std::map<std::string, std::string> outcomes_;  // committed | aborted | unknown
   std::mutex reasons_mu_;
@@ -677,32 +678,11 @@ void World::transfer_saga(const Transfer& t, std::mt19937_64& rng) {
   Json body = {{"protocol", "saga"},
                {"steps", reversed ? Json::array({credit, debit}) : Json::array({debit, credit})}};
   if (accepted) body["wait"] = "accepted";
-  ++attempted_;
-  auto r = http_call(coordinator_url_, "POST", "/v1/transactions/run", dump(body), 15'000);
-  auto j = r.status.ok() ? parse_json(r.body) : Result<Json>(unavailable("no answer"));
-  std::string gid = j.ok() ? json_string(*j, "gid") : "";
+  HttpResult r;
+  std::string gid = run(body, "run", &r);
+  if (gid.empty()) return;
+  auto j = parse_json(r.body);
   std::string state = j.ok() ? json_string(*j, "state") : "";
-  if (gid.empty()) {
-    // No gid: the coordinator refused before it began, or was not there (nothing ran), or
-    // the answer was lost (the saga may run: only the ledger can tell).
-    bool refused = r.status.ok()
-                       ? r.http_status == 429 || r.http_status == 503
-                       : r.status.message().find("Connection refused") != std::string::npos;
-    sleep_ms(50);
-    if (refused) {
-      --attempted_;
-      ++begin_failed_;
-      return;
-    }
-    note_failure("run", r);
-    ++saga_no_gid_;
-    finish_transfer("", "unknown");
-    return;
-  }
-  {
-    std::lock_guard lock(outcomes_mu_);
-    outcomes_[gid] = "unknown";
-  }
   if (r.http_status == 202) {  // running or compensating: ask until it ends
     int64_t deadline = now_ms() + 20'000;
     while (now_ms() < deadline && state != "committed" && state != "aborted") {
@@ -723,6 +703,34 @@ void World::transfer_saga(const Transfer& t, std::mt19937_64& rng) {
     ++reasons_["saga: a failing debit committed"];
   }
   finish_transfer(gid, outcome);
+}
+
+// POST /v1/transactions/run of a saga or a message: its gid, and the answer in *r. No gid:
+// the coordinator refused before it began, or was not there (nothing ran: not attempted), or
+// the answer was lost (it may run: only the ledger can tell; counted unknown).
+std::string World::run(const Json& body, const char* what, HttpResult* r) {
+  ++attempted_;
+  *r = http_call(coordinator_url_, "POST", "/v1/transactions/run", dump(body), 15'000);
+  auto j = r->status.ok() ? parse_json(r->body) : Result<Json>(unavailable("no answer"));
+  std::string gid = j.ok() ? json_string(*j, "gid") : "";
+  if (!gid.empty()) {
+    std::lock_guard lock(outcomes_mu_);
+    outcomes_[gid] = "unknown";
+    return gid;
+  }
+  bool refused = r->status.ok()
+                     ? r->http_status == 429 || r->http_status == 503
+                     : r->status.message().find("Connection refused") != std::string::npos;
+  sleep_ms(50);
+  if (refused) {
+    --attempted_;
+    ++begin_failed_;
+    return "";
+  }
+  note_failure(what, *r);
+  ++run_no_gid_;
+  finish_transfer("", "unknown");
+  return "";
 }
 
 // A transactional message: the producer's local transaction debits from_bank (and writes its
@@ -766,24 +774,9 @@ void World::transfer_msg(const Transfer& t, std::mt19937_64& rng) {
                  {"local", sql_op(t.from_bank, local)},
                  {"destinations", Json::array({destination})},
                  {"timeout_ms", 2'000}};
-    ++attempted_;
-    auto r = http_call(coordinator_url_, "POST", "/v1/transactions/run", dump(body), 15'000);
-    auto j = r.status.ok() ? parse_json(r.body) : Result<Json>(unavailable("no answer"));
-    std::string gid = j.ok() ? json_string(*j, "gid") : "";
-    if (gid.empty()) {
-      bool refused = r.status.ok()
-                         ? r.http_status == 429 || r.http_status == 503
-                         : r.status.message().find("Connection refused") != std::string::npos;
-      sleep_ms(50);
-      if (refused) {
-        --attempted_;
-        ++begin_failed_;
-        return;
-      }
-      note_failure("run msg", r);
-      finish_transfer("", "unknown");  // check-back settles it; the ledger tells
-      return;
-    }
+    HttpResult r;
+    std::string gid = run(body, "run msg", &r);
+    if (gid.empty()) return;
     std::string outcome = decided(r);
     if (outcome == "unknown") note_failure("run msg", r);
     if (fail && outcome == "committed") {
@@ -1346,10 +1339,10 @@ int World::run_chaos() {
   Counts c = counts();
   std::printf(
       "transfers: attempted %llu, committed %llu, aborted %llu, outcome unknown to the client "
-      "%llu (sagas whose answer and gid were lost: %llu), begin refused %llu\n",
+      "%llu (sagas and messages whose answer and gid were lost: %llu), begin refused %llu\n",
       (unsigned long long)c.attempted, (unsigned long long)c.committed,
       (unsigned long long)c.aborted, (unsigned long long)c.unknown,
-      (unsigned long long)saga_no_gid_.load(), (unsigned long long)begin_failed_.load());
+      (unsigned long long)run_no_gid_.load(), (unsigned long long)begin_failed_.load());
   if (to_wallet_ > 0)
     std::printf(
         "TCC transfers, sagas and messages crediting the wallet over HTTP: %llu; its balance went "

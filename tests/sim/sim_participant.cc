@@ -194,6 +194,16 @@ HttpResponse SimParticipant::notified(const std::string& id, const Json& body, b
   return json_response(200, Json{{"received", true}});
 }
 
+// An action or a delivery that takes effect: the branch is done, its delta applied, journaled.
+void SimParticipant::apply_delta(Branch& b, int64_t account, int64_t amount, const std::string& gid,
+                                 const std::string& branch, const std::string& op) {
+  b.state = State::done;
+  b.account = account;
+  b.amount = amount;
+  accounts[account].balance += amount;
+  journal(gid, branch, op, OpEffect::applied);
+}
+
 HttpResponse SimParticipant::run(const std::string& gid, const std::string& branch,
                                  const std::string& kind, const std::string& op, const Json& body,
                                  bool* store) {
@@ -239,11 +249,7 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
       *store = false;
       return fail(409, "delivered", "delivered already");
     }
-    b.state = State::done;
-    b.account = *account;
-    b.amount = *amount;
-    a.balance += *amount;
-    journal(gid, branch, op, OpEffect::applied);
+    apply_delta(b, *account, *amount, gid, branch, op);
     return json_response(200, Json{{"delivered", *amount}});
   }
   if (op == "try") {
@@ -327,11 +333,7 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
       journal(gid, branch, op, OpEffect::failed);
       return fail(409, "insufficient_funds", "not enough money");
     }
-    b.state = State::done;
-    b.account = *account;
-    b.amount = *amount;
-    a.balance += *amount;
-    journal(gid, branch, op, OpEffect::applied);
+    apply_delta(b, *account, *amount, gid, branch, op);
     return json_response(200, Json{{"balance", a.balance}});
   }
   // compensate

@@ -136,6 +136,8 @@ class SimParticipant {
   // Checks, replays or runs the op; `copy` is a second delivery (its answer thrown away).
   HttpResponse evaluate(const HttpRequest& req, bool copy);
   HttpResponse notified(const std::string& id, const Json& body, bool* store);
+  void apply_delta(Branch& b, int64_t account, int64_t amount, const std::string& gid,
+                   const std::string& branch, const std::string& op);
   HttpResponse run(const std::string& gid, const std::string& branch, const std::string& kind,
                    const std::string& op, const Json& body, bool* store);
   void hold(Responder r);  // never answered

@@ -315,6 +315,7 @@ class Cluster {
   void tcc_try(int client, std::shared_ptr<Transfer> t, size_t i, int attempt);
   void tcc_decide(int client, std::shared_ptr<Transfer> t);
   void run_saga(int client, std::shared_ptr<Transfer> t);
+  int took_answer(Transfer& t, const HttpResult& res, const Json& j, const char* what);
   void plan_tcc(Transfer& t);
   void plan_saga(Transfer& t);
   // msg: a transactional message (docs/DESIGN.md §10.1).
@@ -897,14 +898,9 @@ void Cluster::run_msg(int client, std::shared_ptr<Transfer> t) {
   const char* path = t->one_request ? "/v1/transactions/run" : "/v1/transactions";
   post(coord_, path, msg_request(*t), 4'000,
        [this, client, t](const HttpResult& res, const Json& j) {
-         if (j.is_object() && j.contains("gid") && j["gid"].is_string())
-           t->gid = j["gid"].get<std::string>();
          std::string state = state_of(j);
-         int status = res.status.ok() ? res.http_status : 0;
-         if (status == 400 || status == 413) {
-           violation("op_request_refused msg: " + res.body);
-           return done(client, t);
-         }
+         int status = took_answer(*t, res, j, "msg");
+         if (status < 0) return done(client, t);
          if (t->gid.empty()) return done(client, t);  // never learned it: check-back settles it
          if (!t->one_request) {
            if (status == 201 && state == "prepared") return msg_local(client, t, 1);
@@ -1136,17 +1132,24 @@ void Cluster::tcc_decide(int client, std::shared_ptr<Transfer> t) {
   done(client, t);
 }
 
+// The answer to a saga's or a message's request: its gid taken, and its HTTP status (0: none);
+// -1 when the coordinator refused the request as malformed (a violation: the clients send
+// only good ones).
+int Cluster::took_answer(Transfer& t, const HttpResult& res, const Json& j, const char* what) {
+  if (j.is_object() && j.contains("gid") && j["gid"].is_string())
+    t.gid = j["gid"].get<std::string>();
+  int status = res.status.ok() ? res.http_status : 0;
+  if (status != 400 && status != 413) return status;
+  violation(std::string("op_request_refused ") + what + ": " + res.body);
+  return -1;
+}
+
 void Cluster::run_saga(int client, std::shared_ptr<Transfer> t) {
   post(coord_, "/v1/transactions/run", saga_request(*t), 5'000,
        [this, client, t](const HttpResult& res, const Json& j) {
-         if (j.is_object() && j.contains("gid") && j["gid"].is_string())
-           t->gid = j["gid"].get<std::string>();
          std::string state = state_of(j);
-         int status = res.status.ok() ? res.http_status : 0;
-         if (status == 400 || status == 413) {
-           violation("op_request_refused saga: " + res.body);
-           return done(client, t);
-         }
+         int status = took_answer(*t, res, j, "saga");
+         if (status < 0) return done(client, t);
          if (state == "aborted" && opts_.sabotage == Sabotage::tell_committed) {
            t->told = "committed";  // the client's bookkeeping, broken on purpose
            return done(client, t);
