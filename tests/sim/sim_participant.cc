@@ -127,9 +127,9 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
   } else if (path.rfind("/saga/", 0) == 0) {
     kind = "saga";
     op = path.substr(6);
-  } else if (path == "/msg/deliver") {
+  } else if (path.rfind("/msg/", 0) == 0) {
     kind = "msg";
-    op = "deliver";
+    op = path.substr(5);
   } else if (path == "/notify") {
     kind = "notify";
     op = "notify";
@@ -137,7 +137,7 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
   bool tcc_op = op == "try" || op == "confirm" || op == "cancel";
   bool saga_op = op == "action" || op == "compensate";
   bool known = kind == "saga"     ? saga_op
-               : kind == "msg"    ? op == "deliver"
+               : kind == "msg"    ? op == "deliver" || op == "local" || op == "check"
                : kind == "notify" ? op == "notify"
                                   : tcc_op;
   if (req.method != "POST" || !known) {
@@ -183,6 +183,19 @@ HttpResponse SimParticipant::evaluate(const HttpRequest& req, bool copy) {
 
 // A notification (docs/DESIGN.md §10.3): kept, and answered 200; now and then refused (422,
 // stored), which gives it up.
+// A message's check-back on its producer's local op (the branch "local" of the gid): committed,
+// or not, and then fenced so that a local op arriving later is refused. Final either way.
+HttpResponse SimParticipant::checked(const std::string& gid, const std::string& branch, Branch& b) {
+  if (b.state == State::done) {
+    journal(gid, branch, "check", OpEffect::duplicate);
+    return json_response(200, Json{{"committed", true}});
+  }
+  b.state = State::compensated;
+  b.empty = true;
+  journal(gid, branch, "check", OpEffect::empty);
+  return fail(409, "not_committed", "no local op of this gid committed; it is fenced");
+}
+
 HttpResponse SimParticipant::notified(const std::string& id, const Json& body, bool* store) {
   if (w_.rng().chance(kNotifyRefused)) {
     journal(id, "notify", "notify", OpEffect::failed);
@@ -209,6 +222,7 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
                                  bool* store) {
   if (kind == "notify") return notified(gid, body, store);
   Branch& b = branches_[{gid, branch}];
+  if (op == "check") return checked(gid, branch, b);
   auto number = [&](const char* k) -> std::optional<int64_t> {
     if (!body.contains(k) || !body[k].is_number_integer()) return std::nullopt;
     return body[k].get<int64_t>();
@@ -243,6 +257,16 @@ HttpResponse SimParticipant::run(const std::string& gid, const std::string& bran
     return rng.chance(0.5) ? fail(409, "rejected", "the business refuses")
                            : fail(422, "invalid", "the business cannot do this");
   };
+  if (op == "local") {  // a message's producer: its local transaction, unless fenced
+    if (b.state == State::compensated) return refuse("fenced", "fenced by its check-back");
+    if (b.state != State::none) {
+      contract.push_back("svc: a second local op of " + gid + " under its key");
+      *store = false;
+      return fail(409, "applied", "applied already");
+    }
+    apply_delta(b, *account, *amount, gid, branch, op);
+    return json_response(200, Json{{"balance", a.balance}});
+  }
   if (op == "deliver") {  // a message: applied once (its key's stored answer replays it)
     if (b.state != State::none) {
       contract.push_back("svc: a second delivery of " + gid + "/" + branch + " under its key");

@@ -19,6 +19,10 @@
 //   /saga/action                     {"account","delta","check_funds"?,"transient"?}
 //   /saga/compensate                 {"account","delta"}: undoes the action
 //   /msg/deliver                     {"account","delta"}: a message's delivery, applied once
+//   /msg/local                       {"account","delta"}: a message's producer, the client's own
+//                                    local op; refused once /msg/check fenced it
+//   /msg/check                       the message's check-back: 200 when /msg/local ran, else
+//                                    409 not_committed and fenced
 //   /notify                          a notification: kept in `received` (2% refused, 422)
 //
 // It misbehaves, from the World's seeded Rng: a try or an action fails as a business failure
@@ -136,6 +140,7 @@ class SimParticipant {
   // Checks, replays or runs the op; `copy` is a second delivery (its answer thrown away).
   HttpResponse evaluate(const HttpRequest& req, bool copy);
   HttpResponse notified(const std::string& id, const Json& body, bool* store);
+  HttpResponse checked(const std::string& gid, const std::string& branch, Branch& b);
   void apply_delta(Branch& b, int64_t account, int64_t amount, const std::string& gid,
                    const std::string& branch, const std::string& op);
   HttpResponse run(const std::string& gid, const std::string& branch, const std::string& kind,

@@ -76,9 +76,11 @@
 //
 // Transactional messages (msg transfers, docs/DESIGN.md §10.1): a producer's local op on an
 // agent and one or two destinations (SQL ops on agents, the service's /msg/deliver), sent in
-// one request with the local op, or begun, the local op run by the client at the agent, then
-// committed, aborted or left to check-back; op_before_durable also covers the local op and the
-// check (after the half message is durable) and deliveries (after the commit is):
+// one request with the local op, or begun, the local op run by the client at the agent (checked
+// back through the agent) or at the service (/msg/local, checked back through its /msg/check,
+// which fences like the agent's barrier), then committed, aborted or left to check-back;
+// op_before_durable also covers the local op and the check (after the half message is durable) and
+// deliveries (after the commit is):
 //   msg_local_twice         a message's local op applies at most once
 //   msg_lost                a message whose local op committed is never aborted
 //   msg_delivered_without_local   a message whose local op never committed is never committed
@@ -323,6 +325,7 @@ class Cluster {
   Json msg_request(const Transfer& t);
   void run_msg(int client, std::shared_ptr<Transfer> t);
   void msg_local(int client, std::shared_ptr<Transfer> t, int attempt);
+  void msg_localed(int client, std::shared_ptr<Transfer> t, int attempt, const HttpResult& res);
   void check_msg(const wal::TxnRecord& rec,
                  std::map<std::string, std::vector<const OpEvent*>>& evs);
   // notify: a third of the transactions carry "notify" to the service's /notify.
@@ -337,7 +340,8 @@ class Cluster {
   void told(int client, std::shared_ptr<Transfer> t, const std::string& state);
   void done(int client, std::shared_ptr<Transfer> t);
   void post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
-            std::function<void(const HttpResult&, const Json&)> then, bool idempotent = false);
+            std::function<void(const HttpResult&, const Json&)> then, bool idempotent = false,
+            Headers headers = {});
   void get(int proc, const std::string& target, std::function<void(const HttpResult&, const Json&)> then);
   std::shared_ptr<Transfer> new_transfer();
 
@@ -643,11 +647,13 @@ void Cluster::stop_faults() {
 // --- clients ------------------------------------------------------------------------------------
 
 void Cluster::post(int proc, const std::string& target, const Json& body, int64_t timeout_ms,
-                   std::function<void(const HttpResult&, const Json&)> then, bool idempotent) {
+                   std::function<void(const HttpResult&, const Json&)> then, bool idempotent,
+                   Headers headers) {
   HttpRequest req;
   req.method = "POST";
   req.target = target;
   req.body = dump(body);
+  req.headers = std::move(headers);
   SendOptions opts;
   opts.timeout_ms = timeout_ms;
   opts.idempotent = idempotent;  // the network may deliver an idempotent request twice
@@ -871,6 +877,11 @@ void Cluster::plan_msg(Transfer& t) {
     t.ops.push_back(op_at(r, n, delta));
   }
   t.one_request = r.chance(0.5);
+  if (!t.one_request && r.chance(0.4)) {  // the producer is the service: an HTTP check
+    t.ops[0].at = -1;
+    t.ops[0].account = r.between(1, kServiceAccounts);
+    t.ops[0].fails = false;
+  }
 }
 
 Json Cluster::msg_request(const Transfer& t) {
@@ -887,6 +898,8 @@ Json Cluster::msg_request(const Transfer& t) {
   if (t.one_request)
     body["local"] =
         sql_op(local.at, Json::array({move_statement(local.delta, local.account, local.fails)}));
+  else if (local.at < 0)
+    body["check"] = service_op("/msg/check", Json::object());
   else
     body["check"] = Json{{"participant", agents_[static_cast<size_t>(local.at)]->name}};
   if (r.chance(0.6)) body["timeout_ms"] = r.between(300, 4'000);
@@ -918,30 +931,44 @@ void Cluster::run_msg(int client, std::shared_ptr<Transfer> t) {
 // when it failed); an unknown answer is resent, and past a few the client walks away.
 void Cluster::msg_local(int client, std::shared_ptr<Transfer> t, int attempt) {
   const Transfer::Op& local = t->ops[0];
+  auto then = [this, client, t, attempt](const HttpResult& res, const Json&) {
+    msg_localed(client, t, attempt, res);
+  };
+  if (local.at < 0) {  // at the service, with the headers of an HTTP op (docs/DESIGN.md §8)
+    Headers h = {{"tpc-gid", t->gid},
+                 {"tpc-branch", "local"},
+                 {"tpc-op", "local"},
+                 {"tpc-attempt", std::to_string(attempt)},
+                 {"idempotency-key", t->gid + "/local/local"},
+                 {"x-tenant", "sim"}};
+    post(svc_, "/msg/local", Json{{"account", local.account}, {"delta", local.delta}}, 1'000, then,
+         true, std::move(h));
+    return;
+  }
   Json body{{"branch", "local"},
             {"op", "local"},
             {"statements", Json::array({move_statement(local.delta, local.account, local.fails)})}};
-  post(
-      agent_procs_[static_cast<size_t>(local.at)], "/v1/branches/" + t->gid + "/step", body, 1'000,
-      [this, client, t, attempt](const HttpResult& res, const Json&) {
-        int status = res.status.ok() ? res.http_status : 0;
-        if (status == 200) {
-          if (w_.rng().chance(0.15)) {
-            t->walked_away = true;  // its check-back finds the local op committed
-            return done(client, t);
-          }
-          return finish(client, t, true);
-        }
-        if (status == 409 || status == 422) return finish(client, t, false);
-        if (attempt < 3) {
-          app_rt_->run_after(100,
-                             [this, client, t, attempt] { msg_local(client, t, attempt + 1); });
-          return;
-        }
-        t->walked_away = true;
-        done(client, t);
-      },
-      true);
+  post(agent_procs_[static_cast<size_t>(local.at)], "/v1/branches/" + t->gid + "/step", body, 1'000,
+       then, true);
+}
+
+void Cluster::msg_localed(int client, std::shared_ptr<Transfer> t, int attempt,
+                          const HttpResult& res) {
+  int status = res.status.ok() ? res.http_status : 0;
+  if (status == 200) {
+    if (w_.rng().chance(0.15)) {
+      t->walked_away = true;  // its check-back finds the local op committed
+      return done(client, t);
+    }
+    return finish(client, t, true);
+  }
+  if (status == 409 || status == 422) return finish(client, t, false);
+  if (attempt < 3) {
+    app_rt_->run_after(100, [this, client, t, attempt] { msg_local(client, t, attempt + 1); });
+    return;
+  }
+  t->walked_away = true;
+  done(client, t);
 }
 
 void Cluster::client_next(int client) {
