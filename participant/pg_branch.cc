@@ -36,8 +36,6 @@ Status with_sqlstate(const ExecResult& r, std::string_view what) {
   return Status(r.status.code(), msg);
 }
 
-namespace {
-
 Result<int64_t> parse_int(const Value& v, std::string_view what) {
   int64_t out = 0;
   if (!v) return internal_error(std::string(what) + ": NULL");
@@ -47,6 +45,8 @@ Result<int64_t> parse_int(const Value& v, std::string_view what) {
   }
   return out;
 }
+
+namespace {
 
 // The marker row, inserted inside the branch just before PREPARE (or COMMIT).
 constexpr std::string_view kMarkerInsert =

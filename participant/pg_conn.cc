@@ -373,4 +373,18 @@ int PgConn::server_version() const {
   return PQserverVersion(conn_);
 }
 
+Result<std::vector<std::string>> PgConn::take_notifications() {
+  if (PQconsumeInput(conn_) == 0) return unavailable(conn_message(conn_));
+  std::vector<std::string> out;
+  while (PGnotify* n = PQnotifies(conn_)) {
+    out.emplace_back(n->relname);
+    PQfreemem(n);
+  }
+  return out;
+}
+
+int PgConn::socket() const {
+  return PQsocket(conn_);
+}
+
 }  // namespace tpc::pg

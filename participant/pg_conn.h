@@ -94,6 +94,13 @@ class PgConn {
   int server_version() const;
   // A handle another thread may use to cancel the statement running on this connection.
   std::unique_ptr<PgCancel> canceller() const;
+  // The channels of the NOTIFYs this connection (after LISTEN) has received so far, taken:
+  // reads what the socket holds without blocking (PQconsumeInput, PQnotifies). unavailable
+  // when the connection broke (the listener reconnects, LISTENs again and rescans: nothing is
+  // kept for a channel while nobody listens).
+  Result<std::vector<std::string>> take_notifications();
+  // The socket, to wait on for notifications (-1 when the connection is gone).
+  int socket() const;
 
  private:
   explicit PgConn(pg_conn* c) : conn_(c) {}

@@ -15,6 +15,8 @@ namespace tpc::pg {
 
 // "<what>: <message> (SQLSTATE 23503)" for functions that return only a Status.
 Status with_sqlstate(const ExecResult& r, std::string_view what);
+// A column's integer, or internal_error naming `what` (NULL, not an integer).
+Result<int64_t> parse_int(const Value& v, std::string_view what);
 // Ends a block the server left open after an error; the vote or outcome is already known.
 void rollback_if_open(PgConn& c);
 // The steps in one round trip (a pipeline), or one by one when they are large; one result
