@@ -50,7 +50,11 @@ Result<std::string> decode_notify(const Json& j) {
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms) {
   auto j = parse_object(body);
   if (!j.ok()) return j.status();
-  FieldReader r(*j);
+  return decode_begin_json(*j, timeout_max_ms);
+}
+
+Result<BeginRequest> decode_begin_json(const Json& j, int64_t timeout_max_ms) {
+  FieldReader r(j);
   BeginRequest out;
   std::string protocol;
   int64_t timeout = 0;
@@ -59,7 +63,7 @@ Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms)
     out.timeout_ms = timeout;
   r.allow("notify");
   TPC_RETURN_IF_ERROR(r.finish());
-  auto notify = decode_notify(*j);
+  auto notify = decode_notify(j);
   if (!notify.ok()) return notify.status();
   out.notify = std::move(*notify);
   if (!protocol.empty()) {

@@ -19,6 +19,8 @@ struct BeginRequest {
 };
 // {"protocol":"2pc"|"3pc"|"tcc","timeout_ms":N,"notify":OP}, all optional.
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms);
+// decode_begin on an already parsed body.
+Result<BeginRequest> decode_begin_json(const Json& body, int64_t timeout_max_ms);
 
 struct EnlistRequest {
   std::string participant;

@@ -712,10 +712,11 @@ void CoordinatorService::handle(HttpRequest&& req, Responder respond) {
 }
 
 void CoordinatorService::begin(const HttpRequest& req, const Responder& respond) {
-  if (auto parsed = parse_object(req.body);
-      parsed.ok() && run_protocol(*parsed) == protocol_name(Protocol::msg))
+  auto parsed = parse_object(req.body);  // parsed once: a half message has its own decoder
+  if (!parsed.ok()) return respond(error_response(parsed.status()));
+  if (run_protocol(*parsed) == protocol_name(Protocol::msg))
     return begin_msg(*parsed, false, req.client, respond);
-  auto body = decode_begin(req.body, cfg_.machine.txn_timeout_max_ms);
+  auto body = decode_begin_json(*parsed, cfg_.machine.txn_timeout_max_ms);
   if (!body.ok()) return respond(error_response(body.status()));
   if (Status st = check_notify(body->notify); !st.ok()) return respond(error_response(st));
   if (!healthy_) {
