@@ -101,6 +101,19 @@ bool may_have_run_unlogged(const wal::TxnRecord& rec, const BranchSlot& s) {
          op_of(s, StepOp::compensate) != nullptr;
 }
 
+// A TCC transaction or a message whose every branch or destination has its final answer, and
+// none is out: maybe_finish_ops ends it now, and its end record carries the last progress.
+bool settled_by_this_answer(const Txn& t) {
+  if (t.protocol == Protocol::msg) return all_delivered(t) && t.decision_durable;
+  if (t.protocol != Protocol::tcc || t.decision == Decision::none) return false;
+  if (t.decision == Decision::commit && !t.decision_durable) return false;
+  BranchState done =
+      t.decision == Decision::commit ? BranchState::confirmed : BranchState::cancelled;
+  return std::all_of(t.branches.begin(), t.branches.end(), [done](const BranchSlot& b) {
+    return !b.in_flight && (b.forced || b.state == done);
+  });
+}
+
 bool all_steps_done(const Txn& t) {
   return std::all_of(t.branches.begin(), t.branches.end(),
                      [](const BranchSlot& b) { return b.state == BranchState::done; });
@@ -891,8 +904,8 @@ void CoordinatorMachine::on_settling_answer(Txn& t, size_t i, const OpReply& rep
     b.state = state_after(reply.op);
     if (!reply.result.empty()) b.result = reply.result;
     // last_error stays: why the step failed, or what held its settling op up, is still news.
-    // A message's last delivery is logged with its end record, which follows at once.
-    if (t.protocol != Protocol::msg || !all_delivered(t)) persist_ops(t, /*sync=*/false, now_ms);
+    // The last confirm, cancel or delivery is logged with the end record, which follows at once.
+    if (!settled_by_this_answer(t)) persist_ops(t, /*sync=*/false, now_ms);
     if (reply.op == StepOp::compensate) saga_compensate_next(t);
     maybe_finish_ops(t, now_ms);
     return;

@@ -1253,3 +1253,23 @@ TEST_CASE("msg: an operator's abort is synced, and refused while the local op is
   CHECK(f.persisted[0].sync);
   CHECK(f.persisted[0].record.decision == wal::Decision::aborted);
 }
+
+TEST_CASE("TCC: the last confirm's progress is logged with the end record alone") {
+  Fixture f;
+  std::string gid = f.begin_tcc();
+  f.tried(gid, "debit", 1);
+  f.tried(gid, "credit", 2);
+  f.clear();
+  REQUIRE_FALSE(f.m->commit(gid, 9, {}, f.now).has_value());
+  f.take();
+  f.sync();
+  f.persisted.clear();
+  f.answer("debit", StepOp::confirm, OpOutcome::ok);
+  REQUIRE(f.persisted.size() == 1);  // progress: debit confirmed
+  CHECK_FALSE(f.persisted[0].record.ended);
+  f.persisted.clear();
+  f.answer("credit", StepOp::confirm, OpOutcome::ok);
+  REQUIRE(f.persisted.size() == 1);  // the end record, with both confirmed
+  CHECK(f.persisted[0].record.ended);
+  for (auto& b : f.persisted[0].record.branches) CHECK(b.outcome == wal::BranchOutcome::committed);
+}
