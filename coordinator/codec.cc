@@ -47,6 +47,20 @@ Result<std::string> decode_notify(const Json& j) {
   return std::move(op->json);
 }
 
+namespace {
+
+// Ends a body's FieldReader, "notify" allowed, then decodes that op into *notify ("" absent).
+Status finish_with_notify(FieldReader& r, const Json& j, std::string* notify) {
+  r.allow("notify");
+  TPC_RETURN_IF_ERROR(r.finish());
+  auto op = decode_notify(j);
+  if (!op.ok()) return op.status();
+  *notify = std::move(*op);
+  return ok_status();
+}
+
+}  // namespace
+
 Result<BeginRequest> decode_begin(std::string_view body, int64_t timeout_max_ms) {
   auto j = parse_object(body);
   if (!j.ok()) return j.status();
@@ -61,11 +75,7 @@ Result<BeginRequest> decode_begin_json(const Json& j, int64_t timeout_max_ms) {
   r.string("protocol", &protocol, false, 16);
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.timeout_ms = timeout;
-  r.allow("notify");
-  TPC_RETURN_IF_ERROR(r.finish());
-  auto notify = decode_notify(j);
-  if (!notify.ok()) return notify.status();
-  out.notify = std::move(*notify);
+  TPC_RETURN_IF_ERROR(finish_with_notify(r, j, &out.notify));
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (p == Protocol::saga)
@@ -112,11 +122,7 @@ Result<RunRequest> decode_run_json(const Json& j, size_t statements_max) {
   r.string("protocol", &protocol, false, 16);
   r.string("wait", &wait, false, 32);
   const Json* branches = r.array("branches", true, 1024);
-  r.allow("notify");
-  TPC_RETURN_IF_ERROR(r.finish());
-  auto notify = decode_notify(j);
-  if (!notify.ok()) return notify.status();
-  out.notify = std::move(*notify);
+  TPC_RETURN_IF_ERROR(finish_with_notify(r, j, &out.notify));
   if (!protocol.empty()) {
     auto p = parse_protocol(protocol);
     if (p == Protocol::tcc)
@@ -364,11 +370,7 @@ Result<SagaRequest> decode_saga(const Json& j, size_t statements_max, int64_t ti
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.opts.timeout_ms = timeout;
   bool has_retry = r.has("retry");
-  r.allow("notify");
-  TPC_RETURN_IF_ERROR(r.finish());
-  auto notify = decode_notify(j);
-  if (!notify.ok()) return notify.status();
-  out.opts.notify = std::move(*notify);
+  TPC_RETURN_IF_ERROR(finish_with_notify(r, j, &out.opts.notify));
   if (protocol != "saga") return invalid_argument("\"protocol\" must be \"saga\"");
   if (recovery == "forward")
     out.opts.forward = true;
@@ -428,11 +430,7 @@ Result<MsgRequest> decode_msg(const Json& j, bool one_request, size_t statements
   bool has_check = r.has("check"), has_local = r.has("local");
   if (r.int64("timeout_ms", &timeout, 1, timeout_max_ms) && r.has("timeout_ms"))
     out.timeout_ms = timeout;
-  r.allow("notify");
-  TPC_RETURN_IF_ERROR(r.finish());
-  auto notify = decode_notify(j);
-  if (!notify.ok()) return notify.status();
-  out.notify = std::move(*notify);
+  TPC_RETURN_IF_ERROR(finish_with_notify(r, j, &out.notify));
   if (protocol != "msg") return invalid_argument("\"protocol\" must be \"msg\"");
   if (destinations->empty()) return invalid_argument("\"destinations\" must not be empty");
   if (one_request) {

@@ -22,20 +22,9 @@ namespace {
 using testing::PgCluster;
 
 PgCluster* shared_cluster() {
-  static std::unique_ptr<PgCluster> cluster;
-  static std::string error;
-  static bool tried = false;
-  if (!tried) {
-    tried = true;
-    auto created = PgCluster::create();
-    if (created.ok()) {
-      cluster = std::move(created).value();
-    } else {
-      error = created.status().to_string();
-    }
-  }
-  REQUIRE_MESSAGE(cluster != nullptr, error);
-  return cluster.get();
+  auto c = testing::shared_cluster();
+  REQUIRE_MESSAGE(c.ok(), c.status().to_string());
+  return *c;
 }
 
 std::unique_ptr<PgConn> connect_to(const std::string& conninfo) {

@@ -207,22 +207,26 @@ Result<std::optional<OutboxView>> get_outbox(PgConn& c, int64_t id) {
   return std::optional<OutboxView>(std::move(*v));
 }
 
-Result<bool> retry_outbox(PgConn& c, int64_t id) {
-  auto r = run_one(c,
-                   "UPDATE tpc_outbox SET state = 'pending', attempts = 0, next_attempt_at = now() "
-                   "WHERE id = $1 AND state = 'dead'",
-                   {std::to_string(id)}, "retrying a message");
+namespace {
+
+// `set` on row id if it is dead; whether it was.
+Result<bool> update_dead(PgConn& c, int64_t id, std::string_view set, std::string_view what) {
+  auto r =
+      run_one(c, "UPDATE tpc_outbox SET " + std::string(set) + " WHERE id = $1 AND state = 'dead'",
+              {std::to_string(id)}, what);
   if (!r.ok()) return r.status();
   return r->affected == 1;
 }
 
+}  // namespace
+
+Result<bool> retry_outbox(PgConn& c, int64_t id) {
+  return update_dead(c, id, "state = 'pending', attempts = 0, next_attempt_at = now()",
+                     "retrying a message");
+}
+
 Result<bool> discard_outbox(PgConn& c, int64_t id) {
-  auto r = run_one(c,
-                   "UPDATE tpc_outbox SET state = 'discarded', discarded_at = now() "
-                   "WHERE id = $1 AND state = 'dead'",
-                   {std::to_string(id)}, "discarding a message");
-  if (!r.ok()) return r.status();
-  return r->affected == 1;
+  return update_dead(c, id, "state = 'discarded', discarded_at = now()", "discarding a message");
 }
 
 Result<int64_t> oldest_undelivered_ms(PgConn& c) {

@@ -17,19 +17,9 @@ using agent::OutboxMark;
 using testing::PgCluster;
 
 PgCluster* cluster() {
-  static std::unique_ptr<PgCluster> c;
-  static std::string error;
-  static bool tried = false;
-  if (!tried) {
-    tried = true;
-    auto created = PgCluster::create();
-    if (created.ok())
-      c = std::move(created).value();
-    else
-      error = created.status().to_string();
-  }
-  REQUIRE_MESSAGE(c != nullptr, error);
-  return c.get();
+  auto c = testing::shared_cluster();
+  REQUIRE_MESSAGE(c.ok(), c.status().to_string());
+  return *c;
 }
 
 struct Shop {

@@ -390,6 +390,12 @@ void remove_tree(const std::string& path) {
   std::filesystem::remove_all(path, ec);
 }
 
+Result<PgCluster*> shared_cluster() {
+  static Result<std::unique_ptr<PgCluster>> cluster = PgCluster::create();
+  if (!cluster.ok()) return cluster.status();
+  return cluster->get();
+}
+
 std::string bin_dir() {
   return TPC_BIN_DIR;
 }

@@ -31,6 +31,11 @@ std::string read_file(const std::string& path);
 // The directory holding the project's binaries (build/bin), from the TPC_BIN_DIR definition.
 std::string bin_dir();
 
+class PgCluster;
+// One cluster for the whole test binary, created on first use (a second or so) and stopped at
+// exit; the error when it cannot be started.
+Result<PgCluster*> shared_cluster();
+
 class PgCluster {
  public:
   struct Options {
